@@ -1,0 +1,25 @@
+//! The wire side of [`agents`](https://docs.rs/agents): what a caller needs and nothing more.
+//!
+//! - [`RpcError`] / [`RawError`] / [`ErrorKind`]: how a call fails, typed and on the wire.
+//! - [`Payload`] / [`Codec`]: encoded arguments and results (postcard for Rust, JSON for
+//!   everything else). Arguments are always a tuple: `(5,)` in postcard, `[5]` in JSON.
+//! - [`Transport`]: how a generated client reaches an agent. The runtime provides an
+//!   in-process transport; any other (a network one) plugs in the same way, and the generated
+//!   client type is the same for all of them.
+//!
+//! Generated code refers to items in the hidden `__private` module; they are not a stable API.
+#![warn(missing_docs)]
+
+mod error;
+mod payload;
+mod transport;
+
+pub use error::{ErrorKind, NoError, RawError, RpcError};
+pub use payload::{Codec, CodecError, Payload};
+pub use transport::{BoxFuture, ClientCore, MethodCall, MethodInfo, OutgoingCall, Transport};
+
+#[doc(hidden)]
+pub mod __private {
+    pub use crate::{ClientCore, MethodCall, MethodInfo, NoError, RpcError};
+    pub use serde;
+}

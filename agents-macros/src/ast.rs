@@ -1,0 +1,353 @@
+//! The parsed model of an `#[agent] impl` block.
+
+use proc_macro2::{Span, TokenStream};
+use quote::ToTokens;
+use syn::{
+    Attribute, FnArg, GenericArgument, Generics, Ident, ImplItem, ImplItemFn, ItemImpl, LitStr,
+    Pat, PathArguments, ReturnType, Type, Visibility,
+};
+
+use crate::attr::string_args;
+
+/// `#[agent(..)]` options.
+pub const AGENT_OPTIONS: &[&str] = &["class", "crate"];
+/// `#[callable(..)]` options.
+pub const CALLABLE_OPTIONS: &[&str] = &["name"];
+
+/// An `#[agent] impl Type { .. }` block.
+pub struct AgentImpl {
+    /// The block with the `#[callable]` markers removed, as it will be emitted.
+    pub item: ItemImpl,
+    /// `#[agent(class = "..")]`.
+    pub class: Option<LitStr>,
+    /// `#[agent(crate = "..")]`: the path of the `agents` crate.
+    pub krate: Option<LitStr>,
+    /// The methods marked `#[callable]`, in order.
+    pub callables: Vec<Callable>,
+    /// Every other associated item's name (they share the type's namespace).
+    pub other_names: Vec<Ident>,
+}
+
+/// One `#[callable]` method.
+pub struct Callable {
+    pub ident: Ident,
+    /// `#[callable(name = "..")]`.
+    pub rename: Option<LitStr>,
+    pub vis: Visibility,
+    /// Doc comments, copied onto the client.
+    pub docs: Vec<Attribute>,
+    pub is_async: bool,
+    pub receiver: Receiver,
+    /// The parameters after the receiver, as written.
+    pub params: Vec<Param>,
+    pub generics: Generics,
+    pub output: ReturnType,
+    pub sig_span: Span,
+}
+
+/// How the method takes `self`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Receiver {
+    None,
+    Value,
+    Ref,
+    RefMut,
+}
+
+/// One parameter after the receiver.
+pub struct Param {
+    pub pat: Pat,
+    pub ty: Type,
+    /// Whether its type is `Ctx<..>` behind a reference (or not).
+    pub is_ctx: bool,
+}
+
+/// What a callable returns, as the client sees it.
+pub enum Ret {
+    /// No return type: `()`.
+    Unit,
+    /// A plain value: the call cannot fail with an application error.
+    Plain(Type),
+    /// `Result<T, E>`: `E` reaches the caller typed.
+    Result { ok: Type, err: Type },
+    /// `Result<T>` with the error hidden behind an alias: not allowed.
+    AliasedResult(Type),
+}
+
+impl AgentImpl {
+    pub fn parse(args: TokenStream, item: ItemImpl) -> syn::Result<Self> {
+        let mut class = None;
+        let mut krate = None;
+        for (key, value) in string_args(args, AGENT_OPTIONS, "#[agent]")? {
+            match key.to_string().as_str() {
+                "class" => class = Some(value),
+                _ => krate = Some(value),
+            }
+        }
+        let mut item = item;
+        let mut callables = Vec::new();
+        let mut other_names = Vec::new();
+        let mut errors: Option<syn::Error> = None;
+        for impl_item in &mut item.items {
+            let ImplItem::Fn(f) = impl_item else {
+                match impl_item {
+                    ImplItem::Const(c) => other_names.push(c.ident.clone()),
+                    ImplItem::Type(t) => other_names.push(t.ident.clone()),
+                    _ => {}
+                }
+                continue;
+            };
+            match take_callable_attr(&mut f.attrs) {
+                Ok(None) => other_names.push(f.sig.ident.clone()),
+                Ok(Some(attr)) => match Callable::parse(f, attr) {
+                    Ok(c) => callables.push(c),
+                    Err(e) => combine(&mut errors, e),
+                },
+                Err(e) => combine(&mut errors, e),
+            }
+        }
+        match errors {
+            Some(e) => Err(e),
+            None => Ok(AgentImpl {
+                item,
+                class,
+                krate,
+                callables,
+                other_names,
+            }),
+        }
+    }
+}
+
+pub fn combine(errors: &mut Option<syn::Error>, e: syn::Error) {
+    match errors {
+        Some(all) => all.combine(e),
+        None => *errors = Some(e),
+    }
+}
+
+fn is_callable_attr(attr: &Attribute) -> bool {
+    attr.path()
+        .segments
+        .last()
+        .is_some_and(|s| s.ident == "callable")
+}
+
+/// Removes `#[callable(..)]` from `attrs`, returning it (a second one is an error).
+fn take_callable_attr(attrs: &mut Vec<Attribute>) -> syn::Result<Option<Attribute>> {
+    let mut found: Option<Attribute> = None;
+    let mut result = Ok(());
+    attrs.retain(|a| {
+        if !is_callable_attr(a) {
+            return true;
+        }
+        if found.is_some() {
+            result = Err(syn::Error::new_spanned(a, "`#[callable]` is given twice"));
+        } else {
+            found = Some(a.clone());
+        }
+        false
+    });
+    result.map(|()| found)
+}
+
+/// Re-emits an item with the `#[callable]` markers removed (used when expansion fails, so that
+/// they do not report themselves as misplaced).
+pub fn strip_callable_attrs(item: TokenStream) -> TokenStream {
+    match syn::parse2::<ItemImpl>(item.clone()) {
+        Ok(mut imp) => {
+            for i in &mut imp.items {
+                if let ImplItem::Fn(f) = i {
+                    f.attrs.retain(|a| !is_callable_attr(a));
+                }
+            }
+            imp.into_token_stream()
+        }
+        Err(_) => item,
+    }
+}
+
+impl Callable {
+    fn parse(f: &ImplItemFn, attr: Attribute) -> syn::Result<Self> {
+        let rename = match &attr.meta {
+            syn::Meta::Path(_) => None,
+            syn::Meta::List(list) => {
+                string_args(list.tokens.clone(), CALLABLE_OPTIONS, "#[callable]")?
+                    .into_iter()
+                    .next()
+                    .map(|(_, v)| v)
+            }
+            syn::Meta::NameValue(nv) => {
+                return Err(syn::Error::new_spanned(
+                    nv,
+                    "write `#[callable]` or `#[callable(name = \"...\")]`",
+                ))
+            }
+        };
+        let sig = &f.sig;
+        let mut receiver = Receiver::None;
+        let mut params = Vec::new();
+        for input in &sig.inputs {
+            match input {
+                FnArg::Receiver(r) => {
+                    receiver = match (&r.reference, r.mutability) {
+                        (None, _) => Receiver::Value,
+                        (Some(_), None) => Receiver::Ref,
+                        (Some(_), Some(_)) => Receiver::RefMut,
+                    }
+                }
+                FnArg::Typed(t) => params.push(Param {
+                    pat: (*t.pat).clone(),
+                    ty: (*t.ty).clone(),
+                    is_ctx: is_ctx_type(&t.ty),
+                }),
+            }
+        }
+        Ok(Callable {
+            ident: sig.ident.clone(),
+            rename,
+            vis: f.vis.clone(),
+            docs: f
+                .attrs
+                .iter()
+                .filter(|a| a.path().is_ident("doc"))
+                .cloned()
+                .collect(),
+            is_async: sig.asyncness.is_some(),
+            receiver,
+            params,
+            generics: sig.generics.clone(),
+            output: sig.output.clone(),
+            sig_span: sig.ident.span(),
+        })
+    }
+
+    /// The name on the wire.
+    pub fn wire_name(&self) -> String {
+        self.rename
+            .as_ref()
+            .map(LitStr::value)
+            .unwrap_or_else(|| self.ident.to_string())
+    }
+
+    /// The span to blame for the wire name.
+    pub fn wire_span(&self) -> Span {
+        self.rename
+            .as_ref()
+            .map(LitStr::span)
+            .unwrap_or_else(|| self.ident.span())
+    }
+
+    /// The arguments a client passes: every parameter after `ctx`.
+    pub fn args(&self) -> impl Iterator<Item = &Param> {
+        self.params.iter().skip(1)
+    }
+
+    pub fn ret(&self) -> Ret {
+        let ty = match &self.output {
+            ReturnType::Default => return Ret::Unit,
+            ReturnType::Type(_, ty) => ty,
+        };
+        if let Type::Path(p) = &**ty {
+            if let Some(last) = p.path.segments.last() {
+                if last.ident == "Result" {
+                    let types: Vec<&Type> = match &last.arguments {
+                        PathArguments::AngleBracketed(a) => a
+                            .args
+                            .iter()
+                            .filter_map(|g| match g {
+                                GenericArgument::Type(t) => Some(t),
+                                _ => None,
+                            })
+                            .collect(),
+                        _ => Vec::new(),
+                    };
+                    return match types.as_slice() {
+                        [ok, err] => Ret::Result {
+                            ok: (*ok).clone(),
+                            err: (*err).clone(),
+                        },
+                        _ => Ret::AliasedResult((**ty).clone()),
+                    };
+                }
+            }
+        }
+        if let Type::Tuple(t) = &**ty {
+            if t.elems.is_empty() {
+                return Ret::Unit;
+            }
+        }
+        Ret::Plain((**ty).clone())
+    }
+}
+
+/// `Ctx<..>`, `&mut Ctx<..>`, `&Ctx<..>`, with any path prefix.
+fn is_ctx_type(ty: &Type) -> bool {
+    match ty {
+        Type::Reference(r) => is_ctx_type(&r.elem),
+        Type::Path(p) => {
+            p.qself.is_none() && p.path.segments.last().is_some_and(|s| s.ident == "Ctx")
+        }
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use quote::quote;
+
+    fn parse(tokens: TokenStream) -> AgentImpl {
+        AgentImpl::parse(TokenStream::new(), syn::parse2(tokens).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn finds_callables_and_strips_markers() {
+        let a = parse(quote! {
+            impl Counter {
+                /// Adds.
+                #[callable]
+                pub async fn add(&mut self, ctx: &mut Ctx<Self>, by: i64) -> Result<i64, E> { todo!() }
+                #[callable(name = "get-v1")]
+                async fn get(&mut self, ctx: &mut agents::Ctx<Self>) -> i64 { 0 }
+                fn helper(&self) {}
+            }
+        });
+        assert_eq!(a.callables.len(), 2);
+        assert_eq!(a.callables[0].wire_name(), "add");
+        assert_eq!(a.callables[1].wire_name(), "get-v1");
+        assert_eq!(a.callables[0].args().count(), 1);
+        assert!(a.callables[1].params[0].is_ctx);
+        assert_eq!(a.callables[0].docs.len(), 1);
+        assert!(matches!(a.callables[0].ret(), Ret::Result { .. }));
+        assert!(matches!(a.callables[1].ret(), Ret::Plain(_)));
+        assert_eq!(a.other_names[0], "helper");
+        let emitted = a.item.into_token_stream().to_string();
+        assert!(!emitted.contains("callable"), "{emitted}");
+    }
+
+    #[test]
+    fn classifies_return_types() {
+        let a = parse(quote! {
+            impl X {
+                #[callable] async fn a(&mut self, c: &mut Ctx<Self>) {}
+                #[callable] async fn b(&mut self, c: &mut Ctx<Self>) -> () {}
+                #[callable] async fn c(&mut self, c: &mut Ctx<Self>) -> anyhow::Result<u8> { todo!() }
+            }
+        });
+        assert!(matches!(a.callables[0].ret(), Ret::Unit));
+        assert!(matches!(a.callables[1].ret(), Ret::Unit));
+        assert!(matches!(a.callables[2].ret(), Ret::AliasedResult(_)));
+    }
+
+    #[test]
+    fn rejects_unknown_options() {
+        let e = AgentImpl::parse(quote!(klass = "x"), syn::parse2(quote!(impl X {})).unwrap())
+            .err()
+            .unwrap();
+        assert!(
+            e.to_string().contains("valid keys: `class`, `crate`"),
+            "{e}"
+        );
+    }
+}

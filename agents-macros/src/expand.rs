@@ -1,0 +1,216 @@
+//! Code generation for `#[agent]`: dispatch by name, the typed client, call descriptors.
+
+use proc_macro2::TokenStream;
+use quote::{format_ident, quote, ToTokens};
+
+use crate::{
+    ast::AgentImpl,
+    validate::{validate, widest, Agent, Method},
+};
+
+pub fn agent(args: TokenStream, item: TokenStream) -> syn::Result<TokenStream> {
+    let item: syn::ItemImpl = syn::parse2(item).map_err(|e| {
+        syn::Error::new(
+            e.span(),
+            "#[agent] goes on an inherent impl block: `#[agent] impl Counter { .. }`",
+        )
+    })?;
+    let parsed = AgentImpl::parse(args, item)?;
+    let agent = validate(&parsed)?;
+    let generated = generate(&agent);
+    let item = parsed.item.into_token_stream();
+    Ok(quote! { #item #generated })
+}
+
+fn generate(a: &Agent) -> TokenStream {
+    let Agent {
+        self_ty,
+        ident,
+        class,
+        krate,
+        methods,
+    } = a;
+    let p = quote!(#krate::__private);
+    let vis = widest(methods);
+    let client = format_ident!("{}Client", ident);
+    let calls = format_ident!("{}Calls", ident);
+    let client_doc = format!(
+        "Typed client of the [`{ident}`] agent: one method per callable. Get one in-process with \
+         `runtime.agent::<{ident}>(name)` or `ctx.agent::<{ident}>(name)`."
+    );
+    let calls_doc =
+        format!("Describes calls of [`{ident}`] without making them (for schedules and queues).");
+
+    let client_methods = methods.iter().map(|m| client_method(m, &p));
+    let call_methods = methods.iter().map(|m| call_method(m, &p, self_ty));
+    let arms = methods.iter().map(|m| dispatch_arm(m, self_ty));
+    let infos = methods.iter().map(|m| method_info(m, &p));
+
+    quote! {
+        #[doc = #client_doc]
+        #[derive(Clone, Debug)]
+        #vis struct #client {
+            core: #p::ClientCore,
+        }
+
+        #[doc = #calls_doc]
+        #[derive(Clone, Copy, Debug, Default)]
+        #vis struct #calls;
+
+        const _: () = {
+            impl ::core::convert::From<#p::ClientCore> for #client {
+                fn from(core: #p::ClientCore) -> Self {
+                    #client { core }
+                }
+            }
+
+            impl #client {
+                /// A client over any transport.
+                #[allow(dead_code)]
+                #vis fn from_transport(transport: #p::Arc<dyn #p::Transport>) -> Self {
+                    #client { core: #p::ClientCore::new(transport) }
+                }
+
+                /// The same client with another timeout for each call.
+                #[allow(dead_code)]
+                #vis fn with_timeout(self, timeout: ::core::time::Duration) -> Self {
+                    #client { core: self.core.with_timeout(timeout) }
+                }
+
+                #(#client_methods)*
+            }
+
+            impl #self_ty {
+                /// Describes calls of this agent without making them.
+                #[allow(dead_code)]
+                #vis fn calls() -> #calls {
+                    #calls
+                }
+            }
+
+            impl #calls {
+                #(#call_methods)*
+            }
+
+            impl #p::AgentClass for #self_ty {
+                const CLASS: &'static str = #class;
+                const METHODS: &'static [#p::MethodInfo] = &[#(#infos),*];
+                type Client = #client;
+
+                fn dispatch<'a>(
+                    &'a mut self,
+                    ctx: &'a mut #p::Ctx<Self>,
+                    call: &'a #p::Invocation,
+                ) -> #p::BoxFuture<'a, ::core::result::Result<#p::Payload, #p::RawError>> {
+                    #p::Box::pin(async move {
+                        match call.method() {
+                            #(#arms)*
+                            other => ::core::result::Result::Err(#p::RawError::unknown_method(other)),
+                        }
+                    })
+                }
+            }
+        };
+    }
+}
+
+fn err_ty(m: &Method, p: &TokenStream) -> TokenStream {
+    match &m.err {
+        Some(e) => e.to_token_stream(),
+        None => quote!(#p::NoError),
+    }
+}
+
+fn client_method(m: &Method, p: &TokenStream) -> TokenStream {
+    let Method {
+        ident,
+        wire,
+        vis,
+        docs,
+        args,
+        ok,
+        ..
+    } = m;
+    let err = err_ty(m, p);
+    let names = args.iter().map(|(n, _)| n);
+    let params = args.iter().map(|(n, t)| quote!(#n: #t));
+    quote! {
+        #(#docs)*
+        #[allow(dead_code)]
+        #vis async fn #ident(&self, #(#params),*) -> ::core::result::Result<#ok, #p::RpcError<#err>> {
+            self.core.call::<_, #ok, #err>(#wire, &(#(#names,)*)).await
+        }
+    }
+}
+
+fn call_method(m: &Method, p: &TokenStream, self_ty: &syn::Type) -> TokenStream {
+    let Method {
+        ident,
+        wire,
+        vis,
+        docs,
+        args,
+        ..
+    } = m;
+    let names = args.iter().map(|(n, _)| n);
+    let params = args.iter().map(|(n, t)| quote!(#n: #t));
+    quote! {
+        #(#docs)*
+        #[allow(dead_code)]
+        #vis fn #ident(&self, #(#params),*) -> #p::MethodCall<#self_ty> {
+            #p::MethodCall::new(#wire, &(#(#names,)*))
+        }
+    }
+}
+
+fn dispatch_arm(m: &Method, self_ty: &syn::Type) -> TokenStream {
+    let Method {
+        ident, wire, args, ..
+    } = m;
+    let names: Vec<_> = args.iter().map(|(n, _)| n).collect();
+    let types = args.iter().map(|(_, t)| t);
+    let decode = if args.is_empty() {
+        quote!(call.no_args()?;)
+    } else {
+        quote!(let (#(#names,)*): (#(#types,)*) = call.args()?;)
+    };
+    let invoke = quote!(#self_ty::#ident(self, ctx, #(#names),*).await);
+    let reply = if m.err.is_some() {
+        quote!(call.result(#invoke))
+    } else {
+        quote!(call.ok(&#invoke))
+    };
+    quote! {
+        #wire => {
+            #decode
+            #reply
+        }
+    }
+}
+
+fn method_info(m: &Method, p: &TokenStream) -> TokenStream {
+    let wire = &m.wire;
+    let params = m.args.iter().map(|(n, t)| format!("{n}: {}", tokens(t)));
+    let returns = tokens(&m.ok);
+    let error = match &m.err {
+        Some(e) => {
+            let e = tokens(e);
+            quote!(::core::option::Option::Some(#e))
+        }
+        None => quote!(::core::option::Option::None),
+    };
+    quote! {
+        #p::MethodInfo { name: #wire, params: &[#(#params),*], returns: #returns, error: #error }
+    }
+}
+
+/// A type as compact text: `Vec<String>`, not `Vec < String >`.
+fn tokens(t: &impl ToTokens) -> String {
+    let s = t.to_token_stream().to_string();
+    s.replace(" < ", "<")
+        .replace(" <", "<")
+        .replace("< ", "<")
+        .replace(" >", ">")
+        .replace(" ,", ",")
+        .replace(" :: ", "::")
+}

@@ -1,0 +1,45 @@
+//! Procedural macros of `agents`. Use them through the `agents` crate: `#[agents::agent]`.
+//!
+//! The layout follows serde_derive: this file holds the entry points only; [`ast`] parses the
+//! `impl` block into a model, [`validate`] checks it, [`expand`] generates code. Every error is
+//! a spanned `syn::Error`; the user's item is re-emitted alongside it so that one mistake does
+//! not cascade into many.
+
+use proc_macro::TokenStream;
+
+mod ast;
+mod attr;
+mod expand;
+mod validate;
+
+/// Turns an inherent `impl` block into an agent class. See `agents::agent`.
+#[proc_macro_attribute]
+pub fn agent(args: TokenStream, item: TokenStream) -> TokenStream {
+    let item = proc_macro2::TokenStream::from(item);
+    expand::agent(args.into(), item.clone())
+        .unwrap_or_else(|e| {
+            let mut out = ast::strip_callable_attrs(item);
+            out.extend(e.into_compile_error());
+            out
+        })
+        .into()
+}
+
+/// Marks a method of an `#[agent]` impl block as callable by clients. On its own (outside
+/// `#[agent]`) it is an error.
+#[proc_macro_attribute]
+pub fn callable(_args: TokenStream, item: TokenStream) -> TokenStream {
+    let item = proc_macro2::TokenStream::from(item);
+    let mut out = item.clone();
+    let span = syn::parse2::<syn::ImplItemFn>(item)
+        .map(|f| f.sig.ident.span())
+        .unwrap_or_else(|_| proc_macro2::Span::call_site());
+    out.extend(
+        syn::Error::new(
+            span,
+            "`#[callable]` only works on methods inside an `#[agent]` impl block",
+        )
+        .into_compile_error(),
+    );
+    out.into()
+}

@@ -1,0 +1,39 @@
+//! The runtime's error type.
+
+/// What can go wrong in the runtime itself (storage, addressing, configuration).
+///
+/// Handlers usually return [`AppError`](crate::AppError) or their own error type; every
+/// `Error` converts into `AppError` with `?`.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// SQLite refused something.
+    #[error("storage: {0}")]
+    Storage(#[from] rusqlite::Error),
+    /// A file-system operation on the data dir failed.
+    #[error("i/o on {path}: {source}")]
+    Io {
+        /// The file or folder.
+        path: std::path::PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// A value could not be encoded or decoded (kv values, stored arguments).
+    #[error("codec: {0}")]
+    Codec(String),
+    /// An agent name or class that cannot be addressed.
+    #[error("invalid agent address: {0}")]
+    InvalidAddress(String),
+    /// No agent type is registered for the class.
+    #[error("no agent class `{0}` is registered with this runtime")]
+    UnknownClass(String),
+    /// The schema migrations do not fit the database.
+    #[error("migration: {0}")]
+    Migration(String),
+    /// The runtime is shutting down or gone.
+    #[error("the runtime has shut down")]
+    Shutdown,
+}
+
+/// `Result` with the runtime's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,305 @@
+//! One live agent: the task that owns the struct and its database and drains its mailbox.
+//!
+//! The task takes a *batch* of events (whatever is queued, up to `max_batch`), runs each in
+//! its own savepoint inside one transaction, commits once on a blocking thread (group commit),
+//! and only then releases the replies (the output gate). Handlers run one at a time to
+//! completion, awaits included: the single writer.
+
+use std::{any::Any, future::Future, panic::AssertUnwindSafe, sync::Arc};
+
+use agents_client::{ErrorKind, RawError};
+use futures_util::FutureExt;
+use rusqlite::Connection;
+use tokio::{
+    sync::{mpsc, oneshot},
+    time::Instant,
+};
+use tracing::Instrument;
+
+use crate::{
+    address::AgentKey,
+    agent::AgentClass,
+    context::Ctx,
+    error::Error,
+    registry::{CallEvent, Event, Reply, Shared},
+    storage,
+};
+
+/// Starts an instance of `A` for `key` reading `rx`.
+pub(crate) fn spawn<A: AgentClass>(
+    shared: Arc<Shared>,
+    key: AgentKey,
+    generation: u64,
+    rx: mpsc::Receiver<Event>,
+) {
+    let span = tracing::debug_span!("agent", class = key.class(), name = key.name());
+    let instance = Instance::<A> {
+        agent: None,
+        ctx: Ctx::new(shared.clone(), key),
+        generation,
+        in_txn: false,
+    };
+    shared.tracker.spawn(instance.run(rx).instrument(span));
+}
+
+struct Instance<A> {
+    /// `None` until created (and again after a panic or a failed commit).
+    agent: Option<A>,
+    ctx: Ctx<A>,
+    generation: u64,
+    /// Whether the batch transaction is open.
+    in_txn: bool,
+}
+
+type Outbox = Vec<(oneshot::Sender<Reply>, Reply)>;
+
+impl<A: AgentClass> Instance<A> {
+    async fn run(mut self, mut rx: mpsc::Receiver<Event>) {
+        let idle = self.ctx.shared.config.idle_timeout;
+        loop {
+            let first = match tokio::time::timeout(idle, rx.recv()).await {
+                Ok(Some(event)) => event,
+                Ok(None) => break, // the runtime shut down and the mailbox is drained
+                Err(_) => {
+                    if self
+                        .ctx
+                        .shared
+                        .detach(self.ctx.key(), self.generation, &mut rx, false)
+                    {
+                        tracing::debug!("hibernating after {idle:?} idle");
+                        hand_over(&self.ctx.shared, self.ctx.key(), rx).await;
+                        break;
+                    }
+                    continue;
+                }
+            };
+            if let Some(done) = self.run_batch(first, &mut rx).await {
+                tracing::debug!("hibernating on request");
+                self.ctx
+                    .shared
+                    .detach(self.ctx.key(), self.generation, &mut rx, true);
+                hand_over(&self.ctx.shared, self.ctx.key(), rx).await;
+                self.close_db().await;
+                let _ = done.send(());
+                return;
+            }
+        }
+        self.close_db().await;
+    }
+
+    /// Runs `first` and whatever else is queued, commits once, then releases the replies.
+    /// Returns the hibernation request that ended the batch, if one did.
+    async fn run_batch(
+        &mut self,
+        first: Event,
+        rx: &mut mpsc::Receiver<Event>,
+    ) -> Option<oneshot::Sender<()>> {
+        let max_batch = self.ctx.shared.config.max_batch;
+        let mut outbox = Outbox::new();
+        let mut next = Some(first);
+        let mut hibernate = None;
+        while let Some(event) = next.take() {
+            match event {
+                Event::Call(call) => self.call(call, &mut outbox).await,
+                Event::Hibernate(done) => {
+                    hibernate = Some(done);
+                    break;
+                }
+            }
+            if outbox.len() >= max_batch {
+                break;
+            }
+            next = rx.try_recv().ok();
+        }
+        if self.in_txn {
+            if let Err(e) = self.commit().await {
+                tracing::error!("commit failed, the batch is rolled back: {e}");
+                // Memory may hold what storage lost: re-create the agent from storage.
+                self.agent = None;
+                let failed =
+                    RawError::internal(format!("the commit failed, nothing was written: {e}"));
+                for (_, reply) in &mut outbox {
+                    *reply = Err(failed.clone());
+                }
+            }
+        }
+        for (tx, reply) in outbox {
+            let _ = tx.send(reply);
+        }
+        hibernate
+    }
+
+    async fn call(&mut self, call: CallEvent, outbox: &mut Outbox) {
+        let CallEvent {
+            inv,
+            reply,
+            chain,
+            deadline,
+        } = call;
+        if reply.is_closed() {
+            return; // the caller gave up before the call ran: nothing to do
+        }
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            let e = RawError::new(
+                ErrorKind::Timeout,
+                format!("`{}` was dequeued after its deadline", inv.method()),
+            );
+            outbox.push((reply, Err(e)));
+            return;
+        }
+        self.ctx.chain = chain.push(self.ctx.key().clone());
+        let span = tracing::debug_span!("call", method = inv.method());
+        let result = async {
+            self.begin().await.map_err(RawError::internal)?;
+            self.ensure_started().await?;
+            let agent = self.agent.as_mut().expect("started");
+            savepoint(self.ctx.sql())?;
+            let (result, panicked) = catch_panic(agent.dispatch(&mut self.ctx, &inv)).await;
+            if panicked {
+                self.agent = None;
+            }
+            end_savepoint(self.ctx.sql(), result)
+        }
+        .instrument(span)
+        .await;
+        if let Err(e) = &result {
+            tracing::debug!(kind = %e.kind, "call failed: {}", e.message);
+        }
+        outbox.push((reply, result));
+    }
+
+    /// Creates the agent and runs `on_start`, if it is not live.
+    async fn ensure_started(&mut self) -> Result<(), RawError> {
+        if self.agent.is_some() {
+            return Ok(());
+        }
+        let mut agent = A::default();
+        savepoint(self.ctx.sql())?;
+        let start = async {
+            agent
+                .on_start(&mut self.ctx)
+                .await
+                .map_err(|e| RawError::internal(format!("on_start failed: {e}")))
+        };
+        let (result, _) = catch_panic(start).await;
+        end_savepoint(self.ctx.sql(), result)?;
+        self.agent = Some(agent);
+        Ok(())
+    }
+
+    /// Opens the database if needed and the batch transaction if needed.
+    async fn begin(&mut self) -> Result<(), Error> {
+        if self.ctx.conn.is_none() {
+            let shared = self.ctx.shared.clone();
+            let key = self.ctx.key().clone();
+            let conn = tokio::task::spawn_blocking(move || {
+                storage::open(&shared.config.data_dir, &key, shared.config.durability)
+            })
+            .await
+            .map_err(|e| Error::Migration(format!("opening the database panicked: {e}")))??;
+            self.ctx.conn = Some(conn);
+        }
+        if !self.in_txn {
+            self.ctx.sql().prepare_cached("BEGIN")?.execute([])?;
+            self.in_txn = true;
+        }
+        Ok(())
+    }
+
+    /// Commits the batch transaction on a blocking thread: the fsync never stalls a worker.
+    async fn commit(&mut self) -> Result<(), Error> {
+        self.in_txn = false;
+        let conn = self.ctx.conn.take().expect("open during a batch");
+        let (conn, result) = tokio::task::spawn_blocking(move || {
+            let result = conn
+                .prepare_cached("COMMIT")
+                .and_then(|mut s| s.execute([]));
+            if result.is_err() && !conn.is_autocommit() {
+                let _ = conn.execute_batch("ROLLBACK");
+            }
+            (conn, result)
+        })
+        .await
+        .expect("COMMIT does not panic");
+        self.ctx.conn = Some(conn);
+        result.map(drop).map_err(Error::from)
+    }
+
+    async fn close_db(&mut self) {
+        if let Some(conn) = self.ctx.conn.take() {
+            // Closing checkpoints the WAL: blocking I/O.
+            let _ = tokio::task::spawn_blocking(move || {
+                if let Err((_, e)) = conn.close() {
+                    tracing::warn!("closing the database: {e}");
+                }
+            })
+            .await;
+        }
+    }
+}
+
+/// Passes events that reached a detached mailbox on to the next instance of `key`.
+async fn hand_over(shared: &Arc<Shared>, key: &AgentKey, mut rx: mpsc::Receiver<Event>) {
+    while let Some(event) = rx.recv().await {
+        if let Err((e, event)) = shared.route(key, event).await {
+            event.abandon(RawError::internal(e));
+        }
+    }
+}
+
+/// Opens the savepoint of one event.
+fn savepoint(conn: &Connection) -> Result<(), RawError> {
+    conn.prepare_cached("SAVEPOINT agents_event")
+        .and_then(|mut s| s.execute([]))
+        .map(drop)
+        .map_err(|e| RawError::internal(format!("could not open a savepoint: {e}")))
+}
+
+/// Ends the savepoint of one event: `Ok` releases it, `Err` rolls it back first.
+fn end_savepoint<T>(conn: &Connection, result: Result<T, RawError>) -> Result<T, RawError> {
+    if conn.is_autocommit() {
+        // The handler ran COMMIT or ROLLBACK itself. Re-open the batch transaction.
+        let _ = conn.execute_batch("BEGIN");
+        return Err(RawError::internal(
+            "the handler ended the runtime's transaction; BEGIN/COMMIT/ROLLBACK are not allowed in handlers",
+        ));
+    }
+    let end = if result.is_ok() {
+        conn.prepare_cached("RELEASE agents_event")
+            .and_then(|mut s| s.execute([]))
+            .map(drop)
+    } else {
+        conn.execute_batch("ROLLBACK TO agents_event; RELEASE agents_event")
+    };
+    end.map_err(|e| RawError::internal(format!("could not end the event's savepoint: {e}")))?;
+    result
+}
+
+/// Runs a handler, turning a panic into an `internal` error. Returns whether it panicked.
+async fn catch_panic<T>(
+    handler: impl Future<Output = Result<T, RawError>>,
+) -> (Result<T, RawError>, bool) {
+    match AssertUnwindSafe(handler).catch_unwind().await {
+        Ok(result) => (result, false),
+        Err(panic) => {
+            let message = panic_message(&*panic);
+            tracing::error!("handler panicked: {message}");
+            (
+                Err(RawError::internal(format!(
+                    "the handler panicked: {message}"
+                ))),
+                true,
+            )
+        }
+    }
+}
+
+fn panic_message(panic: &(dyn Any + Send)) -> String {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "(non-string panic payload)".to_owned()
+    }
+}

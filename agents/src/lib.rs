@@ -1,0 +1,107 @@
+//! # agents
+//!
+//! Durable, addressable agents. Annotate a struct's `impl` with [`#[agent]`](macro@agent) and
+//! every `(class, name)` pair becomes one live object: one instance, one writer, its own SQLite
+//! database, and a generated typed client.
+//!
+//! ```
+//! use agents::prelude::*;
+//!
+//! #[derive(Default)]
+//! pub struct Counter;
+//!
+//! impl Agent for Counter {
+//!     async fn on_start(&mut self, ctx: &mut Ctx<Self>) -> Result<(), AppError> {
+//!         ctx.migrate(&["CREATE TABLE counter(id INTEGER PRIMARY KEY CHECK (id = 0), n INTEGER NOT NULL)"])?;
+//!         Ok(())
+//!     }
+//! }
+//!
+//! #[agent]
+//! impl Counter {
+//!     /// Adds `by` and returns the new total.
+//!     #[callable]
+//!     pub async fn add(&mut self, ctx: &mut Ctx<Self>, by: i64) -> Result<i64, AppError> {
+//!         Ok(ctx.sql().query_row(
+//!             "INSERT INTO counter(id, n) VALUES (0, ?1)
+//!              ON CONFLICT(id) DO UPDATE SET n = n + excluded.n RETURNING n",
+//!             [by],
+//!             |r| r.get(0),
+//!         )?)
+//!     }
+//! }
+//!
+//! # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! # let dir = tempfile::tempdir()?;
+//! let runtime = Runtime::builder().data_dir(dir.path()).agent::<Counter>().build()?;
+//! let bob = runtime.agent::<Counter>("bob");   // a CounterClient
+//! assert_eq!(bob.add(5).await?, 5);
+//! assert_eq!(bob.add(2).await?, 7);
+//! # Ok(()) }
+//! ```
+//!
+//! ## The guarantees
+//! - **One writer, no interleaving.** Handlers take `&mut self` and run to completion, awaits
+//!   included, before the agent takes its next event. A call cycle (A → B → A) fails at once
+//!   with [`RpcError::Cycle`] instead of deadlocking.
+//! - **Every event is a transaction.** Each call runs in a SQLite savepoint: `Ok` keeps its
+//!   writes, `Err` or a panic discards them (and a panic never takes the runtime down: the agent
+//!   is re-created on its next event).
+//! - **Replies wait for durability** (the output gate), and the events an agent has queued share
+//!   one commit (group commit), run on a blocking thread so that an fsync never stalls the async
+//!   workers. See [`Durability`].
+//! - **Memory is a cache.** An idle agent is hibernated: its struct dropped, its database
+//!   closed. The next event re-creates it (`Default`, then [`Agent::on_start`]).
+//!
+//! ## Storage
+//! [`Ctx::sql`] is the agent's own rusqlite connection; [`Ctx::kv`] a typed key-value store;
+//! [`Ctx::migrate`] a schema-migration helper. Tables named `_agents_*` are the runtime's.
+//!
+//! ## Testing
+//! [`testing::TestRuntime`] runs on a temporary data dir and can hibernate agents and restart.
+#![warn(missing_docs)]
+
+// Lets generated code name `::agents` inside this crate's own tests.
+extern crate self as agents;
+
+mod address;
+mod agent;
+mod context;
+mod error;
+mod instance;
+mod registry;
+mod runtime;
+mod storage;
+pub mod testing;
+
+pub use address::{AgentKey, MAX_CLASS_LEN, MAX_NAME_LEN};
+pub use agent::{Agent, AgentClass, AppError, Invocation};
+pub use agents_client::{ErrorKind, MethodCall, MethodInfo, NoError, RpcError};
+/// Turns an inherent `impl` block into an agent class; see the crate docs.
+///
+/// Methods marked `#[callable]` (async, `&mut self`, then `ctx: &mut Ctx<Self>`, then
+/// arguments) can be called by clients. The macro generates the dispatch by method name, the
+/// typed client `<Type>Client`, and `<Type>::calls()` describing calls for later use.
+///
+/// Options: `#[agent(class = "name")]` overrides the class (kebab-case of the type by
+/// default); `#[callable(name = "wire-name")]` overrides a method's wire name.
+pub use agents_macros::agent;
+/// Marks a method of an [`#[agent]`](macro@agent) impl block as callable by clients.
+pub use agents_macros::callable;
+pub use context::Ctx;
+pub use error::{Error, Result};
+pub use runtime::{Builder, Runtime};
+pub use storage::{Durability, Kv};
+
+/// What most agent code needs: `use agents::prelude::*;`
+pub mod prelude {
+    pub use crate::{agent, callable, Agent, AppError, Ctx, Durability, RpcError, Runtime};
+}
+
+#[doc(hidden)]
+pub mod __private {
+    pub use crate::{agent::AgentClass, agent::Invocation, context::Ctx};
+    pub use agents_client::__private::*;
+    pub use agents_client::{BoxFuture, Payload, RawError, Transport};
+    pub use std::{boxed::Box, sync::Arc};
+}

@@ -1,0 +1,271 @@
+//! The registry: address → mailbox of the live instance, activation on first event, and the
+//! hand-over that keeps exactly one live instance per address across hibernation.
+
+use std::{
+    any::TypeId,
+    collections::HashMap,
+    fmt,
+    path::PathBuf,
+    sync::{Arc, Mutex, MutexGuard},
+    time::Duration,
+};
+
+use agents_client::{Payload, RawError};
+use tokio::{
+    sync::{
+        mpsc::{self, error::TrySendError},
+        oneshot,
+    },
+    time::Instant,
+};
+use tokio_util::task::TaskTracker;
+
+use crate::{address::AgentKey, agent::Invocation, error::Error, storage::Durability};
+
+/// Settings every instance reads.
+#[derive(Debug, Clone)]
+pub(crate) struct Config {
+    pub data_dir: PathBuf,
+    pub durability: Durability,
+    pub idle_timeout: Duration,
+    pub mailbox_capacity: usize,
+    pub call_timeout: Duration,
+    pub max_batch: usize,
+}
+
+/// Starts the task of one instance of a class.
+pub(crate) type Spawner = fn(Arc<Shared>, AgentKey, u64, mpsc::Receiver<Event>);
+
+/// A registered class: the type that implements it and how to start an instance.
+#[derive(Clone, Copy)]
+pub(crate) struct Class {
+    pub type_id: TypeId,
+    pub type_name: &'static str,
+    pub spawn: Spawner,
+}
+
+/// What an instance's mailbox carries.
+pub(crate) enum Event {
+    Call(CallEvent),
+    /// Drop the instance now (testing and operations); answered once its database is closed.
+    Hibernate(oneshot::Sender<()>),
+}
+
+pub(crate) type Reply = Result<Payload, RawError>;
+
+pub(crate) struct CallEvent {
+    pub inv: Invocation,
+    pub reply: oneshot::Sender<Reply>,
+    /// The agents waiting on this call (its callers, transitively).
+    pub chain: Chain,
+    pub deadline: Option<Instant>,
+}
+
+impl Event {
+    /// Answers an event that will never run.
+    pub fn abandon(self, why: RawError) {
+        match self {
+            Event::Call(c) => {
+                let _ = c.reply.send(Err(why));
+            }
+            Event::Hibernate(done) => {
+                let _ = done.send(());
+            }
+        }
+    }
+}
+
+/// The chain of agents waiting on a call, innermost last. Calls carry it so that a call back
+/// into any of them (a cycle, which would deadlock) fails at once.
+#[derive(Clone, Default)]
+pub(crate) struct Chain(Option<Arc<Link>>);
+
+struct Link {
+    key: AgentKey,
+    prev: Chain,
+}
+
+impl Chain {
+    pub fn push(&self, key: AgentKey) -> Chain {
+        Chain(Some(Arc::new(Link {
+            key,
+            prev: self.clone(),
+        })))
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &AgentKey> {
+        std::iter::successors(self.0.as_deref(), |l| l.prev.0.as_deref()).map(|l| &l.key)
+    }
+
+    pub fn contains(&self, key: &AgentKey) -> bool {
+        self.iter().any(|k| k == key)
+    }
+}
+
+impl fmt::Display for Chain {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut keys: Vec<_> = self.iter().collect();
+        keys.reverse();
+        for (i, k) in keys.iter().enumerate() {
+            if i > 0 {
+                f.write_str(" -> ")?;
+            }
+            write!(f, "{k}")?;
+        }
+        Ok(())
+    }
+}
+
+struct Slot {
+    tx: mpsc::Sender<Event>,
+    generation: u64,
+}
+
+#[derive(Default)]
+struct Agents {
+    live: HashMap<AgentKey, Slot>,
+    next_generation: u64,
+    closed: bool,
+}
+
+/// State shared by the runtime handle, every instance task and every local client.
+pub(crate) struct Shared {
+    pub config: Config,
+    classes: HashMap<&'static str, Class>,
+    agents: Mutex<Agents>,
+    pub tracker: TaskTracker,
+}
+
+impl Shared {
+    pub fn new(config: Config, classes: HashMap<&'static str, Class>) -> Self {
+        Shared {
+            config,
+            classes,
+            agents: Mutex::default(),
+            tracker: TaskTracker::new(),
+        }
+    }
+
+    fn agents(&self) -> MutexGuard<'_, Agents> {
+        // No code panics while holding this lock; recover the data if it ever does.
+        self.agents.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The registered class of `key`, if its type is `type_id`.
+    pub fn check_class(&self, class: &str, type_id: TypeId) -> Result<(), Error> {
+        match self.classes.get(class) {
+            Some(c) if c.type_id == type_id => Ok(()),
+            Some(c) => Err(Error::UnknownClass(format!(
+                "{class} (registered for {}, not this type)",
+                c.type_name
+            ))),
+            None => Err(Error::UnknownClass(class.to_owned())),
+        }
+    }
+
+    /// Delivers `event` to the live instance of `key`, activating one if there is none.
+    /// Waits while the mailbox is full. On failure the event is handed back.
+    pub async fn route(
+        self: &Arc<Self>,
+        key: &AgentKey,
+        mut event: Event,
+    ) -> Result<(), (Error, Event)> {
+        loop {
+            let tx = {
+                let mut agents = self.agents();
+                if agents.closed {
+                    return Err((Error::Shutdown, event));
+                }
+                match agents.live.get(key) {
+                    Some(slot) => match slot.tx.try_send(event) {
+                        Ok(()) => return Ok(()),
+                        Err(TrySendError::Full(e)) => {
+                            event = e;
+                            slot.tx.clone()
+                        }
+                        Err(TrySendError::Closed(e)) => {
+                            // The instance is gone without detaching (it cannot panic, but be safe).
+                            event = e;
+                            agents.live.remove(key);
+                            continue;
+                        }
+                    },
+                    None => {
+                        let Some(&class) = self.classes.get(key.class()) else {
+                            return Err((Error::UnknownClass(key.class().to_owned()), event));
+                        };
+                        let (tx, rx) = mpsc::channel(self.config.mailbox_capacity);
+                        let generation = agents.next_generation;
+                        agents.next_generation += 1;
+                        agents.live.insert(key.clone(), Slot { tx, generation });
+                        (class.spawn)(self.clone(), key.clone(), generation, rx);
+                        continue;
+                    }
+                }
+            };
+            match tx.send(event).await {
+                Ok(()) => return Ok(()),
+                Err(mpsc::error::SendError(e)) => event = e,
+            }
+        }
+    }
+
+    /// Takes the instance `generation` of `key` out of the registry and closes its mailbox, so
+    /// that the next event activates a fresh instance. Unless `force`, only when its mailbox is
+    /// empty. Events already in the mailbox are left for the caller to hand over.
+    pub fn detach(
+        &self,
+        key: &AgentKey,
+        generation: u64,
+        rx: &mut mpsc::Receiver<Event>,
+        force: bool,
+    ) -> bool {
+        let mut agents = self.agents();
+        if !force && !rx.is_empty() {
+            return false;
+        }
+        if agents
+            .live
+            .get(key)
+            .is_some_and(|s| s.generation == generation)
+        {
+            agents.live.remove(key);
+        }
+        rx.close();
+        true
+    }
+
+    /// Asks the live instance of `key` to hibernate; `false` if none is live.
+    pub async fn hibernate(&self, key: &AgentKey) -> Result<bool, Error> {
+        let tx = match self.agents().live.get(key) {
+            Some(slot) => slot.tx.clone(),
+            None => return Ok(false),
+        };
+        let (done, wait) = oneshot::channel();
+        if tx.send(Event::Hibernate(done)).await.is_err() {
+            return Ok(false);
+        }
+        wait.await.map_err(|_| Error::Shutdown)?;
+        Ok(true)
+    }
+
+    pub fn is_live(&self, key: &AgentKey) -> bool {
+        self.agents().live.contains_key(key)
+    }
+
+    pub fn live_count(&self) -> usize {
+        self.agents().live.len()
+    }
+
+    /// Refuses new events and drops every mailbox sender: each instance finishes what is queued,
+    /// commits, closes its database and ends.
+    pub fn close(&self) {
+        let live = {
+            let mut agents = self.agents();
+            agents.closed = true;
+            std::mem::take(&mut agents.live)
+        };
+        drop(live);
+        self.tracker.close();
+    }
+}

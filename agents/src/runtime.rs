@@ -1,0 +1,327 @@
+//! The [`Runtime`]: its [`Builder`], the handle, and the in-process transport behind
+//! `runtime.agent::<A>(name)` and `ctx.agent::<A>(name)`.
+
+use std::{
+    any::{type_name, TypeId},
+    collections::HashMap,
+    fmt,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use agents_client::{BoxFuture, ClientCore, ErrorKind, OutgoingCall, Payload, RawError, Transport};
+use tokio::{sync::oneshot, time::Instant};
+
+use crate::{
+    address::{validate_class, AgentKey},
+    agent::{AgentClass, Invocation},
+    error::Error,
+    instance,
+    registry::{CallEvent, Chain, Class, Config, Event, Shared},
+    storage::Durability,
+};
+
+/// Configures and builds a [`Runtime`].
+///
+/// ```no_run
+/// # use agents::prelude::*;
+/// # #[derive(Default)] struct Counter;
+/// # impl Agent for Counter {}
+/// # #[agent] impl Counter {}
+/// let runtime = Runtime::builder()
+///     .data_dir("./data")
+///     .agent::<Counter>()
+///     .build()?;
+/// # Ok::<(), agents::Error>(())
+/// ```
+#[derive(Clone)]
+pub struct Builder {
+    data_dir: Option<PathBuf>,
+    durability: Durability,
+    idle_timeout: Duration,
+    mailbox_capacity: usize,
+    call_timeout: Duration,
+    max_batch: usize,
+    classes: HashMap<&'static str, Class>,
+    error: Option<String>,
+}
+
+impl Default for Builder {
+    fn default() -> Self {
+        Builder {
+            data_dir: None,
+            durability: Durability::Full,
+            idle_timeout: Duration::from_secs(60),
+            mailbox_capacity: 1024,
+            call_timeout: Duration::from_secs(30),
+            max_batch: 256,
+            classes: HashMap::new(),
+            error: None,
+        }
+    }
+}
+
+impl fmt::Debug for Builder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Builder")
+            .field("data_dir", &self.data_dir)
+            .field("durability", &self.durability)
+            .field("classes", &self.classes.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Builder {
+    /// Where the agents' databases live (required). Created if missing.
+    pub fn data_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.data_dir = Some(dir.into());
+        self
+    }
+
+    /// When a reply is released: after an fsync ([`Durability::Full`], the default) or after the
+    /// write reaches the OS ([`Durability::Normal`]).
+    pub fn durability(mut self, durability: Durability) -> Self {
+        self.durability = durability;
+        self
+    }
+
+    /// How long an agent may sit idle before it is hibernated (dropped from memory, its
+    /// database closed). Default 60 s.
+    pub fn idle_timeout(mut self, idle: Duration) -> Self {
+        self.idle_timeout = idle;
+        self
+    }
+
+    /// How many events may wait in one agent's mailbox before senders wait. Default 1024.
+    pub fn mailbox_capacity(mut self, capacity: usize) -> Self {
+        self.mailbox_capacity = capacity.max(1);
+        self
+    }
+
+    /// The timeout of in-process calls that set none. Default 30 s.
+    pub fn call_timeout(mut self, timeout: Duration) -> Self {
+        self.call_timeout = timeout;
+        self
+    }
+
+    /// At most this many events share one commit. Default 256.
+    pub fn max_batch(mut self, events: usize) -> Self {
+        self.max_batch = events.max(1);
+        self
+    }
+
+    /// Registers the agent type `A` under its class (`A::CLASS`).
+    pub fn agent<A: AgentClass>(mut self) -> Self {
+        let class = Class {
+            type_id: TypeId::of::<A>(),
+            type_name: type_name::<A>(),
+            spawn: instance::spawn::<A>,
+        };
+        if let Err(e) = validate_class(A::CLASS) {
+            self.error.get_or_insert(e.to_string());
+        }
+        match self.classes.get(A::CLASS) {
+            Some(existing) if existing.type_id != class.type_id => {
+                self.error.get_or_insert(format!(
+                    "the class `{}` is registered twice: for {} and for {}",
+                    A::CLASS,
+                    existing.type_name,
+                    class.type_name
+                ));
+            }
+            _ => {
+                self.classes.insert(A::CLASS, class);
+            }
+        }
+        self
+    }
+
+    /// Builds the runtime. Agents are activated lazily, on their first event.
+    pub fn build(self) -> Result<Runtime, Error> {
+        if let Some(e) = self.error {
+            return Err(Error::InvalidAddress(e));
+        }
+        let data_dir = self.data_dir.ok_or_else(|| Error::Io {
+            path: PathBuf::new(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "no data_dir was set on the runtime builder",
+            ),
+        })?;
+        std::fs::create_dir_all(&data_dir).map_err(|source| Error::Io {
+            path: data_dir.clone(),
+            source,
+        })?;
+        let config = Config {
+            data_dir,
+            durability: self.durability,
+            idle_timeout: self.idle_timeout,
+            mailbox_capacity: self.mailbox_capacity,
+            call_timeout: self.call_timeout,
+            max_batch: self.max_batch,
+        };
+        let shared = Arc::new(Shared::new(config, self.classes));
+        Ok(Runtime {
+            handle: Arc::new(Handle { shared }),
+        })
+    }
+}
+
+/// A running set of agents: one live instance per address, activated on demand, hibernated
+/// when idle. Cheap to clone; dropping the last clone shuts the runtime down (use
+/// [`shutdown`](Runtime::shutdown) to wait for every agent to close its database).
+#[derive(Clone)]
+pub struct Runtime {
+    handle: Arc<Handle>,
+}
+
+struct Handle {
+    shared: Arc<Shared>,
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        self.shared.close();
+    }
+}
+
+impl Runtime {
+    /// Starts configuring a runtime.
+    pub fn builder() -> Builder {
+        Builder::default()
+    }
+
+    fn shared(&self) -> &Arc<Shared> {
+        &self.handle.shared
+    }
+
+    /// A typed client for the agent `name` of type `A`. An invalid name is reported by each
+    /// call (as `RpcError::BadArgs`); use [`try_agent`](Runtime::try_agent) to check it first.
+    pub fn agent<A: AgentClass>(&self, name: &str) -> A::Client {
+        client_for::<A>(self.shared(), name, Chain::default())
+    }
+
+    /// Like [`agent`](Runtime::agent), but checks the name and the registration first.
+    pub fn try_agent<A: AgentClass>(&self, name: &str) -> Result<A::Client, Error> {
+        let key = AgentKey::new(A::CLASS, name)?;
+        self.shared().check_class(key.class(), TypeId::of::<A>())?;
+        Ok(self.agent::<A>(name))
+    }
+
+    /// Hibernates the agent now: its struct is dropped and its database closed once the event
+    /// in progress is done. Returns `false` if it was not live.
+    pub async fn hibernate<A: AgentClass>(&self, name: &str) -> Result<bool, Error> {
+        self.shared()
+            .hibernate(&AgentKey::new(A::CLASS, name)?)
+            .await
+    }
+
+    /// Whether the agent is live (in memory) right now.
+    pub fn is_live<A: AgentClass>(&self, name: &str) -> bool {
+        AgentKey::new(A::CLASS, name).is_ok_and(|k| self.shared().is_live(&k))
+    }
+
+    /// How many agents are live right now.
+    pub fn live_count(&self) -> usize {
+        self.shared().live_count()
+    }
+
+    /// The data dir.
+    pub fn data_dir(&self) -> &Path {
+        &self.shared().config.data_dir
+    }
+
+    /// Stops taking events, lets every agent finish and commit what it has queued, closes every
+    /// database, and returns when all of that is done. Clients fail with an `internal` error
+    /// afterwards.
+    pub async fn shutdown(self) {
+        let shared = self.shared().clone();
+        shared.close();
+        shared.tracker.wait().await;
+    }
+}
+
+impl fmt::Debug for Runtime {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Runtime")
+            .field("data_dir", &self.data_dir())
+            .field("live", &self.live_count())
+            .finish()
+    }
+}
+
+pub(crate) fn client_for<A: AgentClass>(
+    shared: &Arc<Shared>,
+    name: &str,
+    chain: Chain,
+) -> A::Client {
+    let target = AgentKey::new(A::CLASS, name)
+        .and_then(|key| {
+            shared
+                .check_class(key.class(), TypeId::of::<A>())
+                .map(|()| key)
+        })
+        .map_err(|e| e.to_string());
+    let transport = LocalTransport {
+        shared: shared.clone(),
+        target,
+        chain,
+    };
+    A::Client::from(ClientCore::new(Arc::new(transport)))
+}
+
+/// Calls an agent of this runtime without leaving the process.
+struct LocalTransport {
+    shared: Arc<Shared>,
+    target: Result<AgentKey, String>,
+    /// The agents waiting on calls made through this transport.
+    chain: Chain,
+}
+
+impl Transport for LocalTransport {
+    fn call(&self, call: OutgoingCall) -> BoxFuture<'static, Result<Payload, RawError>> {
+        let shared = self.shared.clone();
+        let target = self.target.clone();
+        let chain = self.chain.clone();
+        Box::pin(async move {
+            let key = target.map_err(RawError::bad_args)?;
+            if chain.contains(&key) {
+                return Err(RawError::new(
+                    ErrorKind::Cycle,
+                    format!("{chain} -> {key}: {key} is already waiting on this call"),
+                ));
+            }
+            let deadline = Instant::now() + call.timeout.unwrap_or(shared.config.call_timeout);
+            let (reply, wait) = oneshot::channel();
+            let event = Event::Call(CallEvent {
+                inv: Invocation::new(call.method, call.args),
+                reply,
+                chain,
+                deadline: Some(deadline),
+            });
+            let exchange = async {
+                shared.route(&key, event).await.map_err(|(e, _)| match e {
+                    Error::UnknownClass(_) => RawError::bad_args(e),
+                    e => RawError::internal(e),
+                })?;
+                wait.await
+                    .map_err(|_| RawError::internal("the agent stopped before it replied"))?
+            };
+            match tokio::time::timeout_at(deadline, exchange).await {
+                Ok(result) => result,
+                Err(_) => Err(RawError::new(
+                    ErrorKind::Timeout,
+                    format!("no reply from {key} before the deadline"),
+                )),
+            }
+        })
+    }
+
+    fn describe(&self) -> String {
+        match &self.target {
+            Ok(key) => format!("local {key}"),
+            Err(e) => format!("invalid ({e})"),
+        }
+    }
+}
