@@ -76,7 +76,9 @@ pub mod testing;
 
 pub use address::{AgentKey, MAX_CLASS_LEN, MAX_NAME_LEN};
 pub use agent::{Agent, AgentClass, AppError, Invocation};
-pub use agents_client::{ErrorKind, MethodCall, MethodInfo, NoError, RpcError};
+/// The wire crate: transports, codecs and client plumbing.
+pub use agents_client as client;
+pub use agents_client::{ErrorKind, MethodCall, MethodInfo, NoError, Payload, RawError, RpcError};
 /// Turns an inherent `impl` block into an agent class; see the crate docs.
 ///
 /// Methods marked `#[callable]` (async, `&mut self`, then `ctx: &mut Ctx<Self>`, then

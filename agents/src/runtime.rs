@@ -222,6 +222,47 @@ impl Runtime {
         AgentKey::new(A::CLASS, name).is_ok_and(|k| self.shared().is_live(&k))
     }
 
+    /// Calls `method` of the agent `class`/`name` with encoded arguments (a postcard tuple or a
+    /// JSON array); the reply comes back in the same codec. This is the untyped path that
+    /// network front ends use; Rust code uses the typed client of [`agent`](Runtime::agent).
+    ///
+    /// ```
+    /// # use agents::prelude::*;
+    /// # use agents_client::Payload;
+    /// # #[derive(Default)] struct Counter;
+    /// # impl Agent for Counter {}
+    /// # #[agent] impl Counter { #[callable] async fn add(&mut self, _c: &mut Ctx<Self>, by: i64) -> i64 { by } }
+    /// # #[tokio::main] async fn main() {
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// # let runtime = Runtime::builder().data_dir(dir.path()).agent::<Counter>().build().unwrap();
+    /// let reply = runtime.call("counter", "bob", "add", Payload::Json(serde_json::json!([5]))).await;
+    /// assert_eq!(reply.unwrap(), Payload::Json(serde_json::json!(5)));
+    /// # }
+    /// ```
+    pub async fn call(
+        &self,
+        class: &str,
+        name: &str,
+        method: &str,
+        args: Payload,
+    ) -> Result<Payload, RawError> {
+        let key = AgentKey::new(class, name).map_err(RawError::bad_args)?;
+        let call = OutgoingCall {
+            method: method.to_owned().into(),
+            args,
+            timeout: None,
+        };
+        call_local(self.shared(), key, Chain::default(), call).await
+    }
+
+    /// The database file of an agent (whether or not it exists yet): for backups and tests.
+    pub fn database_path<A: AgentClass>(&self, name: &str) -> Result<PathBuf, Error> {
+        Ok(crate::storage::db_path(
+            self.data_dir(),
+            &AgentKey::new(A::CLASS, name)?,
+        ))
+    }
+
     /// How many agents are live right now.
     pub fn live_count(&self) -> usize {
         self.shared().live_count()
@@ -271,6 +312,44 @@ pub(crate) fn client_for<A: AgentClass>(
     A::Client::from(ClientCore::new(Arc::new(transport)))
 }
 
+/// Delivers one call to the agent `key` and waits for its reply, up to the call's deadline.
+async fn call_local(
+    shared: &Arc<Shared>,
+    key: AgentKey,
+    chain: Chain,
+    call: OutgoingCall,
+) -> Result<Payload, RawError> {
+    if chain.contains(&key) {
+        return Err(RawError::new(
+            ErrorKind::Cycle,
+            format!("{chain} -> {key}: {key} is already waiting on this call"),
+        ));
+    }
+    let deadline = Instant::now() + call.timeout.unwrap_or(shared.config.call_timeout);
+    let (reply, wait) = oneshot::channel();
+    let event = Event::Call(CallEvent {
+        inv: Invocation::new(call.method, call.args),
+        reply,
+        chain,
+        deadline: Some(deadline),
+    });
+    let exchange = async {
+        shared.route(&key, event).await.map_err(|(e, _)| match e {
+            Error::UnknownClass(_) => RawError::bad_args(e),
+            e => RawError::internal(e),
+        })?;
+        wait.await
+            .map_err(|_| RawError::internal("the agent stopped before it replied"))?
+    };
+    match tokio::time::timeout_at(deadline, exchange).await {
+        Ok(result) => result,
+        Err(_) => Err(RawError::new(
+            ErrorKind::Timeout,
+            format!("no reply from {key} before the deadline"),
+        )),
+    }
+}
+
 /// Calls an agent of this runtime without leaving the process.
 struct LocalTransport {
     shared: Arc<Shared>,
@@ -286,35 +365,7 @@ impl Transport for LocalTransport {
         let chain = self.chain.clone();
         Box::pin(async move {
             let key = target.map_err(RawError::bad_args)?;
-            if chain.contains(&key) {
-                return Err(RawError::new(
-                    ErrorKind::Cycle,
-                    format!("{chain} -> {key}: {key} is already waiting on this call"),
-                ));
-            }
-            let deadline = Instant::now() + call.timeout.unwrap_or(shared.config.call_timeout);
-            let (reply, wait) = oneshot::channel();
-            let event = Event::Call(CallEvent {
-                inv: Invocation::new(call.method, call.args),
-                reply,
-                chain,
-                deadline: Some(deadline),
-            });
-            let exchange = async {
-                shared.route(&key, event).await.map_err(|(e, _)| match e {
-                    Error::UnknownClass(_) => RawError::bad_args(e),
-                    e => RawError::internal(e),
-                })?;
-                wait.await
-                    .map_err(|_| RawError::internal("the agent stopped before it replied"))?
-            };
-            match tokio::time::timeout_at(deadline, exchange).await {
-                Ok(result) => result,
-                Err(_) => Err(RawError::new(
-                    ErrorKind::Timeout,
-                    format!("no reply from {key} before the deadline"),
-                )),
-            }
+            call_local(&shared, key, chain, call).await
         })
     }
 

@@ -1,0 +1,109 @@
+//! Agents shared by the integration tests.
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use agents::prelude::*;
+use serde::{Deserialize, Serialize};
+
+/// A counter in SQLite plus an in-memory field (`starts`) that hibernation resets.
+#[derive(Default)]
+pub struct Counter {
+    pub starts: u32,
+    pub memory: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, thiserror::Error)]
+pub enum CounterError {
+    #[error("refused: {0}")]
+    Refused(String),
+    #[error("storage: {0}")]
+    Storage(String),
+}
+
+impl Agent for Counter {
+    async fn on_start(&mut self, ctx: &mut Ctx<Self>) -> Result<(), AppError> {
+        self.starts += 1;
+        ctx.migrate(&[
+            "CREATE TABLE counter(id INTEGER PRIMARY KEY CHECK (id = 0), n INTEGER NOT NULL)",
+        ])?;
+        Ok(())
+    }
+}
+
+fn add(ctx: &Ctx<Counter>, by: i64) -> Result<i64, AppError> {
+    Ok(ctx.sql().query_row(
+        "INSERT INTO counter(id, n) VALUES (0, ?1) ON CONFLICT(id) DO UPDATE SET n = n + excluded.n RETURNING n",
+        [by],
+        |r| r.get(0),
+    )?)
+}
+
+#[agent]
+impl Counter {
+    /// Adds `by`; returns the new total.
+    #[callable]
+    pub async fn add(&mut self, ctx: &mut Ctx<Self>, by: i64) -> Result<i64, AppError> {
+        add(ctx, by)
+    }
+
+    #[callable]
+    pub async fn get(&mut self, ctx: &mut Ctx<Self>) -> i64 {
+        ctx.sql()
+            .query_row("SELECT coalesce((SELECT n FROM counter), 0)", [], |r| {
+                r.get(0)
+            })
+            .unwrap_or(-1)
+    }
+
+    /// Writes, then refuses: the write must vanish.
+    #[callable]
+    pub async fn add_then_fail(
+        &mut self,
+        ctx: &mut Ctx<Self>,
+        by: i64,
+    ) -> Result<i64, CounterError> {
+        add(ctx, by).map_err(|e| CounterError::Storage(e.to_string()))?;
+        ctx.kv()
+            .put("failed-write", &true)
+            .map_err(|e| CounterError::Storage(e.to_string()))?;
+        Err(CounterError::Refused(format!("not adding {by}")))
+    }
+
+    /// Writes, then panics: the write must vanish and the agent be re-created.
+    #[callable]
+    pub async fn add_then_panic(&mut self, ctx: &mut Ctx<Self>, by: i64) -> i64 {
+        add(ctx, by).unwrap();
+        panic!("boom after adding {by}");
+    }
+
+    /// Read-modify-write of an in-memory field across an await: atomic because handlers never
+    /// interleave.
+    #[callable]
+    pub async fn bump_memory_slowly(&mut self, _ctx: &mut Ctx<Self>) -> i64 {
+        let seen = self.memory;
+        tokio::task::yield_now().await;
+        tokio::time::sleep(Duration::from_micros(50)).await;
+        self.memory = seen + 1;
+        self.memory
+    }
+
+    #[callable]
+    pub async fn starts(&mut self, _ctx: &mut Ctx<Self>) -> u32 {
+        self.starts
+    }
+
+    #[callable]
+    pub async fn whoami(&mut self, ctx: &mut Ctx<Self>) -> (String, String, String) {
+        (
+            ctx.class().to_owned(),
+            ctx.name().to_owned(),
+            ctx.id().to_owned(),
+        )
+    }
+
+    #[callable]
+    pub async fn sleep_ms(&mut self, _ctx: &mut Ctx<Self>, ms: u64) {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+}

@@ -1,0 +1,88 @@
+//! Memory is a cache, SQLite is the truth: restarts, hibernation, kv, identity.
+
+mod common;
+
+use std::time::Duration;
+
+use agents::{prelude::*, testing::TestRuntime};
+use common::Counter;
+
+#[tokio::test]
+async fn storage_survives_restart_and_hibernation_but_memory_does_not() {
+    let mut rt = TestRuntime::start(Runtime::builder().agent::<Counter>()).unwrap();
+    let c = rt.agent::<Counter>("bob");
+    c.add(5).await.unwrap();
+    assert_eq!(c.bump_memory_slowly().await.unwrap(), 1);
+    assert_eq!(c.bump_memory_slowly().await.unwrap(), 2);
+
+    assert!(rt.hibernate::<Counter>("bob").await.unwrap());
+    assert!(!rt.is_live::<Counter>("bob"));
+    assert_eq!(c.get().await.unwrap(), 5, "storage kept");
+    assert_eq!(c.bump_memory_slowly().await.unwrap(), 1, "memory reset");
+    assert_eq!(
+        c.starts().await.unwrap(),
+        1,
+        "on_start ran again on the new instance"
+    );
+
+    rt.restart().await.unwrap();
+    let c = rt.agent::<Counter>("bob");
+    assert!(!rt.is_live::<Counter>("bob"));
+    assert_eq!(c.add(1).await.unwrap(), 6);
+    assert_eq!(c.bump_memory_slowly().await.unwrap(), 1);
+}
+
+#[tokio::test]
+async fn idle_agents_hibernate_by_themselves_and_wake_on_the_next_call() {
+    let rt = TestRuntime::start(
+        Runtime::builder()
+            .agent::<Counter>()
+            .idle_timeout(Duration::from_millis(100)),
+    )
+    .unwrap();
+    let c = rt.agent::<Counter>("sleepy");
+    c.add(3).await.unwrap();
+    assert!(rt.is_live::<Counter>("sleepy"));
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(!rt.is_live::<Counter>("sleepy"));
+    assert_eq!(rt.live_count(), 0);
+    assert_eq!(c.get().await.unwrap(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_racing_a_hibernation_are_neither_lost_nor_run_twice() {
+    let rt = TestRuntime::start(
+        Runtime::builder()
+            .agent::<Counter>()
+            .idle_timeout(Duration::from_millis(1)),
+    )
+    .unwrap();
+    let c = rt.agent::<Counter>("flaky");
+    let mut total = 0;
+    for round in 0..200u64 {
+        let tasks: Vec<_> = (0..3)
+            .map(|_| {
+                let c = c.clone();
+                tokio::spawn(async move { c.add(1).await.unwrap() })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        total += 3;
+        if round % 7 == 0 {
+            rt.hibernate::<Counter>("flaky").await.unwrap();
+        } else {
+            tokio::time::sleep(Duration::from_micros(round * 10 % 1500)).await;
+        }
+    }
+    assert_eq!(c.get().await.unwrap(), total);
+}
+
+#[tokio::test]
+async fn identity_is_known_in_every_handler() {
+    let rt = TestRuntime::start(Runtime::builder().agent::<Counter>()).unwrap();
+    let (class, name, id) = rt.agent::<Counter>("zoë/1").whoami().await.unwrap();
+    assert_eq!((class.as_str(), name.as_str()), ("counter", "zoë/1"));
+    assert_eq!(id, agents::AgentKey::new("counter", "zoë/1").unwrap().id());
+}
