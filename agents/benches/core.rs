@@ -1,1 +1,192 @@
-fn main() {}
+//! Runtime-core benchmarks, printed as JSON lines, each next to a raw rusqlite baseline doing
+//! the same durable writes in the same run.
+//!
+//! `cargo bench -p agents --bench core` (add `-- --quick` for a smoke run).
+//!
+//! Every call does one durable SQLite write (an UPSERT on the agent's counter row). Baselines:
+//! - `raw_commit_each`: one transaction per write (what a sequential caller can get at best);
+//! - `raw_batch_16`: 16 writes per commit (the best any system can batch with 16 callers that
+//!   each wait for their reply);
+//! - `raw_files`: open a new database, create the table, write, close (activation cost).
+
+use std::{
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use agents::{prelude::*, testing::TestRuntime};
+use rusqlite::Connection;
+
+#[derive(Default)]
+struct Counter;
+
+impl Agent for Counter {
+    async fn on_start(&mut self, ctx: &mut Ctx<Self>) -> Result<(), AppError> {
+        ctx.migrate(&[SCHEMA])?;
+        Ok(())
+    }
+}
+
+const SCHEMA: &str = "CREATE TABLE counter(id INTEGER PRIMARY KEY CHECK (id = 0), n INTEGER NOT NULL)";
+const UPSERT: &str = "INSERT INTO counter(id, n) VALUES (0, ?1) ON CONFLICT(id) DO UPDATE SET n = n + excluded.n RETURNING n";
+
+#[agent]
+impl Counter {
+    #[callable]
+    async fn add(&mut self, ctx: &mut Ctx<Self>, by: i64) -> Result<i64, AppError> {
+        Ok(ctx.sql().prepare_cached(UPSERT)?.query_row([by], |r| r.get(0))?)
+    }
+}
+
+fn runtime(durability: Durability) -> TestRuntime {
+    TestRuntime::start(Runtime::builder().durability(durability).agent::<Counter>()).unwrap()
+}
+
+fn pragma(d: Durability) -> &'static str {
+    match d {
+        Durability::Full => "FULL",
+        Durability::Normal => "NORMAL",
+    }
+}
+
+fn label(d: Durability) -> &'static str {
+    match d {
+        Durability::Full => "full",
+        Durability::Normal => "normal",
+    }
+}
+
+fn raw_open(path: &Path, d: Durability) -> Connection {
+    let conn = Connection::open(path).unwrap();
+    conn.pragma_update(None, "journal_mode", "WAL").unwrap();
+    conn.pragma_update(None, "synchronous", pragma(d)).unwrap();
+    conn.execute_batch(&format!("CREATE TABLE IF NOT EXISTS {}", &SCHEMA["CREATE TABLE ".len()..])).unwrap();
+    conn
+}
+
+/// Raw rusqlite: `writes` UPSERTs, committing every `batch`. Returns writes per second.
+fn raw_batched(d: Durability, writes: usize, batch: usize) -> f64 {
+    let dir = tempfile::tempdir().unwrap();
+    let conn = raw_open(&dir.path().join("raw.sqlite"), d);
+    let start = Instant::now();
+    let mut done = 0;
+    while done < writes {
+        conn.execute_batch("BEGIN").unwrap();
+        for _ in 0..batch.min(writes - done) {
+            let _: i64 = conn.prepare_cached(UPSERT).unwrap().query_row([1], |r| r.get(0)).unwrap();
+            done += 1;
+        }
+        conn.execute_batch("COMMIT").unwrap();
+    }
+    writes as f64 / start.elapsed().as_secs_f64()
+}
+
+/// Raw rusqlite: `files` new databases, each created, written once and closed.
+fn raw_files(d: Durability, files: usize) -> f64 {
+    let dir = tempfile::tempdir().unwrap();
+    let start = Instant::now();
+    for i in 0..files {
+        let sub = dir.path().join(format!("{:02x}", i % 256));
+        std::fs::create_dir_all(&sub).unwrap();
+        let conn = raw_open(&sub.join(format!("{i}.sqlite")), d);
+        let _: i64 = conn.prepare_cached(UPSERT).unwrap().query_row([1], |r| r.get(0)).unwrap();
+        drop(conn);
+    }
+    files as f64 / start.elapsed().as_secs_f64()
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> f64 {
+    let i = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1;
+    sorted[i].as_secs_f64() * 1e6
+}
+
+#[allow(clippy::too_many_arguments)]
+fn report(bench: &str, d: Durability, calls: usize, secs: f64, baseline: &str, baseline_rate: f64, extra: &str) {
+    let rate = calls as f64 / secs;
+    println!(
+        "{{\"bench\":\"{bench}\",\"durability\":\"{}\",\"calls\":{calls},\"secs\":{secs:.3},\"calls_per_sec\":{rate:.0},\"baseline\":\"{baseline}\",\"baseline_per_sec\":{baseline_rate:.0},\"ratio\":{:.3}{extra}}}",
+        label(d),
+        rate / baseline_rate
+    );
+}
+
+async fn sequential(d: Durability, calls: usize) {
+    let rt = runtime(d);
+    let c = rt.agent::<Counter>("seq");
+    c.add(0).await.unwrap(); // activation is measured elsewhere
+    let mut lat = Vec::with_capacity(calls);
+    let start = Instant::now();
+    for _ in 0..calls {
+        let t = Instant::now();
+        c.add(1).await.unwrap();
+        lat.push(t.elapsed());
+    }
+    let secs = start.elapsed().as_secs_f64();
+    lat.sort();
+    let base = raw_batched(d, calls, 1);
+    let extra = format!(",\"p50_us\":{:.0},\"p99_us\":{:.0}", percentile(&lat, 0.5), percentile(&lat, 0.99));
+    report("sequential_one_agent", d, calls, secs, "raw_commit_each", base, &extra);
+}
+
+async fn concurrent(d: Durability, callers: usize, calls: usize) {
+    let rt = runtime(d);
+    let c = rt.agent::<Counter>("hot");
+    c.add(0).await.unwrap();
+    let per = calls / callers;
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..callers)
+        .map(|_| {
+            let c = c.clone();
+            tokio::spawn(async move {
+                for _ in 0..per {
+                    c.add(1).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let secs = start.elapsed().as_secs_f64();
+    assert_eq!(c.add(0).await.unwrap(), (per * callers) as i64);
+    let base = raw_batched(d, per * callers, callers);
+    let base_256 = raw_batched(d, per * callers, 256);
+    let extra = format!(",\"raw_batch_256_per_sec\":{base_256:.0}");
+    report(&format!("concurrent_{callers}_one_agent"), d, per * callers, secs, &format!("raw_batch_{callers}"), base, &extra);
+}
+
+async fn spread(d: Durability, agents: usize, callers: usize) {
+    let rt = runtime(d);
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..callers)
+        .map(|w| {
+            let rt = rt.runtime().clone();
+            tokio::spawn(async move {
+                for i in (w..agents).step_by(callers) {
+                    rt.agent::<Counter>(&format!("agent-{i}")).add(1).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let live = rt.live_count();
+    let base = raw_files(d, agents);
+    let extra = format!(",\"agents\":{agents},\"live_after\":{live}");
+    report("spread_activation", d, agents, secs, "raw_files", base, &extra);
+}
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let scale = if quick { 10 } else { 1 };
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        for d in [Durability::Full, Durability::Normal] {
+            sequential(d, 2_000 / scale).await;
+            concurrent(d, 16, 32_000 / scale).await;
+            spread(d, 10_000 / scale, 16).await;
+        }
+    });
+}

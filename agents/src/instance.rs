@@ -1,11 +1,13 @@
 //! One live agent: the task that owns the struct and its database and drains its mailbox.
 //!
 //! The task takes a *batch* of events (whatever is queued, up to `max_batch`), runs each in
-//! its own savepoint inside one transaction, commits once on a blocking thread (group commit),
-//! and only then releases the replies (the output gate). Handlers run one at a time to
-//! completion, awaits included: the single writer.
+//! its own savepoint inside one transaction, and commits once. Under `Durability::Full` the
+//! replies then go to the instance's syncer, which fsyncs the WAL on a blocking thread and
+//! only then releases them (the output gate); meanwhile the agent takes its next batch, and the
+//! next sync covers every batch committed while the previous one ran (group commit). Handlers
+//! run one at a time to completion, awaits included: the single writer.
 
-use std::{any::Any, future::Future, panic::AssertUnwindSafe, sync::Arc};
+use std::{any::Any, fs::File, future::Future, panic::AssertUnwindSafe, sync::Arc};
 
 use agents_client::{ErrorKind, RawError};
 use futures_util::FutureExt;
@@ -22,7 +24,7 @@ use crate::{
     context::Ctx,
     error::Error,
     registry::{CallEvent, Event, Reply, Shared},
-    storage,
+    storage::{self, Durability},
 };
 
 /// Starts an instance of `A` for `key` reading `rx`.
@@ -38,6 +40,8 @@ pub(crate) fn spawn<A: AgentClass>(
         ctx: Ctx::new(shared.clone(), key),
         generation,
         in_txn: false,
+        wal: None,
+        syncer: None,
     };
     shared.tracker.spawn(instance.run(rx).instrument(span));
 }
@@ -49,6 +53,57 @@ struct Instance<A> {
     generation: u64,
     /// Whether the batch transaction is open.
     in_txn: bool,
+    /// The open database's WAL file (to sync, and to watch its size).
+    wal: Option<Arc<File>>,
+    /// Releases replies once their commit is synced (`Durability::Full` only).
+    syncer: Option<Syncer>,
+}
+
+/// The syncer of one open database: a task that fsyncs the WAL and then releases the replies
+/// of every commit that the sync covers.
+struct Syncer {
+    tx: mpsc::UnboundedSender<Outbox>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Syncer {
+    fn start(wal: Arc<File>) -> Self {
+        let (tx, mut rx) = mpsc::unbounded_channel::<Outbox>();
+        let task = tokio::spawn(async move {
+            while let Some(first) = rx.recv().await {
+                let mut covered = vec![first];
+                while let Ok(more) = rx.try_recv() {
+                    covered.push(more);
+                }
+                let wal = wal.clone();
+                let synced = tokio::task::spawn_blocking(move || wal.sync_data())
+                    .await
+                    .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+                for outbox in covered {
+                    match &synced {
+                        Ok(()) => release(outbox),
+                        Err(e) => {
+                            tracing::error!("fsync of the WAL failed: {e}");
+                            fail(outbox, &RawError::internal(format!("the write may not be durable: fsync failed: {e}")));
+                        }
+                    }
+                }
+            }
+        });
+        Syncer { tx, task }
+    }
+}
+
+fn release(outbox: Outbox) {
+    for (tx, reply) in outbox {
+        let _ = tx.send(reply);
+    }
+}
+
+fn fail(outbox: Outbox, error: &RawError) {
+    for (tx, _) in outbox {
+        let _ = tx.send(Err(error.clone()));
+    }
 }
 
 type Outbox = Vec<(oneshot::Sender<Reply>, Reply)>;
@@ -98,6 +153,7 @@ impl<A: AgentClass> Instance<A> {
         let mut outbox = Outbox::new();
         let mut next = Some(first);
         let mut hibernate = None;
+        let mut yielded = false;
         while let Some(event) = next.take() {
             match event {
                 Event::Call(call) => self.call(call, &mut outbox).await,
@@ -110,22 +166,35 @@ impl<A: AgentClass> Instance<A> {
                 break;
             }
             next = rx.try_recv().ok();
+            if next.is_none() && !yielded {
+                // Callers released by the last sync are re-sending right now: give them one
+                // scheduler round to join this commit rather than the next one.
+                yielded = true;
+                tokio::task::yield_now().await;
+                next = rx.try_recv().ok();
+            }
         }
-        if self.in_txn {
-            if let Err(e) = self.commit().await {
+        if !self.in_txn {
+            release(outbox); // nothing ran, nothing to make durable
+            return hibernate;
+        }
+        match self.commit() {
+            Err(e) => {
                 tracing::error!("commit failed, the batch is rolled back: {e}");
                 // Memory may hold what storage lost: re-create the agent from storage.
                 self.agent = None;
-                let failed =
-                    RawError::internal(format!("the commit failed, nothing was written: {e}"));
-                for (_, reply) in &mut outbox {
-                    *reply = Err(failed.clone());
-                }
+                fail(outbox, &RawError::internal(format!("the commit failed, nothing was written: {e}")));
             }
+            Ok(()) => match &self.syncer {
+                Some(syncer) => {
+                    if let Err(mpsc::error::SendError(outbox)) = syncer.tx.send(outbox) {
+                        fail(outbox, &RawError::internal("the syncer stopped"));
+                    }
+                }
+                None => release(outbox),
+            },
         }
-        for (tx, reply) in outbox {
-            let _ = tx.send(reply);
-        }
+        self.checkpoint_if_large().await;
         hibernate
     }
 
@@ -192,11 +261,16 @@ impl<A: AgentClass> Instance<A> {
         if self.ctx.conn.is_none() {
             let shared = self.ctx.shared.clone();
             let key = self.ctx.key().clone();
-            let conn = tokio::task::spawn_blocking(move || {
+            let (conn, wal) = tokio::task::spawn_blocking(move || {
                 storage::open(&shared.config.data_dir, &key, shared.config.durability)
             })
             .await
-            .map_err(|e| Error::Migration(format!("opening the database panicked: {e}")))??;
+            .map_err(|e| Error::Io { path: self.ctx.shared.config.data_dir.clone(), source: std::io::Error::other(e) })??;
+            let wal = Arc::new(wal);
+            if self.ctx.shared.config.durability == Durability::Full {
+                self.syncer = Some(Syncer::start(wal.clone()));
+            }
+            self.wal = Some(wal);
             self.ctx.conn = Some(conn);
         }
         if !self.in_txn {
@@ -206,34 +280,50 @@ impl<A: AgentClass> Instance<A> {
         Ok(())
     }
 
-    /// Commits the batch transaction on a blocking thread: the fsync never stalls a worker.
-    async fn commit(&mut self) -> Result<(), Error> {
+    /// Commits the batch transaction. SQLite does not sync here (see `Durability`): this is a
+    /// write into the WAL, cheap enough for the async worker.
+    fn commit(&mut self) -> Result<(), Error> {
         self.in_txn = false;
-        let conn = self.ctx.conn.take().expect("open during a batch");
-        let (conn, result) = tokio::task::spawn_blocking(move || {
-            let result = conn
-                .prepare_cached("COMMIT")
-                .and_then(|mut s| s.execute([]));
-            if result.is_err() && !conn.is_autocommit() {
-                let _ = conn.execute_batch("ROLLBACK");
-            }
-            (conn, result)
-        })
-        .await
-        .expect("COMMIT does not panic");
-        self.ctx.conn = Some(conn);
+        let conn = self.ctx.sql();
+        let result = conn.prepare_cached("COMMIT").and_then(|mut s| s.execute([]));
+        if result.is_err() && !conn.is_autocommit() {
+            let _ = conn.execute_batch("ROLLBACK");
+        }
         result.map(drop).map_err(Error::from)
     }
 
+    /// Checkpoints on a blocking thread once the WAL has grown past its limit.
+    async fn checkpoint_if_large(&mut self) {
+        let size = self.wal.as_ref().and_then(|w| w.metadata().ok()).map_or(0, |m| m.len());
+        if size < storage::CHECKPOINT_WAL_BYTES {
+            return;
+        }
+        let conn = self.ctx.conn.take().expect("open after a commit");
+        let (conn, result) = tokio::task::spawn_blocking(move || {
+            let result = storage::checkpoint(&conn);
+            (conn, result)
+        })
+        .await
+        .expect("checkpoint does not panic");
+        if let Err(e) = result {
+            tracing::warn!("checkpoint failed (the WAL keeps growing): {e}");
+        }
+        self.ctx.conn = Some(conn);
+    }
+
+    /// Waits for the syncer to release every reply, then closes the database on a blocking thread.
     async fn close_db(&mut self) {
+        if let Some(syncer) = self.syncer.take() {
+            drop(syncer.tx);
+            let _ = syncer.task.await;
+        }
+        self.wal = None;
         if let Some(conn) = self.ctx.conn.take() {
-            // Closing checkpoints the WAL: blocking I/O.
-            let _ = tokio::task::spawn_blocking(move || {
-                if let Err((_, e)) = conn.close() {
-                    tracing::warn!("closing the database: {e}");
-                }
-            })
-            .await;
+            match tokio::task::spawn_blocking(move || storage::close(conn)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!("closing the database: {e}"),
+                Err(e) => tracing::warn!("closing the database panicked: {e}"),
+            }
         }
     }
 }

@@ -15,26 +15,29 @@ use serde::{de::DeserializeOwned, Serialize};
 use crate::{address::AgentKey, error::Error};
 
 /// How durable a reply is when the caller receives it.
+///
+/// Either way SQLite itself commits without syncing; the runtime adds the syncs that each
+/// setting promises, off the async workers:
+/// - commits append to the write-ahead log (WAL) and become visible at once;
+/// - under `Full`, a per-agent syncer `fdatasync`s the WAL and only then releases the replies
+///   of every commit it covers (group commit: one sync serves every batch committed meanwhile,
+///   and the agent goes on working while it runs);
+/// - checkpoints (copying the WAL into the database) are run by the runtime with SQLite's
+///   `synchronous=FULL`, so the database file is synced before the WAL is ever reused.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum Durability {
-    /// A reply is released only after its writes are fsynced (`synchronous=FULL`): it survives
-    /// a process crash *and* a power loss. The default.
+    /// A reply is released only after its writes are fsynced: it survives a process crash
+    /// *and* a power loss. The default.
     #[default]
     Full,
-    /// A reply is released after its writes reach the operating system (`synchronous=NORMAL`
-    /// in WAL mode): it survives a crash of the process, but the last commits can be lost if the
-    /// machine loses power. Much cheaper per commit.
+    /// A reply is released as soon as its writes reach the operating system: it survives a
+    /// crash of the process, but the last commits can be lost if the machine loses power.
+    /// Much cheaper per commit.
     Normal,
 }
 
-impl Durability {
-    fn pragma(self) -> &'static str {
-        match self {
-            Durability::Full => "FULL",
-            Durability::Normal => "NORMAL",
-        }
-    }
-}
+/// Checkpoint once the WAL is larger than this.
+pub(crate) const CHECKPOINT_WAL_BYTES: u64 = 8 << 20;
 
 /// Where the database of `key` lives under `data_dir`.
 pub(crate) fn db_path(data_dir: &Path, key: &AgentKey) -> PathBuf {
@@ -52,39 +55,37 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
     }
 }
 
-/// Opens (creating if needed) the database of `key`. Blocking: call it off the async workers.
-pub(crate) fn open(
-    data_dir: &Path,
-    key: &AgentKey,
-    durability: Durability,
-) -> Result<Connection, Error> {
+/// Opens (creating if needed) the database of `key`, and its WAL file for the syncer.
+/// Blocking: call it off the async workers.
+pub(crate) fn open(data_dir: &Path, key: &AgentKey, durability: Durability) -> Result<(Connection, fs::File), Error> {
     let path = db_path(data_dir, key);
     let dir = path.parent().expect("db_path has a parent");
     let created = !path.exists();
-    if created {
+    let created_dir = created && !dir.exists();
+    if created_dir {
         fs::create_dir_all(dir).map_err(io(dir))?;
     }
     let conn = Connection::open(&path)?;
+    // Durability is the runtime's business (see `Durability`): no syncs inside SQLite's commits,
+    // no automatic checkpoints.
+    conn.pragma_update(None, "synchronous", "OFF")?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
-    conn.pragma_update(None, "synchronous", durability.pragma())?;
+    conn.pragma_update(None, "wal_autocheckpoint", 0)?;
     conn.set_prepared_statement_cache_capacity(64);
-    conn.execute_batch(
-        "CREATE TABLE IF NOT EXISTS _agents_meta(k TEXT PRIMARY KEY, v TEXT NOT NULL) WITHOUT ROWID;
-         CREATE TABLE IF NOT EXISTS _agents_kv(k BLOB PRIMARY KEY, v BLOB NOT NULL) WITHOUT ROWID;
-         INSERT OR IGNORE INTO _agents_meta(k, v) VALUES ('class', '') , ('name', '');",
-    )?;
     // Record the address on first open, and check it on every later one: two addresses whose
     // ids collide must never share a file.
-    conn.execute(
-        "UPDATE _agents_meta SET v = ?1 WHERE k = 'class' AND v = ''",
-        [key.class()],
+    conn.execute_batch(
+        "BEGIN;
+         CREATE TABLE IF NOT EXISTS _agents_meta(k TEXT PRIMARY KEY, v TEXT NOT NULL) WITHOUT ROWID;
+         CREATE TABLE IF NOT EXISTS _agents_kv(k BLOB PRIMARY KEY, v BLOB NOT NULL) WITHOUT ROWID;",
     )?;
     conn.execute(
-        "UPDATE _agents_meta SET v = ?1 WHERE k = 'name' AND v = ''",
-        [key.name()],
+        "INSERT OR IGNORE INTO _agents_meta(k, v) VALUES ('class', ?1), ('name', ?2)",
+        [key.class(), key.name()],
     )?;
+    conn.execute_batch("COMMIT")?;
     let (class, name): (String, String) = conn.query_row(
-        "SELECT (SELECT v FROM _agents_meta WHERE k='class'), (SELECT v FROM _agents_meta WHERE k='name')",
+        "SELECT (SELECT v FROM _agents_meta WHERE k = 'class'), (SELECT v FROM _agents_meta WHERE k = 'name')",
         [],
         |r| Ok((r.get(0)?, r.get(1)?)),
     )?;
@@ -94,15 +95,34 @@ pub(crate) fn open(
             path.display()
         )));
     }
-    if created {
-        // Make the new file's directory entries durable too.
-        for d in [dir, dir.parent().expect("agents dir")] {
-            fs::File::open(d)
-                .and_then(|f| f.sync_all())
-                .map_err(io(d))?;
+    let wal_path = path.with_extension("sqlite-wal");
+    let wal = fs::OpenOptions::new().read(true).write(true).open(&wal_path).map_err(io(&wal_path))?;
+    if created && durability == Durability::Full {
+        // Make the new files' directory entries durable too.
+        wal.sync_data().map_err(io(&wal_path))?;
+        let mut dirs = vec![dir];
+        if created_dir {
+            dirs.push(dir.parent().expect("agents dir"));
+        }
+        for d in dirs {
+            fs::File::open(d).and_then(|f| f.sync_all()).map_err(io(d))?;
         }
     }
-    Ok(conn)
+    Ok((conn, wal))
+}
+
+/// Copies the WAL into the database and empties it, syncing both. Blocking.
+pub(crate) fn checkpoint(conn: &Connection) -> Result<(), Error> {
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    let result = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
+    conn.pragma_update(None, "synchronous", "OFF")?;
+    Ok(result?)
+}
+
+/// Closes the database; the final checkpoint syncs the database before the WAL goes. Blocking.
+pub(crate) fn close(conn: Connection) -> Result<(), Error> {
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.close().map_err(|(_, e)| Error::Storage(e))
 }
 
 /// A typed key-value store in the agent's database (`ctx.kv()`), values encoded with postcard.
@@ -221,7 +241,7 @@ mod tests {
     fn kv_round_trips_and_lists_by_prefix() {
         let dir = tempfile::tempdir().unwrap();
         let key = AgentKey::new("t", "x").unwrap();
-        let conn = open(dir.path(), &key, Durability::Normal).unwrap();
+        let (conn, _) = open(dir.path(), &key, Durability::Normal).unwrap();
         let kv = Kv::new(&conn);
         kv.put("a/1", &1u32).unwrap();
         kv.put("a/2", &2u32).unwrap();
@@ -250,7 +270,7 @@ mod tests {
     fn migrations_run_once_and_refuse_downgrades() {
         let dir = tempfile::tempdir().unwrap();
         let key = AgentKey::new("t", "m").unwrap();
-        let conn = open(dir.path(), &key, Durability::Normal).unwrap();
+        let (conn, _) = open(dir.path(), &key, Durability::Normal).unwrap();
         let m = ["CREATE TABLE a(x)", "ALTER TABLE a ADD COLUMN y"];
         migrate(&conn, &m[..1]).unwrap();
         migrate(&conn, &m).unwrap();
@@ -267,7 +287,7 @@ mod tests {
     fn a_file_remembers_its_address() {
         let dir = tempfile::tempdir().unwrap();
         let key = AgentKey::new("t", "a\0b/../c").unwrap();
-        drop(open(dir.path(), &key, Durability::Full).unwrap());
+        close(open(dir.path(), &key, Durability::Full).unwrap().0).unwrap();
         let path = db_path(dir.path(), &key);
         assert!(path.starts_with(dir.path()) && path.exists());
         // Pretend another address hashed to the same file.
