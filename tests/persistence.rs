@@ -86,3 +86,21 @@ async fn identity_is_known_in_every_handler() {
     assert_eq!((class.as_str(), name.as_str()), ("counter", "zoë/1"));
     assert_eq!(id, agents::AgentKey::new("counter", "zoë/1").unwrap().id());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_live_agent_cap_evicts_the_least_recently_used_and_loses_nothing() {
+    let rt = TestRuntime::start(Runtime::builder().agent::<Counter>().max_live_agents(4)).unwrap();
+    for round in 1..=3 {
+        for i in 0..40 {
+            assert_eq!(
+                rt.agent::<Counter>(&format!("n{i}")).add(1).await.unwrap(),
+                round
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(rt.live_count() <= 5, "live {}", rt.live_count());
+    }
+    // The most recently used agent is still live; the first ones were evicted.
+    assert!(rt.is_live::<Counter>("n39"));
+    assert!(!rt.is_live::<Counter>("n0"));
+}

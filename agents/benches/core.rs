@@ -27,14 +27,18 @@ impl Agent for Counter {
     }
 }
 
-const SCHEMA: &str = "CREATE TABLE counter(id INTEGER PRIMARY KEY CHECK (id = 0), n INTEGER NOT NULL)";
+const SCHEMA: &str =
+    "CREATE TABLE counter(id INTEGER PRIMARY KEY CHECK (id = 0), n INTEGER NOT NULL)";
 const UPSERT: &str = "INSERT INTO counter(id, n) VALUES (0, ?1) ON CONFLICT(id) DO UPDATE SET n = n + excluded.n RETURNING n";
 
 #[agent]
 impl Counter {
     #[callable]
     async fn add(&mut self, ctx: &mut Ctx<Self>, by: i64) -> Result<i64, AppError> {
-        Ok(ctx.sql().prepare_cached(UPSERT)?.query_row([by], |r| r.get(0))?)
+        Ok(ctx
+            .sql()
+            .prepare_cached(UPSERT)?
+            .query_row([by], |r| r.get(0))?)
     }
 }
 
@@ -60,7 +64,11 @@ fn raw_open(path: &Path, d: Durability) -> Connection {
     let conn = Connection::open(path).unwrap();
     conn.pragma_update(None, "journal_mode", "WAL").unwrap();
     conn.pragma_update(None, "synchronous", pragma(d)).unwrap();
-    conn.execute_batch(&format!("CREATE TABLE IF NOT EXISTS {}", &SCHEMA["CREATE TABLE ".len()..])).unwrap();
+    conn.execute_batch(&format!(
+        "CREATE TABLE IF NOT EXISTS {}",
+        &SCHEMA["CREATE TABLE ".len()..]
+    ))
+    .unwrap();
     conn
 }
 
@@ -73,7 +81,11 @@ fn raw_batched(d: Durability, writes: usize, batch: usize) -> f64 {
     while done < writes {
         conn.execute_batch("BEGIN").unwrap();
         for _ in 0..batch.min(writes - done) {
-            let _: i64 = conn.prepare_cached(UPSERT).unwrap().query_row([1], |r| r.get(0)).unwrap();
+            let _: i64 = conn
+                .prepare_cached(UPSERT)
+                .unwrap()
+                .query_row([1], |r| r.get(0))
+                .unwrap();
             done += 1;
         }
         conn.execute_batch("COMMIT").unwrap();
@@ -89,7 +101,11 @@ fn raw_files(d: Durability, files: usize) -> f64 {
         let sub = dir.path().join(format!("{:02x}", i % 256));
         std::fs::create_dir_all(&sub).unwrap();
         let conn = raw_open(&sub.join(format!("{i}.sqlite")), d);
-        let _: i64 = conn.prepare_cached(UPSERT).unwrap().query_row([1], |r| r.get(0)).unwrap();
+        let _: i64 = conn
+            .prepare_cached(UPSERT)
+            .unwrap()
+            .query_row([1], |r| r.get(0))
+            .unwrap();
         drop(conn);
     }
     files as f64 / start.elapsed().as_secs_f64()
@@ -101,7 +117,15 @@ fn percentile(sorted: &[Duration], p: f64) -> f64 {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn report(bench: &str, d: Durability, calls: usize, secs: f64, baseline: &str, baseline_rate: f64, extra: &str) {
+fn report(
+    bench: &str,
+    d: Durability,
+    calls: usize,
+    secs: f64,
+    baseline: &str,
+    baseline_rate: f64,
+    extra: &str,
+) {
     let rate = calls as f64 / secs;
     println!(
         "{{\"bench\":\"{bench}\",\"durability\":\"{}\",\"calls\":{calls},\"secs\":{secs:.3},\"calls_per_sec\":{rate:.0},\"baseline\":\"{baseline}\",\"baseline_per_sec\":{baseline_rate:.0},\"ratio\":{:.3}{extra}}}",
@@ -124,8 +148,20 @@ async fn sequential(d: Durability, calls: usize) {
     let secs = start.elapsed().as_secs_f64();
     lat.sort();
     let base = raw_batched(d, calls, 1);
-    let extra = format!(",\"p50_us\":{:.0},\"p99_us\":{:.0}", percentile(&lat, 0.5), percentile(&lat, 0.99));
-    report("sequential_one_agent", d, calls, secs, "raw_commit_each", base, &extra);
+    let extra = format!(
+        ",\"p50_us\":{:.0},\"p99_us\":{:.0}",
+        percentile(&lat, 0.5),
+        percentile(&lat, 0.99)
+    );
+    report(
+        "sequential_one_agent",
+        d,
+        calls,
+        secs,
+        "raw_commit_each",
+        base,
+        &extra,
+    );
 }
 
 async fn concurrent(d: Durability, callers: usize, calls: usize) {
@@ -152,7 +188,15 @@ async fn concurrent(d: Durability, callers: usize, calls: usize) {
     let base = raw_batched(d, per * callers, callers);
     let base_256 = raw_batched(d, per * callers, 256);
     let extra = format!(",\"raw_batch_256_per_sec\":{base_256:.0}");
-    report(&format!("concurrent_{callers}_one_agent"), d, per * callers, secs, &format!("raw_batch_{callers}"), base, &extra);
+    report(
+        &format!("concurrent_{callers}_one_agent"),
+        d,
+        per * callers,
+        secs,
+        &format!("raw_batch_{callers}"),
+        base,
+        &extra,
+    );
 }
 
 async fn spread(d: Durability, agents: usize, callers: usize) {
@@ -163,7 +207,10 @@ async fn spread(d: Durability, agents: usize, callers: usize) {
             let rt = rt.runtime().clone();
             tokio::spawn(async move {
                 for i in (w..agents).step_by(callers) {
-                    rt.agent::<Counter>(&format!("agent-{i}")).add(1).await.unwrap();
+                    rt.agent::<Counter>(&format!("agent-{i}"))
+                        .add(1)
+                        .await
+                        .unwrap();
                 }
             })
         })
@@ -175,13 +222,24 @@ async fn spread(d: Durability, agents: usize, callers: usize) {
     let live = rt.live_count();
     let base = raw_files(d, agents);
     let extra = format!(",\"agents\":{agents},\"live_after\":{live}");
-    report("spread_activation", d, agents, secs, "raw_files", base, &extra);
+    report(
+        "spread_activation",
+        d,
+        agents,
+        secs,
+        "raw_files",
+        base,
+        &extra,
+    );
 }
 
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let scale = if quick { 10 } else { 1 };
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(async {
         for d in [Durability::Full, Durability::Normal] {
             sequential(d, 2_000 / scale).await;

@@ -84,7 +84,12 @@ impl Syncer {
                         Ok(()) => release(outbox),
                         Err(e) => {
                             tracing::error!("fsync of the WAL failed: {e}");
-                            fail(outbox, &RawError::internal(format!("the write may not be durable: fsync failed: {e}")));
+                            fail(
+                                outbox,
+                                &RawError::internal(format!(
+                                    "the write may not be durable: fsync failed: {e}"
+                                )),
+                            );
                         }
                     }
                 }
@@ -183,7 +188,10 @@ impl<A: AgentClass> Instance<A> {
                 tracing::error!("commit failed, the batch is rolled back: {e}");
                 // Memory may hold what storage lost: re-create the agent from storage.
                 self.agent = None;
-                fail(outbox, &RawError::internal(format!("the commit failed, nothing was written: {e}")));
+                fail(
+                    outbox,
+                    &RawError::internal(format!("the commit failed, nothing was written: {e}")),
+                );
             }
             Ok(()) => match &self.syncer {
                 Some(syncer) => {
@@ -265,7 +273,10 @@ impl<A: AgentClass> Instance<A> {
                 storage::open(&shared.config.data_dir, &key, shared.config.durability)
             })
             .await
-            .map_err(|e| Error::Io { path: self.ctx.shared.config.data_dir.clone(), source: std::io::Error::other(e) })??;
+            .map_err(|e| Error::Io {
+                path: self.ctx.shared.config.data_dir.clone(),
+                source: std::io::Error::other(e),
+            })??;
             let wal = Arc::new(wal);
             if self.ctx.shared.config.durability == Durability::Full {
                 self.syncer = Some(Syncer::start(wal.clone()));
@@ -285,7 +296,9 @@ impl<A: AgentClass> Instance<A> {
     fn commit(&mut self) -> Result<(), Error> {
         self.in_txn = false;
         let conn = self.ctx.sql();
-        let result = conn.prepare_cached("COMMIT").and_then(|mut s| s.execute([]));
+        let result = conn
+            .prepare_cached("COMMIT")
+            .and_then(|mut s| s.execute([]));
         if result.is_err() && !conn.is_autocommit() {
             let _ = conn.execute_batch("ROLLBACK");
         }
@@ -294,7 +307,11 @@ impl<A: AgentClass> Instance<A> {
 
     /// Checkpoints on a blocking thread once the WAL has grown past its limit.
     async fn checkpoint_if_large(&mut self) {
-        let size = self.wal.as_ref().and_then(|w| w.metadata().ok()).map_or(0, |m| m.len());
+        let size = self
+            .wal
+            .as_ref()
+            .and_then(|w| w.metadata().ok())
+            .map_or(0, |m| m.len());
         if size < storage::CHECKPOINT_WAL_BYTES {
             return;
         }

@@ -31,6 +31,7 @@ pub(crate) struct Config {
     pub mailbox_capacity: usize,
     pub call_timeout: Duration,
     pub max_batch: usize,
+    pub max_live: usize,
 }
 
 /// Starts the task of one instance of a class.
@@ -119,13 +120,41 @@ impl fmt::Display for Chain {
 struct Slot {
     tx: mpsc::Sender<Event>,
     generation: u64,
+    /// The registry's clock when an event was last routed here (for LRU eviction).
+    last_used: u64,
+    /// Asked to hibernate to make room; not asked again.
+    evicting: bool,
 }
 
 #[derive(Default)]
 struct Agents {
     live: HashMap<AgentKey, Slot>,
     next_generation: u64,
+    /// Ticks once per routed event.
+    clock: u64,
     closed: bool,
+}
+
+impl Agents {
+    /// Asks the least recently used live agent to hibernate, to keep the number of open
+    /// databases (and file descriptors) under the limit. A soft limit: the agent leaves once
+    /// its current batch is done.
+    fn evict_one(&mut self) {
+        let victim = self
+            .live
+            .values_mut()
+            .filter(|s| !s.evicting)
+            .min_by_key(|s| s.last_used);
+        if let Some(slot) = victim {
+            if slot
+                .tx
+                .try_send(Event::Hibernate(oneshot::channel().0))
+                .is_ok()
+            {
+                slot.evicting = true;
+            }
+        }
+    }
 }
 
 /// State shared by the runtime handle, every instance task and every local client.
@@ -176,8 +205,13 @@ impl Shared {
                 if agents.closed {
                     return Err((Error::Shutdown, event));
                 }
-                match agents.live.get(key) {
-                    Some(slot) => match slot.tx.try_send(event) {
+                agents.clock += 1;
+                let now = agents.clock;
+                match agents.live.get_mut(key) {
+                    Some(slot) => match {
+                        slot.last_used = now;
+                        slot.tx.try_send(event)
+                    } {
                         Ok(()) => return Ok(()),
                         Err(TrySendError::Full(e)) => {
                             event = e;
@@ -194,10 +228,21 @@ impl Shared {
                         let Some(&class) = self.classes.get(key.class()) else {
                             return Err((Error::UnknownClass(key.class().to_owned()), event));
                         };
+                        if agents.live.len() >= self.config.max_live {
+                            agents.evict_one();
+                        }
                         let (tx, rx) = mpsc::channel(self.config.mailbox_capacity);
                         let generation = agents.next_generation;
                         agents.next_generation += 1;
-                        agents.live.insert(key.clone(), Slot { tx, generation });
+                        agents.live.insert(
+                            key.clone(),
+                            Slot {
+                                tx,
+                                generation,
+                                last_used: now,
+                                evicting: false,
+                            },
+                        );
                         (class.spawn)(self.clone(), key.clone(), generation, rx);
                         continue;
                     }

@@ -43,6 +43,7 @@ pub struct Builder {
     mailbox_capacity: usize,
     call_timeout: Duration,
     max_batch: usize,
+    max_live: Option<usize>,
     classes: HashMap<&'static str, Class>,
     error: Option<String>,
 }
@@ -56,6 +57,7 @@ impl Default for Builder {
             mailbox_capacity: 1024,
             call_timeout: Duration::from_secs(30),
             max_batch: 256,
+            max_live: None,
             classes: HashMap::new(),
             error: None,
         }
@@ -111,6 +113,15 @@ impl Builder {
         self
     }
 
+    /// How many agents may be live (in memory, database open) at once; activating one more
+    /// hibernates the least recently used. Each live agent holds four file descriptors, so the
+    /// default is derived from the process's descriptor limit, which `build` raises to its hard
+    /// maximum: `(limit - 256) / 4`, at least 16.
+    pub fn max_live_agents(mut self, agents: usize) -> Self {
+        self.max_live = Some(agents.max(1));
+        self
+    }
+
     /// Registers the agent type `A` under its class (`A::CLASS`).
     pub fn agent<A: AgentClass>(mut self) -> Self {
         let class = Class {
@@ -160,12 +171,19 @@ impl Builder {
             mailbox_capacity: self.mailbox_capacity,
             call_timeout: self.call_timeout,
             max_batch: self.max_batch,
+            max_live: self.max_live.unwrap_or_else(default_max_live),
         };
         let shared = Arc::new(Shared::new(config, self.classes));
         Ok(Runtime {
             handle: Arc::new(Handle { shared }),
         })
     }
+}
+
+/// Raises the soft descriptor limit to the hard one and leaves room for four per live agent.
+fn default_max_live() -> usize {
+    let limit = rlimit::increase_nofile_limit(u64::MAX).unwrap_or(1024);
+    (limit.saturating_sub(256) / 4).clamp(16, 1 << 20) as usize
 }
 
 /// A running set of agents: one live instance per address, activated on demand, hibernated

@@ -57,7 +57,11 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
 
 /// Opens (creating if needed) the database of `key`, and its WAL file for the syncer.
 /// Blocking: call it off the async workers.
-pub(crate) fn open(data_dir: &Path, key: &AgentKey, durability: Durability) -> Result<(Connection, fs::File), Error> {
+pub(crate) fn open(
+    data_dir: &Path,
+    key: &AgentKey,
+    durability: Durability,
+) -> Result<(Connection, fs::File), Error> {
     let path = db_path(data_dir, key);
     let dir = path.parent().expect("db_path has a parent");
     let created = !path.exists();
@@ -96,7 +100,11 @@ pub(crate) fn open(data_dir: &Path, key: &AgentKey, durability: Durability) -> R
         )));
     }
     let wal_path = path.with_extension("sqlite-wal");
-    let wal = fs::OpenOptions::new().read(true).write(true).open(&wal_path).map_err(io(&wal_path))?;
+    let wal = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&wal_path)
+        .map_err(io(&wal_path))?;
     if created && durability == Durability::Full {
         // Make the new files' directory entries durable too.
         wal.sync_data().map_err(io(&wal_path))?;
@@ -105,7 +113,9 @@ pub(crate) fn open(data_dir: &Path, key: &AgentKey, durability: Durability) -> R
             dirs.push(dir.parent().expect("agents dir"));
         }
         for d in dirs {
-            fs::File::open(d).and_then(|f| f.sync_all()).map_err(io(d))?;
+            fs::File::open(d)
+                .and_then(|f| f.sync_all())
+                .map_err(io(d))?;
         }
     }
     Ok((conn, wal))

@@ -1,0 +1,12 @@
+use agents::prelude::*;
+
+#[derive(Default)]
+pub struct A;
+impl Agent for A {}
+
+impl A {
+    #[callable]
+    pub async fn add(&mut self, ctx: &mut Ctx<Self>) -> i64 { 1 }
+}
+
+fn main() {}

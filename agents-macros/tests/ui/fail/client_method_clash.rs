@@ -1,0 +1,13 @@
+use agents::prelude::*;
+
+#[derive(Default)]
+pub struct A;
+impl Agent for A {}
+
+#[agent]
+impl A {
+    #[callable]
+    pub async fn with_timeout(&mut self, ctx: &mut Ctx<Self>) -> i64 { 1 }
+}
+
+fn main() {}

@@ -1,0 +1,13 @@
+use agents::prelude::*;
+
+#[derive(Default)]
+pub struct A;
+impl Agent for A {}
+
+#[agent]
+impl A {
+    #[callable]
+    pub fn add(&mut self, ctx: &mut Ctx<Self>, by: i64) -> i64 { by }
+}
+
+fn main() {}
