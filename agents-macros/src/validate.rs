@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 
 use heck::ToKebabCase;
-use syn::{spanned::Spanned, Ident, Pat, Path, Type, Visibility};
+use syn::{Ident, Pat, Path, Type, Visibility};
 
 use crate::ast::{combine, AgentImpl, Callable, Receiver, Ret};
 
@@ -277,8 +277,8 @@ fn method(c: &Callable, agent: &Ident) -> syn::Result<Method> {
         Ret::Plain(t) => (t, None),
         Ret::Result { ok, err } => (ok, Some(err)),
         Ret::AliasedResult(t) => {
-            err(syn::Error::new(
-                t.span(),
+            err(syn::Error::new_spanned(
+                &t,
                 "name the error type of a callable: `Result<T, E>` (E: Serialize + Display reaches the caller typed)",
             ));
             (syn::parse_quote!(()), None)

@@ -85,6 +85,12 @@ pub use agents_client::{ErrorKind, MethodCall, MethodInfo, NoError, Payload, Raw
 /// arguments) can be called by clients. The macro generates the dispatch by method name, the
 /// typed client `<Type>Client`, and `<Type>::calls()` describing calls for later use.
 ///
+/// A callable returning `Result<T, E>` (spelled that way) fails with its typed `E`: its writes
+/// are rolled back and the caller gets `RpcError::App(e)`; `E` must be `Serialize +
+/// DeserializeOwned + Display` ([`AppError`] is ready-made). Any other return type is a plain
+/// value. The macro reads the return type as written, so a type alias of `Result` would be
+/// taken as a plain value; `io::Result<T>` and other one-parameter `Result`s are refused.
+///
 /// Options: `#[agent(class = "name")]` overrides the class (kebab-case of the type by
 /// default); `#[callable(name = "wire-name")]` overrides a method's wire name.
 pub use agents_macros::agent;

@@ -6,7 +6,7 @@ impl Agent for A {}
 
 impl A {
     #[callable]
-    pub async fn add(&mut self, ctx: &mut Ctx<Self>) -> i64 { 1 }
+    pub async fn add(&mut self, _ctx: &mut Ctx<Self>) -> i64 { 1 }
 }
 
 fn main() {}

@@ -7,7 +7,7 @@ impl Agent for A {}
 #[agent]
 impl A {
     #[callable]
-    pub async fn with_timeout(&mut self, ctx: &mut Ctx<Self>) -> i64 { 1 }
+    pub async fn with_timeout(&mut self, _ctx: &mut Ctx<Self>) -> i64 { 1 }
 }
 
 fn main() {}

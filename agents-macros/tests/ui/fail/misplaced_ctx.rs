@@ -7,7 +7,7 @@ impl Agent for A {}
 #[agent]
 impl A {
     #[callable]
-    pub async fn add(&mut self, by: i64, ctx: &mut Ctx<Self>) -> i64 { by }
+    pub async fn add(&mut self, by: i64, _ctx: &mut Ctx<Self>) -> i64 { by }
 }
 
 fn main() {}

@@ -7,7 +7,7 @@ impl Agent for A {}
 #[agent]
 impl A {
     #[callable]
-    pub fn add(&mut self, ctx: &mut Ctx<Self>, by: i64) -> i64 { by }
+    pub fn add(&mut self, _ctx: &mut Ctx<Self>, by: i64) -> i64 { by }
 }
 
 fn main() {}

@@ -7,7 +7,7 @@ impl Agent for A {}
 #[agent]
 impl A {
     #[callable]
-    pub async fn add(&mut self, ctx: &mut Ctx<Self>, (a, b): (i64, i64)) -> i64 { a + b }
+    pub async fn add(&mut self, _ctx: &mut Ctx<Self>, (a, b): (i64, i64)) -> i64 { a + b }
 }
 
 fn main() {}

@@ -7,7 +7,7 @@ impl Agent for A {}
 #[agent]
 impl A {
     #[callable]
-    pub async fn add(&mut self, ctx: &mut Ctx<Self>, name: &str) -> usize { name.len() }
+    pub async fn add(&mut self, _ctx: &mut Ctx<Self>, name: &str) -> usize { name.len() }
 }
 
 fn main() {}

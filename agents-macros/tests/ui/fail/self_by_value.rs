@@ -7,7 +7,7 @@ impl Agent for A {}
 #[agent]
 impl A {
     #[callable]
-    pub async fn add(self, ctx: &mut Ctx<Self>, by: i64) -> i64 { by }
+    pub async fn add(self, _ctx: &mut Ctx<Self>, by: i64) -> i64 { by }
 }
 
 fn main() {}

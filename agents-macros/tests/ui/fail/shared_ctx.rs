@@ -7,7 +7,7 @@ impl Agent for A {}
 #[agent]
 impl A {
     #[callable]
-    pub async fn add(&mut self, ctx: &Ctx<Self>, by: i64) -> i64 { by }
+    pub async fn add(&mut self, _ctx: &Ctx<Self>, by: i64) -> i64 { by }
 }
 
 fn main() {}

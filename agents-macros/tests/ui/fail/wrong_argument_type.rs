@@ -7,7 +7,7 @@ impl Agent for A {}
 #[agent]
 impl A {
     #[callable]
-    pub async fn add(&mut self, ctx: &mut Ctx<Self>, by: i64) -> i64 { by }
+    pub async fn add(&mut self, _ctx: &mut Ctx<Self>, by: i64) -> i64 { by }
 }
 
 fn wrong_argument_type() {

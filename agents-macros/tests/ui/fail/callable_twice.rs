@@ -1,0 +1,14 @@
+use agents::prelude::*;
+
+#[derive(Default)]
+pub struct A;
+impl Agent for A {}
+
+#[agent]
+impl A {
+    #[callable]
+    #[callable]
+    pub async fn add(&mut self, _ctx: &mut Ctx<Self>) -> i64 { 1 }
+}
+
+fn main() {}
