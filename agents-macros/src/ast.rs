@@ -63,6 +63,7 @@ pub struct Param {
 }
 
 /// What a callable returns, as the client sees it.
+#[allow(clippy::large_enum_variant)] // built once per method, at compile time
 pub enum Ret {
     /// No return type: `()`.
     Unit,

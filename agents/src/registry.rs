@@ -208,22 +208,22 @@ impl Shared {
                 agents.clock += 1;
                 let now = agents.clock;
                 match agents.live.get_mut(key) {
-                    Some(slot) => match {
+                    Some(slot) => {
                         slot.last_used = now;
-                        slot.tx.try_send(event)
-                    } {
-                        Ok(()) => return Ok(()),
-                        Err(TrySendError::Full(e)) => {
-                            event = e;
-                            slot.tx.clone()
+                        match slot.tx.try_send(event) {
+                            Ok(()) => return Ok(()),
+                            Err(TrySendError::Full(e)) => {
+                                event = e;
+                                slot.tx.clone()
+                            }
+                            Err(TrySendError::Closed(e)) => {
+                                // The instance is gone without detaching (it cannot panic, but be safe).
+                                event = e;
+                                agents.live.remove(key);
+                                continue;
+                            }
                         }
-                        Err(TrySendError::Closed(e)) => {
-                            // The instance is gone without detaching (it cannot panic, but be safe).
-                            event = e;
-                            agents.live.remove(key);
-                            continue;
-                        }
-                    },
+                    }
                     None => {
                         let Some(&class) = self.classes.get(key.class()) else {
                             return Err((Error::UnknownClass(key.class().to_owned()), event));
