@@ -152,3 +152,86 @@ async fn a_call_past_its_deadline_times_out_and_a_dropped_call_never_runs() {
     busy.await.unwrap().unwrap();
     assert_eq!(c.get().await.unwrap(), 0, "the dropped call did not run");
 }
+
+/// Runs whatever SQL it is given: lets a test end the runtime's transaction from a handler.
+#[derive(Default)]
+pub struct Rogue;
+impl agents::Agent for Rogue {}
+
+#[agents::agent]
+impl Rogue {
+    #[callable]
+    pub async fn exec(
+        &mut self,
+        ctx: &mut agents::Ctx<Self>,
+        sql: String,
+    ) -> Result<(), agents::AppError> {
+        ctx.sql().execute_batch(&sql)?;
+        Ok(())
+    }
+
+    #[callable]
+    pub async fn count(&mut self, ctx: &mut agents::Ctx<Self>) -> Result<i64, agents::AppError> {
+        Ok(ctx
+            .sql()
+            .query_row("SELECT count(*) FROM t", [], |r| r.get(0))?)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handlers_cannot_end_the_transaction_and_a_rollback_by_sqlite_fails_the_whole_batch() {
+    let rt = TestRuntime::start(Runtime::builder().agent::<Rogue>()).unwrap();
+    let r = rt.agent::<Rogue>("r");
+    r.exec("CREATE TABLE t(x PRIMARY KEY)".into())
+        .await
+        .unwrap();
+    for sql in [
+        "INSERT INTO t VALUES (1); COMMIT",
+        "ROLLBACK",
+        "END",
+        "BEGIN",
+        "RELEASE agents_event",
+        "ROLLBACK TO agents_event",
+    ] {
+        let err = r.exec(sql.into()).await.unwrap_err();
+        assert!(
+            matches!(&err, RpcError::App(e) if e.message.contains("not authorized")),
+            "{sql}: {err}"
+        );
+    }
+    // The handler's own savepoints are fine.
+    r.exec("SAVEPOINT mine; INSERT INTO t VALUES (2); RELEASE mine".into())
+        .await
+        .unwrap();
+    assert_eq!(
+        r.count().await.unwrap(),
+        1,
+        "the INSERT before the refused COMMIT was rolled back"
+    );
+
+    // `OR ROLLBACK` makes SQLite abort the whole batch transaction: every call that shared it
+    // must fail, none may report success for a write that is gone.
+    let mut calls = Vec::new();
+    for i in 10..40 {
+        let r = r.clone();
+        calls.push(tokio::spawn(async move {
+            r.exec(format!("INSERT INTO t VALUES ({i})")).await
+        }));
+    }
+    let bad = tokio::spawn({
+        let r = r.clone();
+        async move { r.exec("INSERT OR ROLLBACK INTO t VALUES (2)".into()).await }
+    });
+    let mut acked = 0;
+    for c in calls {
+        acked += i64::from(c.await.unwrap().is_ok());
+    }
+    assert!(bad.await.unwrap().is_err());
+    eprintln!("{acked} of 30 calls acknowledged next to the rolled-back one");
+    rt.hibernate::<Rogue>("r").await.unwrap();
+    assert_eq!(
+        r.count().await.unwrap(),
+        1 + acked,
+        "exactly the acknowledged rows are stored"
+    );
+}

@@ -121,6 +121,13 @@ fn err_ty(m: &Method, p: &TokenStream) -> TokenStream {
     }
 }
 
+/// The parameter list `a: A, b: B` and the argument tuple `(a, b,)` of a callable's client side.
+fn params_and_tuple(args: &[(syn::Ident, syn::Type)]) -> (Vec<TokenStream>, TokenStream) {
+    let params = args.iter().map(|(n, t)| quote!(#n: #t)).collect();
+    let names = args.iter().map(|(n, _)| n);
+    (params, quote!((#(#names,)*)))
+}
+
 fn client_method(m: &Method, p: &TokenStream) -> TokenStream {
     let Method {
         ident,
@@ -132,13 +139,12 @@ fn client_method(m: &Method, p: &TokenStream) -> TokenStream {
         ..
     } = m;
     let err = err_ty(m, p);
-    let names = args.iter().map(|(n, _)| n);
-    let params = args.iter().map(|(n, t)| quote!(#n: #t));
+    let (params, tuple) = params_and_tuple(args);
     quote! {
         #(#docs)*
         #[allow(dead_code)]
         #vis async fn #ident(&self, #(#params),*) -> ::core::result::Result<#ok, #p::RpcError<#err>> {
-            self.core.call::<_, #ok, #err>(#wire, &(#(#names,)*)).await
+            self.core.call::<_, #ok, #err>(#wire, &#tuple).await
         }
     }
 }
@@ -152,13 +158,12 @@ fn call_method(m: &Method, p: &TokenStream, self_ty: &syn::Type) -> TokenStream 
         args,
         ..
     } = m;
-    let names = args.iter().map(|(n, _)| n);
-    let params = args.iter().map(|(n, t)| quote!(#n: #t));
+    let (params, tuple) = params_and_tuple(args);
     quote! {
         #(#docs)*
         #[allow(dead_code)]
         #vis fn #ident(&self, #(#params),*) -> #p::MethodCall<#self_ty> {
-            #p::MethodCall::new(#wire, &(#(#names,)*))
+            #p::MethodCall::new(#wire, &#tuple)
         }
     }
 }

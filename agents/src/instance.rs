@@ -7,7 +7,16 @@
 //! next sync covers every batch committed while the previous one ran (group commit). Handlers
 //! run one at a time to completion, awaits included: the single writer.
 
-use std::{any::Any, fs::File, future::Future, panic::AssertUnwindSafe, sync::Arc};
+use std::{
+    any::Any,
+    fs::File,
+    future::Future,
+    panic::AssertUnwindSafe,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+};
 
 use agents_client::{ErrorKind, RawError};
 use futures_util::FutureExt;
@@ -42,6 +51,7 @@ pub(crate) fn spawn<A: AgentClass>(
         in_txn: false,
         wal: None,
         syncer: None,
+        in_handler: Arc::default(),
     };
     shared.tracker.spawn(instance.run(rx).instrument(span));
 }
@@ -57,6 +67,8 @@ struct Instance<A> {
     wal: Option<Arc<File>>,
     /// Releases replies once their commit is synced (`Durability::Full` only).
     syncer: Option<Syncer>,
+    /// Set while user code runs: the database then refuses transaction control.
+    in_handler: Arc<AtomicBool>,
 }
 
 /// The syncer of one open database: a task that fsyncs the WAL and then releases the replies
@@ -161,7 +173,20 @@ impl<A: AgentClass> Instance<A> {
         let mut yielded = false;
         while let Some(event) = next.take() {
             match event {
-                Event::Call(call) => self.call(call, &mut outbox).await,
+                Event::Call(call) => {
+                    self.call(call, &mut outbox).await;
+                    if self.in_txn && self.ctx.sql().is_autocommit() {
+                        // SQLite rolled the whole transaction back by itself (an I/O error, a
+                        // full disk, `INSERT OR ROLLBACK`): every event of the batch so far lost
+                        // its writes. (Handlers cannot end it: see `storage::guard_transaction`.)
+                        self.in_txn = false;
+                        self.agent = None;
+                        let lost = RawError::internal(
+                            "SQLite rolled the transaction back (an I/O error or an ON CONFLICT ROLLBACK clause); nothing of this call was written",
+                        );
+                        fail(std::mem::take(&mut outbox), &lost);
+                    }
+                }
                 Event::Hibernate(done) => {
                     hibernate = Some(done);
                     break;
@@ -231,7 +256,9 @@ impl<A: AgentClass> Instance<A> {
             self.ensure_started().await?;
             let agent = self.agent.as_mut().expect("started");
             savepoint(self.ctx.sql())?;
+            self.in_handler.store(true, Ordering::Relaxed);
             let (result, panicked) = catch_panic(agent.dispatch(&mut self.ctx, &inv)).await;
+            self.in_handler.store(false, Ordering::Relaxed);
             if panicked {
                 self.agent = None;
             }
@@ -258,7 +285,9 @@ impl<A: AgentClass> Instance<A> {
                 .await
                 .map_err(|e| RawError::internal(format!("on_start failed: {e}")))
         };
+        self.in_handler.store(true, Ordering::Relaxed);
         let (result, _) = catch_panic(start).await;
+        self.in_handler.store(false, Ordering::Relaxed);
         end_savepoint(self.ctx.sql(), result)?;
         self.agent = Some(agent);
         Ok(())
@@ -281,6 +310,7 @@ impl<A: AgentClass> Instance<A> {
             if self.ctx.shared.config.durability == Durability::Full {
                 self.syncer = Some(Syncer::start(wal.clone()));
             }
+            storage::guard_transaction(&conn, self.in_handler.clone());
             self.wal = Some(wal);
             self.ctx.conn = Some(conn);
         }
@@ -354,7 +384,7 @@ async fn hand_over(shared: &Arc<Shared>, key: &AgentKey, mut rx: mpsc::Receiver<
     }
 }
 
-/// Opens the savepoint of one event.
+/// Opens the savepoint of one event (`storage::EVENT_SAVEPOINT`).
 fn savepoint(conn: &Connection) -> Result<(), RawError> {
     conn.prepare_cached("SAVEPOINT agents_event")
         .and_then(|mut s| s.execute([]))
@@ -364,13 +394,6 @@ fn savepoint(conn: &Connection) -> Result<(), RawError> {
 
 /// Ends the savepoint of one event: `Ok` releases it, `Err` rolls it back first.
 fn end_savepoint<T>(conn: &Connection, result: Result<T, RawError>) -> Result<T, RawError> {
-    if conn.is_autocommit() {
-        // The handler ran COMMIT or ROLLBACK itself. Re-open the batch transaction.
-        let _ = conn.execute_batch("BEGIN");
-        return Err(RawError::internal(
-            "the handler ended the runtime's transaction; BEGIN/COMMIT/ROLLBACK are not allowed in handlers",
-        ));
-    }
     let end = if result.is_ok() {
         conn.prepare_cached("RELEASE agents_event")
             .and_then(|mut s| s.execute([]))

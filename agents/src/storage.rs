@@ -7,9 +7,16 @@
 use std::{
     fs,
     path::{Path, PathBuf},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
 };
 
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{
+    hooks::{AuthAction, AuthContext, Authorization},
+    params, Connection, OptionalExtension,
+};
 use serde::{de::DeserializeOwned, Serialize};
 
 use crate::{address::AgentKey, error::Error};
@@ -119,6 +126,29 @@ pub(crate) fn open(
         }
     }
     Ok((conn, wal))
+}
+
+/// The savepoint around each event.
+pub(crate) const EVENT_SAVEPOINT: &str = "agents_event";
+
+/// While `in_handler` is set, refuses the statements that would take the transaction away from
+/// the runtime: `BEGIN`, `COMMIT`, `END`, `ROLLBACK`, and any use of the event's savepoint.
+/// (A handler's own savepoints are fine.) SQLite reports the refusal as "not authorized".
+pub(crate) fn guard_transaction(conn: &Connection, in_handler: Arc<AtomicBool>) {
+    conn.authorizer(Some(move |ctx: AuthContext<'_>| {
+        if !in_handler.load(Ordering::Relaxed) {
+            return Authorization::Allow;
+        }
+        match ctx.action {
+            AuthAction::Transaction { .. } => Authorization::Deny,
+            AuthAction::Savepoint { savepoint_name, .. }
+                if savepoint_name.eq_ignore_ascii_case(EVENT_SAVEPOINT) =>
+            {
+                Authorization::Deny
+            }
+            _ => Authorization::Allow,
+        }
+    }));
 }
 
 /// Copies the WAL into the database and empties it, syncing both. Blocking.
