@@ -13,6 +13,8 @@ use crate::attr::string_args;
 pub const AGENT_OPTIONS: &[&str] = &["class", "crate"];
 /// `#[callable(..)]` options.
 pub const CALLABLE_OPTIONS: &[&str] = &["name"];
+/// `#[schedule(..)]` options.
+pub const SCHEDULE_OPTIONS: &[&str] = &["cron", "tz", "every"];
 
 /// An `#[agent] impl Type { .. }` block.
 pub struct AgentImpl {
@@ -22,7 +24,7 @@ pub struct AgentImpl {
     pub class: Option<LitStr>,
     /// `#[agent(crate = "..")]`: the path of the `agents` crate.
     pub krate: Option<LitStr>,
-    /// The methods marked `#[callable]`, in order.
+    /// The methods marked `#[callable]` or `#[schedule]`, in order.
     pub callables: Vec<Callable>,
     /// Every other associated item's name (they share the type's namespace).
     pub other_names: Vec<Ident>,
@@ -33,6 +35,8 @@ pub struct Callable {
     pub ident: Ident,
     /// `#[callable(name = "..")]`.
     pub rename: Option<LitStr>,
+    /// For `#[schedule(..)]` methods: the attribute's options (and the attribute, for errors).
+    pub schedule: Option<(Attribute, Vec<(Ident, LitStr)>)>,
     pub vis: Visibility,
     /// Doc comments, copied onto the client.
     pub docs: Vec<Attribute>,
@@ -98,7 +102,7 @@ impl AgentImpl {
                 }
                 continue;
             };
-            match take_callable_attr(&mut f.attrs) {
+            match take_marker(&mut f.attrs) {
                 Ok(None) => other_names.push(f.sig.ident.clone()),
                 Ok(Some(attr)) => match Callable::parse(f, attr) {
                     Ok(c) => callables.push(c),
@@ -127,23 +131,28 @@ pub fn combine(errors: &mut Option<syn::Error>, e: syn::Error) {
     }
 }
 
-fn is_callable_attr(attr: &Attribute) -> bool {
+/// `#[callable]` or `#[schedule]` (with any path prefix).
+fn is_marker(attr: &Attribute) -> bool {
     attr.path()
         .segments
         .last()
-        .is_some_and(|s| s.ident == "callable")
+        .is_some_and(|s| s.ident == "callable" || s.ident == "schedule")
 }
 
-/// Removes `#[callable(..)]` from `attrs`, returning it (a second one is an error).
-fn take_callable_attr(attrs: &mut Vec<Attribute>) -> syn::Result<Option<Attribute>> {
+/// Removes the `#[callable(..)]` or `#[schedule(..)]` marker from `attrs`, returning it (a
+/// second marker is an error).
+fn take_marker(attrs: &mut Vec<Attribute>) -> syn::Result<Option<Attribute>> {
     let mut found: Option<Attribute> = None;
     let mut result = Ok(());
     attrs.retain(|a| {
-        if !is_callable_attr(a) {
+        if !is_marker(a) {
             return true;
         }
         if found.is_some() {
-            result = Err(syn::Error::new_spanned(a, "`#[callable]` is given twice"));
+            result = Err(syn::Error::new_spanned(
+                a,
+                "a method takes one `#[callable]` or one `#[schedule(..)]`, not both and not twice",
+            ));
         } else {
             found = Some(a.clone());
         }
@@ -152,14 +161,14 @@ fn take_callable_attr(attrs: &mut Vec<Attribute>) -> syn::Result<Option<Attribut
     result.map(|()| found)
 }
 
-/// Re-emits an item with the `#[callable]` markers removed (used when expansion fails, so that
-/// they do not report themselves as misplaced).
+/// Re-emits an item with the `#[callable]`/`#[schedule]` markers removed (used when expansion
+/// fails, so that they do not report themselves as misplaced).
 pub fn strip_callable_attrs(item: TokenStream) -> TokenStream {
     match syn::parse2::<ItemImpl>(item.clone()) {
         Ok(mut imp) => {
             for i in &mut imp.items {
                 if let ImplItem::Fn(f) = i {
-                    f.attrs.retain(|a| !is_callable_attr(a));
+                    f.attrs.retain(|a| !is_marker(a));
                 }
             }
             imp.into_token_stream()
@@ -170,7 +179,27 @@ pub fn strip_callable_attrs(item: TokenStream) -> TokenStream {
 
 impl Callable {
     fn parse(f: &ImplItemFn, attr: Attribute) -> syn::Result<Self> {
+        let is_schedule = attr
+            .path()
+            .segments
+            .last()
+            .is_some_and(|s| s.ident == "schedule");
+        let schedule = if is_schedule {
+            let options = match &attr.meta {
+                syn::Meta::List(list) => string_args(list.tokens.clone(), SCHEDULE_OPTIONS, "#[schedule]")?,
+                _ => {
+                    return Err(syn::Error::new_spanned(
+                        &attr,
+                        "write `#[schedule(cron = \"*/5 * * * *\")]`, `#[schedule(cron = \"..\", tz = \"Europe/Paris\")]` or `#[schedule(every = \"30s\")]`",
+                    ))
+                }
+            };
+            Some((attr.clone(), options))
+        } else {
+            None
+        };
         let rename = match &attr.meta {
+            _ if is_schedule => None,
             syn::Meta::Path(_) => None,
             syn::Meta::List(list) => {
                 string_args(list.tokens.clone(), CALLABLE_OPTIONS, "#[callable]")?
@@ -207,6 +236,7 @@ impl Callable {
         Ok(Callable {
             ident: sig.ident.clone(),
             rename,
+            schedule,
             vis: f.vis.clone(),
             docs: f
                 .attrs

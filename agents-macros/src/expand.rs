@@ -41,10 +41,12 @@ fn generate(a: &Agent) -> TokenStream {
     let calls_doc =
         format!("Describes calls of [`{ident}`] without making them (for schedules and queues).");
 
-    let client_methods = methods.iter().map(|m| client_method(m, &p));
-    let call_methods = methods.iter().map(|m| call_method(m, &p, self_ty));
-    let arms = methods.iter().map(|m| dispatch_arm(m, self_ty));
-    let infos = methods.iter().map(|m| method_info(m, &p));
+    let callables: Vec<&Method> = methods.iter().filter(|m| m.schedule.is_none()).collect();
+    let client_methods = callables.iter().map(|m| client_method(m, &p));
+    let call_methods = callables.iter().map(|m| call_method(m, &p, self_ty));
+    let arms = methods.iter().map(|m| dispatch_arm(m, self_ty, &p));
+    let infos = callables.iter().map(|m| method_info(m, &p));
+    let schedules = methods.iter().filter_map(|m| static_schedule(m, &p));
 
     quote! {
         #[doc = #client_doc]
@@ -95,6 +97,7 @@ fn generate(a: &Agent) -> TokenStream {
             impl #p::AgentClass for #self_ty {
                 const CLASS: &'static str = #class;
                 const METHODS: &'static [#p::MethodInfo] = &[#(#infos),*];
+                const SCHEDULES: &'static [#p::StaticSchedule] = &[#(#schedules),*];
                 type Client = #client;
 
                 fn dispatch<'a>(
@@ -168,7 +171,22 @@ fn call_method(m: &Method, p: &TokenStream, self_ty: &syn::Type) -> TokenStream 
     }
 }
 
-fn dispatch_arm(m: &Method, self_ty: &syn::Type) -> TokenStream {
+fn static_schedule(m: &Method, p: &TokenStream) -> Option<TokenStream> {
+    let s = m.schedule.as_ref()?;
+    let wire = &m.wire;
+    let opt = |v: &Option<String>| match v {
+        Some(v) => quote!(::core::option::Option::Some(#v)),
+        None => quote!(::core::option::Option::None),
+    };
+    let (cron, tz) = (opt(&s.cron), opt(&s.tz));
+    let every = match s.every_ms {
+        Some(ms) => quote!(::core::option::Option::Some(#ms)),
+        None => quote!(::core::option::Option::None),
+    };
+    Some(quote!(#p::StaticSchedule { method: #wire, cron: #cron, tz: #tz, every_ms: #every }))
+}
+
+fn dispatch_arm(m: &Method, self_ty: &syn::Type, p: &TokenStream) -> TokenStream {
     let Method {
         ident, wire, args, ..
     } = m;
@@ -185,8 +203,17 @@ fn dispatch_arm(m: &Method, self_ty: &syn::Type) -> TokenStream {
     } else {
         quote!(call.ok(&#invoke))
     };
+    // `#[schedule]` methods answer only the runtime: to a client they do not exist.
+    let guard = m.schedule.as_ref().map(|_| {
+        quote! {
+            if !call.is_internal() {
+                return ::core::result::Result::Err(#p::RawError::unknown_method(#wire));
+            }
+        }
+    });
     quote! {
         #wire => {
+            #guard
             #decode
             #reply
         }

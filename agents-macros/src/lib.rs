@@ -29,7 +29,17 @@ pub fn agent(args: TokenStream, item: TokenStream) -> TokenStream {
 /// `#[agent]`) it is an error.
 #[proc_macro_attribute]
 pub fn callable(_args: TokenStream, item: TokenStream) -> TokenStream {
-    let item = proc_macro2::TokenStream::from(item);
+    outside_agent("callable", item.into()).into()
+}
+
+/// Runs a method of an `#[agent]` impl block on a schedule. On its own it is an error.
+#[proc_macro_attribute]
+pub fn schedule(_args: TokenStream, item: TokenStream) -> TokenStream {
+    outside_agent("schedule", item.into()).into()
+}
+
+/// The item, plus an error: `#[name]` was used outside an `#[agent]` impl block.
+fn outside_agent(name: &str, item: proc_macro2::TokenStream) -> proc_macro2::TokenStream {
     let mut out = item.clone();
     let span = syn::parse2::<syn::ImplItemFn>(item)
         .map(|f| f.sig.ident.span())
@@ -37,9 +47,9 @@ pub fn callable(_args: TokenStream, item: TokenStream) -> TokenStream {
     out.extend(
         syn::Error::new(
             span,
-            "`#[callable]` only works on methods inside an `#[agent]` impl block",
+            format!("`#[{name}]` only works on methods inside an `#[agent]` impl block"),
         )
         .into_compile_error(),
     );
-    out.into()
+    out
 }

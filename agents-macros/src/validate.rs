@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 
 use heck::ToKebabCase;
-use syn::{Ident, Pat, Path, Type, Visibility};
+use syn::{Ident, LitStr, Pat, Path, Type, Visibility};
 
 use crate::ast::{combine, AgentImpl, Callable, Receiver, Ret};
 
@@ -40,6 +40,15 @@ pub struct Method {
     /// The success type and the application error type (`None`: cannot fail).
     pub ok: Type,
     pub err: Option<Type>,
+    /// For `#[schedule]` methods: what the runtime registers. They get no client method.
+    pub schedule: Option<ScheduleSpec>,
+}
+
+/// A validated `#[schedule(..)]`.
+pub struct ScheduleSpec {
+    pub cron: Option<String>,
+    pub tz: Option<String>,
+    pub every_ms: Option<u64>,
 }
 
 pub fn validate(a: &AgentImpl) -> syn::Result<Agent> {
@@ -200,7 +209,17 @@ fn method(c: &Callable, agent: &Ident) -> syn::Result<Method> {
     if AGENT_FUNCTIONS.contains(&name.to_string().as_str()) {
         err(clash_with_calls(name));
     }
-    if CLIENT_METHODS.contains(&name.to_string().as_str()) {
+    let schedule = match &c.schedule {
+        Some((attr, options)) => match schedule_spec(attr, options) {
+            Ok(spec) => Some(spec),
+            Err(e) => {
+                err(e);
+                None
+            }
+        },
+        None => None,
+    };
+    if c.schedule.is_none() && CLIENT_METHODS.contains(&name.to_string().as_str()) {
         err(syn::Error::new(
             name.span(),
             format!(
@@ -272,6 +291,12 @@ fn method(c: &Callable, agent: &Ident) -> syn::Result<Method> {
         }
         args.push((ident, p.ty.clone()));
     }
+    if c.schedule.is_some() && !args.is_empty() {
+        err(syn::Error::new(
+            c.sig_span,
+            format!("#[schedule] method `{name}` takes only `&mut self` and `ctx`: the runtime calls it with no arguments"),
+        ));
+    }
     let (ok, err_ty) = match c.ret() {
         Ret::Unit => (syn::parse_quote!(()), None),
         Ret::Plain(t) => (t, None),
@@ -294,6 +319,7 @@ fn method(c: &Callable, agent: &Ident) -> syn::Result<Method> {
             args,
             ok,
             err: err_ty,
+            schedule,
         }),
     }
 }
@@ -314,4 +340,75 @@ pub fn widest(methods: &[Method]) -> Visibility {
         .max_by_key(|v| rank(v))
         .cloned()
         .unwrap_or(Visibility::Inherited)
+}
+
+fn schedule_spec(attr: &syn::Attribute, options: &[(Ident, LitStr)]) -> syn::Result<ScheduleSpec> {
+    let get = |k: &str| options.iter().find(|(key, _)| key == k).map(|(_, v)| v);
+    let (cron, tz, every) = (get("cron"), get("tz"), get("every"));
+    match (cron, every) {
+        (Some(_), Some(e)) | (None, Some(e)) if tz.is_some() => Err(syn::Error::new(
+            e.span(),
+            "`tz` goes with `cron`; `every` counts real time",
+        )),
+        (Some(_), Some(e)) => Err(syn::Error::new(
+            e.span(),
+            "give either `cron` or `every`, not both",
+        )),
+        (None, None) => Err(syn::Error::new_spanned(
+            attr,
+            "#[schedule] needs `cron = \"...\"` or `every = \"...\"`",
+        )),
+        (Some(c), None) => Ok(ScheduleSpec {
+            cron: Some(c.value()),
+            tz: tz.map(LitStr::value),
+            every_ms: None,
+        }),
+        (None, Some(e)) => Ok(ScheduleSpec {
+            cron: None,
+            tz: None,
+            every_ms: Some(parse_duration(e)?),
+        }),
+    }
+}
+
+/// `"250ms"`, `"30s"`, `"5m"`, `"1h"`, `"2d"` in milliseconds.
+fn parse_duration(lit: &LitStr) -> syn::Result<u64> {
+    let text = lit.value();
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let factor = match unit.trim() {
+        "ms" => 1,
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => 0,
+    };
+    match number.parse::<u64>() {
+        Ok(n) if n > 0 && factor > 0 => Ok(n * factor),
+        _ => Err(syn::Error::new(
+            lit.span(),
+            "`every` is a positive whole number and a unit: `250ms`, `30s`, `5m`, `1h` or `2d`",
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_with_units() {
+        let d = |s: &str| parse_duration(&LitStr::new(s, proc_macro2::Span::call_site()));
+        assert_eq!(d("250ms").unwrap(), 250);
+        assert_eq!(d("30s").unwrap(), 30_000);
+        assert_eq!(d("5 m").unwrap(), 300_000);
+        assert_eq!(d("2d").unwrap(), 172_800_000);
+        for bad in ["", "0s", "5", "5w", "-1s", "1.5s"] {
+            assert!(d(bad).is_err(), "{bad}");
+        }
+    }
 }

@@ -6,7 +6,10 @@ use std::{borrow::Cow, fmt, future::Future};
 use agents_client::{BoxFuture, Codec, MethodInfo, Payload, RawError};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
-use crate::context::Ctx;
+use crate::{
+    context::Ctx,
+    schedule::{AlarmInfo, StaticSchedule},
+};
 
 /// The lifecycle of an agent. Every hook has a no-op default, so `impl Agent for X {}` is a
 /// complete implementation.
@@ -25,6 +28,18 @@ pub trait Agent: Sized + Send + 'static {
         let _ = ctx;
         async { Ok(()) }
     }
+
+    /// Runs when the agent's alarm (`ctx.set_alarm(..)`) goes off. An `Err` or a panic rolls
+    /// its writes back and retries it with backoff, like any scheduled row (`info` says which
+    /// attempt this is); after [`RETRIES`](crate::RETRIES) retries it becomes a dead letter.
+    fn on_alarm(
+        &mut self,
+        ctx: &mut Ctx<Self>,
+        info: AlarmInfo,
+    ) -> impl Future<Output = Result<(), AppError>> + Send {
+        let _ = (ctx, info);
+        async { Ok(()) }
+    }
 }
 
 /// Implemented by `#[agent]`: the class name, the dispatch by method name and the typed client.
@@ -34,6 +49,9 @@ pub trait AgentClass: Agent + Default {
     const CLASS: &'static str;
     /// Every callable, by wire name.
     const METHODS: &'static [MethodInfo];
+    /// The `#[schedule(..)]` methods.
+    #[doc(hidden)]
+    const SCHEDULES: &'static [StaticSchedule] = &[];
     /// The generated typed client (`CounterClient` for `Counter`).
     type Client: From<agents_client::ClientCore> + Clone + Send + Sync + 'static;
 
@@ -52,6 +70,7 @@ pub trait AgentClass: Agent + Default {
 pub struct Invocation {
     method: Cow<'static, str>,
     args: Payload,
+    internal: bool,
 }
 
 impl Invocation {
@@ -60,7 +79,24 @@ impl Invocation {
         Invocation {
             method: method.into(),
             args,
+            internal: false,
         }
+    }
+
+    /// A call made by the runtime itself (a schedule firing), which may reach `#[schedule]`
+    /// methods that clients cannot call.
+    pub(crate) fn internal(method: impl Into<Cow<'static, str>>, args: Payload) -> Self {
+        Invocation {
+            method: method.into(),
+            args,
+            internal: true,
+        }
+    }
+
+    /// Whether the runtime itself made this call.
+    #[doc(hidden)]
+    pub fn is_internal(&self) -> bool {
+        self.internal
     }
 
     /// The wire name of the method called.

@@ -1,15 +1,19 @@
 //! [`Ctx`]: what a handler can reach besides `self`.
 
-use std::{fmt, marker::PhantomData, sync::Arc};
+use std::{fmt, marker::PhantomData, sync::Arc, time::SystemTime};
+
+use agents_client::MethodCall;
 
 use rusqlite::Connection;
 
 use crate::{
     address::AgentKey,
     agent::AgentClass,
+    clock::{from_ms, to_ms},
     error::Error,
     registry::{Chain, Shared},
     runtime::client_for,
+    schedule::{self, DeadLetter, Schedule, When},
     storage::{self, Kv},
 };
 
@@ -80,6 +84,101 @@ impl<A> Ctx<A> {
     /// reorder them. Typically called from `on_start`.
     pub fn migrate(&self, migrations: &[&str]) -> Result<(), Error> {
         storage::migrate(self.sql(), migrations)
+    }
+
+    /// The runtime's clock (the system clock, or the test's manual one).
+    pub fn now(&self) -> SystemTime {
+        self.shared.config.clock.now()
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.shared.config.clock.now_ms()
+    }
+
+    /// Schedules `call` (from `A::calls()`, so its argument types are checked at compile time)
+    /// to run `when`. Returns the row's id. The row is part of this event's transaction.
+    ///
+    /// ```no_run
+    /// # use agents::prelude::*;
+    /// # #[derive(Default)] struct Reminders;
+    /// # impl Agent for Reminders {}
+    /// # #[agent] impl Reminders {
+    /// #[callable]
+    /// async fn remind_daily(&mut self, ctx: &mut Ctx<Self>, text: String) -> Result<i64, AppError> {
+    ///     Ok(ctx.schedule(When::cron("0 9 * * *")?, Reminders::calls().notify(text))?)
+    /// }
+    /// #[callable]
+    /// async fn notify(&mut self, ctx: &mut Ctx<Self>, text: String) { /* .. */ }
+    /// # }
+    /// ```
+    pub fn schedule(&self, when: When, call: MethodCall<A>) -> Result<i64, Error> {
+        self.insert(None, when, call)
+    }
+
+    /// Like [`schedule`](Ctx::schedule), but idempotent: if a row with `key` exists, it is kept
+    /// and its id returned (cancel it first to replace it).
+    pub fn schedule_keyed(&self, key: &str, when: When, call: MethodCall<A>) -> Result<i64, Error> {
+        if key.starts_with("static:") || key.starts_with("__") {
+            return Err(Error::Schedule(format!(
+                "the key `{key}` is reserved (`static:` and `__` are the runtime's)"
+            )));
+        }
+        self.insert(Some(key), when, call)
+    }
+
+    /// Runs `call` as soon as possible, durably: after this event commits, in its own event,
+    /// retried with backoff on failure.
+    pub fn enqueue(&self, call: MethodCall<A>) -> Result<i64, Error> {
+        self.insert(None, When::now(), call)
+    }
+
+    fn insert(&self, key: Option<&str>, when: When, call: MethodCall<A>) -> Result<i64, Error> {
+        let args = call
+            .args()
+            .map_err(|e| Error::Codec(format!("arguments of `{}`: {e}", call.method())))?;
+        schedule::insert(self.sql(), key, call.method(), args, &when, self.now_ms())
+    }
+
+    /// The agent's scheduled rows (not its alarm), by next time.
+    pub fn schedules(&self) -> Result<Vec<Schedule>, Error> {
+        schedule::list(self.sql())
+    }
+
+    /// Cancels the row `id`; `false` if there was none.
+    pub fn cancel(&self, id: i64) -> Result<bool, Error> {
+        schedule::cancel(self.sql(), id)
+    }
+
+    /// Sets the agent's alarm to go off at `at` (replacing any earlier setting); `on_alarm`
+    /// runs then.
+    pub fn set_alarm(&self, at: SystemTime) -> Result<(), Error> {
+        schedule::set_alarm(self.sql(), to_ms(at), self.now_ms())
+    }
+
+    /// When the alarm goes off, if it is set.
+    pub fn alarm(&self) -> Result<Option<SystemTime>, Error> {
+        Ok(schedule::alarm(self.sql())?.map(from_ms))
+    }
+
+    /// Clears the alarm; `false` if it was not set.
+    pub fn delete_alarm(&self) -> Result<bool, Error> {
+        schedule::delete_alarm(self.sql())
+    }
+
+    /// Rows that failed `1 + RETRIES` times and were taken off the schedule.
+    pub fn dead_letters(&self) -> Result<Vec<DeadLetter>, Error> {
+        schedule::dead_letters(self.sql())
+    }
+
+    /// Puts a dead letter back on the schedule, due now. Returns its new schedule id (`None`
+    /// if there was no such dead letter, or a row with its key is already scheduled).
+    pub fn retry_dead_letter(&self, id: i64) -> Result<Option<i64>, Error> {
+        schedule::retry_dead_letter(self.sql(), id, self.now_ms())
+    }
+
+    /// Deletes a dead letter; `false` if there was none.
+    pub fn discard_dead_letter(&self, id: i64) -> Result<bool, Error> {
+        schedule::discard_dead_letter(self.sql(), id)
     }
 
     /// A typed client for another agent (or another instance of this class). While this

@@ -30,6 +30,9 @@ pub enum Error {
     /// The schema migrations do not fit the database.
     #[error("migration: {0}")]
     Migration(String),
+    /// A schedule that cannot be: an invalid cron expression or time zone, a zero interval.
+    #[error("schedule: {0}")]
+    Schedule(String),
     /// The runtime is shutting down or gone.
     #[error("the runtime has shut down")]
     Shutdown,

@@ -6,6 +6,10 @@
 //! only then releases them (the output gate); meanwhile the agent takes its next batch, and the
 //! next sync covers every batch committed while the previous one ran (group commit). Handlers
 //! run one at a time to completion, awaits included: the single writer.
+//!
+//! After each batch the agent's alarm is re-derived from its schedule table and the runtime's
+//! alarm index is kept early, never late: an earlier time is written (and synced) before the
+//! commit, a later one only once the commit is durable.
 
 use std::{
     any::Any,
@@ -14,11 +18,11 @@ use std::{
     panic::AssertUnwindSafe,
     sync::{
         atomic::{AtomicBool, Ordering},
-        Arc,
+        Arc, Mutex,
     },
 };
 
-use agents_client::{ErrorKind, RawError};
+use agents_client::{BoxFuture, ErrorKind, Payload, RawError};
 use futures_util::FutureExt;
 use rusqlite::Connection;
 use tokio::{
@@ -29,12 +33,17 @@ use tracing::Instrument;
 
 use crate::{
     address::AgentKey,
-    agent::AgentClass,
+    agent::{AgentClass, Invocation},
+    clock::from_ms,
     context::Ctx,
     error::Error,
     registry::{CallEvent, Event, Reply, Shared},
+    schedule::{self, AlarmInfo},
     storage::{self, Durability},
 };
+
+/// How many due rows one alarm event runs; the rest run on the next (immediate) alarm.
+const DUE_PER_BATCH: usize = 256;
 
 /// Starts an instance of `A` for `key` reading `rx`.
 pub(crate) fn spawn<A: AgentClass>(
@@ -44,6 +53,10 @@ pub(crate) fn spawn<A: AgentClass>(
     rx: mpsc::Receiver<Event>,
 ) {
     let span = tracing::debug_span!("agent", class = key.class(), name = key.name());
+    let index = Arc::new(Mutex::new(IndexState {
+        seq: 0,
+        at: shared.alarms.get(&key),
+    }));
     let instance = Instance::<A> {
         agent: None,
         ctx: Ctx::new(shared.clone(), key),
@@ -52,6 +65,8 @@ pub(crate) fn spawn<A: AgentClass>(
         wal: None,
         syncer: None,
         in_handler: Arc::default(),
+        index,
+        refresh_index: false,
     };
     shared.tracker.spawn(instance.run(rx).instrument(span));
 }
@@ -69,29 +84,101 @@ struct Instance<A> {
     syncer: Option<Syncer>,
     /// Set while user code runs: the database then refuses transaction control.
     in_handler: Arc<AtomicBool>,
+    /// This agent's entry in the runtime's alarm index, as last written.
+    index: Arc<Mutex<IndexState>>,
+    /// Write the index entry after this batch even if it looks unchanged (the timer took it).
+    refresh_index: bool,
+}
+
+/// What this agent last wrote to the alarm index, and a sequence number that every lowering
+/// bumps, so that a raise computed before a lowering is not applied after it.
+struct IndexState {
+    seq: u64,
+    at: Option<u64>,
+}
+
+/// A raise of the index entry, to apply once the batch that computed it is durable.
+struct Raise {
+    key: AgentKey,
+    shared: Arc<Shared>,
+    state: Arc<Mutex<IndexState>>,
+    seq: u64,
+    at: Option<u64>,
+}
+
+impl Raise {
+    /// Applies the raise unless a lowering came after it. Blocking.
+    fn apply(self) {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if state.seq != self.seq {
+            return;
+        }
+        match self.shared.alarms.set(&self.key, self.at) {
+            Ok(()) => state.at = self.at,
+            Err(e) => tracing::warn!("could not update the alarm index (it stays early): {e}"),
+        }
+    }
+}
+
+/// Who waits for an event's outcome.
+enum Responder {
+    Call(oneshot::Sender<Reply>),
+    Done(Option<oneshot::Sender<()>>),
+}
+
+type Outbox = Vec<(Responder, Reply)>;
+
+fn release(outbox: Outbox) {
+    for (to, reply) in outbox {
+        match to {
+            Responder::Call(tx) => {
+                let _ = tx.send(reply);
+            }
+            Responder::Done(Some(tx)) => {
+                let _ = tx.send(());
+            }
+            Responder::Done(None) => {}
+        }
+    }
+}
+
+fn fail(outbox: Outbox, error: &RawError) {
+    release(
+        outbox
+            .into_iter()
+            .map(|(to, _)| (to, Err(error.clone())))
+            .collect(),
+    );
 }
 
 /// The syncer of one open database: a task that fsyncs the WAL and then releases the replies
-/// of every commit that the sync covers.
+/// (and applies the index raises) of every commit that the sync covers.
 struct Syncer {
-    tx: mpsc::UnboundedSender<Outbox>,
+    tx: mpsc::UnboundedSender<(Outbox, Option<Raise>)>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl Syncer {
     fn start(wal: Arc<File>) -> Self {
-        let (tx, mut rx) = mpsc::unbounded_channel::<Outbox>();
+        let (tx, mut rx) = mpsc::unbounded_channel::<(Outbox, Option<Raise>)>();
         let task = tokio::spawn(async move {
             while let Some(first) = rx.recv().await {
                 let mut covered = vec![first];
                 while let Ok(more) = rx.try_recv() {
                     covered.push(more);
                 }
+                let raises: Vec<Raise> = covered.iter_mut().filter_map(|(_, r)| r.take()).collect();
                 let wal = wal.clone();
-                let synced = tokio::task::spawn_blocking(move || wal.sync_data())
-                    .await
-                    .unwrap_or_else(|e| Err(std::io::Error::other(e)));
-                for outbox in covered {
+                let synced = tokio::task::spawn_blocking(move || {
+                    let synced = wal.sync_data();
+                    if synced.is_ok() {
+                        raises.into_iter().for_each(Raise::apply);
+                    }
+                    synced
+                })
+                .await
+                .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+                for (outbox, _) in covered {
                     match &synced {
                         Ok(()) => release(outbox),
                         Err(e) => {
@@ -111,19 +198,11 @@ impl Syncer {
     }
 }
 
-fn release(outbox: Outbox) {
-    for (tx, reply) in outbox {
-        let _ = tx.send(reply);
-    }
+/// What a handler event runs.
+enum Work<'a> {
+    Call(&'a Invocation),
+    Alarm(AlarmInfo),
 }
-
-fn fail(outbox: Outbox, error: &RawError) {
-    for (tx, _) in outbox {
-        let _ = tx.send(Err(error.clone()));
-    }
-}
-
-type Outbox = Vec<(oneshot::Sender<Reply>, Reply)>;
 
 impl<A: AgentClass> Instance<A> {
     async fn run(mut self, mut rx: mpsc::Receiver<Event>) {
@@ -173,24 +252,23 @@ impl<A: AgentClass> Instance<A> {
         let mut yielded = false;
         while let Some(event) = next.take() {
             match event {
-                Event::Call(call) => {
-                    self.call(call, &mut outbox).await;
-                    if self.in_txn && self.ctx.sql().is_autocommit() {
-                        // SQLite rolled the whole transaction back by itself (an I/O error, a
-                        // full disk, `INSERT OR ROLLBACK`): every event of the batch so far lost
-                        // its writes. (Handlers cannot end it: see `storage::guard_transaction`.)
-                        self.in_txn = false;
-                        self.agent = None;
-                        let lost = RawError::internal(
-                            "SQLite rolled the transaction back (an I/O error or an ON CONFLICT ROLLBACK clause); nothing of this call was written",
-                        );
-                        fail(std::mem::take(&mut outbox), &lost);
-                    }
-                }
+                Event::Call(call) => self.call(call, &mut outbox).await,
+                Event::Alarm(done) => self.alarm(done, &mut outbox).await,
                 Event::Hibernate(done) => {
                     hibernate = Some(done);
                     break;
                 }
+            }
+            if self.in_txn && self.ctx.sql().is_autocommit() {
+                // SQLite rolled the whole transaction back by itself (an I/O error, a full disk,
+                // `INSERT OR ROLLBACK`): every event of the batch so far lost its writes.
+                // (Handlers cannot end it: see `storage::guard_transaction`.)
+                self.in_txn = false;
+                self.agent = None;
+                let lost = RawError::internal(
+                    "SQLite rolled the transaction back (an I/O error or an ON CONFLICT ROLLBACK clause); nothing of this call was written",
+                );
+                fail(std::mem::take(&mut outbox), &lost);
             }
             if outbox.len() >= max_batch {
                 break;
@@ -208,6 +286,21 @@ impl<A: AgentClass> Instance<A> {
             release(outbox); // nothing ran, nothing to make durable
             return hibernate;
         }
+        let raise = match self.lower_index().await {
+            Ok(raise) => raise,
+            Err(e) => {
+                // Committing could leave a schedule the timer does not know about.
+                tracing::error!("the alarm index cannot be written, the batch is rolled back: {e}");
+                let _ = self.ctx.sql().execute_batch("ROLLBACK");
+                self.in_txn = false;
+                self.agent = None;
+                fail(
+                    outbox,
+                    &RawError::internal(format!("the alarm index cannot be written: {e}")),
+                );
+                return hibernate;
+            }
+        };
         match self.commit() {
             Err(e) => {
                 tracing::error!("commit failed, the batch is rolled back: {e}");
@@ -220,15 +313,69 @@ impl<A: AgentClass> Instance<A> {
             }
             Ok(()) => match &self.syncer {
                 Some(syncer) => {
-                    if let Err(mpsc::error::SendError(outbox)) = syncer.tx.send(outbox) {
+                    if let Err(mpsc::error::SendError((outbox, _))) =
+                        syncer.tx.send((outbox, raise))
+                    {
                         fail(outbox, &RawError::internal("the syncer stopped"));
                     }
                 }
-                None => release(outbox),
+                None => {
+                    if let Some(raise) = raise {
+                        let _ = tokio::task::spawn_blocking(move || raise.apply()).await;
+                    }
+                    release(outbox)
+                }
             },
         }
         self.checkpoint_if_large().await;
         hibernate
+    }
+
+    /// Before the commit: re-derives the alarm from the schedule table. If it moved earlier than
+    /// the index entry, writes the index now (synced); if it moved later, returns the raise to
+    /// apply once the commit is durable.
+    async fn lower_index(&mut self) -> Result<Option<Raise>, Error> {
+        let earliest = schedule::earliest(self.ctx.sql())?;
+        let refresh = std::mem::take(&mut self.refresh_index);
+        let (seq, indexed) = {
+            let state = self.index.lock().unwrap_or_else(|e| e.into_inner());
+            (state.seq, state.at)
+        };
+        let earlier = match (earliest, indexed) {
+            (Some(new), Some(old)) => new < old,
+            (Some(_), None) => true,
+            (None, _) => false,
+        };
+        if earlier {
+            let (state, shared, key) = (
+                self.index.clone(),
+                self.ctx.shared.clone(),
+                self.ctx.key().clone(),
+            );
+            tokio::task::spawn_blocking(move || {
+                let mut state = state.lock().unwrap_or_else(|e| e.into_inner());
+                state.seq += 1;
+                shared.alarms.set(&key, earliest)?;
+                state.at = earliest;
+                Ok::<_, Error>(())
+            })
+            .await
+            .map_err(|e| Error::Io {
+                path: self.ctx.shared.config.data_dir.clone(),
+                source: std::io::Error::other(e),
+            })??;
+            return Ok(None);
+        }
+        if earliest == indexed && !refresh {
+            return Ok(None);
+        }
+        Ok(Some(Raise {
+            key: self.ctx.key().clone(),
+            shared: self.ctx.shared.clone(),
+            state: self.index.clone(),
+            seq,
+            at: earliest,
+        }))
     }
 
     async fn call(&mut self, call: CallEvent, outbox: &mut Outbox) {
@@ -246,30 +393,103 @@ impl<A: AgentClass> Instance<A> {
                 ErrorKind::Timeout,
                 format!("`{}` was dequeued after its deadline", inv.method()),
             );
-            outbox.push((reply, Err(e)));
+            outbox.push((Responder::Call(reply), Err(e)));
             return;
         }
         self.ctx.chain = chain.push(self.ctx.key().clone());
         let span = tracing::debug_span!("call", method = inv.method());
-        let result = async {
-            self.begin().await.map_err(RawError::internal)?;
-            self.ensure_started().await?;
-            let agent = self.agent.as_mut().expect("started");
-            savepoint(self.ctx.sql())?;
-            self.in_handler.store(true, Ordering::Relaxed);
-            let (result, panicked) = catch_panic(agent.dispatch(&mut self.ctx, &inv)).await;
-            self.in_handler.store(false, Ordering::Relaxed);
-            if panicked {
-                self.agent = None;
-            }
-            end_savepoint(self.ctx.sql(), result)
-        }
-        .instrument(span)
-        .await;
+        let result = self.run_handler(Work::Call(&inv)).instrument(span).await;
         if let Err(e) = &result {
             tracing::debug!(kind = %e.kind, "call failed: {}", e.message);
         }
-        outbox.push((reply, result));
+        outbox.push((Responder::Call(reply), result));
+    }
+
+    /// Runs every due row, each as its own event, and records its outcome in the same batch.
+    async fn alarm(&mut self, done: Option<oneshot::Sender<()>>, outbox: &mut Outbox) {
+        self.refresh_index = true;
+        let result = self.run_due().await;
+        if let Err(e) = &result {
+            tracing::error!("running due schedules: {e}");
+        }
+        outbox.push((
+            Responder::Done(done),
+            result
+                .map(|()| Payload::Postcard(Vec::new()))
+                .map_err(RawError::internal),
+        ));
+    }
+
+    async fn run_due(&mut self) -> Result<(), Error> {
+        self.begin().await?;
+        let now = self.ctx.shared.config.clock.now_ms();
+        let due = schedule::due(self.ctx.sql(), now, DUE_PER_BATCH)?;
+        for row in &due {
+            self.ctx.chain = Default::default();
+            let span = tracing::debug_span!("schedule", id = row.id, method = %row.method, attempt = row.attempts + 1);
+            let result = if row.is_alarm() {
+                let info = AlarmInfo {
+                    retry_count: row.attempts,
+                    is_retry: row.attempts > 0,
+                    scheduled: from_ms(row.next_ms),
+                };
+                self.run_handler(Work::Alarm(info)).instrument(span).await
+            } else {
+                let inv =
+                    Invocation::internal(row.method.clone(), Payload::Postcard(row.args.clone()));
+                self.run_handler(Work::Call(&inv)).instrument(span).await
+            };
+            if self.ctx.sql().is_autocommit() {
+                return Ok(()); // the batch transaction is gone; `run_batch` reports it
+            }
+            match result {
+                Ok(_) => schedule::succeeded(self.ctx.sql(), row, now)?,
+                Err(e) => {
+                    let dead = schedule::failed(self.ctx.sql(), row, now, &e.to_string())?;
+                    if dead {
+                        tracing::warn!(id = row.id, method = %row.method, "moved to the dead letters: {e}");
+                    } else {
+                        tracing::debug!(id = row.id, method = %row.method, "failed, will retry: {e}");
+                    }
+                }
+            }
+        }
+        if due.len() == DUE_PER_BATCH {
+            // More are due: come back at once, after the events already waiting.
+            let (shared, key) = (self.ctx.shared.clone(), self.ctx.key().clone());
+            tokio::spawn(async move {
+                shared
+                    .route(&key, Event::Alarm(None))
+                    .await
+                    .map_err(|(e, _)| e)
+            });
+        }
+        Ok(())
+    }
+
+    /// Runs one handler in its own savepoint, creating the agent first if needed.
+    async fn run_handler(&mut self, work: Work<'_>) -> Result<Payload, RawError> {
+        self.begin().await.map_err(RawError::internal)?;
+        self.ensure_started().await?;
+        let agent = self.agent.as_mut().expect("started");
+        let ctx = &mut self.ctx;
+        savepoint(ctx.sql())?;
+        let handler: BoxFuture<'_, Result<Payload, RawError>> = match work {
+            Work::Call(inv) => agent.dispatch(ctx, inv),
+            Work::Alarm(info) => Box::pin(async move {
+                match agent.on_alarm(ctx, info).await {
+                    Ok(()) => Ok(Payload::Postcard(Vec::new())),
+                    Err(e) => Err(RawError::new(ErrorKind::App, e.message)),
+                }
+            }),
+        };
+        self.in_handler.store(true, Ordering::Relaxed);
+        let (result, panicked) = catch_panic(handler).await;
+        self.in_handler.store(false, Ordering::Relaxed);
+        if panicked {
+            self.agent = None;
+        }
+        end_savepoint(self.ctx.sql(), result)
     }
 
     /// Creates the agent and runs `on_start`, if it is not live.
@@ -293,9 +513,11 @@ impl<A: AgentClass> Instance<A> {
         Ok(())
     }
 
-    /// Opens the database if needed and the batch transaction if needed.
+    /// Opens the database if needed (registering the `#[schedule]` rows) and the batch
+    /// transaction if needed.
     async fn begin(&mut self) -> Result<(), Error> {
-        if self.ctx.conn.is_none() {
+        let opened = self.ctx.conn.is_none();
+        if opened {
             let shared = self.ctx.shared.clone();
             let key = self.ctx.key().clone();
             let (conn, wal) = tokio::task::spawn_blocking(move || {
@@ -317,6 +539,10 @@ impl<A: AgentClass> Instance<A> {
         if !self.in_txn {
             self.ctx.sql().prepare_cached("BEGIN")?.execute([])?;
             self.in_txn = true;
+        }
+        if opened {
+            let now = self.ctx.shared.config.clock.now_ms();
+            schedule::sync_static(self.ctx.sql(), A::SCHEDULES, now)?;
         }
         Ok(())
     }

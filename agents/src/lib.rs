@@ -66,11 +66,14 @@ extern crate self as agents;
 
 mod address;
 mod agent;
+mod alarms;
+mod clock;
 mod context;
 mod error;
 mod instance;
 mod registry;
 mod runtime;
+mod schedule;
 mod storage;
 pub mod testing;
 
@@ -96,19 +99,29 @@ pub use agents_client::{ErrorKind, MethodCall, MethodInfo, NoError, Payload, Raw
 pub use agents_macros::agent;
 /// Marks a method of an [`#[agent]`](macro@agent) impl block as callable by clients.
 pub use agents_macros::callable;
+/// Runs a method of an [`#[agent]`](macro@agent) impl block on a schedule:
+/// `#[schedule(cron = "*/30 * * * *")]`, `#[schedule(cron = "0 9 * * *", tz = "Europe/Paris")]`
+/// or `#[schedule(every = "30s")]` (units `ms`, `s`, `m`, `h`, `d`). The method takes only
+/// `&mut self` and `ctx`. Each agent registers its rows when it is first activated, keyed by
+/// method: never duplicated, updated when the attribute changes. Such methods cannot be called
+/// by clients.
+pub use agents_macros::schedule;
+pub use clock::Clock;
 pub use context::Ctx;
 pub use error::{Error, Result};
 pub use runtime::{Builder, Runtime};
+pub use schedule::{AlarmInfo, DeadLetter, Schedule, ScheduleKind, When, RETRIES, RETRY_BASE};
 pub use storage::{Durability, Kv};
 
 /// What most agent code needs: `use agents::prelude::*;`
 pub mod prelude {
-    pub use crate::{agent, callable, Agent, AppError, Ctx, Durability, RpcError, Runtime};
+    pub use crate::{agent, callable, Agent, AppError, Ctx, Durability, RpcError, Runtime, When};
+    pub use agents_macros::schedule;
 }
 
 #[doc(hidden)]
 pub mod __private {
-    pub use crate::{agent::AgentClass, agent::Invocation, context::Ctx};
+    pub use crate::{agent::AgentClass, agent::Invocation, context::Ctx, schedule::StaticSchedule};
     pub use agents_client::__private::*;
     pub use agents_client::{BoxFuture, Payload, RawError, Transport};
     pub use std::{boxed::Box, sync::Arc};

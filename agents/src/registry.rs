@@ -20,7 +20,10 @@ use tokio::{
 };
 use tokio_util::task::TaskTracker;
 
-use crate::{address::AgentKey, agent::Invocation, error::Error, storage::Durability};
+use crate::{
+    address::AgentKey, agent::Invocation, alarms::AlarmIndex, clock::Clock, error::Error,
+    storage::Durability,
+};
 
 /// Settings every instance reads.
 #[derive(Debug, Clone)]
@@ -32,6 +35,7 @@ pub(crate) struct Config {
     pub call_timeout: Duration,
     pub max_batch: usize,
     pub max_live: usize,
+    pub clock: Clock,
 }
 
 /// Starts the task of one instance of a class.
@@ -50,6 +54,8 @@ pub(crate) enum Event {
     Call(CallEvent),
     /// Drop the instance now (testing and operations); answered once its database is closed.
     Hibernate(oneshot::Sender<()>),
+    /// Run the rows that are due, then re-derive the alarm; answered once that is durable.
+    Alarm(Option<oneshot::Sender<()>>),
 }
 
 pub(crate) type Reply = Result<Payload, RawError>;
@@ -69,9 +75,10 @@ impl Event {
             Event::Call(c) => {
                 let _ = c.reply.send(Err(why));
             }
-            Event::Hibernate(done) => {
+            Event::Hibernate(done) | Event::Alarm(Some(done)) => {
                 let _ = done.send(());
             }
+            Event::Alarm(None) => {}
         }
     }
 }
@@ -160,15 +167,17 @@ impl Agents {
 /// State shared by the runtime handle, every instance task and every local client.
 pub(crate) struct Shared {
     pub config: Config,
+    pub alarms: AlarmIndex,
     classes: HashMap<&'static str, Class>,
     agents: Mutex<Agents>,
     pub tracker: TaskTracker,
 }
 
 impl Shared {
-    pub fn new(config: Config, classes: HashMap<&'static str, Class>) -> Self {
+    pub fn new(config: Config, alarms: AlarmIndex, classes: HashMap<&'static str, Class>) -> Self {
         Shared {
             config,
+            alarms,
             classes,
             agents: Mutex::default(),
             tracker: TaskTracker::new(),
@@ -294,6 +303,10 @@ impl Shared {
         Ok(true)
     }
 
+    pub fn is_closed(&self) -> bool {
+        self.agents().closed
+    }
+
     pub fn is_live(&self, key: &AgentKey) -> bool {
         self.agents().live.contains_key(key)
     }
@@ -311,6 +324,7 @@ impl Shared {
             std::mem::take(&mut agents.live)
         };
         drop(live);
+        self.alarms.changed.notify_one(); // the timer notices `closed`
         self.tracker.close();
     }
 }

@@ -16,6 +16,8 @@ use tokio::{sync::oneshot, time::Instant};
 use crate::{
     address::{validate_class, AgentKey},
     agent::{AgentClass, Invocation},
+    alarms::{self, AlarmIndex},
+    clock::Clock,
     error::Error,
     instance,
     registry::{CallEvent, Chain, Class, Config, Event, Shared},
@@ -44,6 +46,7 @@ pub struct Builder {
     call_timeout: Duration,
     max_batch: usize,
     max_live: Option<usize>,
+    clock: Clock,
     classes: HashMap<&'static str, Class>,
     error: Option<String>,
 }
@@ -58,6 +61,7 @@ impl Default for Builder {
             call_timeout: Duration::from_secs(30),
             max_batch: 256,
             max_live: None,
+            clock: Clock::system(),
             classes: HashMap::new(),
             error: None,
         }
@@ -122,6 +126,14 @@ impl Builder {
         self
     }
 
+    /// The clock every schedule time is read from. Default: the system clock. With a
+    /// [`Clock::manual`] the runtime runs no timer: tests move the clock and fire what is due
+    /// with [`TestRuntime::advance`](crate::testing::TestRuntime::advance).
+    pub fn clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
+        self
+    }
+
     /// Registers the agent type `A` under its class (`A::CLASS`).
     pub fn agent<A: AgentClass>(mut self) -> Self {
         let class = Class {
@@ -131,6 +143,12 @@ impl Builder {
         };
         if let Err(e) = validate_class(A::CLASS) {
             self.error.get_or_insert(e.to_string());
+        }
+        for s in A::SCHEDULES {
+            if let Err(e) = s.when() {
+                self.error
+                    .get_or_insert(format!("{}: {e}", type_name::<A>()));
+            }
         }
         match self.classes.get(A::CLASS) {
             Some(existing) if existing.type_id != class.type_id => {
@@ -172,8 +190,22 @@ impl Builder {
             call_timeout: self.call_timeout,
             max_batch: self.max_batch,
             max_live: self.max_live.unwrap_or_else(default_max_live),
+            clock: self.clock,
         };
-        let shared = Arc::new(Shared::new(config, self.classes));
+        let alarms = AlarmIndex::open(&config.data_dir)?;
+        let shared = Arc::new(Shared::new(config, alarms, self.classes));
+        if !shared.config.clock.is_manual() {
+            // Overdue alarms (say, from before a restart) fire as soon as the timer starts.
+            match tokio::runtime::Handle::try_current() {
+                Ok(_) => drop(shared.tracker.spawn(alarms::run_timer(shared.clone()))),
+                Err(_) => {
+                    return Err(Error::Io {
+                        path: shared.config.data_dir.clone(),
+                        source: std::io::Error::other("Runtime::build must be called inside a tokio runtime (it starts the alarm timer)"),
+                    })
+                }
+            }
+        }
         Ok(Runtime {
             handle: Arc::new(Handle { shared }),
         })
@@ -279,6 +311,29 @@ impl Runtime {
             self.data_dir(),
             &AgentKey::new(A::CLASS, name)?,
         ))
+    }
+
+    /// With a manual clock: moves it forward by `by`, then fires every alarm that is due, again
+    /// and again until none is (a run may schedule another row that is already due), waiting
+    /// for each to be durable.
+    pub(crate) async fn advance(&self, by: Duration) {
+        let shared = self.shared();
+        let now = shared.config.clock.advance(by);
+        let now = crate::clock::to_ms(now);
+        loop {
+            let fired = alarms::fire_due(shared, now);
+            if fired.is_empty() {
+                return;
+            }
+            for done in fired {
+                let _ = done.await;
+            }
+        }
+    }
+
+    /// How many agents have a pending alarm in the runtime's index.
+    pub fn pending_alarms(&self) -> usize {
+        self.shared().alarms.len()
     }
 
     /// How many agents are live right now.

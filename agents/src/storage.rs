@@ -90,6 +90,7 @@ pub(crate) fn open(
          CREATE TABLE IF NOT EXISTS _agents_meta(k TEXT PRIMARY KEY, v TEXT NOT NULL) WITHOUT ROWID;
          CREATE TABLE IF NOT EXISTS _agents_kv(k BLOB PRIMARY KEY, v BLOB NOT NULL) WITHOUT ROWID;",
     )?;
+    conn.execute_batch(crate::schedule::TABLES)?;
     conn.execute(
         "INSERT OR IGNORE INTO _agents_meta(k, v) VALUES ('class', ?1), ('name', ?2)",
         [key.class(), key.name()],

@@ -56,6 +56,12 @@ impl TestRuntime {
         Ok(())
     }
 
+    /// Moves the runtime's manual clock (see [`Builder::clock`]) forward by `by` and runs every
+    /// schedule that became due, waiting until their outcomes are durable.
+    pub async fn advance(&self, by: std::time::Duration) {
+        self.runtime().advance(by).await;
+    }
+
     /// The runtime.
     pub fn runtime(&self) -> &Runtime {
         self.runtime

@@ -44,6 +44,17 @@ impl HttpServer2 {
         Ok(vec![])
     }
 
+    /// Runs every 30 seconds.
+    #[schedule(every = "30s")]
+    async fn tick(&mut self, _ctx: &mut Ctx<Self>) {
+        self.hits += 1;
+    }
+
+    #[agents::schedule(cron = "0 9 * * MON-FRI", tz = "Europe/Paris")]
+    async fn morning(&mut self, _ctx: &mut Ctx<Self>) -> Result<(), AppError> {
+        Ok(())
+    }
+
     /// Not callable: a helper.
     fn helper(&self) -> u64 {
         self.hits
@@ -62,6 +73,9 @@ fn main() {
     assert_eq!(<Empty as AgentClass>::CLASS, "empty");
     let names: Vec<_> = HttpServer2::METHODS.iter().map(|m| m.name).collect();
     assert_eq!(names, ["touch", "shift", "fail-v2", "private_one"]);
+    let s = HttpServer2::SCHEDULES;
+    assert_eq!((s[0].method, s[0].every_ms, s[0].cron), ("tick", Some(30_000), None));
+    assert_eq!((s[1].method, s[1].cron, s[1].tz), ("morning", Some("0 9 * * MON-FRI"), Some("Europe/Paris")));
     assert_eq!(HttpServer2::METHODS[1].params, ["p: Point", "dx: i32", "dy: i32"]);
     assert_eq!(HttpServer2::METHODS[2].error, Some("Nope"));
     let call = HttpServer2::calls().shift(Point { x: 1, y: 2 }, 3, 4);

@@ -1,0 +1,14 @@
+use agents::prelude::*;
+
+#[derive(Default)]
+pub struct A;
+impl Agent for A {}
+
+#[agent]
+impl A {
+    #[callable]
+    #[schedule(every = "1m")]
+    async fn purge(&mut self, _ctx: &mut Ctx<Self>) {}
+}
+
+fn main() {}

@@ -1,0 +1,176 @@
+//! The runtime's alarm index: for every agent with a schedule, its earliest due time.
+//!
+//! It lives in its own SQLite file (`<data_dir>/alarms.sqlite`) so that a hibernated agent is
+//! woken on time without opening every agent's database, and it is mirrored in memory as a
+//! queue the timer task reads. The index may be early, never late: an agent writes (and syncs)
+//! an earlier time *before* committing the schedule that needs it, and a later time only after;
+//! when woken, the agent re-derives its own alarm from its schedule table.
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    path::Path,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use rusqlite::Connection;
+use tokio::sync::{oneshot, Notify};
+
+use crate::{
+    address::AgentKey,
+    error::Error,
+    registry::{Event, Shared},
+};
+
+/// The index: on disk and in memory.
+pub(crate) struct AlarmIndex {
+    db: Mutex<Connection>,
+    mem: Mutex<Queue>,
+    /// Woken when an entry becomes earlier than what the timer waits for.
+    pub changed: Notify,
+}
+
+#[derive(Default)]
+struct Queue {
+    at: HashMap<AgentKey, u64>,
+    due: BTreeSet<(u64, AgentKey)>,
+}
+
+impl Queue {
+    fn set(&mut self, key: &AgentKey, at: Option<u64>) {
+        if let Some(old) = self.at.remove(key) {
+            self.due.remove(&(old, key.clone()));
+        }
+        if let Some(at) = at {
+            self.at.insert(key.clone(), at);
+            self.due.insert((at, key.clone()));
+        }
+    }
+}
+
+impl AlarmIndex {
+    /// Opens (creating if needed) the index of `data_dir` and loads it into memory.
+    pub fn open(data_dir: &Path) -> Result<Self, Error> {
+        let conn = Connection::open(data_dir.join("alarms.sqlite"))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.execute_batch(
+            "CREATE TABLE IF NOT EXISTS alarms(class TEXT NOT NULL, name TEXT NOT NULL, at_ms INTEGER NOT NULL,
+                                               PRIMARY KEY (class, name)) WITHOUT ROWID",
+        )?;
+        let mut queue = Queue::default();
+        {
+            let mut stmt = conn.prepare("SELECT class, name, at_ms FROM alarms")?;
+            let mut rows = stmt.query([])?;
+            while let Some(row) = rows.next()? {
+                let (class, name): (String, String) = (row.get(0)?, row.get(1)?);
+                match AgentKey::new(&class, &name) {
+                    Ok(key) => queue.set(&key, Some(row.get::<_, i64>(2)? as u64)),
+                    Err(e) => tracing::warn!("ignoring an alarm index entry: {e}"),
+                }
+            }
+        }
+        Ok(AlarmIndex {
+            db: Mutex::new(conn),
+            mem: Mutex::new(queue),
+            changed: Notify::new(),
+        })
+    }
+
+    fn mem(&self) -> std::sync::MutexGuard<'_, Queue> {
+        self.mem.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The entry of `key` as the timer sees it.
+    pub fn get(&self, key: &AgentKey) -> Option<u64> {
+        self.mem().at.get(key).copied()
+    }
+
+    /// Records (durably: blocking, synced) that `key` is next due at `at` (`None`: never).
+    pub fn set(&self, key: &AgentKey, at: Option<u64>) -> Result<(), Error> {
+        {
+            let db = self.db.lock().unwrap_or_else(|e| e.into_inner());
+            match at {
+                Some(at) => db
+                    .prepare_cached(
+                        "INSERT INTO alarms(class, name, at_ms) VALUES (?1, ?2, ?3)
+                         ON CONFLICT(class, name) DO UPDATE SET at_ms = excluded.at_ms",
+                    )?
+                    .execute((key.class(), key.name(), at as i64))?,
+                None => db
+                    .prepare_cached("DELETE FROM alarms WHERE class = ?1 AND name = ?2")?
+                    .execute((key.class(), key.name()))?,
+            };
+        }
+        self.mem().set(key, at);
+        self.changed.notify_one();
+        Ok(())
+    }
+
+    /// The earliest entry.
+    pub fn earliest(&self) -> Option<u64> {
+        self.mem().due.first().map(|(at, _)| *at)
+    }
+
+    /// Takes the agents due at `now` out of the in-memory queue (the file keeps them until the
+    /// agents re-derive their alarms, so a crash in between fires them again).
+    pub fn take_due(&self, now: u64) -> Vec<AgentKey> {
+        let mut mem = self.mem();
+        let mut out = Vec::new();
+        while let Some((at, _)) = mem.due.first() {
+            if *at > now {
+                break;
+            }
+            let (_, key) = mem.due.pop_first().expect("first exists");
+            mem.at.remove(&key);
+            out.push(key);
+        }
+        out
+    }
+
+    /// How many agents have an entry.
+    pub fn len(&self) -> usize {
+        self.mem().at.len()
+    }
+}
+
+/// Sends an `Alarm` event to every agent due at `now`; returns one receiver per agent, answered
+/// when its due rows ran and their outcome is durable.
+pub(crate) fn fire_due(shared: &Arc<Shared>, now: u64) -> Vec<oneshot::Receiver<()>> {
+    let mut fired = Vec::new();
+    for key in shared.alarms.take_due(now) {
+        let (done, wait) = oneshot::channel();
+        fired.push(wait);
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            if let Err((e, event)) = shared.route(&key, Event::Alarm(Some(done))).await {
+                tracing::warn!("cannot wake {key} for its alarm: {e}");
+                event.abandon(agents_client::RawError::internal(e));
+            }
+        });
+    }
+    fired
+}
+
+/// The timer: sleeps until the earliest entry of the index, wakes the agents that are due, and
+/// repeats until the runtime closes. (With a manual clock, tests fire alarms instead.)
+pub(crate) async fn run_timer(shared: Arc<Shared>) {
+    let clock = shared.config.clock.clone();
+    loop {
+        if shared.is_closed() {
+            return;
+        }
+        let changed = shared.alarms.changed.notified();
+        let now = clock.now_ms();
+        match shared.alarms.earliest() {
+            Some(at) if at <= now => {
+                fire_due(&shared, now);
+                continue;
+            }
+            Some(at) => {
+                let _ = tokio::time::timeout(Duration::from_millis(at - now), changed).await;
+            }
+            None => changed.await,
+        }
+    }
+}
