@@ -1,30 +1,14 @@
 //! Kill a real server process with SIGKILL mid-load: every acknowledged increment is there after
 //! the restart (Durability::Full, the default).
 
+mod common;
+
 use std::{collections::HashMap, path::PathBuf, process::Stdio, time::Duration};
 
 use tokio::{
     io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines},
     process::{Child, ChildStdout, Command},
 };
-
-/// Builds the counter example (a no-op when it is up to date) and returns its path.
-fn counter_example() -> PathBuf {
-    let status = std::process::Command::new(env!("CARGO"))
-        .args(["build", "--quiet", "--example", "counter"])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .status()
-        .expect("run cargo");
-    assert!(status.success(), "building the counter example failed");
-    // target/<profile>/deps/<this test> -> target/<profile>/examples/counter
-    let exe = std::env::current_exe().unwrap();
-    exe.parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .join("examples")
-        .join("counter")
-}
 
 async fn start(exe: &PathBuf, dir: &std::path::Path) -> (Child, Lines<BufReader<ChildStdout>>) {
     let mut child = Command::new(exe)
@@ -42,7 +26,7 @@ async fn start(exe: &PathBuf, dir: &std::path::Path) -> (Child, Lines<BufReader<
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_acknowledged_increment_survives_sigkill() {
-    let exe = counter_example();
+    let exe = common::example_binary("counter");
     let dir = tempfile::tempdir().unwrap();
     const NAMES: usize = 4;
     const SENT: usize = 200_000;

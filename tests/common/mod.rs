@@ -107,3 +107,21 @@ impl Counter {
         tokio::time::sleep(Duration::from_millis(ms)).await;
     }
 }
+
+/// Builds the example `name` (a no-op when it is up to date) and returns its path.
+pub fn example_binary(name: &str) -> std::path::PathBuf {
+    let status = std::process::Command::new(env!("CARGO"))
+        .args(["build", "--quiet", "--example", name])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .status()
+        .expect("run cargo");
+    assert!(status.success(), "building the {name} example failed");
+    // target/<profile>/deps/<this test> -> target/<profile>/examples/<name>
+    let exe = std::env::current_exe().unwrap();
+    exe.parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("examples")
+        .join(name)
+}
