@@ -39,6 +39,14 @@ impl AgentKey {
         })
     }
 
+    /// A key that orders before every valid one (for range bounds).
+    pub(crate) fn smallest() -> Self {
+        AgentKey {
+            class: "".into(),
+            name: "".into(),
+        }
+    }
+
     /// The class, e.g. `counter`.
     pub fn class(&self) -> &str {
         &self.class

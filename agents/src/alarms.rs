@@ -34,6 +34,9 @@ pub(crate) struct AlarmIndex {
 struct Queue {
     at: HashMap<AgentKey, u64>,
     due: BTreeSet<(u64, AgentKey)>,
+    /// Entries due up to here were warmed up already (entries added below it later are not:
+    /// warming up is an optimisation, not a promise).
+    warmed_to: u64,
 }
 
 impl Queue {
@@ -86,10 +89,13 @@ impl AlarmIndex {
         self.mem().at.get(key).copied()
     }
 
-    /// Records (durably: blocking, synced) that `key` is next due at `at` (`None`: never).
-    pub fn set(&self, key: &AgentKey, at: Option<u64>) -> Result<(), Error> {
+    /// Records that `key` is next due at `at` (`None`: never). Blocking. A `durable` write is
+    /// synced before it returns (needed when the entry moves earlier); otherwise a crash may
+    /// lose it, which leaves the older, earlier entry: early, never late.
+    pub fn set(&self, key: &AgentKey, at: Option<u64>, durable: bool) -> Result<(), Error> {
         {
             let db = self.db.lock().unwrap_or_else(|e| e.into_inner());
+            db.pragma_update(None, "synchronous", if durable { "FULL" } else { "OFF" })?;
             match at {
                 Some(at) => db
                     .prepare_cached(
@@ -128,6 +134,24 @@ impl AlarmIndex {
         out
     }
 
+    /// The agents due by `horizon` that were not warmed up yet (now they are), and the time of
+    /// the first entry after them that is still to warm.
+    pub fn take_warm(&self, horizon: u64) -> (Vec<AgentKey>, Option<u64>) {
+        let mut mem = self.mem();
+        let from = (mem.warmed_to.saturating_add(1), AgentKey::smallest());
+        let mut out = Vec::new();
+        for (at, key) in mem.due.range(from..) {
+            if *at > horizon {
+                let next = *at;
+                mem.warmed_to = mem.warmed_to.max(horizon);
+                return (out, Some(next));
+            }
+            out.push(key.clone());
+        }
+        mem.warmed_to = mem.warmed_to.max(horizon);
+        (out, None)
+    }
+
     /// How many agents have an entry.
     pub fn len(&self) -> usize {
         self.mem().at.len()
@@ -152,8 +176,13 @@ pub(crate) fn fire_due(shared: &Arc<Shared>, now: u64) -> Vec<oneshot::Receiver<
     fired
 }
 
+/// How long before its alarm a hibernated agent is woken, so that opening its database is not
+/// counted against its schedule.
+const WARM_UP_MS: u64 = 1_000;
+
 /// The timer: sleeps until the earliest entry of the index, wakes the agents that are due, and
-/// repeats until the runtime closes. (With a manual clock, tests fire alarms instead.)
+/// repeats until the runtime closes. Hibernated agents are warmed up (their database opened)
+/// shortly before they are due. (With a manual clock, tests fire alarms instead.)
 pub(crate) async fn run_timer(shared: Arc<Shared>) {
     let clock = shared.config.clock.clone();
     loop {
@@ -162,15 +191,27 @@ pub(crate) async fn run_timer(shared: Arc<Shared>) {
         }
         let changed = shared.alarms.changed.notified();
         let now = clock.now_ms();
-        match shared.alarms.earliest() {
-            Some(at) if at <= now => {
+        let (warm, next_warm) = shared.alarms.take_warm(now + WARM_UP_MS);
+        for key in warm.into_iter().filter(|k| !shared.is_live(k)) {
+            let shared = shared.clone();
+            tokio::spawn(async move { shared.route(&key, Event::Warm).await.map_err(|(e, _)| e) });
+        }
+        let wake = match (shared.alarms.earliest(), next_warm) {
+            (Some(at), _) if at <= now => {
                 fire_due(&shared, now);
                 continue;
             }
-            Some(at) => {
-                let _ = tokio::time::timeout(Duration::from_millis(at - now), changed).await;
+            (Some(at), Some(warm)) => at.min(warm.saturating_sub(WARM_UP_MS)),
+            (Some(at), None) => at,
+            (None, _) => {
+                changed.await;
+                continue;
             }
-            None => changed.await,
-        }
+        };
+        let _ = tokio::time::timeout(
+            Duration::from_millis(wake.saturating_sub(now).max(1)),
+            changed,
+        )
+        .await;
     }
 }

@@ -67,6 +67,7 @@ pub(crate) fn spawn<A: AgentClass>(
         in_handler: Arc::default(),
         index,
         refresh_index: false,
+        statics_synced: false,
     };
     shared.tracker.spawn(instance.run(rx).instrument(span));
 }
@@ -88,6 +89,8 @@ struct Instance<A> {
     index: Arc<Mutex<IndexState>>,
     /// Write the index entry after this batch even if it looks unchanged (the timer took it).
     refresh_index: bool,
+    /// Whether the `#[schedule]` rows were registered by this instance.
+    statics_synced: bool,
 }
 
 /// What this agent last wrote to the alarm index, and a sequence number that every lowering
@@ -113,7 +116,7 @@ impl Raise {
         if state.seq != self.seq {
             return;
         }
-        match self.shared.alarms.set(&self.key, self.at) {
+        match self.shared.alarms.set(&self.key, self.at, false) {
             Ok(()) => state.at = self.at,
             Err(e) => tracing::warn!("could not update the alarm index (it stays early): {e}"),
         }
@@ -254,6 +257,11 @@ impl<A: AgentClass> Instance<A> {
             match event {
                 Event::Call(call) => self.call(call, &mut outbox).await,
                 Event::Alarm(done) => self.alarm(done, &mut outbox).await,
+                Event::Warm => {
+                    if let Err(e) = self.open().await {
+                        tracing::warn!("warming up for an alarm: {e}");
+                    }
+                }
                 Event::Hibernate(done) => {
                     hibernate = Some(done);
                     break;
@@ -355,7 +363,7 @@ impl<A: AgentClass> Instance<A> {
             tokio::task::spawn_blocking(move || {
                 let mut state = state.lock().unwrap_or_else(|e| e.into_inner());
                 state.seq += 1;
-                shared.alarms.set(&key, earliest)?;
+                shared.alarms.set(&key, earliest, true)?;
                 state.at = earliest;
                 Ok::<_, Error>(())
             })
@@ -427,6 +435,13 @@ impl<A: AgentClass> Instance<A> {
         for row in &due {
             self.ctx.chain = Default::default();
             let span = tracing::debug_span!("schedule", id = row.id, method = %row.method, attempt = row.attempts + 1);
+            // A one-shot (or the alarm) leaves the schedule as it starts, so that its handler can
+            // re-arm it (even under the same key); a failure rolls that back and retries it.
+            let one_shot = row.is_one_shot();
+            if one_shot {
+                self.ctx.sql().execute_batch("SAVEPOINT agents_row")?;
+                schedule::remove(self.ctx.sql(), row.id)?;
+            }
             let result = if row.is_alarm() {
                 let info = AlarmInfo {
                     retry_count: row.attempts,
@@ -441,6 +456,13 @@ impl<A: AgentClass> Instance<A> {
             };
             if self.ctx.sql().is_autocommit() {
                 return Ok(()); // the batch transaction is gone; `run_batch` reports it
+            }
+            if one_shot {
+                self.ctx.sql().execute_batch(if result.is_ok() {
+                    "RELEASE agents_row"
+                } else {
+                    "ROLLBACK TO agents_row; RELEASE agents_row"
+                })?;
             }
             match result {
                 Ok(_) => schedule::succeeded(self.ctx.sql(), row, now)?,
@@ -513,36 +535,50 @@ impl<A: AgentClass> Instance<A> {
         Ok(())
     }
 
-    /// Opens the database if needed (registering the `#[schedule]` rows) and the batch
-    /// transaction if needed.
-    async fn begin(&mut self) -> Result<(), Error> {
-        let opened = self.ctx.conn.is_none();
-        if opened {
-            let shared = self.ctx.shared.clone();
-            let key = self.ctx.key().clone();
-            let (conn, wal) = tokio::task::spawn_blocking(move || {
-                storage::open(&shared.config.data_dir, &key, shared.config.durability)
-            })
-            .await
-            .map_err(|e| Error::Io {
-                path: self.ctx.shared.config.data_dir.clone(),
-                source: std::io::Error::other(e),
-            })??;
-            let wal = Arc::new(wal);
-            if self.ctx.shared.config.durability == Durability::Full {
-                self.syncer = Some(Syncer::start(wal.clone()));
-            }
-            storage::guard_transaction(&conn, self.in_handler.clone());
-            self.wal = Some(wal);
-            self.ctx.conn = Some(conn);
+    /// Opens the database if it is not open.
+    async fn open(&mut self) -> Result<(), Error> {
+        if self.ctx.conn.is_some() {
+            return Ok(());
         }
+        let shared = self.ctx.shared.clone();
+        let key = self.ctx.key().clone();
+        let _permit = self
+            .ctx
+            .shared
+            .opening
+            .acquire()
+            .await
+            .map_err(|_| Error::Shutdown)?;
+        let (conn, wal) = tokio::task::spawn_blocking(move || {
+            storage::open(&shared.config.data_dir, &key, shared.config.durability)
+        })
+        .await
+        .map_err(|e| Error::Io {
+            path: self.ctx.shared.config.data_dir.clone(),
+            source: std::io::Error::other(e),
+        })??;
+        let wal = Arc::new(wal);
+        if self.ctx.shared.config.durability == Durability::Full {
+            self.syncer = Some(Syncer::start(wal.clone()));
+        }
+        storage::guard_transaction(&conn, self.in_handler.clone());
+        self.wal = Some(wal);
+        self.ctx.conn = Some(conn);
+        Ok(())
+    }
+
+    /// Opens the database and the batch transaction if needed; the first transaction of an
+    /// instance also registers its `#[schedule]` rows.
+    async fn begin(&mut self) -> Result<(), Error> {
+        self.open().await?;
         if !self.in_txn {
             self.ctx.sql().prepare_cached("BEGIN")?.execute([])?;
             self.in_txn = true;
         }
-        if opened {
+        if !self.statics_synced {
             let now = self.ctx.shared.config.clock.now_ms();
             schedule::sync_static(self.ctx.sql(), A::SCHEDULES, now)?;
+            self.statics_synced = true;
         }
         Ok(())
     }
@@ -610,7 +646,7 @@ async fn hand_over(shared: &Arc<Shared>, key: &AgentKey, mut rx: mpsc::Receiver<
     }
 }
 
-/// Opens the savepoint of one event (`storage::EVENT_SAVEPOINT`).
+/// Opens the savepoint of one event (see `storage::RUNTIME_SAVEPOINTS`).
 fn savepoint(conn: &Connection) -> Result<(), RawError> {
     conn.prepare_cached("SAVEPOINT agents_event")
         .and_then(|mut s| s.execute([]))

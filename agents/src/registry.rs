@@ -14,7 +14,7 @@ use agents_client::{Payload, RawError};
 use tokio::{
     sync::{
         mpsc::{self, error::TrySendError},
-        oneshot,
+        oneshot, Semaphore,
     },
     time::Instant,
 };
@@ -24,6 +24,12 @@ use crate::{
     address::AgentKey, agent::Invocation, alarms::AlarmIndex, clock::Clock, error::Error,
     storage::Durability,
 };
+
+/// How many databases may be opening at the same time: half the cores, so that the async
+/// workers keep the other half.
+fn opening_at_once() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1))
+}
 
 /// Settings every instance reads.
 #[derive(Debug, Clone)]
@@ -56,6 +62,8 @@ pub(crate) enum Event {
     Hibernate(oneshot::Sender<()>),
     /// Run the rows that are due, then re-derive the alarm; answered once that is durable.
     Alarm(Option<oneshot::Sender<()>>),
+    /// An alarm is about to go off: open the database now, so that it runs on time.
+    Warm,
 }
 
 pub(crate) type Reply = Result<Payload, RawError>;
@@ -78,7 +86,7 @@ impl Event {
             Event::Hibernate(done) | Event::Alarm(Some(done)) => {
                 let _ = done.send(());
             }
-            Event::Alarm(None) => {}
+            Event::Alarm(None) | Event::Warm => {}
         }
     }
 }
@@ -171,6 +179,9 @@ pub(crate) struct Shared {
     classes: HashMap<&'static str, Class>,
     agents: Mutex<Agents>,
     pub tracker: TaskTracker,
+    /// Bounds how many databases open at once, so that a burst of activations cannot crowd
+    /// the async workers off the CPU with blocking threads.
+    pub opening: Semaphore,
 }
 
 impl Shared {
@@ -181,6 +192,7 @@ impl Shared {
             classes,
             agents: Mutex::default(),
             tracker: TaskTracker::new(),
+            opening: Semaphore::new(opening_at_once()),
         }
     }
 

@@ -399,6 +399,11 @@ impl Due {
     pub fn is_alarm(&self) -> bool {
         self.kind == "alarm"
     }
+
+    /// Runs once: a one-shot row or the alarm.
+    pub fn is_one_shot(&self) -> bool {
+        self.kind == "once" || self.kind == "alarm"
+    }
 }
 
 /// The rows due at `now`, in due order.
@@ -422,6 +427,13 @@ pub(crate) fn due(conn: &Connection, now: u64, limit: usize) -> Result<Vec<Due>,
         })?
         .collect::<rusqlite::Result<_>>()?;
     Ok(rows)
+}
+
+/// Deletes the row `id`.
+pub(crate) fn remove(conn: &Connection, id: i64) -> Result<(), Error> {
+    conn.prepare_cached("DELETE FROM _agents_schedules WHERE id = ?1")?
+        .execute([id])?;
+    Ok(())
 }
 
 /// Records a successful run: a one-shot goes, a recurring row moves to its next time after `now`.

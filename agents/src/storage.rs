@@ -43,6 +43,9 @@ pub enum Durability {
     Normal,
 }
 
+/// The version of the runtime's own tables, kept in the database header (`application_id`).
+const RUNTIME_SCHEMA: i64 = 0x4167_0001;
+
 /// Checkpoint once the WAL is larger than this.
 pub(crate) const CHECKPOINT_WAL_BYTES: u64 = 8 << 20;
 
@@ -83,19 +86,25 @@ pub(crate) fn open(
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "wal_autocheckpoint", 0)?;
     conn.set_prepared_statement_cache_capacity(64);
-    // Record the address on first open, and check it on every later one: two addresses whose
-    // ids collide must never share a file.
-    conn.execute_batch(
-        "BEGIN;
-         CREATE TABLE IF NOT EXISTS _agents_meta(k TEXT PRIMARY KEY, v TEXT NOT NULL) WITHOUT ROWID;
-         CREATE TABLE IF NOT EXISTS _agents_kv(k BLOB PRIMARY KEY, v BLOB NOT NULL) WITHOUT ROWID;",
-    )?;
-    conn.execute_batch(crate::schedule::TABLES)?;
-    conn.execute(
-        "INSERT OR IGNORE INTO _agents_meta(k, v) VALUES ('class', ?1), ('name', ?2)",
-        [key.class(), key.name()],
-    )?;
-    conn.execute_batch("COMMIT")?;
+    // The runtime's tables, created once: the header's application_id records their version,
+    // so reopening a database (after every hibernation) costs one pragma, not the DDL.
+    let schema: i64 = conn.query_row("PRAGMA application_id", [], |r| r.get(0))?;
+    if schema != RUNTIME_SCHEMA {
+        // Record the address on first open, and check it on every later one: two addresses
+        // whose ids collide must never share a file.
+        conn.execute_batch(
+            "BEGIN;
+             CREATE TABLE IF NOT EXISTS _agents_meta(k TEXT PRIMARY KEY, v TEXT NOT NULL) WITHOUT ROWID;
+             CREATE TABLE IF NOT EXISTS _agents_kv(k BLOB PRIMARY KEY, v BLOB NOT NULL) WITHOUT ROWID;",
+        )?;
+        conn.execute_batch(crate::schedule::TABLES)?;
+        conn.execute(
+            "INSERT OR IGNORE INTO _agents_meta(k, v) VALUES ('class', ?1), ('name', ?2)",
+            [key.class(), key.name()],
+        )?;
+        conn.pragma_update(None, "application_id", RUNTIME_SCHEMA)?;
+        conn.execute_batch("COMMIT")?;
+    }
     let (class, name): (String, String) = conn.query_row(
         "SELECT (SELECT v FROM _agents_meta WHERE k = 'class'), (SELECT v FROM _agents_meta WHERE k = 'name')",
         [],
@@ -129,11 +138,13 @@ pub(crate) fn open(
     Ok((conn, wal))
 }
 
-/// The savepoint around each event.
-pub(crate) const EVENT_SAVEPOINT: &str = "agents_event";
+/// The prefix of the runtime's savepoints (`agents_event` around each event, `agents_row`
+/// around each scheduled row).
+pub(crate) const RUNTIME_SAVEPOINTS: &str = "agents_";
 
 /// While `in_handler` is set, refuses the statements that would take the transaction away from
-/// the runtime: `BEGIN`, `COMMIT`, `END`, `ROLLBACK`, and any use of the event's savepoint.
+/// the runtime: `BEGIN`, `COMMIT`, `END`, `ROLLBACK`, and any use of the runtime's savepoints
+/// (named `agents_*`).
 /// (A handler's own savepoints are fine.) SQLite reports the refusal as "not authorized".
 pub(crate) fn guard_transaction(conn: &Connection, in_handler: Arc<AtomicBool>) {
     conn.authorizer(Some(move |ctx: AuthContext<'_>| {
@@ -143,7 +154,9 @@ pub(crate) fn guard_transaction(conn: &Connection, in_handler: Arc<AtomicBool>) 
         match ctx.action {
             AuthAction::Transaction { .. } => Authorization::Deny,
             AuthAction::Savepoint { savepoint_name, .. }
-                if savepoint_name.eq_ignore_ascii_case(EVENT_SAVEPOINT) =>
+                if savepoint_name
+                    .get(..RUNTIME_SAVEPOINTS.len())
+                    .is_some_and(|p| p.eq_ignore_ascii_case(RUNTIME_SAVEPOINTS)) =>
             {
                 Authorization::Deny
             }
