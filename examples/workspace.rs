@@ -154,7 +154,7 @@ impl Thread {
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let start = SystemTime::UNIX_EPOCH + Duration::from_secs(1_790_000_000); // 2026-09-22
+    let start = SystemTime::UNIX_EPOCH + Duration::from_secs(1_790_000_000); // 2026-09-21 14:13 UTC
     let rt = TestRuntime::start(
         Runtime::builder()
             .clock(Clock::manual(start))
