@@ -604,6 +604,55 @@ mod tests {
     }
 
     #[test]
+    fn static_rows_follow_their_attributes() {
+        let conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch(TABLES).unwrap();
+        let every = |ms| StaticSchedule {
+            method: "tick",
+            cron: None,
+            tz: None,
+            every_ms: Some(ms),
+        };
+        let cron = StaticSchedule {
+            method: "nightly",
+            cron: Some("0 3 * * *"),
+            tz: None,
+            every_ms: None,
+        };
+        let rows = |conn: &Connection| {
+            list(conn)
+                .unwrap()
+                .into_iter()
+                .map(|s| (s.method, s.kind))
+                .collect::<Vec<_>>()
+        };
+        sync_static(&conn, &[every(1000), cron], 0).unwrap();
+        let id = list(&conn).unwrap()[0].id;
+        sync_static(&conn, &[every(1000), cron], 500).unwrap();
+        assert_eq!(
+            list(&conn).unwrap()[0].id,
+            id,
+            "unchanged: the row (and its next time) is kept"
+        );
+        assert_eq!(list(&conn).unwrap().len(), 2);
+        sync_static(&conn, &[every(2000)], 600).unwrap();
+        assert_eq!(
+            rows(&conn),
+            [(
+                "tick".to_string(),
+                ScheduleKind::Every(Duration::from_secs(2))
+            )]
+        );
+        assert_eq!(
+            list(&conn).unwrap()[0].next,
+            from_ms(2600),
+            "changed: re-created from now"
+        );
+        sync_static(&conn, &[], 700).unwrap();
+        assert!(rows(&conn).is_empty(), "attribute removed: row removed");
+    }
+
+    #[test]
     fn invalid_expressions_and_zones_are_refused_with_the_reason() {
         let e = When::cron("61 * * * *").unwrap_err().to_string();
         assert!(e.contains("invalid cron expression `61 * * * *`"), "{e}");
