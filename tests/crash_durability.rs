@@ -3,26 +3,9 @@
 
 mod common;
 
-use std::{collections::HashMap, path::PathBuf, process::Stdio, time::Duration};
+use std::{collections::HashMap, time::Duration};
 
-use tokio::{
-    io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines},
-    process::{Child, ChildStdout, Command},
-};
-
-async fn start(exe: &PathBuf, dir: &std::path::Path) -> (Child, Lines<BufReader<ChildStdout>>) {
-    let mut child = Command::new(exe)
-        .arg("serve")
-        .arg(dir)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start the counter example");
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    assert_eq!(lines.next_line().await.unwrap().as_deref(), Some("ready"));
-    (child, lines)
-}
+use tokio::io::AsyncWriteExt;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_acknowledged_increment_survives_sigkill() {
@@ -31,8 +14,7 @@ async fn every_acknowledged_increment_survives_sigkill() {
     const NAMES: usize = 4;
     const SENT: usize = 200_000;
 
-    let (mut child, mut lines) = start(&exe, dir.path()).await;
-    let mut stdin = child.stdin.take().unwrap();
+    let (mut child, mut stdin, mut lines) = common::start_server(&exe, dir.path()).await;
     let writer = tokio::spawn(async move {
         for i in 0..SENT {
             let line = format!("add k{} 1 {i}\n", i % NAMES);
@@ -70,8 +52,7 @@ async fn every_acknowledged_increment_survives_sigkill() {
     assert!(!status.success(), "the server was killed, not stopped");
     let _ = writer.await;
 
-    let (mut child, mut lines) = start(&exe, dir.path()).await;
-    let mut stdin = child.stdin.take().unwrap();
+    let (mut child, mut stdin, mut lines) = common::start_server(&exe, dir.path()).await;
     for k in 0..NAMES {
         stdin
             .write_all(format!("get k{k} {k}\n").as_bytes())

@@ -3,31 +3,9 @@
 
 mod common;
 
-use std::{collections::HashMap, process::Stdio, time::Duration};
+use std::{collections::HashMap, time::Duration};
 
-use tokio::{
-    io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines},
-    process::{Child, ChildStdin, ChildStdout, Command},
-    time::Instant,
-};
-
-async fn start(
-    exe: &std::path::Path,
-    dir: &std::path::Path,
-) -> (Child, ChildStdin, Lines<BufReader<ChildStdout>>) {
-    let mut child = Command::new(exe)
-        .arg("serve")
-        .arg(dir)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start the reminders example");
-    let stdin = child.stdin.take().unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    assert_eq!(lines.next_line().await.unwrap().as_deref(), Some("ready"));
-    (child, stdin, lines)
-}
+use tokio::{io::AsyncWriteExt, time::Instant};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_shots_due_during_downtime_fire_within_two_seconds_of_restart_exactly_once() {
@@ -36,7 +14,7 @@ async fn one_shots_due_during_downtime_fire_within_two_seconds_of_restart_exactl
     const NAMES: usize = 10;
     const PER_NAME: usize = 3;
 
-    let (mut child, mut stdin, mut lines) = start(&exe, dir.path()).await;
+    let (mut child, mut stdin, mut lines) = common::start_server(&exe, dir.path()).await;
     for n in 0..NAMES {
         for r in 0..PER_NAME {
             stdin
@@ -53,7 +31,7 @@ async fn one_shots_due_during_downtime_fire_within_two_seconds_of_restart_exactl
     child.wait().await.unwrap();
     tokio::time::sleep(Duration::from_millis(2500)).await; // everything is overdue now
 
-    let (mut child, mut stdin, mut lines) = start(&exe, dir.path()).await;
+    let (mut child, mut stdin, mut lines) = common::start_server(&exe, dir.path()).await;
     let restarted = Instant::now();
     let mut fired: HashMap<String, usize> = HashMap::new();
     while fired.values().sum::<usize>() < NAMES * PER_NAME {

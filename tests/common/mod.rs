@@ -125,3 +125,27 @@ pub fn example_binary(name: &str) -> std::path::PathBuf {
         .join("examples")
         .join(name)
 }
+
+/// A running example server (`<example> serve DIR`): the child, its stdin, its stdout lines.
+pub type Server = (
+    tokio::process::Child,
+    tokio::process::ChildStdin,
+    tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+);
+
+/// Starts `exe serve dir` and waits for its `ready` line.
+pub async fn start_server(exe: &std::path::Path, dir: &std::path::Path) -> Server {
+    use tokio::io::AsyncBufReadExt;
+    let mut child = tokio::process::Command::new(exe)
+        .arg("serve")
+        .arg(dir)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap_or_else(|e| panic!("start {}: {e}", exe.display()));
+    let stdin = child.stdin.take().unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    assert_eq!(lines.next_line().await.unwrap().as_deref(), Some("ready"));
+    (child, stdin, lines)
+}
