@@ -3,6 +3,8 @@
 //! ```text
 //! cargo run --example counter                 # the demo: run it twice, the totals keep growing
 //! cargo run --example counter -- serve DIR    # a line protocol on stdin/stdout (used by the crash test)
+//! cargo run --example counter -- http [ADDR]  # HTTP on ADDR (default 127.0.0.1:8080), then:
+//! curl -X POST 127.0.0.1:8080/agents/counter/bob/call/add -d '[5]'
 //! ```
 //!
 //! The line protocol: `add <name> <by> <tag>` answers `ack <tag> <total>` once the write is
@@ -61,9 +63,23 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             )
             .await
         }
-        Some(other) => {
-            Err(format!("unknown command `{other}`; try `serve DATA_DIR` or nothing").into())
+        Some("http") => {
+            let addr = args
+                .get(1)
+                .map_or("127.0.0.1:8080", String::as_str)
+                .parse()?;
+            let dir = std::env::temp_dir().join("agents-counter-example");
+            let runtime = Runtime::builder()
+                .data_dir(&dir)
+                .agent::<Counter>()
+                .build()?;
+            println!("serving on http://{addr}; try: curl -X POST {addr}/agents/counter/bob/call/add -d '[5]'");
+            Ok(runtime.serve(addr).await?)
         }
+        Some(other) => Err(format!(
+            "unknown command `{other}`; try `serve DATA_DIR`, `http [ADDR]` or nothing"
+        )
+        .into()),
         None => demo().await,
     }
 }

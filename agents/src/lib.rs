@@ -74,6 +74,7 @@ mod instance;
 mod registry;
 mod runtime;
 mod schedule;
+mod server;
 mod storage;
 pub mod testing;
 
@@ -111,6 +112,7 @@ pub use context::Ctx;
 pub use error::{Error, Result};
 pub use runtime::{Builder, Runtime};
 pub use schedule::{AlarmInfo, DeadLetter, Schedule, ScheduleKind, When, RETRIES, RETRY_BASE};
+pub use server::router;
 pub use storage::{Durability, Kv};
 
 /// What most agent code needs: `use agents::prelude::*;`
