@@ -12,6 +12,7 @@
 
 mod error;
 mod payload;
+pub mod protocol;
 mod transport;
 
 pub use error::{ErrorKind, NoError, RawError, RpcError};

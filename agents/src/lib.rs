@@ -68,6 +68,7 @@ mod address;
 mod agent;
 mod alarms;
 mod clock;
+mod connection;
 mod context;
 mod error;
 mod instance;

@@ -42,6 +42,7 @@ pub(crate) struct Config {
     pub max_batch: usize,
     pub max_live: usize,
     pub clock: Clock,
+    pub max_message_bytes: usize,
 }
 
 /// Starts the task of one instance of a class.
@@ -199,6 +200,11 @@ impl Shared {
     fn agents(&self) -> MutexGuard<'_, Agents> {
         // No code panics while holding this lock; recover the data if it ever does.
         self.agents.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether a type is registered for `class`.
+    pub fn has_class(&self, class: &str) -> bool {
+        self.classes.contains_key(class)
     }
 
     /// The registered class of `key`, if its type is `type_id`.

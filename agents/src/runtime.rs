@@ -46,6 +46,7 @@ pub struct Builder {
     call_timeout: Duration,
     max_batch: usize,
     max_live: Option<usize>,
+    max_message_bytes: usize,
     clock: Clock,
     classes: HashMap<&'static str, Class>,
     error: Option<String>,
@@ -61,6 +62,7 @@ impl Default for Builder {
             call_timeout: Duration::from_secs(30),
             max_batch: 256,
             max_live: None,
+            max_message_bytes: 1 << 20,
             clock: Clock::system(),
             classes: HashMap::new(),
             error: None,
@@ -123,6 +125,13 @@ impl Builder {
     /// maximum: `(limit - 256) / 4`, at least 16.
     pub fn max_live_agents(mut self, agents: usize) -> Self {
         self.max_live = Some(agents.max(1));
+        self
+    }
+
+    /// The largest WebSocket message accepted, in bytes; a larger one closes the connection
+    /// with code 1009. Default 1 MiB.
+    pub fn max_message_size(mut self, bytes: usize) -> Self {
+        self.max_message_bytes = bytes.max(1024);
         self
     }
 
@@ -191,6 +200,7 @@ impl Builder {
             max_batch: self.max_batch,
             max_live: self.max_live.unwrap_or_else(default_max_live),
             clock: self.clock,
+            max_message_bytes: self.max_message_bytes,
         };
         let alarms = AlarmIndex::open(&config.data_dir)?;
         let shared = Arc::new(Shared::new(config, alarms, self.classes));
@@ -296,13 +306,40 @@ impl Runtime {
         method: &str,
         args: Payload,
     ) -> Result<Payload, RawError> {
+        self.call_with_timeout(class, name, method, args, None)
+            .await
+    }
+
+    /// [`call`](Runtime::call) with its own timeout instead of the runtime's default.
+    pub async fn call_with_timeout(
+        &self,
+        class: &str,
+        name: &str,
+        method: &str,
+        args: Payload,
+        timeout: Option<Duration>,
+    ) -> Result<Payload, RawError> {
         let key = AgentKey::new(class, name).map_err(RawError::bad_args)?;
         let call = OutgoingCall {
             method: method.to_owned().into(),
             args,
-            timeout: None,
+            timeout,
         };
         call_local(self.shared(), key, Chain::default(), call).await
+    }
+
+    /// Checks that `class`/`name` can be addressed (a valid name of a registered class).
+    pub(crate) fn check_address(&self, class: &str, name: &str) -> Result<AgentKey, Error> {
+        let key = AgentKey::new(class, name)?;
+        if !self.shared().has_class(class) {
+            return Err(Error::UnknownClass(class.to_owned()));
+        }
+        Ok(key)
+    }
+
+    /// The largest WebSocket message accepted, in bytes.
+    pub(crate) fn max_message_bytes(&self) -> usize {
+        self.shared().config.max_message_bytes
     }
 
     /// The database file of an agent (whether or not it exists yet): for backups and tests.

@@ -1,4 +1,5 @@
-//! Serving agents over HTTP (axum): `POST /agents/{class}/{name}/call/{method}`.
+//! Serving agents over HTTP (axum): `POST /agents/{class}/{name}/call/{method}`, and
+//! WebSockets on `GET /agents/{class}/{name}` (see [`connection`](crate::connection)).
 //!
 //! The body is the JSON array of arguments (`[5]`, or `[]` for none); the answer is `200` with
 //! the result as JSON, or the error object of the JSON protocol
@@ -19,22 +20,23 @@
 
 use std::net::SocketAddr;
 
-use agents_client::{ErrorKind, Payload, RawError};
+use agents_client::{protocol, ErrorKind, Payload, RawError};
 use axum::{
     body::Bytes,
     extract::{Path, State},
     http::{header, StatusCode},
     response::{IntoResponse, Response},
-    routing::post,
+    routing::{get, post},
     Router,
 };
 
-use crate::{error::Error, runtime::Runtime};
+use crate::{connection, error::Error, runtime::Runtime};
 
 /// The HTTP routes of `runtime`, as an `axum::Router` to serve as is or to mount (`.merge`,
 /// `.nest`) in an application of your own.
 pub fn router(runtime: Runtime) -> Router {
     Router::new()
+        .route("/agents/{class}/{name}", get(connection::upgrade))
         .route("/agents/{class}/{name}/call/{method}", post(call))
         .with_state(runtime)
 }
@@ -91,14 +93,7 @@ fn error(e: RawError) -> Response {
             StatusCode::INTERNAL_SERVER_ERROR
         }
     };
-    let mut body = serde_json::json!({ "kind": e.kind.as_str(), "message": e.message });
-    if let Some(data) = e.data {
-        body["data"] = match data {
-            Payload::Json(v) => v,
-            Payload::Postcard(_) => serde_json::Value::Null,
-        };
-    }
-    json(status, &body)
+    json(status, &protocol::error_object(&e))
 }
 
 impl Runtime {

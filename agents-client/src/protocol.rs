@@ -1,0 +1,181 @@
+//! The wire protocol of agent connections.
+//!
+//! A WebSocket to `GET /agents/{class}/{name}` picks a subprotocol:
+//! - `agents.v1.json`: one JSON object per text frame, described here exactly;
+//! - `agents.v1.postcard`: the same frames in binary (for Rust clients; not served yet).
+//!
+//! ## `agents.v1.json`
+//! Every frame is a JSON object whose field `type` comes first.
+//!
+//! Client → server:
+//! - `{"type":"call","id":7,"method":"add","args":[5],"deadline_ms":30000}`: calls a callable.
+//!   `id` is any unsigned integer chosen by the client, unique among its calls in flight;
+//!   `args` is the positional argument array (`[]` for none); `deadline_ms` (optional) is
+//!   relative: the call fails with `timeout` if no reply is ready by then.
+//! - `{"type":"cancel","id":7}`: gives up on call 7. If it has not run yet it never will; its
+//!   reply is `cancelled` either way.
+//! - `{"type":"message","data":<any JSON>}`: a message for the agent's `on_message`.
+//!
+//! Server → client:
+//! - `{"type":"identity","class":"counter","name":"bob","conn":"<id>"}`: the first frame.
+//! - `{"type":"reply","id":7,"ok":<result>}`, or
+//!   `{"type":"reply","id":7,"err":{"kind":"<kind>","message":"..","data":<typed app error>}}`
+//!   with `kind` one of `app`, `unknown_method`, `bad_args`, `timeout`, `cancelled`,
+//!   `overloaded`, `cycle`, `internal`; `data` only for `app`.
+//! - `{"type":"error","message":".."}`: a frame that could not be understood at all (not
+//!   JSON, an unknown `type`, a binary frame). The connection stays open.
+//!
+//! A frame larger than the server's limit closes the connection with code 1009.
+
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::{Payload, RawError};
+
+/// The JSON subprotocol's name.
+pub const JSON_PROTOCOL: &str = "agents.v1.json";
+/// The postcard subprotocol's name.
+pub const POSTCARD_PROTOCOL: &str = "agents.v1.postcard";
+
+/// A frame from client to server, as parsed from `agents.v1.json`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ClientFrame {
+    /// Call a callable.
+    Call {
+        /// Chosen by the client; echoed in the reply.
+        id: u64,
+        /// The callable's wire name.
+        method: String,
+        /// Positional arguments.
+        #[serde(default = "no_args")]
+        args: Value,
+        /// Relative deadline in milliseconds.
+        #[serde(default)]
+        deadline_ms: Option<u64>,
+    },
+    /// Give up on a call.
+    Cancel {
+        /// The call's id.
+        id: u64,
+    },
+    /// A message for `on_message`.
+    Message {
+        /// Any JSON.
+        data: Value,
+    },
+}
+
+fn no_args() -> Value {
+    Value::Array(Vec::new())
+}
+
+impl ClientFrame {
+    /// Parses one text frame.
+    pub fn from_json(text: &str) -> Result<Self, String> {
+        serde_json::from_str(text).map_err(|e| format!("not a frame of {JSON_PROTOCOL}: {e}"))
+    }
+
+    /// The relative deadline of a call.
+    pub fn deadline(deadline_ms: Option<u64>) -> Option<Duration> {
+        deadline_ms.map(Duration::from_millis)
+    }
+}
+
+/// The error object of the JSON protocol (and of HTTP errors):
+/// `{"kind":"..","message":"..","data":..}`, `data` only when there is some.
+pub fn error_object(e: &RawError) -> Value {
+    let mut object = json!({ "kind": e.kind.as_str(), "message": e.message });
+    if let Some(data) = &e.data {
+        object["data"] = match data {
+            Payload::Json(v) => v.clone(),
+            Payload::Postcard(_) => Value::Null,
+        };
+    }
+    object
+}
+
+/// `{"type":"identity",..}`
+pub fn identity_frame(class: &str, name: &str, conn: &str) -> String {
+    json!({ "type": "identity", "class": class, "name": name, "conn": conn }).to_string()
+}
+
+/// `{"type":"reply","id":..,"ok":..}` or `{"type":"reply","id":..,"err":{..}}`
+pub fn reply_frame(id: u64, result: &Result<Payload, RawError>) -> String {
+    match result {
+        Ok(Payload::Json(v)) => json!({ "type": "reply", "id": id, "ok": v }).to_string(),
+        Ok(Payload::Postcard(_)) => {
+            let e = RawError::internal("a JSON call was answered in postcard");
+            json!({ "type": "reply", "id": id, "err": error_object(&e) }).to_string()
+        }
+        Err(e) => json!({ "type": "reply", "id": id, "err": error_object(e) }).to_string(),
+    }
+}
+
+/// `{"type":"error","message":..}`
+pub fn error_frame(message: &str) -> String {
+    json!({ "type": "error", "message": message }).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ErrorKind;
+
+    #[test]
+    fn frames_have_the_documented_shapes() {
+        let call = ClientFrame::from_json(
+            r#"{"type":"call","id":7,"method":"add","args":[5],"deadline_ms":30000}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            call,
+            ClientFrame::Call {
+                id: 7,
+                method: "add".into(),
+                args: json!([5]),
+                deadline_ms: Some(30000)
+            }
+        );
+        let bare = ClientFrame::from_json(r#"{"type":"call","id":1,"method":"get"}"#).unwrap();
+        assert_eq!(
+            bare,
+            ClientFrame::Call {
+                id: 1,
+                method: "get".into(),
+                args: json!([]),
+                deadline_ms: None
+            }
+        );
+        assert_eq!(
+            ClientFrame::from_json(r#"{"type":"cancel","id":7}"#).unwrap(),
+            ClientFrame::Cancel { id: 7 }
+        );
+        assert!(ClientFrame::from_json(r#"{"type":"teleport"}"#).is_err());
+        assert!(ClientFrame::from_json(r#"{"type":"call","id":-1,"method":"x"}"#).is_err());
+        assert!(ClientFrame::from_json("[1]").is_err());
+
+        // `type` comes first in every frame, as the protocol promises.
+        assert_eq!(
+            reply_frame(7, &Ok(Payload::Json(json!(5)))),
+            r#"{"type":"reply","id":7,"ok":5}"#
+        );
+        assert_eq!(error_frame("x"), r#"{"type":"error","message":"x"}"#);
+        let ok: Value =
+            serde_json::from_str(&reply_frame(7, &Ok(Payload::Json(json!(5))))).unwrap();
+        assert_eq!(ok, json!({"type": "reply", "id": 7, "ok": 5}));
+        let err = RawError {
+            kind: ErrorKind::App,
+            message: "no".into(),
+            data: Some(Payload::Json(json!({"Refused": 1}))),
+        };
+        let err: Value = serde_json::from_str(&reply_frame(7, &Err(err))).unwrap();
+        assert_eq!(
+            err,
+            json!({"type": "reply", "id": 7, "err": {"kind": "app", "message": "no", "data": {"Refused": 1}}})
+        );
+        assert!(identity_frame("c", "n", "1").starts_with(r#"{"type":"identity""#));
+    }
+}

@@ -1,0 +1,219 @@
+//! WebSocket connections: `GET /agents/{class}/{name}` with the `agents.v1.json` subprotocol
+//! (see `agents_client::protocol`).
+//!
+//! The socket is owned by the runtime, not by the agent: calls arriving on it are routed to the
+//! agent like any other call (waking it if it hibernates), and replies come back in the order
+//! they are ready. A call's deadline and its cancellation work as documented in the protocol;
+//! a disconnect cancels the calls still in flight (those not yet run never run).
+
+use std::{
+    collections::HashMap,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+};
+
+use agents_client::{protocol, ErrorKind, Payload, RawError};
+use axum::{
+    extract::{
+        ws::{close_code, CloseFrame, Message, WebSocket, WebSocketUpgrade},
+        Path, State,
+    },
+    http::StatusCode,
+    response::{IntoResponse, Response},
+};
+use futures_util::{SinkExt, StreamExt};
+use tokio::{sync::mpsc, task::AbortHandle};
+
+use crate::{address::AgentKey, runtime::Runtime};
+
+/// How many frames may wait to be written to one socket before it is closed as too slow.
+const OUTBOUND_QUEUE: usize = 1024;
+
+static NEXT_CONN: AtomicU64 = AtomicU64::new(1);
+
+/// The upgrade handler: checks the address before anything is woken.
+pub(crate) async fn upgrade(
+    State(runtime): State<Runtime>,
+    Path((class, name)): Path<(String, String)>,
+    ws: WebSocketUpgrade,
+) -> Response {
+    let key = match runtime.check_address(&class, &name) {
+        Ok(key) => key,
+        Err(e) => return (StatusCode::BAD_REQUEST, e.to_string()).into_response(),
+    };
+    let ws = ws
+        .protocols([protocol::JSON_PROTOCOL])
+        .max_message_size(runtime.max_message_bytes());
+    let json = ws.selected_protocol().is_some();
+    ws.on_upgrade(move |socket| async move {
+        if json {
+            serve_json(runtime, key, socket).await;
+        } else {
+            refuse(socket).await;
+        }
+    })
+}
+
+/// No subprotocol: raw frames would go to `on_message`, which this runtime does not serve yet.
+async fn refuse(mut socket: WebSocket) {
+    let reason = format!(
+        "use the subprotocol {}: raw frames (no subprotocol) are not served yet",
+        protocol::JSON_PROTOCOL
+    );
+    let _ = socket
+        .send(Message::Close(Some(CloseFrame {
+            code: close_code::UNSUPPORTED,
+            reason: reason.into(),
+        })))
+        .await;
+}
+
+async fn serve_json(runtime: Runtime, key: AgentKey, socket: WebSocket) {
+    let conn = format!("{:016x}", NEXT_CONN.fetch_add(1, Ordering::Relaxed));
+    let span =
+        tracing::debug_span!("connection", class = key.class(), name = key.name(), conn = %conn);
+    let _enter = span.enter();
+    let (mut sink, mut stream) = socket.split();
+    let (out, mut outbound) = mpsc::channel::<Message>(OUTBOUND_QUEUE);
+    let writer = tokio::spawn(async move {
+        while let Some(message) = outbound.recv().await {
+            let closing = matches!(message, Message::Close(_));
+            if sink.send(message).await.is_err() || closing {
+                break;
+            }
+        }
+    });
+    let in_flight: Arc<Mutex<HashMap<u64, AbortHandle>>> = Arc::default();
+    let _ = out
+        .send(Message::Text(
+            protocol::identity_frame(key.class(), key.name(), &conn).into(),
+        ))
+        .await;
+
+    while let Some(frame) = stream.next().await {
+        let text = match frame {
+            Ok(Message::Text(text)) => text,
+            Ok(Message::Binary(_)) => {
+                send(
+                    &out,
+                    protocol::error_frame(
+                        "binary frames are not part of agents.v1.json; send JSON text frames",
+                    ),
+                );
+                continue;
+            }
+            Ok(Message::Close(_)) => break,
+            Ok(_) => continue, // ping/pong: answered by the socket itself
+            Err(e) => {
+                if is_too_big(&e) {
+                    let reason = format!(
+                        "a message exceeded the limit of {} bytes",
+                        runtime.max_message_bytes()
+                    );
+                    let _ = out
+                        .send(Message::Close(Some(CloseFrame {
+                            code: close_code::SIZE,
+                            reason: reason.into(),
+                        })))
+                        .await;
+                }
+                break;
+            }
+        };
+        match protocol::ClientFrame::from_json(text.as_str()) {
+            Err(e) => send(&out, protocol::error_frame(&e)),
+            Ok(protocol::ClientFrame::Call {
+                id,
+                method,
+                args,
+                deadline_ms,
+            }) => {
+                if !args.is_array() {
+                    let e = RawError::bad_args(format!("`args` must be an array, not {args}"));
+                    send(&out, protocol::reply_frame(id, &Err(e)));
+                    continue;
+                }
+                let mut calls = in_flight.lock().unwrap_or_else(|e| e.into_inner());
+                if calls.contains_key(&id) {
+                    let e = RawError::bad_args(format!("a call with id {id} is already in flight"));
+                    send(&out, protocol::reply_frame(id, &Err(e)));
+                    continue;
+                }
+                let (runtime, key, out, registry) =
+                    (runtime.clone(), key.clone(), out.clone(), in_flight.clone());
+                let task = tokio::spawn(async move {
+                    let timeout = protocol::ClientFrame::deadline(deadline_ms);
+                    let result = runtime
+                        .call_with_timeout(
+                            key.class(),
+                            key.name(),
+                            &method,
+                            Payload::Json(args),
+                            timeout,
+                        )
+                        .await;
+                    registry
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(&id);
+                    send(&out, protocol::reply_frame(id, &result));
+                });
+                calls.insert(id, task.abort_handle());
+            }
+            Ok(protocol::ClientFrame::Cancel { id }) => {
+                if let Some(task) = in_flight
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&id)
+                {
+                    task.abort(); // drops the call: if it has not run, it never will
+                    let e = RawError::new(
+                        ErrorKind::Cancelled,
+                        format!("call {id} was cancelled by the client"),
+                    );
+                    send(&out, protocol::reply_frame(id, &Err(e)));
+                }
+            }
+            Ok(protocol::ClientFrame::Message { .. }) => {
+                send(
+                    &out,
+                    protocol::error_frame(
+                        "`message` frames reach on_message, which this runtime does not serve yet",
+                    ),
+                );
+            }
+        }
+    }
+    for (_, task) in in_flight.lock().unwrap_or_else(|e| e.into_inner()).drain() {
+        task.abort();
+    }
+    drop(out);
+    let _ = writer.await;
+}
+
+/// Queues a text frame; a reader too slow to keep up is closed instead of growing the queue.
+fn send(out: &mpsc::Sender<Message>, frame: String) {
+    if let Err(mpsc::error::TrySendError::Full(_)) = out.try_send(Message::Text(frame.into())) {
+        let reason = "the client does not read its frames fast enough";
+        let close = Message::Close(Some(CloseFrame {
+            code: close_code::POLICY,
+            reason: reason.into(),
+        }));
+        let out = out.clone();
+        tokio::spawn(async move { out.send(close).await });
+    }
+}
+
+/// Whether a receive error is a message over the size limit.
+fn is_too_big(e: &axum::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = source {
+        if let Some(tungstenite::Error::Capacity(_)) = err.downcast_ref::<tungstenite::Error>() {
+            return true;
+        }
+        source = err.source();
+    }
+    false
+}

@@ -1,0 +1,268 @@
+//! Calls over a WebSocket with the `agents.v1.json` subprotocol, on a real socket on 127.0.0.1.
+
+mod common;
+
+use std::time::Duration;
+
+use agents::{prelude::*, testing::TestRuntime};
+use common::Counter;
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::{
+    client::IntoClientRequest, protocol::frame::coding::CloseCode, Message,
+};
+
+type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn serve() -> (TestRuntime, std::net::SocketAddr) {
+    let rt = TestRuntime::start(
+        Runtime::builder()
+            .agent::<Counter>()
+            .max_message_size(64 * 1024),
+    )
+    .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let runtime = rt.runtime().clone();
+    tokio::spawn(async move { runtime.serve_on(listener).await });
+    (rt, addr)
+}
+
+async fn connect(
+    addr: std::net::SocketAddr,
+    path: &str,
+    protocol: Option<&str>,
+) -> Result<Socket, tokio_tungstenite::tungstenite::Error> {
+    let mut request = format!("ws://{addr}{path}").into_client_request().unwrap();
+    if let Some(p) = protocol {
+        request
+            .headers_mut()
+            .insert("Sec-WebSocket-Protocol", p.parse().unwrap());
+    }
+    tokio_tungstenite::connect_async(request)
+        .await
+        .map(|(socket, _)| socket)
+}
+
+async fn next_json(ws: &mut Socket) -> Value {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .expect("a frame in time")
+        {
+            Some(Ok(Message::Text(t))) => return serde_json::from_str(&t).unwrap(),
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+            other => panic!("expected a text frame, got {other:?}"),
+        }
+    }
+}
+
+async fn send(ws: &mut Socket, frame: Value) {
+    ws.send(Message::Text(frame.to_string().into()))
+        .await
+        .unwrap();
+}
+
+/// Connects with the JSON protocol and reads the identity frame.
+async fn open(addr: std::net::SocketAddr, name: &str) -> Socket {
+    let mut ws = connect(
+        addr,
+        &format!("/agents/counter/{name}"),
+        Some("agents.v1.json"),
+    )
+    .await
+    .unwrap();
+    let identity = next_json(&mut ws).await;
+    assert_eq!(
+        (
+            identity["type"].as_str(),
+            identity["class"].as_str(),
+            identity["name"].as_str()
+        ),
+        (Some("identity"), Some("counter"), Some(name))
+    );
+    assert!(
+        identity["conn"].as_str().is_some_and(|c| !c.is_empty()),
+        "{identity}"
+    );
+    ws
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_are_answered_by_id_even_when_pipelined() {
+    let (rt, addr) = serve().await;
+    let mut ws = open(addr, "ws-bob").await;
+    send(
+        &mut ws,
+        json!({"type": "call", "id": 7, "method": "add", "args": [5]}),
+    )
+    .await;
+    assert_eq!(
+        next_json(&mut ws).await,
+        json!({"type": "reply", "id": 7, "ok": 5})
+    );
+    for id in 100..150 {
+        send(
+            &mut ws,
+            json!({"type": "call", "id": id, "method": "add", "args": [1]}),
+        )
+        .await;
+    }
+    let mut seen = Vec::new();
+    for _ in 100..150 {
+        let reply = next_json(&mut ws).await;
+        assert_eq!(reply["type"], "reply");
+        seen.push(reply["id"].as_u64().unwrap());
+    }
+    seen.sort();
+    assert_eq!(seen, (100..150).collect::<Vec<_>>());
+    assert_eq!(rt.agent::<Counter>("ws-bob").get().await.unwrap(), 55);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_frames_get_answers_and_the_connection_stays_up() {
+    let (_rt, addr) = serve().await;
+    let mut ws = open(addr, "ws-errors").await;
+    send(
+        &mut ws,
+        json!({"type": "call", "id": 1, "method": "nope", "args": []}),
+    )
+    .await;
+    let r = next_json(&mut ws).await;
+    assert_eq!(
+        (r["id"].as_u64(), r["err"]["kind"].as_str()),
+        (Some(1), Some("unknown_method")),
+        "{r}"
+    );
+    send(
+        &mut ws,
+        json!({"type": "call", "id": 2, "method": "add", "args": ["five"]}),
+    )
+    .await;
+    assert_eq!(next_json(&mut ws).await["err"]["kind"], "bad_args");
+    send(
+        &mut ws,
+        json!({"type": "call", "id": 3, "method": "add", "args": {"by": 1}}),
+    )
+    .await;
+    assert_eq!(next_json(&mut ws).await["err"]["kind"], "bad_args");
+    send(
+        &mut ws,
+        json!({"type": "call", "id": 4, "method": "add_then_fail", "args": [1]}),
+    )
+    .await;
+    let r = next_json(&mut ws).await;
+    assert_eq!(
+        r["err"],
+        json!({"kind": "app", "message": "refused: not adding 1", "data": {"Refused": "not adding 1"}})
+    );
+    ws.send(Message::Text("this is not json".into()))
+        .await
+        .unwrap();
+    assert_eq!(next_json(&mut ws).await["type"], "error");
+    send(&mut ws, json!({"type": "teleport"})).await;
+    assert_eq!(next_json(&mut ws).await["type"], "error");
+    ws.send(Message::Binary(vec![1, 2, 3].into()))
+        .await
+        .unwrap();
+    assert_eq!(next_json(&mut ws).await["type"], "error");
+    // Still up, and nothing was written by the failed calls.
+    send(&mut ws, json!({"type": "call", "id": 5, "method": "get"})).await;
+    assert_eq!(
+        next_json(&mut ws).await,
+        json!({"type": "reply", "id": 5, "ok": 0})
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deadlines_and_cancellation_work_and_a_cancelled_call_never_runs() {
+    let (rt, addr) = serve().await;
+    let mut ws = open(addr, "ws-cancel").await;
+    send(
+        &mut ws,
+        json!({"type": "call", "id": 1, "method": "sleep_ms", "args": [500], "deadline_ms": 50}),
+    )
+    .await;
+    let r = next_json(&mut ws).await;
+    assert_eq!(
+        (r["id"].as_u64(), r["err"]["kind"].as_str()),
+        (Some(1), Some("timeout")),
+        "{r}"
+    );
+    // A call queued behind a slow one, then cancelled: it must never run.
+    send(
+        &mut ws,
+        json!({"type": "call", "id": 2, "method": "sleep_ms", "args": [400]}),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    send(
+        &mut ws,
+        json!({"type": "call", "id": 3, "method": "add", "args": [1000]}),
+    )
+    .await;
+    send(&mut ws, json!({"type": "cancel", "id": 3})).await;
+    let r = next_json(&mut ws).await;
+    assert_eq!(
+        (r["id"].as_u64(), r["err"]["kind"].as_str()),
+        (Some(3), Some("cancelled")),
+        "{r}"
+    );
+    assert_eq!(
+        next_json(&mut ws).await,
+        json!({"type": "reply", "id": 2, "ok": null})
+    );
+    assert_eq!(
+        rt.agent::<Counter>("ws-cancel").get().await.unwrap(),
+        0,
+        "the cancelled add never ran"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversize_frames_close_with_1009_and_bad_addresses_are_refused_before_upgrade() {
+    let (rt, addr) = serve().await;
+    let mut ws = open(addr, "ws-big").await;
+    let big = json!({"type": "call", "id": 1, "method": "add", "args": ["x".repeat(100 * 1024)]});
+    ws.send(Message::Text(big.to_string().into()))
+        .await
+        .unwrap();
+    let close = loop {
+        match tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .unwrap()
+        {
+            Some(Ok(Message::Close(frame))) => break frame,
+            Some(Ok(_)) => continue,
+            other => panic!("expected a close frame, got {other:?}"),
+        }
+    };
+    assert_eq!(close.map(|f| f.code), Some(CloseCode::Size));
+
+    // Without a subprotocol: closed with 1003 and a reason.
+    let mut raw = connect(addr, "/agents/counter/ws-raw", None).await.unwrap();
+    match raw.next().await {
+        Some(Ok(Message::Close(Some(f)))) => assert_eq!(f.code, CloseCode::Unsupported),
+        other => panic!("expected a 1003 close, got {other:?}"),
+    }
+    // Unknown classes and invalid names fail the handshake; nothing was woken.
+    assert!(
+        connect(addr, "/agents/no-such-class/x", Some("agents.v1.json"))
+            .await
+            .is_err()
+    );
+    let long = "x".repeat(2000);
+    assert!(connect(
+        addr,
+        &format!("/agents/counter/{long}"),
+        Some("agents.v1.json")
+    )
+    .await
+    .is_err());
+    assert_eq!(
+        rt.live_count(),
+        0,
+        "connecting wakes no agent, and the oversize call never reached one"
+    );
+}
