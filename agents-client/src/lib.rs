@@ -14,13 +14,17 @@ mod error;
 mod payload;
 pub mod protocol;
 mod transport;
+mod ws;
 
 pub use error::{ErrorKind, NoError, RawError, RpcError};
 pub use payload::{Codec, CodecError, Payload};
 pub use transport::{BoxFuture, ClientCore, MethodCall, MethodInfo, OutgoingCall, Transport};
+pub use ws::{ConnectError, WsTransport, DEFAULT_TIMEOUT};
 
 #[doc(hidden)]
 pub mod __private {
-    pub use crate::{ClientCore, MethodCall, MethodInfo, NoError, RpcError};
+    pub use crate::{
+        ClientCore, ConnectError, MethodCall, MethodInfo, NoError, RpcError, WsTransport,
+    };
     pub use serde;
 }

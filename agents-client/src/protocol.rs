@@ -179,3 +179,104 @@ mod tests {
         assert!(identity_frame("c", "n", "1").starts_with(r#"{"type":"identity""#));
     }
 }
+
+/// A frame from client to server in `agents.v1.postcard` (one per binary frame).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, Deserialize)]
+pub enum PostcardClientFrame {
+    /// Call a callable with postcard-encoded arguments (a tuple).
+    Call {
+        /// Chosen by the client; echoed in the reply.
+        id: u64,
+        /// The callable's wire name.
+        method: String,
+        /// The arguments as a postcard tuple.
+        args: Vec<u8>,
+        /// Relative deadline in milliseconds.
+        deadline_ms: Option<u64>,
+    },
+    /// Give up on a call.
+    Cancel {
+        /// The call's id.
+        id: u64,
+    },
+}
+
+/// A frame from server to client in `agents.v1.postcard`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, Deserialize)]
+pub enum PostcardServerFrame {
+    /// The first frame.
+    Identity {
+        /// The agent's class.
+        class: String,
+        /// The agent's name.
+        name: String,
+        /// This connection's id.
+        conn: String,
+    },
+    /// The outcome of a call: postcard result bytes, or an error.
+    Reply {
+        /// The call's id.
+        id: u64,
+        /// The result or the error.
+        result: Result<Vec<u8>, WireError>,
+    },
+    /// A frame that could not be understood.
+    Error {
+        /// Why.
+        message: String,
+    },
+}
+
+/// An error in a postcard reply.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, Deserialize)]
+pub struct WireError {
+    /// What went wrong.
+    pub kind: crate::ErrorKind,
+    /// For people.
+    pub message: String,
+    /// The typed application error, postcard-encoded.
+    pub data: Option<Vec<u8>>,
+}
+
+impl From<&RawError> for WireError {
+    fn from(e: &RawError) -> Self {
+        let data = match &e.data {
+            Some(Payload::Postcard(bytes)) => Some(bytes.clone()),
+            _ => None,
+        };
+        WireError {
+            kind: e.kind,
+            message: e.message.clone(),
+            data,
+        }
+    }
+}
+
+impl From<WireError> for RawError {
+    fn from(e: WireError) -> Self {
+        RawError {
+            kind: e.kind,
+            message: e.message,
+            data: e.data.map(Payload::Postcard),
+        }
+    }
+}
+
+impl PostcardServerFrame {
+    /// The reply frame for `result` (which is in postcard).
+    pub fn reply(id: u64, result: &Result<Payload, RawError>) -> Self {
+        let result = match result {
+            Ok(Payload::Postcard(bytes)) => Ok(bytes.clone()),
+            Ok(Payload::Json(_)) => Err(WireError::from(&RawError::internal(
+                "a postcard call was answered in JSON",
+            ))),
+            Err(e) => Err(WireError::from(e)),
+        };
+        PostcardServerFrame::Reply { id, result }
+    }
+}
+
+/// Encodes a postcard frame.
+pub fn to_postcard<T: serde::Serialize>(frame: &T) -> Vec<u8> {
+    postcard::to_stdvec(frame).expect("frames always encode")
+}

@@ -73,6 +73,15 @@ fn generate(a: &Agent) -> TokenStream {
                     #client { core: #p::ClientCore::new(transport) }
                 }
 
+                /// Connects to the agent at `url` (`ws://host/agents/{class}/{name}`) over a
+                /// WebSocket with the postcard protocol.
+                #[allow(dead_code)]
+                #vis async fn connect(url: &str) -> ::core::result::Result<Self, #p::ConnectError> {
+                    ::core::result::Result::Ok(#client {
+                        core: #p::ClientCore::new(#p::Arc::new(#p::WsTransport::connect(url).await?)),
+                    })
+                }
+
                 /// The same client with another timeout for each call.
                 #[allow(dead_code)]
                 #vis fn with_timeout(self, timeout: ::core::time::Duration) -> Self {

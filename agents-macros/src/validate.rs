@@ -10,6 +10,7 @@ use crate::ast::{combine, AgentImpl, Callable, Receiver, Ret};
 /// Methods of the generated client (inherent, or from the traits it implements): a callable of
 /// the same name would clash with them.
 pub const CLIENT_METHODS: &[&str] = &[
+    "connect",
     "from_transport",
     "with_timeout",
     "clone",

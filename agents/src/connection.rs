@@ -1,5 +1,5 @@
-//! WebSocket connections: `GET /agents/{class}/{name}` with the `agents.v1.json` subprotocol
-//! (see `agents_client::protocol`).
+//! WebSocket connections: `GET /agents/{class}/{name}` with the `agents.v1.json` or the
+//! `agents.v1.postcard` subprotocol (see `agents_client::protocol`).
 //!
 //! The socket is owned by the runtime, not by the agent: calls arriving on it are routed to the
 //! agent like any other call (waking it if it hibernates), and replies come back in the order
@@ -44,14 +44,17 @@ pub(crate) async fn upgrade(
         Err(e) => return (StatusCode::BAD_REQUEST, e.to_string()).into_response(),
     };
     let ws = ws
-        .protocols([protocol::JSON_PROTOCOL])
+        .protocols([protocol::JSON_PROTOCOL, protocol::POSTCARD_PROTOCOL])
         .max_message_size(runtime.max_message_bytes());
-    let json = ws.selected_protocol().is_some();
+    let wire = match ws.selected_protocol().map(|p| p.as_bytes()) {
+        Some(p) if p == protocol::JSON_PROTOCOL.as_bytes() => Some(Wire::Json),
+        Some(p) if p == protocol::POSTCARD_PROTOCOL.as_bytes() => Some(Wire::Postcard),
+        _ => None,
+    };
     ws.on_upgrade(move |socket| async move {
-        if json {
-            serve_json(runtime, key, socket).await;
-        } else {
-            refuse(socket).await;
+        match wire {
+            Some(wire) => serve(runtime, key, socket, wire).await,
+            None => refuse(socket).await,
         }
     })
 }
@@ -70,7 +73,127 @@ async fn refuse(mut socket: WebSocket) {
         .await;
 }
 
-async fn serve_json(runtime: Runtime, key: AgentKey, socket: WebSocket) {
+/// The frame encoding a connection chose.
+#[derive(Clone, Copy)]
+enum Wire {
+    /// Text frames of JSON.
+    Json,
+    /// Binary frames of postcard.
+    Postcard,
+}
+
+/// A frame from the client, whatever its encoding.
+enum Incoming {
+    Call {
+        id: u64,
+        method: String,
+        args: Payload,
+        deadline_ms: Option<u64>,
+    },
+    Cancel {
+        id: u64,
+    },
+    Message,
+    /// A call that is refused before it is made (its id is known, so it gets a reply).
+    Refused {
+        id: u64,
+        error: RawError,
+    },
+}
+
+impl Wire {
+    fn frame(
+        self,
+        json: String,
+        postcard: impl FnOnce() -> protocol::PostcardServerFrame,
+    ) -> Message {
+        match self {
+            Wire::Json => Message::Text(json.into()),
+            Wire::Postcard => Message::Binary(protocol::to_postcard(&postcard()).into()),
+        }
+    }
+
+    fn identity(self, key: &AgentKey, conn: &str) -> Message {
+        let (class, name) = (key.class(), key.name());
+        self.frame(protocol::identity_frame(class, name, conn), || {
+            protocol::PostcardServerFrame::Identity {
+                class: class.to_owned(),
+                name: name.to_owned(),
+                conn: conn.to_owned(),
+            }
+        })
+    }
+
+    fn reply(self, id: u64, result: &Result<Payload, RawError>) -> Message {
+        match self {
+            Wire::Json => Message::Text(protocol::reply_frame(id, result).into()),
+            Wire::Postcard => Message::Binary(
+                protocol::to_postcard(&protocol::PostcardServerFrame::reply(id, result)).into(),
+            ),
+        }
+    }
+
+    fn error(self, message: &str) -> Message {
+        self.frame(protocol::error_frame(message), || {
+            protocol::PostcardServerFrame::Error {
+                message: message.to_owned(),
+            }
+        })
+    }
+
+    /// Reads one data frame.
+    fn parse(self, frame: &Message) -> Result<Incoming, String> {
+        match (self, frame) {
+            (Wire::Json, Message::Text(text)) => {
+                match protocol::ClientFrame::from_json(text.as_str())? {
+                    protocol::ClientFrame::Call {
+                        id,
+                        method,
+                        args,
+                        deadline_ms,
+                    } if args.is_array() => Ok(Incoming::Call {
+                        id,
+                        method,
+                        args: Payload::Json(args),
+                        deadline_ms,
+                    }),
+                    protocol::ClientFrame::Call { id, args, .. } => Ok(Incoming::Refused {
+                        id,
+                        error: RawError::bad_args(format!("`args` must be an array, not {args}")),
+                    }),
+                    protocol::ClientFrame::Cancel { id } => Ok(Incoming::Cancel { id }),
+                    protocol::ClientFrame::Message { .. } => Ok(Incoming::Message),
+                }
+            }
+            (Wire::Postcard, Message::Binary(bytes)) => match postcard::from_bytes(bytes) {
+                Ok(protocol::PostcardClientFrame::Call {
+                    id,
+                    method,
+                    args,
+                    deadline_ms,
+                }) => Ok(Incoming::Call {
+                    id,
+                    method,
+                    args: Payload::Postcard(args),
+                    deadline_ms,
+                }),
+                Ok(protocol::PostcardClientFrame::Cancel { id }) => Ok(Incoming::Cancel { id }),
+                Err(e) => Err(format!(
+                    "not a frame of {}: {e}",
+                    protocol::POSTCARD_PROTOCOL
+                )),
+            },
+            (Wire::Json, _) => {
+                Err("binary frames are not part of agents.v1.json; send JSON text frames".into())
+            }
+            (Wire::Postcard, _) => {
+                Err("text frames are not part of agents.v1.postcard; send binary frames".into())
+            }
+        }
+    }
+}
+
+async fn serve(runtime: Runtime, key: AgentKey, socket: WebSocket, wire: Wire) {
     let conn = format!("{:016x}", NEXT_CONN.fetch_add(1, Ordering::Relaxed));
     let span =
         tracing::debug_span!("connection", class = key.class(), name = key.name(), conn = %conn);
@@ -86,26 +209,13 @@ async fn serve_json(runtime: Runtime, key: AgentKey, socket: WebSocket) {
         }
     });
     let in_flight: Arc<Mutex<HashMap<u64, AbortHandle>>> = Arc::default();
-    let _ = out
-        .send(Message::Text(
-            protocol::identity_frame(key.class(), key.name(), &conn).into(),
-        ))
-        .await;
+    let _ = out.send(wire.identity(&key, &conn)).await;
 
     while let Some(frame) = stream.next().await {
-        let text = match frame {
-            Ok(Message::Text(text)) => text,
-            Ok(Message::Binary(_)) => {
-                send(
-                    &out,
-                    protocol::error_frame(
-                        "binary frames are not part of agents.v1.json; send JSON text frames",
-                    ),
-                );
-                continue;
-            }
+        let frame = match frame {
             Ok(Message::Close(_)) => break,
-            Ok(_) => continue, // ping/pong: answered by the socket itself
+            Ok(Message::Ping(_) | Message::Pong(_)) => continue, // answered by the socket itself
+            Ok(frame) => frame,
             Err(e) => {
                 if is_too_big(&e) {
                     let reason = format!(
@@ -122,23 +232,18 @@ async fn serve_json(runtime: Runtime, key: AgentKey, socket: WebSocket) {
                 break;
             }
         };
-        match protocol::ClientFrame::from_json(text.as_str()) {
-            Err(e) => send(&out, protocol::error_frame(&e)),
-            Ok(protocol::ClientFrame::Call {
+        match wire.parse(&frame) {
+            Err(e) => send(&out, wire.error(&e)),
+            Ok(Incoming::Call {
                 id,
                 method,
                 args,
                 deadline_ms,
             }) => {
-                if !args.is_array() {
-                    let e = RawError::bad_args(format!("`args` must be an array, not {args}"));
-                    send(&out, protocol::reply_frame(id, &Err(e)));
-                    continue;
-                }
                 let mut calls = in_flight.lock().unwrap_or_else(|e| e.into_inner());
                 if calls.contains_key(&id) {
                     let e = RawError::bad_args(format!("a call with id {id} is already in flight"));
-                    send(&out, protocol::reply_frame(id, &Err(e)));
+                    send(&out, wire.reply(id, &Err(e)));
                     continue;
                 }
                 let (runtime, key, out, registry) =
@@ -146,23 +251,17 @@ async fn serve_json(runtime: Runtime, key: AgentKey, socket: WebSocket) {
                 let task = tokio::spawn(async move {
                     let timeout = protocol::ClientFrame::deadline(deadline_ms);
                     let result = runtime
-                        .call_with_timeout(
-                            key.class(),
-                            key.name(),
-                            &method,
-                            Payload::Json(args),
-                            timeout,
-                        )
+                        .call_with_timeout(key.class(), key.name(), &method, args, timeout)
                         .await;
                     registry
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
                         .remove(&id);
-                    send(&out, protocol::reply_frame(id, &result));
+                    send(&out, wire.reply(id, &result));
                 });
                 calls.insert(id, task.abort_handle());
             }
-            Ok(protocol::ClientFrame::Cancel { id }) => {
+            Ok(Incoming::Cancel { id }) => {
                 if let Some(task) = in_flight
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
@@ -173,13 +272,14 @@ async fn serve_json(runtime: Runtime, key: AgentKey, socket: WebSocket) {
                         ErrorKind::Cancelled,
                         format!("call {id} was cancelled by the client"),
                     );
-                    send(&out, protocol::reply_frame(id, &Err(e)));
+                    send(&out, wire.reply(id, &Err(e)));
                 }
             }
-            Ok(protocol::ClientFrame::Message { .. }) => {
+            Ok(Incoming::Refused { id, error }) => send(&out, wire.reply(id, &Err(error))),
+            Ok(Incoming::Message) => {
                 send(
                     &out,
-                    protocol::error_frame(
+                    wire.error(
                         "`message` frames reach on_message, which this runtime does not serve yet",
                     ),
                 );
@@ -193,9 +293,9 @@ async fn serve_json(runtime: Runtime, key: AgentKey, socket: WebSocket) {
     let _ = writer.await;
 }
 
-/// Queues a text frame; a reader too slow to keep up is closed instead of growing the queue.
-fn send(out: &mpsc::Sender<Message>, frame: String) {
-    if let Err(mpsc::error::TrySendError::Full(_)) = out.try_send(Message::Text(frame.into())) {
+/// Queues a frame; a reader too slow to keep up is closed instead of growing the queue.
+fn send(out: &mpsc::Sender<Message>, frame: Message) {
+    if let Err(mpsc::error::TrySendError::Full(_)) = out.try_send(frame) {
         let reason = "the client does not read its frames fast enough";
         let close = Message::Close(Some(CloseFrame {
             code: close_code::POLICY,

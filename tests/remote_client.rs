@@ -1,0 +1,148 @@
+//! The generated client over the network: `CounterClient::connect("ws://…")`, postcard protocol.
+
+mod common;
+
+use std::time::Duration;
+
+use agents::{prelude::*, testing::TestRuntime};
+use common::{Counter, CounterClient, CounterError};
+
+async fn serve() -> (TestRuntime, String) {
+    let rt = TestRuntime::start(Runtime::builder().agent::<Counter>()).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let runtime = rt.runtime().clone();
+    tokio::spawn(async move { runtime.serve_on(listener).await });
+    (rt, format!("ws://{addr}/agents/counter"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_typed_client_works_over_the_network() {
+    let (rt, base) = serve().await;
+    let remote = CounterClient::connect(&format!("{base}/net-bob"))
+        .await
+        .unwrap();
+    assert_eq!(remote.add(5).await.unwrap(), 5);
+    assert_eq!(remote.add(2).await.unwrap(), 7);
+    assert_eq!(
+        rt.agent::<Counter>("net-bob").get().await.unwrap(),
+        7,
+        "the same agent as in-process"
+    );
+    // Typed application errors arrive typed; the write was rolled back.
+    assert_eq!(
+        remote.add_then_fail(3).await.unwrap_err(),
+        RpcError::App(CounterError::Refused("not adding 3".into()))
+    );
+    assert_eq!(remote.get().await.unwrap(), 7);
+    // A panic is an internal error; the connection and the agent go on.
+    assert!(
+        matches!(remote.add_then_panic(1).await, Err(RpcError::Internal(m)) if m.contains("boom"))
+    );
+    assert_eq!(remote.add(1).await.unwrap(), 8);
+    // Tuples, strings and unit travel too.
+    let (class, name, _) = remote.whoami().await.unwrap();
+    assert_eq!((class.as_str(), name.as_str()), ("counter", "net-bob"));
+    remote.sleep_ms(1).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_connection_carries_many_concurrent_calls() {
+    let (_rt, base) = serve().await;
+    let remote = CounterClient::connect(&format!("{base}/net-shared"))
+        .await
+        .unwrap();
+    let tasks: Vec<_> = (0..16)
+        .map(|_| {
+            let remote = remote.clone();
+            tokio::spawn(async move {
+                for _ in 0..50 {
+                    remote.add(1).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(remote.get().await.unwrap(), 800);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timeouts_and_dropped_calls_cancel_on_the_server() {
+    let (rt, base) = serve().await;
+    let remote = CounterClient::connect(&format!("{base}/net-cancel"))
+        .await
+        .unwrap();
+    let quick = remote.clone().with_timeout(Duration::from_millis(50));
+    assert_eq!(quick.sleep_ms(500).await.unwrap_err(), RpcError::Timeout);
+    // Queue an add behind a slow call, then drop it: it never runs.
+    let slow = tokio::spawn({
+        let remote = remote.clone();
+        async move { remote.sleep_ms(400).await }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(
+        tokio::time::timeout(Duration::from_millis(50), remote.add(1000))
+            .await
+            .is_err()
+    );
+    slow.await.unwrap().unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        rt.agent::<Counter>("net-cancel").get().await.unwrap(),
+        0,
+        "the dropped add was cancelled"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_addresses_fail_to_connect_and_a_lost_connection_fails_calls_clearly() {
+    let (rt, base) = serve().await;
+    let err = CounterClient::connect(&base.replace("/counter", "/nope/x"))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("could not connect"), "{err}");
+    assert!(CounterClient::connect("not a url").await.is_err());
+
+    // A proxy the test can cut, between the client and the server.
+    let server = base
+        .trim_start_matches("ws://")
+        .split('/')
+        .next()
+        .unwrap()
+        .to_owned();
+    let proxy = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let proxy_addr = proxy.local_addr().unwrap();
+    let pipe = tokio::spawn(async move {
+        let (mut client, _) = proxy.accept().await.unwrap();
+        let mut upstream = tokio::net::TcpStream::connect(server).await.unwrap();
+        let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+    });
+    let remote = CounterClient::connect(&format!("ws://{proxy_addr}/agents/counter/net-lost"))
+        .await
+        .unwrap();
+    assert_eq!(remote.add(1).await.unwrap(), 1);
+    let in_flight = tokio::spawn({
+        let remote = remote.clone();
+        async move { remote.sleep_ms(2_000).await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    pipe.abort(); // the network goes away mid-call
+    let err = tokio::time::timeout(Duration::from_secs(10), in_flight)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap_err();
+    assert!(
+        matches!(&err, RpcError::Internal(m) if m.contains("may or may not have run")),
+        "{err}"
+    );
+    // Later calls on the dead connection fail at once, clearly.
+    let err = remote.add(1).await.unwrap_err();
+    assert!(
+        matches!(&err, RpcError::Internal(m) if m.contains("connection closed")),
+        "{err}"
+    );
+    drop(rt);
+}
