@@ -16,12 +16,16 @@ type Socket =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 async fn serve() -> (TestRuntime, std::net::SocketAddr) {
-    let rt = TestRuntime::start(
+    serve_with(
         Runtime::builder()
             .agent::<Counter>()
             .max_message_size(64 * 1024),
     )
-    .unwrap();
+    .await
+}
+
+async fn serve_with(builder: agents::Builder) -> (TestRuntime, std::net::SocketAddr) {
+    let rt = TestRuntime::start(builder).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let runtime = rt.runtime().clone();
@@ -265,4 +269,47 @@ async fn oversize_frames_close_with_1009_and_bad_addresses_are_refused_before_up
         0,
         "connecting wakes no agent, and the oversize call never reached one"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_does_not_read_is_disconnected_and_holds_up_nobody() {
+    let (_rt, addr) = serve_with(Runtime::builder().agent::<Counter>().outbound_queue(8)).await;
+    let mut slow = open(addr, "ws-slow").await;
+    // 400 replies of 64 KiB (25 MiB) that the client never reads: more than the kernel's socket
+    // buffers and the 8-frame queue can hold.
+    for id in 0..400 {
+        send(
+            &mut slow,
+            json!({"type": "call", "id": id, "method": "blob", "args": [64 * 1024]}),
+        )
+        .await;
+    }
+    // Meanwhile another client of the same agent is served normally.
+    let mut fast = open(addr, "ws-slow").await;
+    for id in 0..20 {
+        send(
+            &mut fast,
+            json!({"type": "call", "id": id, "method": "add", "args": [1]}),
+        )
+        .await;
+        assert_eq!(next_json(&mut fast).await["ok"], id + 1);
+    }
+    // The slow client finds the connection ended after at most what was buffered.
+    let mut replies = 0;
+    let ended = loop {
+        match tokio::time::timeout(Duration::from_secs(20), slow.next())
+            .await
+            .expect("the server ends the connection")
+        {
+            Some(Ok(Message::Text(_))) => replies += 1,
+            Some(Ok(Message::Close(frame))) => break frame.map(|f| f.code),
+            Some(Ok(_)) => {}
+            Some(Err(_)) | None => break None, // closed without a close frame: its buffers were full
+        }
+    };
+    assert!(
+        replies < 400,
+        "the connection was cut before every reply was written ({replies} read)"
+    );
+    assert!(matches!(ended, None | Some(CloseCode::Policy)), "{ended:?}");
 }

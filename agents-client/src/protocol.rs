@@ -27,8 +27,6 @@
 //!
 //! A frame larger than the server's limit closes the connection with code 1009.
 
-use std::time::Duration;
-
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -76,11 +74,6 @@ impl ClientFrame {
     /// Parses one text frame.
     pub fn from_json(text: &str) -> Result<Self, String> {
         serde_json::from_str(text).map_err(|e| format!("not a frame of {JSON_PROTOCOL}: {e}"))
-    }
-
-    /// The relative deadline of a call.
-    pub fn deadline(deadline_ms: Option<u64>) -> Option<Duration> {
-        deadline_ms.map(Duration::from_millis)
     }
 }
 

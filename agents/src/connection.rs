@@ -12,6 +12,7 @@ use std::{
         atomic::{AtomicU64, Ordering},
         Arc, Mutex,
     },
+    time::Duration,
 };
 
 use agents_client::{protocol, ErrorKind, Payload, RawError};
@@ -25,11 +26,10 @@ use axum::{
 };
 use futures_util::{SinkExt, StreamExt};
 use tokio::{sync::mpsc, task::AbortHandle};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::{address::AgentKey, runtime::Runtime};
-
-/// How many frames may wait to be written to one socket before it is closed as too slow.
-const OUTBOUND_QUEUE: usize = 1024;
 
 static NEXT_CONN: AtomicU64 = AtomicU64::new(1);
 
@@ -45,7 +45,7 @@ pub(crate) async fn upgrade(
     };
     let ws = ws
         .protocols([protocol::JSON_PROTOCOL, protocol::POSTCARD_PROTOCOL])
-        .max_message_size(runtime.max_message_bytes());
+        .max_message_size(runtime.config().max_message_bytes);
     let wire = match ws.selected_protocol().map(|p| p.as_bytes()) {
         Some(p) if p == protocol::JSON_PROTOCOL.as_bytes() => Some(Wire::Json),
         Some(p) if p == protocol::POSTCARD_PROTOCOL.as_bytes() => Some(Wire::Postcard),
@@ -197,21 +197,73 @@ async fn serve(runtime: Runtime, key: AgentKey, socket: WebSocket, wire: Wire) {
     let conn = format!("{:016x}", NEXT_CONN.fetch_add(1, Ordering::Relaxed));
     let span =
         tracing::debug_span!("connection", class = key.class(), name = key.name(), conn = %conn);
-    let _enter = span.enter();
+    serve_frames(runtime, key, socket, wire, conn)
+        .instrument(span)
+        .await;
+}
+
+/// The sending side of one connection: a bounded queue to the writer task. A client that does
+/// not read fast enough to keep it from filling is disconnected (`closed`), never waited for.
+#[derive(Clone)]
+struct Outbound {
+    tx: mpsc::Sender<Message>,
+    closed: CancellationToken,
+}
+
+impl Outbound {
+    fn send(&self, frame: Message) {
+        if let Err(mpsc::error::TrySendError::Full(_)) = self.tx.try_send(frame) {
+            tracing::debug!("closing a connection whose client does not read its frames");
+            self.closed.cancel();
+        }
+    }
+}
+
+async fn serve_frames(
+    runtime: Runtime,
+    key: AgentKey,
+    socket: WebSocket,
+    wire: Wire,
+    conn: String,
+) {
     let (mut sink, mut stream) = socket.split();
-    let (out, mut outbound) = mpsc::channel::<Message>(OUTBOUND_QUEUE);
-    let writer = tokio::spawn(async move {
-        while let Some(message) = outbound.recv().await {
-            let closing = matches!(message, Message::Close(_));
-            if sink.send(message).await.is_err() || closing {
-                break;
+    let (tx, mut outbound) = mpsc::channel::<Message>(runtime.config().outbound_queue);
+    let closed = CancellationToken::new();
+    let out = Outbound {
+        tx,
+        closed: closed.clone(),
+    };
+    let writer = tokio::spawn({
+        let closed = closed.clone();
+        async move {
+            let write = async {
+                while let Some(message) = outbound.recv().await {
+                    let closing = matches!(message, Message::Close(_));
+                    if sink.send(message).await.is_err() || closing {
+                        break;
+                    }
+                }
+            };
+            tokio::select! {
+                () = write => {}
+                () = closed.cancelled() => {
+                    // Say why, but do not wait on a client that does not read.
+                    let reason = "the client does not read its frames fast enough";
+                    let close = Message::Close(Some(CloseFrame { code: close_code::POLICY, reason: reason.into() }));
+                    let _ = tokio::time::timeout(Duration::from_millis(100), sink.send(close)).await;
+                }
             }
         }
     });
     let in_flight: Arc<Mutex<HashMap<u64, AbortHandle>>> = Arc::default();
-    let _ = out.send(wire.identity(&key, &conn)).await;
+    out.send(wire.identity(&key, &conn));
 
-    while let Some(frame) = stream.next().await {
+    loop {
+        let frame = tokio::select! {
+            frame = stream.next() => frame,
+            () = closed.cancelled() => break,
+        };
+        let Some(frame) = frame else { break };
         let frame = match frame {
             Ok(Message::Close(_)) => break,
             Ok(Message::Ping(_) | Message::Pong(_)) => continue, // answered by the socket itself
@@ -220,20 +272,18 @@ async fn serve(runtime: Runtime, key: AgentKey, socket: WebSocket, wire: Wire) {
                 if is_too_big(&e) {
                     let reason = format!(
                         "a message exceeded the limit of {} bytes",
-                        runtime.max_message_bytes()
+                        runtime.config().max_message_bytes
                     );
-                    let _ = out
-                        .send(Message::Close(Some(CloseFrame {
-                            code: close_code::SIZE,
-                            reason: reason.into(),
-                        })))
-                        .await;
+                    out.send(Message::Close(Some(CloseFrame {
+                        code: close_code::SIZE,
+                        reason: reason.into(),
+                    })));
                 }
                 break;
             }
         };
         match wire.parse(&frame) {
-            Err(e) => send(&out, wire.error(&e)),
+            Err(e) => out.send(wire.error(&e)),
             Ok(Incoming::Call {
                 id,
                 method,
@@ -243,21 +293,24 @@ async fn serve(runtime: Runtime, key: AgentKey, socket: WebSocket, wire: Wire) {
                 let mut calls = in_flight.lock().unwrap_or_else(|e| e.into_inner());
                 if calls.contains_key(&id) {
                     let e = RawError::bad_args(format!("a call with id {id} is already in flight"));
-                    send(&out, wire.reply(id, &Err(e)));
+                    out.send(wire.reply(id, &Err(e)));
                     continue;
                 }
                 let (runtime, key, out, registry) =
                     (runtime.clone(), key.clone(), out.clone(), in_flight.clone());
                 let task = tokio::spawn(async move {
-                    let timeout = protocol::ClientFrame::deadline(deadline_ms);
+                    let timeout = deadline_ms.map(Duration::from_millis);
                     let result = runtime
                         .call_with_timeout(key.class(), key.name(), &method, args, timeout)
                         .await;
-                    registry
+                    // Whoever takes the call out of the map answers it: this task, or a cancel.
+                    let mine = registry
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
                         .remove(&id);
-                    send(&out, wire.reply(id, &result));
+                    if mine.is_some() {
+                        out.send(wire.reply(id, &result));
+                    }
                 });
                 calls.insert(id, task.abort_handle());
             }
@@ -272,17 +325,14 @@ async fn serve(runtime: Runtime, key: AgentKey, socket: WebSocket, wire: Wire) {
                         ErrorKind::Cancelled,
                         format!("call {id} was cancelled by the client"),
                     );
-                    send(&out, wire.reply(id, &Err(e)));
+                    out.send(wire.reply(id, &Err(e)));
                 }
             }
-            Ok(Incoming::Refused { id, error }) => send(&out, wire.reply(id, &Err(error))),
+            Ok(Incoming::Refused { id, error }) => out.send(wire.reply(id, &Err(error))),
             Ok(Incoming::Message) => {
-                send(
-                    &out,
-                    wire.error(
-                        "`message` frames reach on_message, which this runtime does not serve yet",
-                    ),
-                );
+                out.send(wire.error(
+                    "`message` frames reach on_message, which this runtime does not serve yet",
+                ))
             }
         }
     }
@@ -291,19 +341,6 @@ async fn serve(runtime: Runtime, key: AgentKey, socket: WebSocket, wire: Wire) {
     }
     drop(out);
     let _ = writer.await;
-}
-
-/// Queues a frame; a reader too slow to keep up is closed instead of growing the queue.
-fn send(out: &mpsc::Sender<Message>, frame: Message) {
-    if let Err(mpsc::error::TrySendError::Full(_)) = out.try_send(frame) {
-        let reason = "the client does not read its frames fast enough";
-        let close = Message::Close(Some(CloseFrame {
-            code: close_code::POLICY,
-            reason: reason.into(),
-        }));
-        let out = out.clone();
-        tokio::spawn(async move { out.send(close).await });
-    }
 }
 
 /// Whether a receive error is a message over the size limit.

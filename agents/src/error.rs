@@ -33,6 +33,10 @@ pub enum Error {
     /// A schedule that cannot be: an invalid cron expression or time zone, a zero interval.
     #[error("schedule: {0}")]
     Schedule(String),
+    /// The runtime's configuration cannot work: no data dir, a class registered twice, an
+    /// invalid `#[schedule]`, `build` outside a tokio runtime.
+    #[error("configuration: {0}")]
+    Config(String),
     /// The runtime is shutting down or gone.
     #[error("the runtime has shut down")]
     Shutdown,

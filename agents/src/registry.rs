@@ -43,6 +43,7 @@ pub(crate) struct Config {
     pub max_live: usize,
     pub clock: Clock,
     pub max_message_bytes: usize,
+    pub outbound_queue: usize,
 }
 
 /// Starts the task of one instance of a class.
@@ -202,15 +203,10 @@ impl Shared {
         self.agents.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Whether a type is registered for `class`.
-    pub fn has_class(&self, class: &str) -> bool {
-        self.classes.contains_key(class)
-    }
-
-    /// The registered class of `key`, if its type is `type_id`.
-    pub fn check_class(&self, class: &str, type_id: TypeId) -> Result<(), Error> {
+    /// Checks that `class` is registered (for the type `type_id`, if given).
+    pub fn check_class(&self, class: &str, type_id: Option<TypeId>) -> Result<(), Error> {
         match self.classes.get(class) {
-            Some(c) if c.type_id == type_id => Ok(()),
+            Some(c) if type_id.is_none_or(|t| t == c.type_id) => Ok(()),
             Some(c) => Err(Error::UnknownClass(format!(
                 "{class} (registered for {}, not this type)",
                 c.type_name

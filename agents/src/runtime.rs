@@ -39,15 +39,8 @@ use crate::{
 /// ```
 #[derive(Clone)]
 pub struct Builder {
-    data_dir: Option<PathBuf>,
-    durability: Durability,
-    idle_timeout: Duration,
-    mailbox_capacity: usize,
-    call_timeout: Duration,
-    max_batch: usize,
-    max_live: Option<usize>,
-    max_message_bytes: usize,
-    clock: Clock,
+    /// `data_dir` empty: not set yet; `max_live` 0: derived from the descriptor limit.
+    config: Config,
     classes: HashMap<&'static str, Class>,
     error: Option<String>,
 }
@@ -55,15 +48,18 @@ pub struct Builder {
 impl Default for Builder {
     fn default() -> Self {
         Builder {
-            data_dir: None,
-            durability: Durability::Full,
-            idle_timeout: Duration::from_secs(60),
-            mailbox_capacity: 1024,
-            call_timeout: Duration::from_secs(30),
-            max_batch: 256,
-            max_live: None,
-            max_message_bytes: 1 << 20,
-            clock: Clock::system(),
+            config: Config {
+                data_dir: PathBuf::new(),
+                durability: Durability::Full,
+                idle_timeout: Duration::from_secs(60),
+                mailbox_capacity: 1024,
+                call_timeout: Duration::from_secs(30),
+                max_batch: 256,
+                max_live: 0,
+                clock: Clock::system(),
+                max_message_bytes: 1 << 20,
+                outbound_queue: 1024,
+            },
             classes: HashMap::new(),
             error: None,
         }
@@ -73,8 +69,8 @@ impl Default for Builder {
 impl fmt::Debug for Builder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Builder")
-            .field("data_dir", &self.data_dir)
-            .field("durability", &self.durability)
+            .field("data_dir", &self.config.data_dir)
+            .field("durability", &self.config.durability)
             .field("classes", &self.classes.keys().collect::<Vec<_>>())
             .finish_non_exhaustive()
     }
@@ -83,39 +79,39 @@ impl fmt::Debug for Builder {
 impl Builder {
     /// Where the agents' databases live (required). Created if missing.
     pub fn data_dir(mut self, dir: impl Into<PathBuf>) -> Self {
-        self.data_dir = Some(dir.into());
+        self.config.data_dir = dir.into();
         self
     }
 
     /// When a reply is released: after an fsync ([`Durability::Full`], the default) or after the
     /// write reaches the OS ([`Durability::Normal`]).
     pub fn durability(mut self, durability: Durability) -> Self {
-        self.durability = durability;
+        self.config.durability = durability;
         self
     }
 
     /// How long an agent may sit idle before it is hibernated (dropped from memory, its
     /// database closed). Default 60 s.
     pub fn idle_timeout(mut self, idle: Duration) -> Self {
-        self.idle_timeout = idle;
+        self.config.idle_timeout = idle;
         self
     }
 
     /// How many events may wait in one agent's mailbox before senders wait. Default 1024.
     pub fn mailbox_capacity(mut self, capacity: usize) -> Self {
-        self.mailbox_capacity = capacity.max(1);
+        self.config.mailbox_capacity = capacity.max(1);
         self
     }
 
     /// The timeout of in-process calls that set none. Default 30 s.
     pub fn call_timeout(mut self, timeout: Duration) -> Self {
-        self.call_timeout = timeout;
+        self.config.call_timeout = timeout;
         self
     }
 
     /// At most this many events share one commit. Default 256.
     pub fn max_batch(mut self, events: usize) -> Self {
-        self.max_batch = events.max(1);
+        self.config.max_batch = events.max(1);
         self
     }
 
@@ -124,14 +120,22 @@ impl Builder {
     /// default is derived from the process's descriptor limit, which `build` raises to its hard
     /// maximum: `(limit - 256) / 4`, at least 16.
     pub fn max_live_agents(mut self, agents: usize) -> Self {
-        self.max_live = Some(agents.max(1));
+        self.config.max_live = agents.max(1);
         self
     }
 
     /// The largest WebSocket message accepted, in bytes; a larger one closes the connection
     /// with code 1009. Default 1 MiB.
     pub fn max_message_size(mut self, bytes: usize) -> Self {
-        self.max_message_bytes = bytes.max(1024);
+        self.config.max_message_bytes = bytes.max(1024);
+        self
+    }
+
+    /// How many frames may wait to be written to one WebSocket; a client that does not read
+    /// fast enough to keep the queue from filling is disconnected (close code 1008), so that it
+    /// never holds up the agent. Default 1024.
+    pub fn outbound_queue(mut self, frames: usize) -> Self {
+        self.config.outbound_queue = frames.max(1);
         self
     }
 
@@ -139,7 +143,7 @@ impl Builder {
     /// [`Clock::manual`] the runtime runs no timer: tests move the clock and fire what is due
     /// with [`TestRuntime::advance`](crate::testing::TestRuntime::advance).
     pub fn clock(mut self, clock: Clock) -> Self {
-        self.clock = clock;
+        self.config.clock = clock;
         self
     }
 
@@ -175,46 +179,37 @@ impl Builder {
         self
     }
 
-    /// Builds the runtime. Agents are activated lazily, on their first event.
+    /// Builds the runtime (inside a tokio runtime: it starts the alarm timer). Agents are
+    /// activated lazily, on their first event.
     pub fn build(self) -> Result<Runtime, Error> {
         if let Some(e) = self.error {
-            return Err(Error::InvalidAddress(e));
+            return Err(Error::Config(e));
         }
-        let data_dir = self.data_dir.ok_or_else(|| Error::Io {
-            path: PathBuf::new(),
-            source: std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                "no data_dir was set on the runtime builder",
-            ),
-        })?;
-        std::fs::create_dir_all(&data_dir).map_err(|source| Error::Io {
-            path: data_dir.clone(),
+        let mut config = self.config;
+        if config.data_dir.as_os_str().is_empty() {
+            return Err(Error::Config(
+                "no data_dir was set on the runtime builder".into(),
+            ));
+        }
+        std::fs::create_dir_all(&config.data_dir).map_err(|source| Error::Io {
+            path: config.data_dir.clone(),
             source,
         })?;
-        let config = Config {
-            data_dir,
-            durability: self.durability,
-            idle_timeout: self.idle_timeout,
-            mailbox_capacity: self.mailbox_capacity,
-            call_timeout: self.call_timeout,
-            max_batch: self.max_batch,
-            max_live: self.max_live.unwrap_or_else(default_max_live),
-            clock: self.clock,
-            max_message_bytes: self.max_message_bytes,
-        };
+        if config.max_live == 0 {
+            config.max_live = default_max_live();
+        }
+        let timer = !config.clock.is_manual();
+        if timer && tokio::runtime::Handle::try_current().is_err() {
+            return Err(Error::Config(
+                "Runtime::build must be called inside a tokio runtime (it starts the alarm timer)"
+                    .into(),
+            ));
+        }
         let alarms = AlarmIndex::open(&config.data_dir)?;
         let shared = Arc::new(Shared::new(config, alarms, self.classes));
-        if !shared.config.clock.is_manual() {
+        if timer {
             // Overdue alarms (say, from before a restart) fire as soon as the timer starts.
-            match tokio::runtime::Handle::try_current() {
-                Ok(_) => drop(shared.tracker.spawn(alarms::run_timer(shared.clone()))),
-                Err(_) => {
-                    return Err(Error::Io {
-                        path: shared.config.data_dir.clone(),
-                        source: std::io::Error::other("Runtime::build must be called inside a tokio runtime (it starts the alarm timer)"),
-                    })
-                }
-            }
+            shared.tracker.spawn(alarms::run_timer(shared.clone()));
         }
         Ok(Runtime {
             handle: Arc::new(Handle { shared }),
@@ -265,7 +260,8 @@ impl Runtime {
     /// Like [`agent`](Runtime::agent), but checks the name and the registration first.
     pub fn try_agent<A: AgentClass>(&self, name: &str) -> Result<A::Client, Error> {
         let key = AgentKey::new(A::CLASS, name)?;
-        self.shared().check_class(key.class(), TypeId::of::<A>())?;
+        self.shared()
+            .check_class(key.class(), Some(TypeId::of::<A>()))?;
         Ok(self.agent::<A>(name))
     }
 
@@ -331,15 +327,13 @@ impl Runtime {
     /// Checks that `class`/`name` can be addressed (a valid name of a registered class).
     pub(crate) fn check_address(&self, class: &str, name: &str) -> Result<AgentKey, Error> {
         let key = AgentKey::new(class, name)?;
-        if !self.shared().has_class(class) {
-            return Err(Error::UnknownClass(class.to_owned()));
-        }
+        self.shared().check_class(class, None)?;
         Ok(key)
     }
 
-    /// The largest WebSocket message accepted, in bytes.
-    pub(crate) fn max_message_bytes(&self) -> usize {
-        self.shared().config.max_message_bytes
+    /// The settings the runtime was built with.
+    pub(crate) fn config(&self) -> &Config {
+        &self.shared().config
     }
 
     /// The database file of an agent (whether or not it exists yet): for backups and tests.
@@ -410,7 +404,7 @@ pub(crate) fn client_for<A: AgentClass>(
     let target = AgentKey::new(A::CLASS, name)
         .and_then(|key| {
             shared
-                .check_class(key.class(), TypeId::of::<A>())
+                .check_class(key.class(), Some(TypeId::of::<A>()))
                 .map(|()| key)
         })
         .map_err(|e| e.to_string());

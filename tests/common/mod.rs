@@ -102,6 +102,12 @@ impl Counter {
         )
     }
 
+    /// A large reply: `len` bytes of text.
+    #[callable]
+    pub async fn blob(&mut self, _ctx: &mut Ctx<Self>, len: u32) -> String {
+        "x".repeat(len as usize)
+    }
+
     #[callable]
     pub async fn sleep_ms(&mut self, _ctx: &mut Ctx<Self>, ms: u64) {
         tokio::time::sleep(Duration::from_millis(ms)).await;
