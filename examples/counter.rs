@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! cargo run --example counter                 # the demo: run it twice, the totals keep growing
-//! cargo run --example counter -- serve DIR    # a line protocol on stdin/stdout (used by the crash test)
+//! cargo run --example counter -- serve DIR [normal]  # a line protocol on stdin/stdout (the crash test)
 //! cargo run --example counter -- http [ADDR]  # HTTP on ADDR (default 127.0.0.1:8080), then:
 //! curl -X POST 127.0.0.1:8080/agents/counter/bob/call/add -d '[5]'
 //! ```
@@ -54,10 +54,17 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("serve") => {
-            let dir = args.get(1).ok_or("usage: counter serve DATA_DIR")?;
+            let dir = args
+                .get(1)
+                .ok_or("usage: counter serve DATA_DIR [normal]")?;
+            let durability = match args.get(2).map(String::as_str) {
+                Some("normal") => Durability::Normal,
+                _ => Durability::Full,
+            };
             serve(
                 Runtime::builder()
                     .data_dir(dir)
+                    .durability(durability)
                     .agent::<Counter>()
                     .build()?,
             )

@@ -1,5 +1,6 @@
 //! Kill a real server process with SIGKILL mid-load: every acknowledged increment is there after
-//! the restart (Durability::Full, the default).
+//! the restart, with Durability::Full (the default) and with Durability::Normal, whose promise
+//! is exactly this: surviving a crash of the process.
 
 mod common;
 
@@ -8,13 +9,23 @@ use std::{collections::HashMap, time::Duration};
 use tokio::io::AsyncWriteExt;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_acknowledged_increment_survives_sigkill() {
+async fn every_acknowledged_increment_survives_sigkill_with_full_durability() {
+    sigkill_mid_load(&[]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_acknowledged_increment_survives_sigkill_with_normal_durability() {
+    sigkill_mid_load(&["normal"]).await;
+}
+
+async fn sigkill_mid_load(durability: &[&str]) {
     let exe = common::example_binary("counter");
     let dir = tempfile::tempdir().unwrap();
     const NAMES: usize = 4;
     const SENT: usize = 200_000;
 
-    let (mut child, mut stdin, mut lines) = common::start_server(&exe, dir.path()).await;
+    let (mut child, mut stdin, mut lines) =
+        common::start_server(&exe, dir.path(), durability).await;
     let writer = tokio::spawn(async move {
         for i in 0..SENT {
             let line = format!("add k{} 1 {i}\n", i % NAMES);
@@ -52,7 +63,8 @@ async fn every_acknowledged_increment_survives_sigkill() {
     assert!(!status.success(), "the server was killed, not stopped");
     let _ = writer.await;
 
-    let (mut child, mut stdin, mut lines) = common::start_server(&exe, dir.path()).await;
+    let (mut child, mut stdin, mut lines) =
+        common::start_server(&exe, dir.path(), durability).await;
     for k in 0..NAMES {
         stdin
             .write_all(format!("get k{k} {k}\n").as_bytes())
@@ -86,7 +98,7 @@ async fn every_acknowledged_increment_survives_sigkill() {
         survived < SENT as i64,
         "the kill landed mid-load (all {SENT} adds had already run)"
     );
-    eprintln!("acknowledged {total_acked} of {SENT} before SIGKILL; found {found:?} after restart");
+    eprintln!("{durability:?}: acknowledged {total_acked} of {SENT} before SIGKILL; found {found:?} after restart");
     drop(stdin);
     let _ = child.wait().await;
 }

@@ -14,7 +14,7 @@ async fn one_shots_due_during_downtime_fire_within_two_seconds_of_restart_exactl
     const NAMES: usize = 10;
     const PER_NAME: usize = 3;
 
-    let (mut child, mut stdin, mut lines) = common::start_server(&exe, dir.path()).await;
+    let (mut child, mut stdin, mut lines) = common::start_server(&exe, dir.path(), &[]).await;
     for n in 0..NAMES {
         for r in 0..PER_NAME {
             stdin
@@ -31,7 +31,7 @@ async fn one_shots_due_during_downtime_fire_within_two_seconds_of_restart_exactl
     child.wait().await.unwrap();
     tokio::time::sleep(Duration::from_millis(2500)).await; // everything is overdue now
 
-    let (mut child, mut stdin, mut lines) = common::start_server(&exe, dir.path()).await;
+    let (mut child, mut stdin, mut lines) = common::start_server(&exe, dir.path(), &[]).await;
     let restarted = Instant::now();
     let mut fired: HashMap<String, usize> = HashMap::new();
     while fired.values().sum::<usize>() < NAMES * PER_NAME {

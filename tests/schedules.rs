@@ -86,17 +86,21 @@ impl Jobs {
         panic!("{text} panicked");
     }
 
+    /// Schedules `log` (or `fail`, or `panic`, as `run` says) with `text`, `secs` from now.
     #[callable]
-    pub async fn once_after(
+    pub async fn after(
         &mut self,
         ctx: &mut Ctx<Self>,
         secs: u64,
+        run: String,
         text: String,
     ) -> Result<i64, AppError> {
-        Ok(ctx.schedule(
-            When::after(Duration::from_secs(secs)),
-            Jobs::calls().log(text),
-        )?)
+        let call = match run.as_str() {
+            "log" => Jobs::calls().log(text),
+            "fail" => Jobs::calls().fail(text),
+            _ => Jobs::calls().panic(text),
+        };
+        Ok(ctx.schedule(When::after(Duration::from_secs(secs)), call)?)
     }
 
     #[callable]
@@ -111,32 +115,6 @@ impl Jobs {
             &key,
             When::after(Duration::from_secs(secs)),
             Jobs::calls().log(text),
-        )?)
-    }
-
-    #[callable]
-    pub async fn failing_after(
-        &mut self,
-        ctx: &mut Ctx<Self>,
-        secs: u64,
-        text: String,
-    ) -> Result<i64, AppError> {
-        Ok(ctx.schedule(
-            When::after(Duration::from_secs(secs)),
-            Jobs::calls().fail(text),
-        )?)
-    }
-
-    #[callable]
-    pub async fn panicking_after(
-        &mut self,
-        ctx: &mut Ctx<Self>,
-        secs: u64,
-        text: String,
-    ) -> Result<i64, AppError> {
-        Ok(ctx.schedule(
-            When::after(Duration::from_secs(secs)),
-            Jobs::calls().panic(text),
         )?)
     }
 
@@ -222,6 +200,16 @@ impl Jobs {
     }
 
     #[callable]
+    pub async fn discard_dead(&mut self, ctx: &mut Ctx<Self>, id: i64) -> Result<bool, AppError> {
+        Ok(ctx.discard_dead_letter(id)?)
+    }
+
+    #[callable]
+    pub async fn delete_alarm(&mut self, ctx: &mut Ctx<Self>) -> Result<bool, AppError> {
+        Ok(ctx.delete_alarm()?)
+    }
+
+    #[callable]
     pub async fn set_alarm_in(
         &mut self,
         ctx: &mut Ctx<Self>,
@@ -273,7 +261,7 @@ fn secs(n: u64) -> Duration {
 async fn a_one_shot_runs_once_at_its_time_even_when_hibernated() {
     let rt = runtime();
     let j = rt.agent::<Jobs>("one-shot");
-    j.once_after(10, "ten".into()).await.unwrap();
+    j.after(10, "log".into(), "ten".into()).await.unwrap();
     rt.hibernate::<Jobs>("one-shot").await.unwrap();
     rt.advance(secs(9)).await;
     assert!(attempts("one-shot", "ten").is_empty());
@@ -358,8 +346,8 @@ async fn intervals_collapse_missed_runs_and_keep_their_phase() {
 async fn schedules_can_be_listed_cancelled_and_keyed() {
     let rt = runtime();
     let j = rt.agent::<Jobs>("cancel");
-    let a = j.once_after(5, "a".into()).await.unwrap();
-    let b = j.once_after(6, "b".into()).await.unwrap();
+    let a = j.after(5, "log".into(), "a".into()).await.unwrap();
+    let b = j.after(6, "log".into(), "b".into()).await.unwrap();
     let k1 = j
         .keyed_after("daily-report".into(), 7, "k".into())
         .await
@@ -408,8 +396,8 @@ async fn enqueued_calls_run_at_the_next_alarm_durably() {
 async fn failures_back_off_two_four_eight_seconds_then_become_dead_letters() {
     let rt = runtime();
     let j = rt.agent::<Jobs>("backoff");
-    j.failing_after(0, "flaky".into()).await.unwrap();
-    j.panicking_after(0, "crashy".into()).await.unwrap();
+    j.after(0, "fail".into(), "flaky".into()).await.unwrap();
+    j.after(0, "panic".into(), "crashy".into()).await.unwrap();
     j.every(60, "healthy".into()).await.unwrap();
     for _ in 0..300 {
         rt.advance(secs(1)).await;
@@ -455,7 +443,17 @@ async fn failures_back_off_two_four_eight_seconds_then_become_dead_letters() {
     assert!(j.retry_dead(flaky).await.unwrap().is_some());
     rt.advance(secs(1)).await;
     assert_eq!(attempts("backoff", "flaky").len(), 8);
-    assert_eq!(j.dead().await.unwrap().len(), 1);
+    let remaining = j.dead().await.unwrap();
+    assert_eq!(remaining.len(), 1);
+    assert!(j.discard_dead(remaining[0].0).await.unwrap());
+    assert!(!j.discard_dead(remaining[0].0).await.unwrap());
+    assert!(j.dead().await.unwrap().is_empty());
+    rt.advance(secs(300)).await;
+    assert_eq!(
+        attempts("backoff", "crashy").len(),
+        7,
+        "a discarded dead letter never runs again"
+    );
 }
 
 #[tokio::test]
@@ -475,6 +473,13 @@ async fn a_later_set_alarm_replaces_the_earlier_one_and_failed_alarms_retry() {
         None,
         "a successful alarm is cleared"
     );
+
+    // A deleted alarm does not go off.
+    j.set_alarm_in(5, false).await.unwrap();
+    assert!(j.delete_alarm().await.unwrap());
+    assert!(!j.delete_alarm().await.unwrap());
+    rt.advance(secs(10)).await;
+    assert_eq!(attempts("alarm", "alarm").len(), 1);
 
     j.set_alarm_in(1, true).await.unwrap();
     for _ in 0..5 {
@@ -525,7 +530,9 @@ async fn static_schedules_are_registered_once_and_survive_restarts() {
 async fn overdue_schedules_fire_after_a_restart_from_the_index_alone() {
     let mut rt = runtime();
     let j = rt.agent::<Jobs>("downtime");
-    j.once_after(10, "during-downtime".into()).await.unwrap();
+    j.after(10, "log".into(), "during-downtime".into())
+        .await
+        .unwrap();
     rt.restart().await.unwrap();
     assert_eq!(rt.pending_alarms(), 1, "the index remembers the agent");
     assert!(!rt.is_live::<Jobs>("downtime"));

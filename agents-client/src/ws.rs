@@ -131,7 +131,7 @@ impl WsTransport {
                         }
                     }
                     Ok(PostcardServerFrame::Error { message }) => {
-                        eprintln!("agents: the server could not read a frame: {message}")
+                        tracing::warn!("the server could not read a frame: {message}")
                     }
                     _ => {}
                 }

@@ -37,6 +37,9 @@ pub enum Error {
     /// invalid `#[schedule]`, `build` outside a tokio runtime.
     #[error("configuration: {0}")]
     Config(String),
+    /// A bug in the runtime surfaced as an error instead of a crash (a panicked storage task).
+    #[error("internal: {0}")]
+    Internal(String),
     /// The runtime is shutting down or gone.
     #[error("the runtime has shut down")]
     Shutdown,

@@ -172,26 +172,20 @@ impl Syncer {
                 }
                 let raises: Vec<Raise> = covered.iter_mut().filter_map(|(_, r)| r.take()).collect();
                 let wal = wal.clone();
-                let synced = tokio::task::spawn_blocking(move || {
-                    let synced = wal.sync_data();
-                    if synced.is_ok() {
-                        raises.into_iter().for_each(Raise::apply);
-                    }
-                    synced
+                let synced = blocking(move || {
+                    wal.sync_data()
+                        .map_err(|e| Error::Internal(format!("fsync failed: {e}")))?;
+                    raises.into_iter().for_each(Raise::apply);
+                    Ok(())
                 })
-                .await
-                .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+                .await;
                 for (outbox, _) in covered {
                     match &synced {
                         Ok(()) => release(outbox),
                         Err(e) => {
-                            tracing::error!("fsync of the WAL failed: {e}");
-                            fail(
-                                outbox,
-                                &RawError::internal(format!(
-                                    "the write may not be durable: fsync failed: {e}"
-                                )),
-                            );
+                            tracing::error!("syncing the WAL: {e}");
+                            let e = format!("the write may not be durable: {e}");
+                            fail(outbox, &RawError::internal(e));
                         }
                     }
                 }
@@ -329,7 +323,11 @@ impl<A: AgentClass> Instance<A> {
                 }
                 None => {
                     if let Some(raise) = raise {
-                        let _ = tokio::task::spawn_blocking(move || raise.apply()).await;
+                        let _ = blocking(move || {
+                            raise.apply();
+                            Ok(())
+                        })
+                        .await;
                     }
                     release(outbox)
                 }
@@ -360,18 +358,14 @@ impl<A: AgentClass> Instance<A> {
                 self.ctx.shared.clone(),
                 self.ctx.key().clone(),
             );
-            tokio::task::spawn_blocking(move || {
+            blocking(move || {
                 let mut state = state.lock().unwrap_or_else(|e| e.into_inner());
                 state.seq += 1;
                 shared.alarms.set(&key, earliest, true)?;
                 state.at = earliest;
-                Ok::<_, Error>(())
+                Ok(())
             })
-            .await
-            .map_err(|e| Error::Io {
-                path: self.ctx.shared.config.data_dir.clone(),
-                source: std::io::Error::other(e),
-            })??;
+            .await?;
             return Ok(None);
         }
         if earliest == indexed && !refresh {
@@ -549,14 +543,10 @@ impl<A: AgentClass> Instance<A> {
             .acquire()
             .await
             .map_err(|_| Error::Shutdown)?;
-        let (conn, wal) = tokio::task::spawn_blocking(move || {
+        let (conn, wal) = blocking(move || {
             storage::open(&shared.config.data_dir, &key, shared.config.durability)
         })
-        .await
-        .map_err(|e| Error::Io {
-            path: self.ctx.shared.config.data_dir.clone(),
-            source: std::io::Error::other(e),
-        })??;
+        .await?;
         let wal = Arc::new(wal);
         if self.ctx.shared.config.durability == Durability::Full {
             self.syncer = Some(Syncer::start(wal.clone()));
@@ -607,17 +597,19 @@ impl<A: AgentClass> Instance<A> {
         if size < storage::CHECKPOINT_WAL_BYTES {
             return;
         }
-        let conn = self.ctx.conn.take().expect("open after a commit");
-        let (conn, result) = tokio::task::spawn_blocking(move || {
-            let result = storage::checkpoint(&conn);
-            (conn, result)
-        })
-        .await
-        .expect("checkpoint does not panic");
-        if let Err(e) = result {
-            tracing::warn!("checkpoint failed (the WAL keeps growing): {e}");
+        let Some(conn) = self.ctx.conn.take() else {
+            return;
+        };
+        // On a panic the connection is lost with the task: the next event reopens the database.
+        match blocking(move || Ok((storage::checkpoint(&conn), conn))).await {
+            Ok((result, conn)) => {
+                if let Err(e) = result {
+                    tracing::warn!("checkpoint failed (the WAL keeps growing): {e}");
+                }
+                self.ctx.conn = Some(conn);
+            }
+            Err(e) => tracing::error!("{e}"),
         }
-        self.ctx.conn = Some(conn);
     }
 
     /// Waits for the syncer to release every reply, then closes the database on a blocking thread.
@@ -628,13 +620,23 @@ impl<A: AgentClass> Instance<A> {
         }
         self.wal = None;
         if let Some(conn) = self.ctx.conn.take() {
-            match tokio::task::spawn_blocking(move || storage::close(conn)).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => tracing::warn!("closing the database: {e}"),
-                Err(e) => tracing::warn!("closing the database panicked: {e}"),
+            if let Err(e) = blocking(move || storage::close(conn)).await {
+                tracing::warn!("closing the database: {e}");
             }
         }
     }
+}
+
+/// Runs blocking storage work (file I/O, fsync) off the async workers; a panic in it becomes
+/// an error.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, Error> + Send + 'static,
+) -> Result<T, Error> {
+    tokio::task::spawn_blocking(work).await.unwrap_or_else(|e| {
+        Err(Error::Internal(format!(
+            "a blocking storage task failed: {e}"
+        )))
+    })
 }
 
 /// Passes events that reached a detached mailbox on to the next instance of `key`.

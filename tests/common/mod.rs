@@ -139,12 +139,13 @@ pub type Server = (
     tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
 );
 
-/// Starts `exe serve dir` and waits for its `ready` line.
-pub async fn start_server(exe: &std::path::Path, dir: &std::path::Path) -> Server {
+/// Starts `exe serve dir [extra..]` and waits for its `ready` line.
+pub async fn start_server(exe: &std::path::Path, dir: &std::path::Path, extra: &[&str]) -> Server {
     use tokio::io::AsyncBufReadExt;
     let mut child = tokio::process::Command::new(exe)
         .arg("serve")
         .arg(dir)
+        .args(extra)
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .kill_on_drop(true)
