@@ -14,33 +14,11 @@ use std::{
     time::{Duration, Instant},
 };
 
+mod common;
+
 use agents::{prelude::*, testing::TestRuntime};
+use common::{Counter, SCHEMA, UPSERT};
 use rusqlite::Connection;
-
-#[derive(Default)]
-struct Counter;
-
-impl Agent for Counter {
-    async fn on_start(&mut self, ctx: &mut Ctx<Self>) -> Result<(), AppError> {
-        ctx.migrate(&[SCHEMA])?;
-        Ok(())
-    }
-}
-
-const SCHEMA: &str =
-    "CREATE TABLE counter(id INTEGER PRIMARY KEY CHECK (id = 0), n INTEGER NOT NULL)";
-const UPSERT: &str = "INSERT INTO counter(id, n) VALUES (0, ?1) ON CONFLICT(id) DO UPDATE SET n = n + excluded.n RETURNING n";
-
-#[agent]
-impl Counter {
-    #[callable]
-    async fn add(&mut self, ctx: &mut Ctx<Self>, by: i64) -> Result<i64, AppError> {
-        Ok(ctx
-            .sql()
-            .prepare_cached(UPSERT)?
-            .query_row([by], |r| r.get(0))?)
-    }
-}
 
 fn runtime(durability: Durability) -> TestRuntime {
     TestRuntime::start(Runtime::builder().durability(durability).agent::<Counter>()).unwrap()

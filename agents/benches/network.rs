@@ -8,33 +8,13 @@ use std::{
     time::{Duration, Instant},
 };
 
+mod common;
+
 use agents::{prelude::*, testing::TestRuntime};
+use common::{Counter, CounterClient};
 use futures_util::{SinkExt, StreamExt};
 use tokio::sync::Semaphore;
 use tokio_tungstenite::tungstenite::Message;
-
-#[derive(Default)]
-pub struct Counter;
-
-impl Agent for Counter {
-    async fn on_start(&mut self, ctx: &mut Ctx<Self>) -> Result<(), AppError> {
-        ctx.migrate(&[
-            "CREATE TABLE counter(id INTEGER PRIMARY KEY CHECK (id = 0), n INTEGER NOT NULL)",
-        ])?;
-        Ok(())
-    }
-}
-
-#[agent]
-impl Counter {
-    #[callable]
-    pub async fn add(&mut self, ctx: &mut Ctx<Self>, by: i64) -> Result<i64, AppError> {
-        Ok(ctx
-            .sql()
-            .prepare_cached("INSERT INTO counter(id, n) VALUES (0, ?1) ON CONFLICT(id) DO UPDATE SET n = n + excluded.n RETURNING n")?
-            .query_row([by], |r| r.get(0))?)
-    }
-}
 
 /// A raw WebSocket echo server on 127.0.0.1: the baseline.
 async fn echo_server() -> std::net::SocketAddr {
