@@ -13,18 +13,21 @@
 mod error;
 mod payload;
 pub mod protocol;
+mod stream;
 mod transport;
 mod ws;
 
 pub use error::{ErrorKind, NoError, RawError, RpcError};
 pub use payload::{Codec, CodecError, Payload};
+pub use stream::{EventStream, StateStream, StreamError};
 pub use transport::{BoxFuture, ClientCore, MethodCall, MethodInfo, OutgoingCall, Transport};
 pub use ws::{ConnectError, WsTransport, DEFAULT_TIMEOUT};
 
 #[doc(hidden)]
 pub mod __private {
     pub use crate::{
-        ClientCore, ConnectError, MethodCall, MethodInfo, NoError, RpcError, WsTransport,
+        ClientCore, ConnectError, EventStream, MethodCall, MethodInfo, NoError, RpcError,
+        StateStream, WsTransport,
     };
     pub use serde;
 }

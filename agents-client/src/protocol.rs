@@ -1,8 +1,14 @@
 //! The wire protocol of agent connections.
 //!
-//! A WebSocket to `GET /agents/{class}/{name}` picks a subprotocol:
-//! - `agents.v1.json`: one JSON object per text frame, described here exactly;
-//! - `agents.v1.postcard`: the same frames in binary (for Rust clients; not served yet).
+//! A WebSocket to `GET /agents/{class}/{name}` picks a subprotocol with the
+//! `Sec-WebSocket-Protocol` header:
+//! - `agents.v1.json`: one JSON object per text frame, described here exactly (browsers, other
+//!   languages, command-line tools);
+//! - `agents.v1.postcard`: the same frames as the Rust enums [`PostcardClientFrame`] and
+//!   [`PostcardServerFrame`], one per binary frame (Rust clients: `WsTransport`);
+//! - no subprotocol: every data frame, text or binary, goes as is to the agent's `on_message`,
+//!   and what the agent sends arrives as is (an event as its JSON in a text frame). No identity,
+//!   replies or state frames.
 //!
 //! ## `agents.v1.json`
 //! Every frame is a JSON object whose field `type` comes first.
@@ -14,18 +20,30 @@
 //!   relative: the call fails with `timeout` if no reply is ready by then.
 //! - `{"type":"cancel","id":7}`: gives up on call 7. If it has not run yet it never will; its
 //!   reply is `cancelled` either way.
-//! - `{"type":"message","data":<any JSON>}`: a message for the agent's `on_message`.
+//! - `{"type":"message","data":<any JSON>}`: a message for the agent's `on_message`, which
+//!   receives the JSON text of `data`.
 //!
 //! Server → client:
 //! - `{"type":"identity","class":"counter","name":"bob","conn":"<id>"}`: the first frame.
+//! - `{"type":"state","state":<state>}`: the agent's shared state, right after `identity` if
+//!   the agent has one, and again on every change.
 //! - `{"type":"reply","id":7,"ok":<result>}`, or
 //!   `{"type":"reply","id":7,"err":{"kind":"<kind>","message":"..","data":<typed app error>}}`
 //!   with `kind` one of `app`, `unknown_method`, `bad_args`, `timeout`, `cancelled`,
 //!   `overloaded`, `cycle`, `internal`; `data` only for `app`.
+//! - `{"type":"event","data":<event>}`: an event the agent sent to this connection or
+//!   broadcast. Events a call sends arrive before the call's reply.
 //! - `{"type":"error","message":".."}`: a frame that could not be understood at all (not
-//!   JSON, an unknown `type`, a binary frame). The connection stays open.
+//!   JSON, an unknown `type`, a binary frame), or a `message` whose `on_message` failed. The
+//!   connection stays open.
 //!
-//! A frame larger than the server's limit closes the connection with code 1009.
+//! Every frame the server sends leaves only once the writes of the event that produced it are
+//! durable; a failed event sends nothing (except its error).
+//!
+//! Close codes the server uses: 1008 when the client does not read its frames fast enough (or
+//! `on_connect` refused it, with the reason), 1009 for a message over the size limit, 1000
+//! after the idle limit, 1001 when the server shuts down, and whatever the agent chose with
+//! `conn.close(code, reason)`.
 
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -105,6 +123,16 @@ pub fn reply_frame(id: u64, result: &Result<Payload, RawError>) -> String {
         }
         Err(e) => json!({ "type": "reply", "id": id, "err": error_object(e) }).to_string(),
     }
+}
+
+/// `{"type":"event","data":..}`, from the JSON of the event.
+pub fn event_frame(data_json: &str) -> String {
+    format!(r#"{{"type":"event","data":{data_json}}}"#)
+}
+
+/// `{"type":"state","state":..}`, from the JSON of the state.
+pub fn state_frame(state_json: &str) -> String {
+    format!(r#"{{"type":"state","state":{state_json}}}"#)
 }
 
 /// `{"type":"error","message":..}`
@@ -192,6 +220,11 @@ pub enum PostcardClientFrame {
         /// The call's id.
         id: u64,
     },
+    /// A message for the agent's `on_message` (which receives it as a binary message).
+    Message {
+        /// Whatever the agent expects.
+        data: Vec<u8>,
+    },
 }
 
 /// A frame from server to client in `agents.v1.postcard`.
@@ -213,10 +246,20 @@ pub enum PostcardServerFrame {
         /// The result or the error.
         result: Result<Vec<u8>, WireError>,
     },
-    /// A frame that could not be understood.
+    /// A frame that could not be understood, or an `on_message` that failed.
     Error {
         /// Why.
         message: String,
+    },
+    /// An event the agent sent or broadcast: the agent's event type, postcard-encoded.
+    Event {
+        /// The encoded event.
+        data: Vec<u8>,
+    },
+    /// The agent's shared state, postcard-encoded: after `Identity`, and on every change.
+    State {
+        /// The encoded state.
+        state: Vec<u8>,
     },
 }
 

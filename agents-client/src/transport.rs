@@ -7,9 +7,12 @@ use std::{
 
 use serde::{de::DeserializeOwned, Serialize};
 
+use tokio::sync::{broadcast, watch};
+
 use crate::{
     error::{RawError, RpcError},
     payload::{Codec, Payload},
+    stream::{self, EventStream, StateStream},
 };
 
 /// A boxed, sendable future, as transports return them.
@@ -35,6 +38,18 @@ pub trait Transport: Send + Sync + 'static {
 
     /// A short description of the target, for `Debug` output (e.g. `counter/bob`).
     fn describe(&self) -> String;
+
+    /// Subscribes to the events the agent sends to this client's connection (postcard). `None`
+    /// (the default): this transport has no connection to receive events on.
+    fn events(&self) -> Option<broadcast::Receiver<Payload>> {
+        None
+    }
+
+    /// The agent's shared state as the connection last received it (postcard). `None` (the
+    /// default): this transport does not receive the state.
+    fn state(&self) -> Option<watch::Receiver<Option<Payload>>> {
+        None
+    }
 }
 
 /// What every generated client holds: a transport and a per-call timeout.
@@ -80,6 +95,23 @@ impl ClientCore {
             }),
             Err(raw) => Err(raw.into_typed()),
         }
+    }
+}
+
+impl ClientCore {
+    /// The agent's events, typed (see [`Transport::events`]).
+    pub fn events<E: DeserializeOwned>(&self) -> EventStream<E> {
+        EventStream::new(self.transport.events())
+    }
+
+    /// The agent's shared state as last received, typed.
+    pub fn state<S: DeserializeOwned>(&self) -> Option<S> {
+        self.transport.state().and_then(|rx| stream::latest(&rx))
+    }
+
+    /// The changes of the agent's shared state, typed.
+    pub fn state_changes<S: DeserializeOwned>(&self) -> StateStream<S> {
+        StateStream::new(self.transport.state())
     }
 }
 

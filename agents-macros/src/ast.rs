@@ -10,7 +10,7 @@ use syn::{
 use crate::attr::string_args;
 
 /// `#[agent(..)]` options.
-pub const AGENT_OPTIONS: &[&str] = &["class", "crate"];
+pub const AGENT_OPTIONS: &[&str] = &["class", "crate", "state", "conn_state", "event"];
 /// `#[callable(..)]` options.
 pub const CALLABLE_OPTIONS: &[&str] = &["name"];
 /// `#[schedule(..)]` options.
@@ -24,6 +24,8 @@ pub struct AgentImpl {
     pub class: Option<LitStr>,
     /// `#[agent(crate = "..")]`: the path of the `agents` crate.
     pub krate: Option<LitStr>,
+    /// `#[agent(state = "..", conn_state = "..", event = "..")]`: the agent's types.
+    pub types: Vec<(Ident, LitStr)>,
     /// The methods marked `#[callable]` or `#[schedule]`, in order.
     pub callables: Vec<Callable>,
     /// Every other associated item's name (they share the type's namespace).
@@ -83,10 +85,12 @@ impl AgentImpl {
     pub fn parse(args: TokenStream, item: ItemImpl) -> syn::Result<Self> {
         let mut class = None;
         let mut krate = None;
+        let mut types = Vec::new();
         for (key, value) in string_args(args, AGENT_OPTIONS, "#[agent]")? {
             match key.to_string().as_str() {
                 "class" => class = Some(value),
-                _ => krate = Some(value),
+                "crate" => krate = Some(value),
+                _ => types.push((key, value)),
             }
         }
         let mut item = item;
@@ -117,6 +121,7 @@ impl AgentImpl {
                 item,
                 class,
                 krate,
+                types,
                 callables,
                 other_names,
             }),

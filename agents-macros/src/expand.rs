@@ -29,6 +29,9 @@ fn generate(a: &Agent) -> TokenStream {
         class,
         krate,
         methods,
+        state,
+        conn_state,
+        event,
     } = a;
     let p = quote!(#krate::__private);
     let vis = widest(methods);
@@ -82,6 +85,27 @@ fn generate(a: &Agent) -> TokenStream {
                     })
                 }
 
+                /// The events the agent sends to this connection (broadcasts and sends), typed.
+                /// Only a network client receives events: over an in-process transport the
+                /// stream ends at once. Each call makes a new subscription from now on.
+                #[allow(dead_code)]
+                #vis fn events(&self) -> #p::EventStream<#event> {
+                    self.core.events()
+                }
+
+                /// The agent's shared state as last received (a network client gets it on
+                /// connecting and on every change); `None` before any, or in-process.
+                #[allow(dead_code)]
+                #vis fn state(&self) -> ::core::option::Option<#state> {
+                    self.core.state()
+                }
+
+                /// The changes of the shared state from now on (see [`state`](Self::state)).
+                #[allow(dead_code)]
+                #vis fn state_changes(&self) -> #p::StateStream<#state> {
+                    self.core.state_changes()
+                }
+
                 /// The same client with another timeout for each call.
                 #[allow(dead_code)]
                 #vis fn with_timeout(self, timeout: ::core::time::Duration) -> Self {
@@ -107,6 +131,9 @@ fn generate(a: &Agent) -> TokenStream {
                 const CLASS: &'static str = #class;
                 const METHODS: &'static [#p::MethodInfo] = &[#(#infos),*];
                 const SCHEDULES: &'static [#p::StaticSchedule] = &[#(#schedules),*];
+                type State = #state;
+                type ConnState = #conn_state;
+                type Event = #event;
                 type Client = #client;
 
                 fn dispatch<'a>(

@@ -11,6 +11,9 @@ use crate::ast::{combine, AgentImpl, Callable, Receiver, Ret};
 /// the same name would clash with them.
 pub const CLIENT_METHODS: &[&str] = &[
     "connect",
+    "events",
+    "state",
+    "state_changes",
     "from_transport",
     "with_timeout",
     "clone",
@@ -28,6 +31,10 @@ pub struct Agent {
     pub class: String,
     pub krate: Path,
     pub methods: Vec<Method>,
+    /// The shared state, connection state and event types (`()` unless given).
+    pub state: Type,
+    pub conn_state: Type,
+    pub event: Type,
 }
 
 /// A callable ready to expand.
@@ -117,6 +124,25 @@ pub fn validate(a: &AgentImpl) -> syn::Result<Agent> {
         None => syn::parse_quote!(::agents),
     };
 
+    let (mut state, mut conn_state, mut event): (Type, Type, Type) = (
+        syn::parse_quote!(()),
+        syn::parse_quote!(()),
+        syn::parse_quote!(()),
+    );
+    for (key, lit) in &a.types {
+        match lit.parse::<Type>() {
+            Ok(ty) => match key.to_string().as_str() {
+                "state" => state = ty,
+                "conn_state" => conn_state = ty,
+                _ => event = ty,
+            },
+            Err(e) => combine(
+                &mut errors,
+                syn::Error::new(lit.span(), format!("`{key}` must name a type: {e}")),
+            ),
+        }
+    }
+
     for name in &a.other_names {
         if AGENT_FUNCTIONS.contains(&name.to_string().as_str()) {
             combine(&mut errors, clash_with_calls(name));
@@ -154,6 +180,9 @@ pub fn validate(a: &AgentImpl) -> syn::Result<Agent> {
             class,
             krate,
             methods,
+            state,
+            conn_state,
+            event,
         }),
     }
 }

@@ -7,9 +7,28 @@ use agents_client::{BoxFuture, Codec, MethodInfo, Payload, RawError};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 use crate::{
+    conn::{Conn, WsMessage},
     context::Ctx,
     schedule::{AlarmInfo, StaticSchedule},
 };
+
+/// An HTTP request for [`Agent::on_request`], its body already read (up to the runtime's
+/// message-size limit).
+pub type HttpRequest = axum::http::Request<axum::body::Bytes>;
+/// What [`Agent::on_request`] answers (build one with [`axum::response::IntoResponse`]).
+pub type HttpResponse = axum::response::Response;
+/// The head of an HTTP request (method, URI, headers), as the admission hooks see it.
+pub type RequestHead = axum::http::request::Parts;
+
+/// What `on_before_connect` and `on_before_request` decide: `Ok(None)` lets the request in,
+/// `Ok(Some(principal))` lets it in and passes `principal` on (see [`Conn::principal`] and the
+/// [`Principal`] extension of an [`HttpRequest`]), `Err(response)` answers with `response`
+/// without waking the agent.
+pub type Admission = Result<Option<String>, HttpResponse>;
+
+/// The principal `on_before_request` passed on, as an extension of the [`HttpRequest`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal(pub String);
 
 /// The lifecycle of an agent. Every hook has a no-op default, so `impl Agent for X {}` is a
 /// complete implementation.
@@ -40,6 +59,93 @@ pub trait Agent: Sized + Send + 'static {
         let _ = (ctx, info);
         async { Ok(()) }
     }
+
+    /// Decides whether a WebSocket may connect, *before* the agent is woken: it runs on the
+    /// request's task and has no `self`. `name` is the agent's name; `request` the upgrade
+    /// request (headers, URI). The default lets everyone in.
+    fn on_before_connect(
+        name: &str,
+        request: &RequestHead,
+    ) -> impl Future<Output = Admission> + Send {
+        let _ = (name, request);
+        async { Ok(None) }
+    }
+
+    /// Like [`on_before_connect`](Agent::on_before_connect), for HTTP requests to the agent's
+    /// paths (`POST .../call/{method}` and whatever reaches [`on_request`](Agent::on_request)).
+    fn on_before_request(
+        name: &str,
+        request: &RequestHead,
+    ) -> impl Future<Output = Admission> + Send {
+        let _ = (name, request);
+        async { Ok(None) }
+    }
+
+    /// A WebSocket connected (its identity frame is already sent). An `Err` or a panic refuses
+    /// it: its writes are rolled back and the socket is closed with 1008 and the error.
+    fn on_connect(
+        &mut self,
+        ctx: &mut Ctx<Self>,
+        conn: &Conn<Self>,
+    ) -> impl Future<Output = Result<(), AppError>> + Send {
+        let _ = (ctx, conn);
+        async { Ok(()) }
+    }
+
+    /// A message arrived: any data frame of a connection without a subprotocol, or a
+    /// `message` frame of `agents.v1.json` / `agents.v1.postcard`. An `Err` rolls its writes
+    /// back; the client gets an `error` frame (on a protocol connection) and stays connected.
+    fn on_message(
+        &mut self,
+        ctx: &mut Ctx<Self>,
+        conn: &Conn<Self>,
+        message: WsMessage,
+    ) -> impl Future<Output = Result<(), AppError>> + Send {
+        let _ = (ctx, conn, message);
+        async { Ok(()) }
+    }
+
+    /// A connection closed: `code` and `reason` from the client's close frame, 1006 if the
+    /// socket just went away, or the code the runtime closed it with (1008 for a client that
+    /// does not read, 1009 for an oversize message, 1000 after the idle limit). The
+    /// connection's stored state and tags are deleted after this hook.
+    fn on_close(
+        &mut self,
+        ctx: &mut Ctx<Self>,
+        conn: &Conn<Self>,
+        code: u16,
+        reason: &str,
+    ) -> impl Future<Output = Result<(), AppError>> + Send {
+        let _ = (ctx, conn, code, reason);
+        async { Ok(()) }
+    }
+
+    /// A connection failed (a protocol error, an oversize message, a client that does not read
+    /// its frames); `on_close` follows.
+    fn on_error(
+        &mut self,
+        ctx: &mut Ctx<Self>,
+        conn: &Conn<Self>,
+        error: &str,
+    ) -> impl Future<Output = Result<(), AppError>> + Send {
+        let _ = (ctx, conn, error);
+        async { Ok(()) }
+    }
+
+    /// An HTTP request to any other path under the agent's (`/agents/{class}/{name}/..`, or a
+    /// `GET` of the agent's path without a WebSocket upgrade). A transaction like any event:
+    /// the response leaves once its writes are durable. The default answers 404.
+    fn on_request(
+        &mut self,
+        ctx: &mut Ctx<Self>,
+        request: HttpRequest,
+    ) -> impl Future<Output = Result<HttpResponse, AppError>> + Send {
+        let _ = (ctx, request);
+        async {
+            use axum::response::IntoResponse;
+            Ok((axum::http::StatusCode::NOT_FOUND, "not found").into_response())
+        }
+    }
 }
 
 /// Implemented by `#[agent]`: the class name, the dispatch by method name and the typed client.
@@ -52,6 +158,15 @@ pub trait AgentClass: Agent + Default {
     /// The `#[schedule(..)]` methods.
     #[doc(hidden)]
     const SCHEDULES: &'static [StaticSchedule] = &[];
+    /// The shared state (`#[agent(state = "T")]`, `()` by default): [`Ctx::set_state`] stores
+    /// it and pushes it to every connection.
+    type State: Serialize + DeserializeOwned + Send + Sync + 'static;
+    /// Each connection's state (`#[agent(conn_state = "T")]`, `()` by default):
+    /// [`Conn::set_state`].
+    type ConnState: Serialize + DeserializeOwned + Send + Sync + 'static;
+    /// What the agent sends to connections (`#[agent(event = "T")]`, `()` by default):
+    /// [`Conn::send`], [`Ctx::broadcast`]; typed clients receive it from `events()`.
+    type Event: Serialize + DeserializeOwned + Send + Sync + 'static;
     /// The generated typed client (`CounterClient` for `Counter`).
     type Client: From<agents_client::ClientCore> + Clone + Send + Sync + 'static;
 

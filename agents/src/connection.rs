@@ -1,10 +1,13 @@
 //! WebSocket connections: `GET /agents/{class}/{name}` with the `agents.v1.json` or the
-//! `agents.v1.postcard` subprotocol (see `agents_client::protocol`).
+//! `agents.v1.postcard` subprotocol (see `agents_client::protocol`), or none (raw frames to
+//! `on_message`).
 //!
-//! The socket is owned by the runtime, not by the agent: calls arriving on it are routed to the
-//! agent like any other call (waking it if it hibernates), and replies come back in the order
-//! they are ready. A call's deadline and its cancellation work as documented in the protocol;
-//! a disconnect cancels the calls still in flight (those not yet run never run).
+//! The socket is owned by the runtime, not by the agent: it is registered in [`Sockets`] under
+//! the agent's address, outlives the agent's hibernation, and its frames are routed to the agent
+//! as events (waking it). Calls are answered in the order they are ready; a call's deadline and
+//! its cancellation work as documented in the protocol; a disconnect cancels the calls still in
+//! flight (those not yet run never run). Everything the agent sends goes through a bounded
+//! queue per connection: a client that does not read is disconnected, never waited for.
 
 use std::{
     collections::HashMap,
@@ -12,74 +15,201 @@ use std::{
         atomic::{AtomicU64, Ordering},
         Arc, Mutex,
     },
-    time::Duration,
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use agents_client::{protocol, ErrorKind, Payload, RawError};
+use agents_client::{protocol, ErrorKind, OutgoingCall, Payload, RawError};
 use axum::{
     extract::{
         ws::{close_code, CloseFrame, Message, WebSocket, WebSocketUpgrade},
-        Path, State,
+        FromRequestParts, Path, Request, State,
     },
     http::StatusCode,
     response::{IntoResponse, Response},
 };
 use futures_util::{SinkExt, StreamExt};
-use tokio::{sync::mpsc, task::AbortHandle};
+use tokio::{
+    sync::{mpsc, oneshot},
+    task::AbortHandle,
+};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::{address::AgentKey, runtime::Runtime};
+use crate::{
+    address::AgentKey,
+    conn::{close_reason, ConnId, Effect, Outgoing, WsMessage},
+    registry::{Class, Event},
+    runtime::Runtime,
+};
 
-static NEXT_CONN: AtomicU64 = AtomicU64::new(1);
+/// Connection ids: a per-process random-ish base (so that ids differ across restarts) plus a
+/// counter.
+fn next_conn_id() -> ConnId {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    static BASE: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    let base = *BASE.get_or_init(|| {
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        nanos.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ u64::from(std::process::id())
+    });
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    ConnId::new(format!("{:016x}", base.wrapping_add(n)))
+}
 
-/// The upgrade handler: checks the address before anything is woken.
-pub(crate) async fn upgrade(
+/// The open sockets of every agent.
+#[derive(Default)]
+pub(crate) struct Sockets {
+    by_agent: Mutex<HashMap<AgentKey, HashMap<ConnId, Socket>>>,
+}
+
+/// One open socket: where its frames go, and how to encode them.
+struct Socket {
+    out: Outbound,
+    wire: Wire,
+}
+
+impl Sockets {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<AgentKey, HashMap<ConnId, Socket>>> {
+        self.by_agent.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn add(&self, key: &AgentKey, id: ConnId, out: Outbound, wire: Wire) {
+        self.lock()
+            .entry(key.clone())
+            .or_default()
+            .insert(id, Socket { out, wire });
+    }
+
+    fn remove(&self, key: &AgentKey, id: &ConnId) {
+        let mut all = self.lock();
+        if let Some(conns) = all.get_mut(key) {
+            conns.remove(id);
+            if conns.is_empty() {
+                all.remove(key);
+            }
+        }
+    }
+
+    /// The ids of `key`'s open sockets.
+    pub fn ids(&self, key: &AgentKey) -> Vec<ConnId> {
+        self.lock()
+            .get(key)
+            .map(|conns| conns.keys().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// How many sockets are open, over all agents.
+    pub fn count(&self) -> usize {
+        self.lock().values().map(HashMap::len).sum()
+    }
+
+    /// Sends what an event produced (once it is durable) to `key`'s sockets.
+    pub fn deliver(&self, key: &AgentKey, effects: Vec<Effect>) {
+        let all = self.lock();
+        let Some(conns) = all.get(key) else {
+            return;
+        };
+        for effect in effects {
+            match effect {
+                Effect::Send(id, outgoing) => {
+                    if let Some(socket) = conns.get(&id) {
+                        if let Some(frame) = socket.wire.outgoing(&outgoing) {
+                            socket.out.send(frame);
+                        }
+                    }
+                }
+                Effect::Broadcast(outgoing, except) => {
+                    // Encoded once per protocol, shared by every socket speaking it.
+                    let mut frames: [Option<Option<Message>>; 3] = [None, None, None];
+                    for (id, socket) in conns {
+                        if except.contains(id) {
+                            continue;
+                        }
+                        let frame = frames[socket.wire as usize]
+                            .get_or_insert_with(|| socket.wire.outgoing(&outgoing));
+                        if let Some(frame) = frame {
+                            socket.out.send(frame.clone());
+                        }
+                    }
+                }
+                Effect::SetState(..) | Effect::SetTags(..) => {}
+            }
+        }
+    }
+
+    /// Closes every socket (the runtime is shutting down).
+    pub fn close_all(&self) {
+        for conns in self.lock().values() {
+            for socket in conns.values() {
+                socket
+                    .out
+                    .send(close(close_code::AWAY, "the server is shutting down"));
+            }
+        }
+    }
+}
+
+fn close(code: u16, reason: &str) -> Message {
+    Message::Close(Some(CloseFrame {
+        code,
+        reason: close_reason(reason).into(),
+    }))
+}
+
+/// `GET /agents/{class}/{name}`: a WebSocket upgrade, or else a request for `on_request`.
+/// The address and the admission hook are checked before anything is woken.
+pub(crate) async fn agent_root(
     State(runtime): State<Runtime>,
     Path((class, name)): Path<(String, String)>,
-    ws: WebSocketUpgrade,
+    request: Request,
 ) -> Response {
     let key = match runtime.check_address(&class, &name) {
         Ok(key) => key,
         Err(e) => return (StatusCode::BAD_REQUEST, e.to_string()).into_response(),
     };
+    let class = runtime.shared().class(key.class()).expect("checked");
+    let (mut parts, body) = request.into_parts();
+    let ws = match WebSocketUpgrade::from_request_parts(&mut parts, &runtime).await {
+        Ok(ws) => ws,
+        Err(_) => {
+            return crate::server::to_agent(runtime, key, Request::from_parts(parts, body)).await
+        }
+    };
+    upgrade(runtime, key, class, parts, ws).await
+}
+
+async fn upgrade(
+    runtime: Runtime,
+    key: AgentKey,
+    class: Class,
+    parts: axum::http::request::Parts,
+    ws: WebSocketUpgrade,
+) -> Response {
+    let principal = match (class.before_connect)(key.name(), &parts).await {
+        Ok(principal) => principal,
+        Err(refusal) => return refusal,
+    };
     let ws = ws
         .protocols([protocol::JSON_PROTOCOL, protocol::POSTCARD_PROTOCOL])
         .max_message_size(runtime.config().max_message_bytes);
     let wire = match ws.selected_protocol().map(|p| p.as_bytes()) {
-        Some(p) if p == protocol::JSON_PROTOCOL.as_bytes() => Some(Wire::Json),
-        Some(p) if p == protocol::POSTCARD_PROTOCOL.as_bytes() => Some(Wire::Postcard),
-        _ => None,
+        Some(p) if p == protocol::JSON_PROTOCOL.as_bytes() => Wire::Json,
+        Some(p) if p == protocol::POSTCARD_PROTOCOL.as_bytes() => Wire::Postcard,
+        _ => Wire::Raw,
     };
-    ws.on_upgrade(move |socket| async move {
-        match wire {
-            Some(wire) => serve(runtime, key, socket, wire).await,
-            None => refuse(socket).await,
-        }
-    })
-}
-
-/// No subprotocol: raw frames would go to `on_message`, which this runtime does not serve yet.
-async fn refuse(mut socket: WebSocket) {
-    let reason = format!(
-        "use the subprotocol {}: raw frames (no subprotocol) are not served yet",
-        protocol::JSON_PROTOCOL
-    );
-    let _ = socket
-        .send(Message::Close(Some(CloseFrame {
-            code: close_code::UNSUPPORTED,
-            reason: reason.into(),
-        })))
-        .await;
+    ws.on_upgrade(move |socket| serve(runtime, key, socket, wire, principal))
 }
 
 /// The frame encoding a connection chose.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Wire {
     /// Text frames of JSON.
-    Json,
+    Json = 0,
     /// Binary frames of postcard.
-    Postcard,
+    Postcard = 1,
+    /// No subprotocol: frames as they are.
+    Raw = 2,
 }
 
 /// A frame from the client, whatever its encoding.
@@ -93,7 +223,7 @@ enum Incoming {
     Cancel {
         id: u64,
     },
-    Message,
+    Message(WsMessage),
     /// A call that is refused before it is made (its id is known, so it gets a reply).
     Refused {
         id: u64,
@@ -102,13 +232,35 @@ enum Incoming {
 }
 
 impl Wire {
+    /// What the agent sends, as a frame of this protocol (`None`: not for this protocol).
+    fn outgoing(self, outgoing: &Outgoing) -> Option<Message> {
+        Some(match (outgoing, self) {
+            (Outgoing::Raw(WsMessage::Text(t)), _) => Message::Text(t.clone().into()),
+            (Outgoing::Raw(WsMessage::Binary(b)), _) => Message::Binary(b.clone().into()),
+            (Outgoing::Close(code, reason), _) => close(*code, reason),
+            (Outgoing::Event(e), Wire::Raw) => Message::Text(e.json.clone().into()),
+            (Outgoing::State(_) | Outgoing::Error(_), Wire::Raw) => return None,
+            (Outgoing::Event(e), wire) => wire.frame(protocol::event_frame(&e.json), || {
+                protocol::PostcardServerFrame::Event {
+                    data: e.postcard.clone(),
+                }
+            }),
+            (Outgoing::State(s), wire) => wire.frame(protocol::state_frame(&s.json), || {
+                protocol::PostcardServerFrame::State {
+                    state: s.postcard.clone(),
+                }
+            }),
+            (Outgoing::Error(message), wire) => wire.error(message),
+        })
+    }
+
     fn frame(
         self,
         json: String,
         postcard: impl FnOnce() -> protocol::PostcardServerFrame,
     ) -> Message {
         match self {
-            Wire::Json => Message::Text(json.into()),
+            Wire::Json | Wire::Raw => Message::Text(json.into()),
             Wire::Postcard => Message::Binary(protocol::to_postcard(&postcard()).into()),
         }
     }
@@ -126,7 +278,7 @@ impl Wire {
 
     fn reply(self, id: u64, result: &Result<Payload, RawError>) -> Message {
         match self {
-            Wire::Json => Message::Text(protocol::reply_frame(id, result).into()),
+            Wire::Json | Wire::Raw => Message::Text(protocol::reply_frame(id, result).into()),
             Wire::Postcard => Message::Binary(
                 protocol::to_postcard(&protocol::PostcardServerFrame::reply(id, result)).into(),
             ),
@@ -144,6 +296,12 @@ impl Wire {
     /// Reads one data frame.
     fn parse(self, frame: &Message) -> Result<Incoming, String> {
         match (self, frame) {
+            (Wire::Raw, Message::Text(text)) => {
+                Ok(Incoming::Message(WsMessage::Text(text.as_str().to_owned())))
+            }
+            (Wire::Raw, Message::Binary(bytes)) => {
+                Ok(Incoming::Message(WsMessage::Binary(bytes.to_vec())))
+            }
             (Wire::Json, Message::Text(text)) => {
                 match protocol::ClientFrame::from_json(text.as_str())? {
                     protocol::ClientFrame::Call {
@@ -162,7 +320,9 @@ impl Wire {
                         error: RawError::bad_args(format!("`args` must be an array, not {args}")),
                     }),
                     protocol::ClientFrame::Cancel { id } => Ok(Incoming::Cancel { id }),
-                    protocol::ClientFrame::Message { .. } => Ok(Incoming::Message),
+                    protocol::ClientFrame::Message { data } => {
+                        Ok(Incoming::Message(WsMessage::Text(data.to_string())))
+                    }
                 }
             }
             (Wire::Postcard, Message::Binary(bytes)) => match postcard::from_bytes(bytes) {
@@ -178,6 +338,9 @@ impl Wire {
                     deadline_ms,
                 }),
                 Ok(protocol::PostcardClientFrame::Cancel { id }) => Ok(Incoming::Cancel { id }),
+                Ok(protocol::PostcardClientFrame::Message { data }) => {
+                    Ok(Incoming::Message(WsMessage::Binary(data)))
+                }
                 Err(e) => Err(format!(
                     "not a frame of {}: {e}",
                     protocol::POSTCARD_PROTOCOL
@@ -189,17 +352,29 @@ impl Wire {
             (Wire::Postcard, _) => {
                 Err("text frames are not part of agents.v1.postcard; send binary frames".into())
             }
+            (Wire::Raw, _) => Err("not a data frame".into()),
         }
     }
 }
 
-async fn serve(runtime: Runtime, key: AgentKey, socket: WebSocket, wire: Wire) {
-    let conn = format!("{:016x}", NEXT_CONN.fetch_add(1, Ordering::Relaxed));
-    let span =
-        tracing::debug_span!("connection", class = key.class(), name = key.name(), conn = %conn);
-    serve_frames(runtime, key, socket, wire, conn)
-        .instrument(span)
-        .await;
+async fn serve(
+    runtime: Runtime,
+    key: AgentKey,
+    socket: WebSocket,
+    wire: Wire,
+    principal: Option<String>,
+) {
+    let conn = next_conn_id();
+    let span = tracing::debug_span!("connection", class = key.class(), name = key.name(), conn = %conn, ?wire);
+    Connection {
+        runtime,
+        key,
+        conn,
+        wire,
+    }
+    .serve(socket, principal)
+    .instrument(span)
+    .await;
 }
 
 /// The sending side of one connection: a bounded queue to the writer task. A client that does
@@ -219,128 +394,282 @@ impl Outbound {
     }
 }
 
-async fn serve_frames(
+const SLOW_READER: &str = "the client does not read its frames fast enough";
+
+/// How a connection ended, for `on_error` and `on_close`.
+struct Ending {
+    code: u16,
+    reason: String,
+    error: Option<String>,
+}
+
+struct Connection {
     runtime: Runtime,
     key: AgentKey,
-    socket: WebSocket,
+    conn: ConnId,
     wire: Wire,
-    conn: String,
-) {
-    let (mut sink, mut stream) = socket.split();
-    let (tx, mut outbound) = mpsc::channel::<Message>(runtime.config().outbound_queue);
-    let closed = CancellationToken::new();
-    let out = Outbound {
-        tx,
-        closed: closed.clone(),
-    };
-    let writer = tokio::spawn({
-        let closed = closed.clone();
-        async move {
-            let write = async {
-                while let Some(message) = outbound.recv().await {
-                    let closing = matches!(message, Message::Close(_));
-                    if sink.send(message).await.is_err() || closing {
-                        break;
+}
+
+impl Connection {
+    async fn serve(self, socket: WebSocket, principal: Option<String>) {
+        let (mut sink, stream) = socket.split();
+        let (tx, mut outbound) = mpsc::channel::<Message>(self.runtime.config().outbound_queue);
+        let closed = CancellationToken::new();
+        let out = Outbound {
+            tx,
+            closed: closed.clone(),
+        };
+        // Tells the reader that the server closed the connection (the agent, or a shutdown).
+        let (server_closed, mut closing) = oneshot::channel::<Ending>();
+        let writer = tokio::spawn({
+            let closed = closed.clone();
+            async move {
+                let write = async {
+                    while let Some(message) = outbound.recv().await {
+                        if let Message::Close(frame) = &message {
+                            let (code, reason) = frame
+                                .as_ref()
+                                .map_or((close_code::NORMAL, String::new()), |f| {
+                                    (f.code, f.reason.as_str().to_owned())
+                                });
+                            let _ = server_closed.send(Ending {
+                                code,
+                                reason,
+                                error: None,
+                            });
+                            let _ = sink.send(message).await;
+                            break;
+                        }
+                        if sink.send(message).await.is_err() {
+                            break;
+                        }
+                    }
+                };
+                tokio::select! {
+                    () = write => {}
+                    () = closed.cancelled() => {
+                        // Say why, but do not wait on a client that does not read.
+                        let close = close(close_code::POLICY, SLOW_READER);
+                        let _ = tokio::time::timeout(Duration::from_millis(100), sink.send(close)).await;
                     }
                 }
+            }
+        });
+        let shared = self.runtime.shared().clone();
+        shared
+            .sockets
+            .add(&self.key, self.conn.clone(), out.clone(), self.wire);
+        if self.wire != Wire::Raw {
+            out.send(self.wire.identity(&self.key, self.conn.as_str()));
+        }
+        let (done, connected) = oneshot::channel();
+        let event = Event::Connect {
+            conn: self.conn.clone(),
+            principal,
+            done,
+        };
+        let connected = match shared.route(&self.key, event).await {
+            Ok(()) => connected
+                .await
+                .unwrap_or_else(|_| Err(RawError::internal("the agent stopped"))),
+            Err((e, _)) => Err(RawError::internal(e)),
+        };
+        let ending = match connected {
+            Ok(_) => Some(self.read(stream, &out, &closed, &mut closing).await),
+            Err(e) => {
+                tracing::debug!("on_connect refused the connection: {e}");
+                out.send(close(close_code::POLICY, &e.message));
+                None
+            }
+        };
+        shared.sockets.remove(&self.key, &self.conn);
+        if let Some(Ending {
+            code,
+            reason,
+            error,
+        }) = ending
+        {
+            let event = Event::Close {
+                conn: self.conn.clone(),
+                code,
+                reason,
+                error,
             };
-            tokio::select! {
-                () = write => {}
-                () = closed.cancelled() => {
-                    // Say why, but do not wait on a client that does not read.
-                    let reason = "the client does not read its frames fast enough";
-                    let close = Message::Close(Some(CloseFrame { code: close_code::POLICY, reason: reason.into() }));
-                    let _ = tokio::time::timeout(Duration::from_millis(100), sink.send(close)).await;
-                }
+            if let Err((e, _)) = shared.route(&self.key, event).await {
+                tracing::debug!("on_close cannot run: {e}");
             }
         }
-    });
-    let in_flight: Arc<Mutex<HashMap<u64, AbortHandle>>> = Arc::default();
-    out.send(wire.identity(&key, &conn));
+        drop(out);
+        let _ = writer.await;
+    }
 
-    loop {
-        let frame = tokio::select! {
-            frame = stream.next() => frame,
-            () = closed.cancelled() => break,
-        };
-        let Some(frame) = frame else { break };
-        let frame = match frame {
-            Ok(Message::Close(_)) => break,
-            Ok(Message::Ping(_) | Message::Pong(_)) => continue, // answered by the socket itself
-            Ok(frame) => frame,
-            Err(e) => {
-                if is_too_big(&e) {
-                    let reason = format!(
-                        "a message exceeded the limit of {} bytes",
-                        runtime.config().max_message_bytes
-                    );
-                    out.send(Message::Close(Some(CloseFrame {
-                        code: close_code::SIZE,
-                        reason: reason.into(),
-                    })));
+    /// Reads frames until the connection ends, and says how it ended.
+    async fn read(
+        &self,
+        mut stream: futures_util::stream::SplitStream<WebSocket>,
+        out: &Outbound,
+        closed: &CancellationToken,
+        server_closed: &mut oneshot::Receiver<Ending>,
+    ) -> Ending {
+        let config = self.runtime.config();
+        let in_flight: Arc<Mutex<HashMap<u64, AbortHandle>>> = Arc::default();
+        let idle = config.connection_idle.unwrap_or(Duration::MAX);
+        let mut writer_gone = false;
+        let ending = loop {
+            let frame = tokio::select! {
+                frame = tokio::time::timeout(idle, stream.next()) => frame,
+                () = closed.cancelled() => break Ending { code: close_code::POLICY, reason: SLOW_READER.into(), error: Some(SLOW_READER.into()) },
+                ending = &mut *server_closed, if !writer_gone => {
+                    let Ok(ending) = ending else {
+                        writer_gone = true; // the writer stopped without a close: keep reading
+                        continue;
+                    };
+                    // Give the client a moment to answer the close, but do not wait on it.
+                    let echo = async { while let Some(Ok(frame)) = stream.next().await { if let Message::Close(_) = frame { break; } } };
+                    let _ = tokio::time::timeout(Duration::from_secs(1), echo).await;
+                    break ending;
                 }
-                break;
-            }
-        };
-        match wire.parse(&frame) {
-            Err(e) => out.send(wire.error(&e)),
-            Ok(Incoming::Call {
-                id,
-                method,
-                args,
-                deadline_ms,
-            }) => {
-                let mut calls = in_flight.lock().unwrap_or_else(|e| e.into_inner());
-                if calls.contains_key(&id) {
-                    let e = RawError::bad_args(format!("a call with id {id} is already in flight"));
-                    out.send(wire.reply(id, &Err(e)));
-                    continue;
+            };
+            let frame = match frame {
+                Err(_) => {
+                    let reason = format!("no frame for {idle:?}");
+                    out.send(close(close_code::NORMAL, &reason));
+                    break Ending {
+                        code: close_code::NORMAL,
+                        reason,
+                        error: None,
+                    };
                 }
-                let (runtime, key, out, registry) =
-                    (runtime.clone(), key.clone(), out.clone(), in_flight.clone());
-                let task = tokio::spawn(async move {
-                    let timeout = deadline_ms.map(Duration::from_millis);
-                    let result = runtime
-                        .call_with_timeout(key.class(), key.name(), &method, args, timeout)
-                        .await;
-                    // Whoever takes the call out of the map answers it: this task, or a cancel.
-                    let mine = registry
+                Ok(None) => {
+                    break Ending {
+                        code: close_code::ABNORMAL,
+                        reason: String::new(),
+                        error: None,
+                    }
+                }
+                Ok(Some(Ok(Message::Close(frame)))) => {
+                    break match frame {
+                        Some(f) => Ending {
+                            code: f.code,
+                            reason: f.reason.as_str().to_owned(),
+                            error: None,
+                        },
+                        None => Ending {
+                            code: close_code::STATUS,
+                            reason: String::new(),
+                            error: None,
+                        },
+                    }
+                }
+                Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => continue, // answered by the socket
+                Ok(Some(Ok(frame))) => frame,
+                Ok(Some(Err(e))) => {
+                    if is_too_big(&e) {
+                        let reason = format!(
+                            "a message exceeded the limit of {} bytes",
+                            config.max_message_bytes
+                        );
+                        out.send(close(close_code::SIZE, &reason));
+                        break Ending {
+                            code: close_code::SIZE,
+                            reason: reason.clone(),
+                            error: Some(reason),
+                        };
+                    }
+                    break Ending {
+                        code: close_code::ABNORMAL,
+                        reason: String::new(),
+                        error: Some(e.to_string()),
+                    };
+                }
+            };
+            match self.wire.parse(&frame) {
+                Err(e) => out.send(self.wire.error(&e)),
+                Ok(Incoming::Call {
+                    id,
+                    method,
+                    args,
+                    deadline_ms,
+                }) => self.call(&in_flight, out, id, method, args, deadline_ms),
+                Ok(Incoming::Cancel { id }) => {
+                    let call = in_flight
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
                         .remove(&id);
-                    if mine.is_some() {
-                        out.send(wire.reply(id, &result));
+                    if let Some(task) = call {
+                        task.abort(); // drops the call: if it has not run, it never will
+                        let e = RawError::new(
+                            ErrorKind::Cancelled,
+                            format!("call {id} was cancelled by the client"),
+                        );
+                        out.send(self.wire.reply(id, &Err(e)));
                     }
-                });
-                calls.insert(id, task.abort_handle());
-            }
-            Ok(Incoming::Cancel { id }) => {
-                if let Some(task) = in_flight
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .remove(&id)
-                {
-                    task.abort(); // drops the call: if it has not run, it never will
-                    let e = RawError::new(
-                        ErrorKind::Cancelled,
-                        format!("call {id} was cancelled by the client"),
-                    );
-                    out.send(wire.reply(id, &Err(e)));
+                }
+                Ok(Incoming::Refused { id, error }) => out.send(self.wire.reply(id, &Err(error))),
+                Ok(Incoming::Message(message)) => {
+                    // Awaited: messages reach the agent in order, and a full mailbox slows
+                    // this reader down.
+                    let event = Event::Message {
+                        conn: self.conn.clone(),
+                        message,
+                    };
+                    if let Err((e, _)) = self.runtime.shared().route(&self.key, event).await {
+                        out.send(
+                            self.wire
+                                .error(&format!("the message cannot be delivered: {e}")),
+                        );
+                    }
                 }
             }
-            Ok(Incoming::Refused { id, error }) => out.send(wire.reply(id, &Err(error))),
-            Ok(Incoming::Message) => {
-                out.send(wire.error(
-                    "`message` frames reach on_message, which this runtime does not serve yet",
-                ))
-            }
+        };
+        for (_, task) in in_flight.lock().unwrap_or_else(|e| e.into_inner()).drain() {
+            task.abort();
         }
+        ending
     }
-    for (_, task) in in_flight.lock().unwrap_or_else(|e| e.into_inner()).drain() {
-        task.abort();
+
+    /// Starts a call that arrived on this connection; its reply goes out when it is ready.
+    fn call(
+        &self,
+        in_flight: &Arc<Mutex<HashMap<u64, AbortHandle>>>,
+        out: &Outbound,
+        id: u64,
+        method: String,
+        args: Payload,
+        deadline_ms: Option<u64>,
+    ) {
+        let mut calls = in_flight.lock().unwrap_or_else(|e| e.into_inner());
+        if calls.contains_key(&id) {
+            let e = RawError::bad_args(format!("a call with id {id} is already in flight"));
+            out.send(self.wire.reply(id, &Err(e)));
+            return;
+        }
+        let (runtime, key, conn, out, registry, wire) = (
+            self.runtime.clone(),
+            self.key.clone(),
+            self.conn.clone(),
+            out.clone(),
+            in_flight.clone(),
+            self.wire,
+        );
+        let task = tokio::spawn(async move {
+            let call = OutgoingCall {
+                method: method.into(),
+                args,
+                timeout: deadline_ms.map(Duration::from_millis),
+            };
+            let result = runtime.call_from(key, conn, call).await;
+            // Whoever takes the call out of the map answers it: this task, or a cancel.
+            let mine = registry
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&id);
+            if mine.is_some() {
+                out.send(wire.reply(id, &result));
+            }
+        });
+        calls.insert(id, task.abort_handle());
     }
-    drop(out);
-    let _ = writer.await;
 }
 
 /// Whether a receive error is a message over the size limit.

@@ -1,6 +1,11 @@
 //! [`Ctx`]: what a handler can reach besides `self`.
 
-use std::{fmt, marker::PhantomData, sync::Arc, time::SystemTime};
+use std::{
+    fmt,
+    marker::PhantomData,
+    sync::{Arc, Mutex},
+    time::SystemTime,
+};
 
 use agents_client::MethodCall;
 
@@ -10,6 +15,7 @@ use crate::{
     address::AgentKey,
     agent::AgentClass,
     clock::{from_ms, to_ms},
+    conn::{self, Conn, ConnId, Effect, Effects, Encoded, Outgoing},
     error::Error,
     registry::{Chain, Shared},
     runtime::client_for,
@@ -29,6 +35,10 @@ pub struct Ctx<A> {
     pub(crate) conn: Option<Connection>,
     /// The agents waiting on the current event, this one included.
     pub(crate) chain: Chain,
+    /// What the current event does to connections (applied if it succeeds).
+    pub(crate) effects: Effects,
+    /// The connection the current call arrived on, if any.
+    pub(crate) caller: Option<ConnId>,
     _agent: PhantomData<fn() -> A>,
 }
 
@@ -40,6 +50,8 @@ impl<A> Ctx<A> {
             shared,
             conn: None,
             chain: Chain::default(),
+            effects: Arc::new(Mutex::new(Vec::new())),
+            caller: None,
             _agent: PhantomData,
         }
     }
@@ -186,6 +198,86 @@ impl<A> Ctx<A> {
     /// already waiting in this chain fails at once with `RpcError::Cycle`.
     pub fn agent<B: AgentClass>(&self, name: &str) -> B::Client {
         client_for::<B>(&self.shared, name, self.chain.clone())
+    }
+}
+
+/// Connections and shared state.
+impl<A: AgentClass> Ctx<A> {
+    /// The connection the current call arrived on (`None` for calls from other agents, from
+    /// HTTP, from schedules, and in hooks, which get their `Conn` as an argument).
+    pub fn caller(&self) -> Option<&ConnId> {
+        self.caller.as_ref()
+    }
+
+    /// The agent's open connections.
+    pub fn connections(&self) -> Result<Vec<Conn<A>>, Error> {
+        let open = self.shared.sockets.ids(self.key());
+        self.load_conns(&open)
+    }
+
+    /// The open connections tagged `tag` (see [`Conn::set_tags`]).
+    pub fn connections_tagged(&self, tag: &str) -> Result<Vec<Conn<A>>, Error> {
+        let open = self.shared.sockets.ids(self.key());
+        let ids: Vec<ConnId> = conn::tagged(self.sql(), tag)?
+            .into_iter()
+            .filter(|id| open.contains(id))
+            .collect();
+        self.load_conns(&ids)
+    }
+
+    /// The connection `id`, if it is open.
+    pub fn connection(&self, id: &ConnId) -> Result<Option<Conn<A>>, Error> {
+        if !self.shared.sockets.ids(self.key()).contains(id) {
+            return Ok(None);
+        }
+        conn::load(self.sql(), id, &self.effects)
+    }
+
+    fn load_conns(&self, ids: &[ConnId]) -> Result<Vec<Conn<A>>, Error> {
+        let mut conns = Vec::with_capacity(ids.len());
+        for id in ids {
+            // A connection whose `on_connect` has not run yet is not listed.
+            if let Some(c) = conn::load(self.sql(), id, &self.effects)? {
+                conns.push(c);
+            }
+        }
+        Ok(conns)
+    }
+
+    /// Sends `event` to every open connection except those in `except`, once this event's
+    /// writes are durable (and not at all if it fails). A connection whose client does not
+    /// keep up is closed; it never slows the others or the agent.
+    pub fn broadcast(&self, event: &A::Event, except: &[ConnId]) -> Result<(), Error> {
+        let outgoing = Arc::new(Outgoing::Event(Encoded::new(event, "the event")?));
+        conn::push(&self.effects, Effect::Broadcast(outgoing, except.to_vec()));
+        Ok(())
+    }
+
+    /// Sends `event` to the connection `to` (if it is still open then), after this event's
+    /// writes are durable.
+    pub fn send(&self, to: &ConnId, event: &A::Event) -> Result<(), Error> {
+        let outgoing = Arc::new(Outgoing::Event(Encoded::new(event, "the event")?));
+        conn::push(&self.effects, Effect::Send(to.clone(), outgoing));
+        Ok(())
+    }
+
+    /// The shared state, if it was ever set.
+    pub fn state(&self) -> Result<Option<A::State>, Error> {
+        conn::load_state(self.sql())?
+            .map(|b| conn::decode_state(&b))
+            .transpose()
+    }
+
+    /// Stores the shared state (in this event's transaction) and pushes it to every
+    /// connection as a `state` frame once the write is durable.
+    pub fn set_state(&self, state: &A::State) -> Result<(), Error> {
+        let encoded = Encoded::new(state, "the shared state")?;
+        conn::store_state(self.sql(), &encoded.postcard)?;
+        conn::push(
+            &self.effects,
+            Effect::Broadcast(Arc::new(Outgoing::State(encoded)), Vec::new()),
+        );
+        Ok(())
     }
 }
 

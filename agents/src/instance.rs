@@ -33,8 +33,9 @@ use tracing::Instrument;
 
 use crate::{
     address::AgentKey,
-    agent::{AgentClass, Invocation},
+    agent::{AgentClass, HttpRequest, HttpResponse, Invocation},
     clock::from_ms,
+    conn::{self, ConnId, Effect, Encoded, Outgoing, WsMessage},
     context::Ctx,
     error::Error,
     registry::{CallEvent, Event, Reply, Shared},
@@ -68,6 +69,7 @@ pub(crate) fn spawn<A: AgentClass>(
         index,
         refresh_index: false,
         statics_synced: false,
+        conns_checked: false,
     };
     shared.tracker.spawn(instance.run(rx).instrument(span));
 }
@@ -91,6 +93,8 @@ struct Instance<A> {
     refresh_index: bool,
     /// Whether the `#[schedule]` rows were registered by this instance.
     statics_synced: bool,
+    /// Whether this instance forgot the connections that closed while nobody listened.
+    conns_checked: bool,
 }
 
 /// What this agent last wrote to the alarm index, and a sequence number that every lowering
@@ -127,6 +131,13 @@ impl Raise {
 enum Responder {
     Call(oneshot::Sender<Reply>),
     Done(Option<oneshot::Sender<()>>),
+    /// Frames for the agent's connections.
+    Frames(Arc<Shared>, AgentKey, Vec<Effect>),
+    /// An HTTP request and the response `on_request` made.
+    Request(
+        oneshot::Sender<Result<HttpResponse, RawError>>,
+        Option<HttpResponse>,
+    ),
 }
 
 type Outbox = Vec<(Responder, Reply)>;
@@ -141,6 +152,17 @@ fn release(outbox: Outbox) {
                 let _ = tx.send(());
             }
             Responder::Done(None) => {}
+            Responder::Frames(shared, key, effects) => {
+                if reply.is_ok() {
+                    shared.sockets.deliver(&key, effects);
+                }
+            }
+            Responder::Request(tx, response) => {
+                let response = reply.and_then(|_| {
+                    response.ok_or_else(|| RawError::internal("on_request made no response"))
+                });
+                let _ = tx.send(response);
+            }
         }
     }
 }
@@ -199,6 +221,32 @@ impl Syncer {
 enum Work<'a> {
     Call(&'a Invocation),
     Alarm(AlarmInfo),
+    Connect(&'a ConnId, Option<String>),
+    Message(&'a ConnId, WsMessage),
+    ConnError(&'a ConnId, String),
+    Close(&'a ConnId, u16, String),
+    Request(HttpRequest, &'a mut Option<HttpResponse>),
+}
+
+impl Work<'_> {
+    /// The connection this work is about.
+    fn conn(&self) -> Option<&ConnId> {
+        match self {
+            Work::Connect(c, _)
+            | Work::Message(c, _)
+            | Work::ConnError(c, _)
+            | Work::Close(c, ..) => Some(c),
+            Work::Call(_) | Work::Alarm(_) | Work::Request(..) => None,
+        }
+    }
+}
+
+fn app_error(e: crate::AppError) -> RawError {
+    RawError::new(ErrorKind::App, e.message)
+}
+
+fn empty() -> Payload {
+    Payload::Postcard(Vec::new())
 }
 
 impl<A: AgentClass> Instance<A> {
@@ -259,6 +307,49 @@ impl<A: AgentClass> Instance<A> {
                 Event::Hibernate(done) => {
                     hibernate = Some(done);
                     break;
+                }
+                Event::Connect {
+                    conn,
+                    principal,
+                    done,
+                } => {
+                    let span = tracing::debug_span!("connect", conn = %conn);
+                    let result = self
+                        .run_handler(Work::Connect(&conn, principal), &mut outbox)
+                        .instrument(span)
+                        .await;
+                    outbox.push((Responder::Call(done), result));
+                }
+                Event::Message { conn, message } => {
+                    let span = tracing::debug_span!("message", conn = %conn);
+                    let result = self
+                        .run_handler(Work::Message(&conn, message), &mut outbox)
+                        .instrument(span)
+                        .await;
+                    if let Err(e) = result {
+                        tracing::debug!("on_message failed: {e}");
+                        let error = Outgoing::Error(format!("on_message failed: {e}"));
+                        self.frames(&mut outbox, vec![Effect::Send(conn, Arc::new(error))]);
+                    }
+                }
+                Event::Close {
+                    conn,
+                    code,
+                    reason,
+                    error,
+                } => {
+                    self.close(conn, code, reason, error, &mut outbox)
+                        .instrument(tracing::debug_span!("close", code))
+                        .await
+                }
+                Event::Request { request, reply } => {
+                    let span = tracing::debug_span!("request", method = %request.method(), uri = %request.uri());
+                    let mut response = None;
+                    let result = self
+                        .run_handler(Work::Request(request, &mut response), &mut outbox)
+                        .instrument(span)
+                        .await;
+                    outbox.push((Responder::Request(reply, response), result));
                 }
             }
             if self.in_txn && self.ctx.sql().is_autocommit() {
@@ -380,12 +471,51 @@ impl<A: AgentClass> Instance<A> {
         }))
     }
 
+    /// Queues frames for the agent's connections, released with the batch.
+    fn frames(&self, outbox: &mut Outbox, effects: Vec<Effect>) {
+        if !effects.is_empty() {
+            let to = Responder::Frames(self.ctx.shared.clone(), self.ctx.key().clone(), effects);
+            outbox.push((to, Ok(empty())));
+        }
+    }
+
+    /// A connection closed: `on_error` (if it failed), `on_close`, then its row goes.
+    async fn close(
+        &mut self,
+        conn: ConnId,
+        code: u16,
+        reason: String,
+        error: Option<String>,
+        outbox: &mut Outbox,
+    ) {
+        if let Some(error) = error {
+            if let Err(e) = self
+                .run_handler(Work::ConnError(&conn, error), outbox)
+                .await
+            {
+                tracing::debug!("on_error failed: {e}");
+            }
+        }
+        if let Err(e) = self
+            .run_handler(Work::Close(&conn, code, reason), outbox)
+            .await
+        {
+            tracing::debug!("on_close failed: {e}");
+        }
+        if self.in_txn {
+            if let Err(e) = conn::remove(self.ctx.sql(), &conn) {
+                tracing::warn!("forgetting connection {conn}: {e}");
+            }
+        }
+    }
+
     async fn call(&mut self, call: CallEvent, outbox: &mut Outbox) {
         let CallEvent {
             inv,
             reply,
             chain,
             deadline,
+            conn,
         } = call;
         if reply.is_closed() {
             return; // the caller gave up before the call ran: nothing to do
@@ -399,8 +529,13 @@ impl<A: AgentClass> Instance<A> {
             return;
         }
         self.ctx.chain = chain.push(self.ctx.key().clone());
+        self.ctx.caller = conn;
         let span = tracing::debug_span!("call", method = inv.method());
-        let result = self.run_handler(Work::Call(&inv)).instrument(span).await;
+        let result = self
+            .run_handler(Work::Call(&inv), outbox)
+            .instrument(span)
+            .await;
+        self.ctx.caller = None;
         if let Err(e) = &result {
             tracing::debug!(kind = %e.kind, "call failed: {}", e.message);
         }
@@ -410,7 +545,7 @@ impl<A: AgentClass> Instance<A> {
     /// Runs every due row, each as its own event, and records its outcome in the same batch.
     async fn alarm(&mut self, done: Option<oneshot::Sender<()>>, outbox: &mut Outbox) {
         self.refresh_index = true;
-        let result = self.run_due().await;
+        let result = self.run_due(outbox).await;
         if let Err(e) = &result {
             tracing::error!("running due schedules: {e}");
         }
@@ -422,7 +557,7 @@ impl<A: AgentClass> Instance<A> {
         ));
     }
 
-    async fn run_due(&mut self) -> Result<(), Error> {
+    async fn run_due(&mut self, outbox: &mut Outbox) -> Result<(), Error> {
         self.begin().await?;
         let now = self.ctx.shared.config.clock.now_ms();
         let due = schedule::due(self.ctx.sql(), now, DUE_PER_BATCH)?;
@@ -442,11 +577,15 @@ impl<A: AgentClass> Instance<A> {
                     is_retry: row.attempts > 0,
                     scheduled: from_ms(row.next_ms),
                 };
-                self.run_handler(Work::Alarm(info)).instrument(span).await
+                self.run_handler(Work::Alarm(info), outbox)
+                    .instrument(span)
+                    .await
             } else {
                 let inv =
                     Invocation::internal(row.method.clone(), Payload::Postcard(row.args.clone()));
-                self.run_handler(Work::Call(&inv)).instrument(span).await
+                self.run_handler(Work::Call(&inv), outbox)
+                    .instrument(span)
+                    .await
             };
             if self.ctx.sql().is_autocommit() {
                 return Ok(()); // the batch transaction is gone; `run_batch` reports it
@@ -483,29 +622,136 @@ impl<A: AgentClass> Instance<A> {
         Ok(())
     }
 
-    /// Runs one handler in its own savepoint, creating the agent first if needed.
-    async fn run_handler(&mut self, work: Work<'_>) -> Result<Payload, RawError> {
+    /// Runs one handler in its own savepoint, creating the agent first if needed. What it does
+    /// to connections goes to `outbox` if it succeeds (its writes to them are stored first).
+    async fn run_handler(
+        &mut self,
+        work: Work<'_>,
+        outbox: &mut Outbox,
+    ) -> Result<Payload, RawError> {
         self.begin().await.map_err(RawError::internal)?;
+        self.ctx
+            .effects
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
         self.ensure_started().await?;
-        let agent = self.agent.as_mut().expect("started");
-        let ctx = &mut self.ctx;
-        savepoint(ctx.sql())?;
-        let handler: BoxFuture<'_, Result<Payload, RawError>> = match work {
-            Work::Call(inv) => agent.dispatch(ctx, inv),
-            Work::Alarm(info) => Box::pin(async move {
-                match agent.on_alarm(ctx, info).await {
-                    Ok(()) => Ok(Payload::Postcard(Vec::new())),
-                    Err(e) => Err(RawError::new(ErrorKind::App, e.message)),
+        savepoint(self.ctx.sql())?;
+        let prepared = self.prepare(&work);
+        let result = match prepared {
+            Err(e) => Err(e),
+            Ok(None) => Ok(empty()), // a connection that is already gone: nothing to run
+            Ok(Some(conn)) => {
+                let agent = self.agent.as_mut().expect("started");
+                let ctx = &mut self.ctx;
+                let conn = conn.as_ref();
+                let handler: BoxFuture<'_, Result<Payload, RawError>> = match work {
+                    Work::Call(inv) => agent.dispatch(ctx, inv),
+                    Work::Alarm(info) => Box::pin(async move {
+                        agent
+                            .on_alarm(ctx, info)
+                            .await
+                            .map(|()| empty())
+                            .map_err(app_error)
+                    }),
+                    Work::Connect(..) => {
+                        let conn = conn.expect("loaded");
+                        Box::pin(async move {
+                            agent
+                                .on_connect(ctx, conn)
+                                .await
+                                .map(|()| empty())
+                                .map_err(app_error)
+                        })
+                    }
+                    Work::Message(_, message) => {
+                        let conn = conn.expect("loaded");
+                        Box::pin(async move {
+                            agent
+                                .on_message(ctx, conn, message)
+                                .await
+                                .map(|()| empty())
+                                .map_err(app_error)
+                        })
+                    }
+                    Work::ConnError(_, error) => {
+                        let conn = conn.expect("loaded");
+                        Box::pin(async move {
+                            agent
+                                .on_error(ctx, conn, &error)
+                                .await
+                                .map(|()| empty())
+                                .map_err(app_error)
+                        })
+                    }
+                    Work::Close(_, code, reason) => {
+                        let conn = conn.expect("loaded");
+                        Box::pin(async move {
+                            agent
+                                .on_close(ctx, conn, code, &reason)
+                                .await
+                                .map(|()| empty())
+                                .map_err(app_error)
+                        })
+                    }
+                    Work::Request(request, slot) => Box::pin(async move {
+                        let response = agent.on_request(ctx, request).await.map_err(app_error)?;
+                        *slot = Some(response);
+                        Ok(empty())
+                    }),
+                };
+                self.in_handler.store(true, Ordering::Relaxed);
+                let (result, panicked) = catch_panic(handler).await;
+                self.in_handler.store(false, Ordering::Relaxed);
+                if panicked {
+                    self.agent = None;
                 }
-            }),
+                result
+            }
         };
-        self.in_handler.store(true, Ordering::Relaxed);
-        let (result, panicked) = catch_panic(handler).await;
-        self.in_handler.store(false, Ordering::Relaxed);
-        if panicked {
-            self.agent = None;
+        let mut effects =
+            std::mem::take(&mut *self.ctx.effects.lock().unwrap_or_else(|e| e.into_inner()));
+        let result = result.and_then(|payload| {
+            conn::apply_writes(self.ctx.sql(), &effects)
+                .map(|()| payload)
+                .map_err(RawError::internal)
+        });
+        let result = end_savepoint(self.ctx.sql(), result);
+        if result.is_ok() {
+            effects.retain(Effect::is_delivery);
+            self.frames(outbox, effects);
         }
-        end_savepoint(self.ctx.sql(), result)
+        result
+    }
+
+    /// Before a connection's hook: records a new connection (and queues the shared state for
+    /// it), and loads the connection. `Ok(None)` for a connection no longer recorded (it closed
+    /// before the agent got to its message).
+    #[allow(clippy::type_complexity)]
+    fn prepare(&mut self, work: &Work<'_>) -> Result<Option<Option<conn::Conn<A>>>, RawError> {
+        let Some(id) = work.conn() else {
+            return Ok(Some(None));
+        };
+        let sql = self.ctx.sql();
+        if let Work::Connect(_, principal) = work {
+            conn::insert(sql, id, principal.as_deref()).map_err(RawError::internal)?;
+            if let Some(bytes) = conn::load_state(sql).map_err(RawError::internal)? {
+                let state: A::State = conn::decode_state(&bytes).map_err(RawError::internal)?;
+                let encoded =
+                    Encoded::new(&state, "the shared state").map_err(RawError::internal)?;
+                conn::push(
+                    &self.ctx.effects,
+                    Effect::Send(id.clone(), Arc::new(Outgoing::State(encoded))),
+                );
+            }
+        }
+        match conn::load(sql, id, &self.ctx.effects).map_err(RawError::internal)? {
+            Some(c) => Ok(Some(Some(c))),
+            None => {
+                tracing::debug!("connection {id} is gone: its event is skipped");
+                Ok(None)
+            }
+        }
     }
 
     /// Creates the agent and runs `on_start`, if it is not live.
@@ -569,6 +815,11 @@ impl<A: AgentClass> Instance<A> {
             let now = self.ctx.shared.config.clock.now_ms();
             schedule::sync_static(self.ctx.sql(), A::SCHEDULES, now)?;
             self.statics_synced = true;
+        }
+        if !self.conns_checked {
+            let open = self.ctx.shared.sockets.ids(self.ctx.key());
+            conn::remove_stale(self.ctx.sql(), &open)?;
+            self.conns_checked = true;
         }
         Ok(())
     }

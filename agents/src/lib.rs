@@ -68,6 +68,7 @@ mod address;
 mod agent;
 mod alarms;
 mod clock;
+mod conn;
 mod connection;
 mod context;
 mod error;
@@ -80,7 +81,10 @@ mod storage;
 pub mod testing;
 
 pub use address::{AgentKey, MAX_CLASS_LEN, MAX_NAME_LEN};
-pub use agent::{Agent, AgentClass, AppError, Invocation};
+pub use agent::{
+    Admission, Agent, AgentClass, AppError, HttpRequest, HttpResponse, Invocation, Principal,
+    RequestHead,
+};
 /// The wire crate: transports, codecs and client plumbing.
 pub use agents_client as client;
 pub use agents_client::{ErrorKind, MethodCall, MethodInfo, NoError, Payload, RawError, RpcError};
@@ -108,7 +112,11 @@ pub use agents_macros::callable;
 /// method: never duplicated, updated when the attribute changes. Such methods cannot be called
 /// by clients.
 pub use agents_macros::schedule;
+/// The HTTP framework the server is built on: for responses (`axum::response::IntoResponse`),
+/// status codes (`axum::http::StatusCode`), and mounting [`router`] in an app of your own.
+pub use axum;
 pub use clock::Clock;
+pub use conn::{Conn, ConnId, WsMessage};
 pub use context::Ctx;
 pub use error::{Error, Result};
 pub use runtime::{Builder, Runtime};
@@ -118,7 +126,10 @@ pub use storage::{Durability, Kv};
 
 /// What most agent code needs: `use agents::prelude::*;`
 pub mod prelude {
-    pub use crate::{agent, callable, Agent, AppError, Ctx, Durability, RpcError, Runtime, When};
+    pub use crate::{
+        agent, callable, Admission, Agent, AppError, Conn, ConnId, Ctx, Durability, HttpRequest,
+        HttpResponse, RequestHead, RpcError, Runtime, When, WsMessage,
+    };
     pub use agents_macros::schedule;
 }
 

@@ -21,7 +21,13 @@ use tokio::{
 use tokio_util::task::TaskTracker;
 
 use crate::{
-    address::AgentKey, agent::Invocation, alarms::AlarmIndex, clock::Clock, error::Error,
+    address::AgentKey,
+    agent::{Admission, HttpRequest, HttpResponse, Invocation},
+    alarms::AlarmIndex,
+    clock::Clock,
+    conn::{ConnId, WsMessage},
+    connection::Sockets,
+    error::Error,
     storage::Durability,
 };
 
@@ -44,17 +50,26 @@ pub(crate) struct Config {
     pub clock: Clock,
     pub max_message_bytes: usize,
     pub outbound_queue: usize,
+    /// Close a connection that sends nothing (not even a ping) for this long.
+    pub connection_idle: Option<Duration>,
 }
 
 /// Starts the task of one instance of a class.
 pub(crate) type Spawner = fn(Arc<Shared>, AgentKey, u64, mpsc::Receiver<Event>);
 
-/// A registered class: the type that implements it and how to start an instance.
+/// An admission hook (`on_before_connect`, `on_before_request`) of a class.
+pub(crate) type Admit =
+    for<'a> fn(&'a str, &'a crate::agent::RequestHead) -> agents_client::BoxFuture<'a, Admission>;
+
+/// A registered class: the type that implements it, how to start an instance, and its
+/// admission hooks (which run before any instance exists).
 #[derive(Clone, Copy)]
 pub(crate) struct Class {
     pub type_id: TypeId,
     pub type_name: &'static str,
     pub spawn: Spawner,
+    pub before_connect: Admit,
+    pub before_request: Admit,
 }
 
 /// What an instance's mailbox carries.
@@ -66,6 +81,29 @@ pub(crate) enum Event {
     Alarm(Option<oneshot::Sender<()>>),
     /// An alarm is about to go off: open the database now, so that it runs on time.
     Warm,
+    /// A WebSocket connected: record it, run `on_connect`; answered once that is durable.
+    Connect {
+        conn: ConnId,
+        principal: Option<String>,
+        done: oneshot::Sender<Reply>,
+    },
+    /// A message for `on_message`.
+    Message {
+        conn: ConnId,
+        message: WsMessage,
+    },
+    /// A connection closed (after failing, if `error`): `on_error`, `on_close`, forget it.
+    Close {
+        conn: ConnId,
+        code: u16,
+        reason: String,
+        error: Option<String>,
+    },
+    /// An HTTP request for `on_request`.
+    Request {
+        request: HttpRequest,
+        reply: oneshot::Sender<Result<HttpResponse, RawError>>,
+    },
 }
 
 pub(crate) type Reply = Result<Payload, RawError>;
@@ -76,6 +114,8 @@ pub(crate) struct CallEvent {
     /// The agents waiting on this call (its callers, transitively).
     pub chain: Chain,
     pub deadline: Option<Instant>,
+    /// The connection the call arrived on.
+    pub conn: Option<ConnId>,
 }
 
 impl Event {
@@ -88,7 +128,13 @@ impl Event {
             Event::Hibernate(done) | Event::Alarm(Some(done)) => {
                 let _ = done.send(());
             }
-            Event::Alarm(None) | Event::Warm => {}
+            Event::Connect { done, .. } => {
+                let _ = done.send(Err(why));
+            }
+            Event::Request { reply, .. } => {
+                let _ = reply.send(Err(why));
+            }
+            Event::Alarm(None) | Event::Warm | Event::Message { .. } | Event::Close { .. } => {}
         }
     }
 }
@@ -184,6 +230,8 @@ pub(crate) struct Shared {
     /// Bounds how many databases open at once, so that a burst of activations cannot crowd
     /// the async workers off the CPU with blocking threads.
     pub opening: Semaphore,
+    /// The open WebSockets of every agent, live or hibernating.
+    pub sockets: Sockets,
 }
 
 impl Shared {
@@ -195,12 +243,18 @@ impl Shared {
             agents: Mutex::default(),
             tracker: TaskTracker::new(),
             opening: Semaphore::new(opening_at_once()),
+            sockets: Sockets::default(),
         }
     }
 
     fn agents(&self) -> MutexGuard<'_, Agents> {
         // No code panics while holding this lock; recover the data if it ever does.
         self.agents.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The registered class `class`.
+    pub fn class(&self, class: &str) -> Option<Class> {
+        self.classes.get(class).copied()
     }
 
     /// Checks that `class` is registered (for the type `type_id`, if given).

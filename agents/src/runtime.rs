@@ -18,6 +18,7 @@ use crate::{
     agent::{AgentClass, Invocation},
     alarms::{self, AlarmIndex},
     clock::Clock,
+    conn::ConnId,
     error::Error,
     instance,
     registry::{CallEvent, Chain, Class, Config, Event, Shared},
@@ -59,6 +60,7 @@ impl Default for Builder {
                 clock: Clock::system(),
                 max_message_bytes: 1 << 20,
                 outbound_queue: 1024,
+                connection_idle: None,
             },
             classes: HashMap::new(),
             error: None,
@@ -139,6 +141,13 @@ impl Builder {
         self
     }
 
+    /// Closes a WebSocket that sends nothing, not even a ping, for `idle` (close code 1000;
+    /// `on_close` runs). Default: no limit.
+    pub fn connection_idle_timeout(mut self, idle: Duration) -> Self {
+        self.config.connection_idle = Some(idle);
+        self
+    }
+
     /// The clock every schedule time is read from. Default: the system clock. With a
     /// [`Clock::manual`] the runtime runs no timer: tests move the clock and fire what is due
     /// with [`TestRuntime::advance`](crate::testing::TestRuntime::advance).
@@ -153,6 +162,8 @@ impl Builder {
             type_id: TypeId::of::<A>(),
             type_name: type_name::<A>(),
             spawn: instance::spawn::<A>,
+            before_connect: |name, request| Box::pin(A::on_before_connect(name, request)),
+            before_request: |name, request| Box::pin(A::on_before_request(name, request)),
         };
         if let Err(e) = validate_class(A::CLASS) {
             self.error.get_or_insert(e.to_string());
@@ -247,7 +258,7 @@ impl Runtime {
         Builder::default()
     }
 
-    fn shared(&self) -> &Arc<Shared> {
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
         &self.handle.shared
     }
 
@@ -321,7 +332,17 @@ impl Runtime {
             args,
             timeout,
         };
-        call_local(self.shared(), key, Chain::default(), call).await
+        call_local(self.shared(), key, Chain::default(), call, None).await
+    }
+
+    /// A call that arrived on the connection `conn` (`ctx.caller()` tells the handler).
+    pub(crate) async fn call_from(
+        &self,
+        key: AgentKey,
+        conn: ConnId,
+        call: OutgoingCall,
+    ) -> Result<Payload, RawError> {
+        call_local(self.shared(), key, Chain::default(), call, Some(conn)).await
     }
 
     /// Checks that `class`/`name` can be addressed (a valid name of a registered class).
@@ -372,6 +393,11 @@ impl Runtime {
         self.shared().live_count()
     }
 
+    /// How many WebSockets are open, over all agents (live or hibernating).
+    pub fn connection_count(&self) -> usize {
+        self.shared().sockets.count()
+    }
+
     /// The data dir.
     pub fn data_dir(&self) -> &Path {
         &self.shared().config.data_dir
@@ -379,9 +405,10 @@ impl Runtime {
 
     /// Stops taking events, lets every agent finish and commit what it has queued, closes every
     /// database, and returns when all of that is done. Clients fail with an `internal` error
-    /// afterwards.
+    /// afterwards. Open WebSockets are closed with 1001 (going away).
     pub async fn shutdown(self) {
         let shared = self.shared().clone();
+        shared.sockets.close_all();
         shared.close();
         shared.tracker.wait().await;
     }
@@ -422,6 +449,7 @@ async fn call_local(
     key: AgentKey,
     chain: Chain,
     call: OutgoingCall,
+    conn: Option<ConnId>,
 ) -> Result<Payload, RawError> {
     if chain.contains(&key) {
         return Err(RawError::new(
@@ -436,6 +464,7 @@ async fn call_local(
         reply,
         chain,
         deadline: Some(deadline),
+        conn,
     });
     let exchange = async {
         shared.route(&key, event).await.map_err(|(e, _)| match e {
@@ -469,7 +498,7 @@ impl Transport for LocalTransport {
         let chain = self.chain.clone();
         Box::pin(async move {
             let key = target.map_err(RawError::bad_args)?;
-            call_local(&shared, key, chain, call).await
+            call_local(&shared, key, chain, call, None).await
         })
     }
 

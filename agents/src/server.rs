@@ -1,5 +1,7 @@
-//! Serving agents over HTTP (axum): `POST /agents/{class}/{name}/call/{method}`, and
-//! WebSockets on `GET /agents/{class}/{name}` (see [`connection`](crate::connection)).
+//! Serving agents over HTTP (axum): `POST /agents/{class}/{name}/call/{method}`, WebSockets
+//! on `GET /agents/{class}/{name}` (see [`connection`](crate::connection)), and every other
+//! request under `/agents/{class}/{name}` to the agent's `on_request`. `on_before_request` /
+//! `on_before_connect` run first, without waking the agent.
 //!
 //! The body is the JSON array of arguments (`[5]`, or `[]` for none); the answer is `200` with
 //! the result as JSON, or the error object of the JSON protocol
@@ -23,29 +25,93 @@ use std::net::SocketAddr;
 use agents_client::{protocol, ErrorKind, Payload, RawError};
 use axum::{
     body::Bytes,
-    extract::{Path, State},
+    extract::{Path, Request, State},
     http::{header, StatusCode},
     response::{IntoResponse, Response},
-    routing::{get, post},
+    routing::{any, post},
     Router,
 };
+use tokio::sync::oneshot;
 
-use crate::{connection, error::Error, runtime::Runtime};
+use crate::{
+    address::AgentKey, agent::Principal, connection, error::Error, registry::Event,
+    runtime::Runtime,
+};
 
 /// The HTTP routes of `runtime`, as an `axum::Router` to serve as is or to mount (`.merge`,
 /// `.nest`) in an application of your own.
 pub fn router(runtime: Runtime) -> Router {
     Router::new()
-        .route("/agents/{class}/{name}", get(connection::upgrade))
+        .route("/agents/{class}/{name}", any(connection::agent_root))
         .route("/agents/{class}/{name}/call/{method}", post(call))
+        .route("/agents/{class}/{name}/{*rest}", any(other))
         .with_state(runtime)
+}
+
+/// Checks the address and runs the class's `on_before_request`; then reads the body (up to the
+/// message-size limit). On failure, the response to give.
+async fn admit(
+    runtime: &Runtime,
+    key: &AgentKey,
+    request: Request,
+) -> Result<(Option<String>, axum::http::request::Parts, Bytes), Response> {
+    let class = runtime.shared().class(key.class()).expect("checked");
+    let (parts, body) = request.into_parts();
+    let principal = (class.before_request)(key.name(), &parts).await?;
+    let limit = runtime.config().max_message_bytes;
+    let body = axum::body::to_bytes(body, limit).await.map_err(|e| {
+        let message = format!("the body could not be read (the limit is {limit} bytes): {e}");
+        (StatusCode::PAYLOAD_TOO_LARGE, message).into_response()
+    })?;
+    Ok((principal, parts, body))
+}
+
+async fn other(
+    State(runtime): State<Runtime>,
+    Path((class, name, _)): Path<(String, String, String)>,
+    request: Request,
+) -> Response {
+    match runtime.check_address(&class, &name) {
+        Ok(key) => to_agent(runtime, key, request).await,
+        Err(e) => error(RawError::bad_args(e)),
+    }
+}
+
+/// Hands a request to the agent's `on_request`, after its `on_before_request`.
+pub(crate) async fn to_agent(runtime: Runtime, key: AgentKey, request: Request) -> Response {
+    let (principal, parts, body) = match admit(&runtime, &key, request).await {
+        Ok(admitted) => admitted,
+        Err(response) => return response,
+    };
+    let mut request = axum::http::Request::from_parts(parts, body);
+    if let Some(p) = principal {
+        request.extensions_mut().insert(Principal(p));
+    }
+    let (reply, response) = oneshot::channel();
+    let event = Event::Request { request, reply };
+    if let Err((e, _)) = runtime.shared().route(&key, event).await {
+        return error(RawError::internal(e));
+    }
+    match response.await {
+        Ok(Ok(response)) => response,
+        Ok(Err(e)) => error(e),
+        Err(_) => error(RawError::internal("the agent stopped before it answered")),
+    }
 }
 
 async fn call(
     State(runtime): State<Runtime>,
     Path((class, name, method)): Path<(String, String, String)>,
-    body: Bytes,
+    request: Request,
 ) -> Response {
+    let admitted = match runtime.check_address(&class, &name) {
+        Ok(key) => admit(&runtime, &key, request).await,
+        Err(e) => return error(RawError::bad_args(e)),
+    };
+    let body = match admitted {
+        Ok((_, _, body)) => body,
+        Err(response) => return response,
+    };
     let args = match serde_json::from_slice::<serde_json::Value>(&body) {
         Ok(args @ serde_json::Value::Array(_)) => args,
         Ok(other) => {

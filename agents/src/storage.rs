@@ -44,7 +44,7 @@ pub enum Durability {
 }
 
 /// The version of the runtime's own tables, kept in the database header (`application_id`).
-const RUNTIME_SCHEMA: i64 = 0x4167_0001;
+const RUNTIME_SCHEMA: i64 = 0x4167_0002;
 
 /// Checkpoint once the WAL is larger than this.
 pub(crate) const CHECKPOINT_WAL_BYTES: u64 = 8 << 20;
@@ -98,6 +98,7 @@ pub(crate) fn open(
              CREATE TABLE IF NOT EXISTS _agents_kv(k BLOB PRIMARY KEY, v BLOB NOT NULL) WITHOUT ROWID;",
         )?;
         conn.execute_batch(crate::schedule::TABLES)?;
+        conn.execute_batch(crate::conn::TABLES)?;
         conn.execute(
             "INSERT OR IGNORE INTO _agents_meta(k, v) VALUES ('class', ?1), ('name', ?2)",
             [key.class(), key.name()],

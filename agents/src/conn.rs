@@ -1,0 +1,378 @@
+//! What a handler sees of a WebSocket connection: [`Conn`], its [`ConnId`], the messages it
+//! receives ([`WsMessage`]), and the effects an event has on connections (sends, broadcasts,
+//! closes, state), which leave only once the event's writes are durable (the output gate).
+
+use std::{
+    fmt,
+    marker::PhantomData,
+    sync::{Arc, Mutex},
+};
+
+use rusqlite::{params, Connection, OptionalExtension};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+
+use crate::{agent::AgentClass, error::Error};
+
+/// A connection's id: stable for the connection's lifetime (across the agent's hibernation),
+/// never reused, and the same string the client received in its `identity` frame.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ConnId(String);
+
+impl ConnId {
+    pub(crate) fn new(id: String) -> Self {
+        ConnId(id)
+    }
+
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for ConnId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A message from (or to) a WebSocket, as `on_message` receives it.
+///
+/// On a connection without a subprotocol every data frame arrives as is. On `agents.v1.json`,
+/// a `{"type":"message","data":..}` frame arrives as `Text` holding the JSON of `data`; on
+/// `agents.v1.postcard`, a `Message` frame arrives as `Binary`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WsMessage {
+    /// A text frame.
+    Text(String),
+    /// A binary frame.
+    Binary(Vec<u8>),
+}
+
+impl WsMessage {
+    /// The text of a `Text` message.
+    pub fn as_text(&self) -> Option<&str> {
+        match self {
+            WsMessage::Text(s) => Some(s),
+            WsMessage::Binary(_) => None,
+        }
+    }
+
+    /// The message's bytes, text or binary.
+    pub fn as_bytes(&self) -> &[u8] {
+        match self {
+            WsMessage::Text(s) => s.as_bytes(),
+            WsMessage::Binary(b) => b,
+        }
+    }
+}
+
+/// A value encoded for both protocols at once: it is sent to connections of either kind.
+#[derive(Debug)]
+pub(crate) struct Encoded {
+    pub json: String,
+    pub postcard: Vec<u8>,
+}
+
+impl Encoded {
+    pub fn new<T: Serialize + ?Sized>(value: &T, what: &str) -> Result<Self, Error> {
+        Ok(Encoded {
+            json: serde_json::to_string(value)
+                .map_err(|e| Error::Codec(format!("{what} as JSON: {e}")))?,
+            postcard: postcard::to_stdvec(value)
+                .map_err(|e| Error::Codec(format!("{what} as postcard: {e}")))?,
+        })
+    }
+}
+
+/// Something an event sends.
+#[derive(Debug)]
+pub(crate) enum Outgoing {
+    /// A typed event (`event` frame; raw connections get its JSON as a text frame).
+    Event(Encoded),
+    /// The shared state (`state` frame; raw connections do not get it).
+    State(Encoded),
+    /// A frame sent exactly as given, whatever the connection's protocol.
+    Raw(WsMessage),
+    /// An `error` frame (raw connections do not get it).
+    Error(String),
+    /// Closes the connection with a code and a reason.
+    Close(u16, String),
+}
+
+/// What an event does to connections, applied only if it succeeds.
+#[derive(Debug)]
+pub(crate) enum Effect {
+    /// Deliver to one connection.
+    Send(ConnId, Arc<Outgoing>),
+    /// Deliver to every connection of the agent except some.
+    Broadcast(Arc<Outgoing>, Vec<ConnId>),
+    /// Store a connection's state (postcard), in the event's transaction.
+    SetState(ConnId, Vec<u8>),
+    /// Store a connection's tags, in the event's transaction.
+    SetTags(ConnId, Vec<String>),
+}
+
+impl Effect {
+    /// Whether this effect is a delivery (as opposed to a write).
+    pub fn is_delivery(&self) -> bool {
+        matches!(self, Effect::Send(..) | Effect::Broadcast(..))
+    }
+}
+
+/// The effects of the current event, shared by its `Ctx` and the `Conn`s it handed out.
+pub(crate) type Effects = Arc<Mutex<Vec<Effect>>>;
+
+pub(crate) fn push(effects: &Effects, effect: Effect) {
+    effects
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(effect);
+}
+
+/// The reason of a close frame is limited to 123 bytes: cut at a character boundary.
+pub(crate) fn close_reason(reason: &str) -> String {
+    let mut end = reason.len().min(123);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    reason[..end].to_owned()
+}
+
+/// One WebSocket connection of an agent, as handlers see it.
+///
+/// The socket itself belongs to the runtime: it stays open while the agent hibernates, and a
+/// message on it wakes the agent. The connection's state ([`set_state`](Conn::set_state), typed
+/// by the agent's `conn_state`) and tags are stored in the agent's database, so they survive
+/// hibernation and are part of the event's transaction. What [`send`](Conn::send) and
+/// [`close`](Conn::close) do happens only once the event's writes are durable, and not at all
+/// if the event fails.
+pub struct Conn<A> {
+    id: ConnId,
+    principal: Option<String>,
+    state: Mutex<Option<Vec<u8>>>,
+    tags: Mutex<Vec<String>>,
+    effects: Effects,
+    _agent: PhantomData<fn() -> A>,
+}
+
+impl<A> fmt::Debug for Conn<A> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Conn")
+            .field("id", &self.id)
+            .field("principal", &self.principal)
+            .field(
+                "tags",
+                &*self.tags.lock().unwrap_or_else(|e| e.into_inner()),
+            )
+            .finish_non_exhaustive()
+    }
+}
+
+impl<A> Conn<A> {
+    /// This connection's id.
+    pub fn id(&self) -> &ConnId {
+        &self.id
+    }
+
+    /// What `on_before_connect` passed on for this connection (say, the authenticated user),
+    /// if anything.
+    pub fn principal(&self) -> Option<&str> {
+        self.principal.as_deref()
+    }
+
+    /// The connection's tags.
+    pub fn tags(&self) -> Vec<String> {
+        self.tags.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Replaces the connection's tags (stored with the event's writes); find connections by tag
+    /// with [`Ctx::connections_tagged`](crate::Ctx::connections_tagged).
+    pub fn set_tags<S: AsRef<str>>(&self, tags: &[S]) {
+        let mut tags: Vec<String> = tags.iter().map(|t| t.as_ref().to_owned()).collect();
+        tags.sort();
+        tags.dedup();
+        *self.tags.lock().unwrap_or_else(|e| e.into_inner()) = tags.clone();
+        push(&self.effects, Effect::SetTags(self.id.clone(), tags));
+    }
+
+    /// Sends a frame exactly as given (text or binary), whatever the connection's protocol.
+    pub fn send_raw(&self, message: WsMessage) {
+        self.deliver(Outgoing::Raw(message));
+    }
+
+    /// Closes the connection with `code` (e.g. 1000, or 4000–4999 for your own) and `reason`
+    /// (cut to the 123 bytes a close frame allows). `on_close` follows.
+    pub fn close(&self, code: u16, reason: &str) {
+        self.deliver(Outgoing::Close(code, close_reason(reason)));
+    }
+
+    fn deliver(&self, outgoing: Outgoing) {
+        push(
+            &self.effects,
+            Effect::Send(self.id.clone(), Arc::new(outgoing)),
+        );
+    }
+}
+
+impl<A: AgentClass> Conn<A> {
+    /// The connection's state, if it was ever set.
+    pub fn state(&self) -> Result<Option<A::ConnState>, Error> {
+        let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state
+            .as_deref()
+            .map(|bytes| {
+                postcard::from_bytes(bytes)
+                    .map_err(|e| Error::Codec(format!("the state of connection {}: {e}", self.id)))
+            })
+            .transpose()
+    }
+
+    /// Replaces the connection's state; it is stored with the event's writes.
+    pub fn set_state(&self, state: &A::ConnState) -> Result<(), Error> {
+        let bytes = postcard::to_stdvec(state)
+            .map_err(|e| Error::Codec(format!("the state of connection {}: {e}", self.id)))?;
+        *self.state.lock().unwrap_or_else(|e| e.into_inner()) = Some(bytes.clone());
+        push(&self.effects, Effect::SetState(self.id.clone(), bytes));
+        Ok(())
+    }
+
+    /// Sends `event` to this connection: an `event` frame, or its JSON as a text frame on a
+    /// connection without a subprotocol.
+    pub fn send(&self, event: &A::Event) -> Result<(), Error> {
+        self.deliver(Outgoing::Event(Encoded::new(event, "the event")?));
+        Ok(())
+    }
+}
+
+/// The runtime's table of connections (one row per open connection) and their tags.
+pub(crate) const TABLES: &str = "
+CREATE TABLE IF NOT EXISTS _agents_connections(
+    id TEXT PRIMARY KEY,
+    principal TEXT,
+    state BLOB
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS _agents_conn_tags(
+    tag TEXT NOT NULL,
+    conn TEXT NOT NULL,
+    PRIMARY KEY (tag, conn)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS _agents_state(
+    id INTEGER PRIMARY KEY CHECK (id = 0),
+    state BLOB NOT NULL
+);
+";
+
+/// Records a new connection.
+pub(crate) fn insert(sql: &Connection, id: &ConnId, principal: Option<&str>) -> Result<(), Error> {
+    sql.prepare_cached(
+        "INSERT OR REPLACE INTO _agents_connections(id, principal, state) VALUES (?1, ?2, NULL)",
+    )?
+    .execute(params![id.as_str(), principal])?;
+    Ok(())
+}
+
+/// Forgets a closed connection.
+pub(crate) fn remove(sql: &Connection, id: &ConnId) -> Result<(), Error> {
+    sql.prepare_cached("DELETE FROM _agents_connections WHERE id = ?1")?
+        .execute([id.as_str()])?;
+    sql.prepare_cached("DELETE FROM _agents_conn_tags WHERE conn = ?1")?
+        .execute([id.as_str()])?;
+    Ok(())
+}
+
+/// Forgets every connection not in `open` (rows left by a crash or a shutdown).
+pub(crate) fn remove_stale(sql: &Connection, open: &[ConnId]) -> Result<(), Error> {
+    let mut stmt = sql.prepare_cached("SELECT id FROM _agents_connections")?;
+    let stored: Vec<String> = stmt
+        .query_map([], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    for id in stored {
+        let id = ConnId(id);
+        if !open.contains(&id) {
+            remove(sql, &id)?;
+        }
+    }
+    Ok(())
+}
+
+/// Loads the connection `id` as a handler sees it; `None` if it is not recorded.
+pub(crate) fn load<A>(
+    sql: &Connection,
+    id: &ConnId,
+    effects: &Effects,
+) -> Result<Option<Conn<A>>, Error> {
+    let row: Option<(Option<String>, Option<Vec<u8>>)> = sql
+        .prepare_cached("SELECT principal, state FROM _agents_connections WHERE id = ?1")?
+        .query_row([id.as_str()], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
+    let Some((principal, state)) = row else {
+        return Ok(None);
+    };
+    let tags: Vec<String> = sql
+        .prepare_cached("SELECT tag FROM _agents_conn_tags WHERE conn = ?1 ORDER BY tag")?
+        .query_map([id.as_str()], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    Ok(Some(Conn {
+        id: id.clone(),
+        principal,
+        state: Mutex::new(state),
+        tags: Mutex::new(tags),
+        effects: effects.clone(),
+        _agent: PhantomData,
+    }))
+}
+
+/// The ids of the connections tagged `tag`.
+pub(crate) fn tagged(sql: &Connection, tag: &str) -> Result<Vec<ConnId>, Error> {
+    let ids = sql
+        .prepare_cached("SELECT conn FROM _agents_conn_tags WHERE tag = ?1 ORDER BY conn")?
+        .query_map([tag], |r| r.get(0).map(ConnId))?
+        .collect::<Result<_, _>>()?;
+    Ok(ids)
+}
+
+/// Stores an event's connection writes (state, tags).
+pub(crate) fn apply_writes(sql: &Connection, effects: &[Effect]) -> Result<(), Error> {
+    for effect in effects {
+        match effect {
+            Effect::SetState(id, bytes) => {
+                sql.prepare_cached("UPDATE _agents_connections SET state = ?2 WHERE id = ?1")?
+                    .execute(params![id.as_str(), bytes])?;
+            }
+            Effect::SetTags(id, tags) => {
+                sql.prepare_cached("DELETE FROM _agents_conn_tags WHERE conn = ?1")?
+                    .execute([id.as_str()])?;
+                let mut insert = sql.prepare_cached(
+                    "INSERT OR IGNORE INTO _agents_conn_tags(tag, conn) VALUES (?1, ?2)",
+                )?;
+                for tag in tags {
+                    insert.execute(params![tag, id.as_str()])?;
+                }
+            }
+            Effect::Send(..) | Effect::Broadcast(..) => {}
+        }
+    }
+    Ok(())
+}
+
+/// The shared state, postcard-encoded, if it was ever set.
+pub(crate) fn load_state(sql: &Connection) -> Result<Option<Vec<u8>>, Error> {
+    Ok(sql
+        .prepare_cached("SELECT state FROM _agents_state WHERE id = 0")?
+        .query_row([], |r| r.get(0))
+        .optional()?)
+}
+
+/// Stores the shared state.
+pub(crate) fn store_state(sql: &Connection, bytes: &[u8]) -> Result<(), Error> {
+    sql.prepare_cached(
+        "INSERT INTO _agents_state(id, state) VALUES (0, ?1) ON CONFLICT(id) DO UPDATE SET state = excluded.state",
+    )?
+    .execute([bytes])?;
+    Ok(())
+}
+
+/// Decodes the stored shared state.
+pub(crate) fn decode_state<S: DeserializeOwned>(bytes: &[u8]) -> Result<S, Error> {
+    postcard::from_bytes(bytes).map_err(|e| Error::Codec(format!("the shared state: {e}")))
+}
