@@ -451,7 +451,7 @@ async fn connection_state_and_tags_survive_hibernation_and_a_wake_by_message() {
     wait_for_log(&rt, "hib", "message ann \"one\"").await;
 
     for round in 0..3 {
-        rt.hibernate::<Room>("hib").await;
+        assert!(rt.hibernate::<Room>("hib").await.unwrap());
         assert!(!rt.runtime().is_live::<Room>("hib"));
         // The sockets stayed open; a message wakes the agent, which finds the state.
         ann.send(send(&format!("r{round}"))).await.unwrap();
@@ -716,4 +716,59 @@ async fn reqwest_like_post(addr: SocketAddr, path: &str, body: &str) -> String {
         ),
     )
     .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn typed_remote_client_gets_events_and_state_and_reconnects() {
+    let (rt, addr) = serve(Runtime::builder()).await;
+    let room = rt.runtime().agent::<Room>("typed");
+    room.post("before".into()).await.unwrap();
+    let client = RoomClient::connect(&format!("ws://{addr}/agents/room/typed?user=cli"))
+        .await
+        .unwrap();
+    let mut events = client.events();
+    let mut changes = client.state_changes();
+    // The state arrived on connect.
+    while client.state().is_none() {
+        changes.changed().await.unwrap().unwrap();
+    }
+    assert_eq!(client.state().unwrap().posts, 1);
+
+    assert_eq!(room.post("one".into()).await.unwrap(), 2);
+    assert_eq!(
+        events.next().await.unwrap().unwrap(),
+        RoomEvent::Said {
+            from: "api".into(),
+            text: "one".into()
+        }
+    );
+    assert_eq!(changes.changed().await.unwrap().unwrap().posts, 2);
+    // Its own post is not echoed back to it (the agent excludes the caller).
+    assert_eq!(client.post("mine".into()).await.unwrap(), 3);
+
+    // The agent closes the connection: the client reconnects, and the same subscriptions go on.
+    assert_eq!(room.kick("cli".into()).await.unwrap(), 1);
+    wait_for_log(&rt, "typed", "close cli 4001").await;
+    while room.count().await.unwrap() == 0 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(room.post("two".into()).await.unwrap(), 4);
+    assert_eq!(
+        events.next().await.unwrap().unwrap(),
+        RoomEvent::Said {
+            from: "api".into(),
+            text: "two".into()
+        }
+    );
+    while client.state().map(|s| s.posts) != Some(4) {
+        changes.changed().await.unwrap().unwrap();
+    }
+    // Typed errors and calls over the new connection.
+    assert_eq!(
+        client.post_then_fail().await.unwrap_err(),
+        RpcError::App(AppError::msg("changed my mind"))
+    );
+    assert_eq!(client.count().await.unwrap(), 1);
+    // In-process clients have no events.
+    assert!(room.events().next().await.is_none());
 }

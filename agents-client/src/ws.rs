@@ -2,20 +2,29 @@
 //!
 //! One socket carries any number of concurrent calls, matched to replies by id. Each call has a
 //! timeout; dropping a call's future (or its timeout passing) sends `cancel`, so a call that has
-//! not run yet never runs. When the connection drops, the calls in flight fail with an
-//! `internal` error saying so: they are never silently re-sent.
+//! not run yet never runs. The events and shared state the agent pushes are kept for
+//! [`events`](crate::Transport::events) and [`state`](crate::Transport::state).
+//!
+//! When the connection drops, the calls in flight fail with an `internal` error saying so: they
+//! are never silently re-sent. The transport then reconnects in the background with
+//! exponential backoff (100 ms doubling to 5 s), and event and state subscriptions carry on
+//! over the new connection. Calls made while it is reconnecting wait for it, within their
+//! timeout. Dropping the transport closes the connection for good.
 
 use std::{
     collections::HashMap,
     sync::{
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicU64, Ordering},
         Arc, Mutex,
     },
     time::Duration,
 };
 
 use futures_util::{SinkExt, StreamExt};
-use tokio::sync::{mpsc, oneshot};
+use tokio::{
+    sync::{broadcast, mpsc, oneshot, watch},
+    time::Instant,
+};
 use tokio_tungstenite::tungstenite::{client::IntoClientRequest, Message};
 
 use crate::{
@@ -46,116 +55,215 @@ pub enum ConnectError {
     Protocol(String),
 }
 
-type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<Payload, RawError>>>>>;
+type Pending = Mutex<HashMap<u64, oneshot::Sender<Result<Payload, RawError>>>>;
+type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
-/// A connection to one agent (`ws://host/agents/{class}/{name}`).
-pub struct WsTransport {
+/// The first reconnection attempt waits this long; each failure doubles it, up to
+/// [`MAX_BACKOFF`].
+pub const MIN_BACKOFF: Duration = Duration::from_millis(100);
+/// The longest wait between reconnection attempts.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// Whether the transport has a connection to send on.
+#[derive(Clone)]
+enum Link {
+    /// Connected: the `generation`-th connection, and its outgoing queue.
+    Up(u64, mpsc::UnboundedSender<Message>),
+    /// Reconnecting.
+    Down,
+    /// Dropped for good.
+    Closed,
+}
+
+/// What the transport's handle and its background task share.
+struct Inner {
     url: String,
-    out: mpsc::UnboundedSender<Message>,
     pending: Pending,
-    /// Set (before the pending calls are failed) once the connection is gone.
-    closed: Arc<AtomicBool>,
+    link: watch::Sender<Link>,
+    events: broadcast::Sender<Payload>,
+    state: watch::Sender<Option<Payload>>,
+    /// `class`, `name` and connection id, as the server last announced them.
+    identity: Mutex<(String, String, String)>,
     next_id: AtomicU64,
-    /// `class`, `name` and connection id, as the server announced them.
-    identity: (String, String, String),
+}
+
+impl Inner {
+    fn pending(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<u64, oneshot::Sender<Result<Payload, RawError>>>> {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A connection to one agent (`ws://host/agents/{class}/{name}`) that reconnects by itself.
+pub struct WsTransport {
+    inner: Arc<Inner>,
+    /// Dropping it stops the background task.
+    _stop: oneshot::Sender<()>,
+}
+
+/// Opens one connection and reads the server's identity frame.
+async fn open(url: &str) -> Result<(Socket, (String, String, String)), ConnectError> {
+    let mut request = url
+        .into_client_request()
+        .map_err(|_| ConnectError::Url(url.to_owned()))?;
+    request.headers_mut().insert(
+        "Sec-WebSocket-Protocol",
+        POSTCARD_PROTOCOL.parse().expect("a valid header value"),
+    );
+    let (mut socket, response) = tokio_tungstenite::connect_async(request)
+        .await
+        .map_err(|e| ConnectError::Handshake {
+            url: url.to_owned(),
+            reason: e.to_string(),
+        })?;
+    let chosen = response
+        .headers()
+        .get("Sec-WebSocket-Protocol")
+        .and_then(|v| v.to_str().ok());
+    if chosen != Some(POSTCARD_PROTOCOL) {
+        return Err(ConnectError::Protocol(format!(
+            "{url} does not speak {POSTCARD_PROTOCOL}"
+        )));
+    }
+    match socket.next().await {
+        Some(Ok(Message::Binary(bytes))) => match postcard::from_bytes(&bytes) {
+            Ok(PostcardServerFrame::Identity { class, name, conn }) => {
+                Ok((socket, (class, name, conn)))
+            }
+            _ => Err(ConnectError::Protocol(format!(
+                "{url} did not identify itself"
+            ))),
+        },
+        _ => Err(ConnectError::Protocol(format!(
+            "{url} closed before identifying itself"
+        ))),
+    }
 }
 
 impl WsTransport {
-    /// Connects and waits for the server's identity frame.
+    /// Connects and waits for the server's identity frame. Fails if the first connection
+    /// cannot be made; later disconnections are repaired in the background.
     pub async fn connect(url: &str) -> Result<Self, ConnectError> {
-        let mut request = url
-            .into_client_request()
-            .map_err(|_| ConnectError::Url(url.to_owned()))?;
-        request.headers_mut().insert(
-            "Sec-WebSocket-Protocol",
-            POSTCARD_PROTOCOL.parse().expect("a valid header value"),
-        );
-        let (socket, response) = tokio_tungstenite::connect_async(request)
-            .await
-            .map_err(|e| ConnectError::Handshake {
-                url: url.to_owned(),
-                reason: e.to_string(),
-            })?;
-        let chosen = response
-            .headers()
-            .get("Sec-WebSocket-Protocol")
-            .and_then(|v| v.to_str().ok());
-        if chosen != Some(POSTCARD_PROTOCOL) {
-            return Err(ConnectError::Protocol(format!(
-                "{url} does not speak {POSTCARD_PROTOCOL}"
-            )));
-        }
-        let (mut sink, mut stream) = socket.split();
-        let identity = match stream.next().await {
-            Some(Ok(Message::Binary(bytes))) => match postcard::from_bytes(&bytes) {
-                Ok(PostcardServerFrame::Identity { class, name, conn }) => (class, name, conn),
-                _ => {
-                    return Err(ConnectError::Protocol(format!(
-                        "{url} did not identify itself"
-                    )))
-                }
-            },
-            _ => {
-                return Err(ConnectError::Protocol(format!(
-                    "{url} closed before identifying itself"
-                )))
-            }
-        };
-        let (out, mut outbound) = mpsc::unbounded_channel::<Message>();
-        tokio::spawn(async move {
-            while let Some(message) = outbound.recv().await {
-                if sink.send(message).await.is_err() {
-                    break;
-                }
-            }
-            let _ = sink.close().await;
-        });
-        let pending: Pending = Arc::default();
-        let replies = pending.clone();
-        let closed = Arc::new(AtomicBool::new(false));
-        let gone = closed.clone();
-        tokio::spawn(async move {
-            while let Some(Ok(message)) = stream.next().await {
-                let Message::Binary(bytes) = message else {
-                    continue;
-                };
-                match postcard::from_bytes::<PostcardServerFrame>(&bytes) {
-                    Ok(PostcardServerFrame::Reply { id, result }) => {
-                        let waiter = replies
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .remove(&id);
-                        if let Some(waiter) = waiter {
-                            let _ =
-                                waiter.send(result.map(Payload::Postcard).map_err(RawError::from));
-                        }
-                    }
-                    Ok(PostcardServerFrame::Error { message }) => {
-                        tracing::warn!("the server could not read a frame: {message}")
-                    }
-                    _ => {}
-                }
-            }
-            // The connection is gone: new calls fail at once, and every call still waiting
-            // learns it now.
-            gone.store(true, Ordering::SeqCst);
-            for (_, waiter) in replies.lock().unwrap_or_else(|e| e.into_inner()).drain() {
-                let _ = waiter.send(Err(disconnected()));
-            }
-        });
-        Ok(WsTransport {
+        let (socket, identity) = open(url).await?;
+        let inner = Arc::new(Inner {
             url: url.to_owned(),
-            out,
-            pending,
-            closed,
+            pending: Mutex::default(),
+            link: watch::channel(Link::Down).0,
+            events: broadcast::channel(1024).0,
+            state: watch::channel(None).0,
+            identity: Mutex::new(identity),
             next_id: AtomicU64::new(1),
-            identity,
-        })
+        });
+        let (stop, stopped) = oneshot::channel();
+        tokio::spawn(supervise(inner.clone(), socket, stopped));
+        Ok(WsTransport { inner, _stop: stop })
     }
 
-    /// The agent's class, its name and this connection's id, as the server announced them.
-    pub fn identity(&self) -> (&str, &str, &str) {
-        (&self.identity.0, &self.identity.1, &self.identity.2)
+    /// The agent's class, its name and this connection's id, as the server last announced
+    /// them (the id changes when the transport reconnects).
+    pub fn identity(&self) -> (String, String, String) {
+        self.inner
+            .identity
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Whether the transport is connected right now (it may be reconnecting).
+    pub fn is_connected(&self) -> bool {
+        matches!(*self.inner.link.borrow(), Link::Up(..))
+    }
+}
+
+/// Runs connections one after the other until the transport is dropped.
+async fn supervise(inner: Arc<Inner>, mut socket: Socket, mut stopped: oneshot::Receiver<()>) {
+    let mut generation = 0;
+    loop {
+        generation += 1;
+        let (out, outbound) = mpsc::unbounded_channel();
+        inner.link.send_replace(Link::Up(generation, out));
+        let stop = run(&inner, socket, outbound, &mut stopped).await;
+        // Marked down before the calls in flight are failed: a call either sees the link down
+        // or is failed here.
+        inner
+            .link
+            .send_replace(if stop { Link::Closed } else { Link::Down });
+        for (_, waiter) in inner.pending().drain() {
+            let _ = waiter.send(Err(disconnected()));
+        }
+        if stop {
+            return;
+        }
+        let mut delay = MIN_BACKOFF;
+        socket = loop {
+            tokio::select! {
+                _ = &mut stopped => {
+                    inner.link.send_replace(Link::Closed);
+                    return;
+                }
+                () = tokio::time::sleep(delay) => {}
+            }
+            match open(&inner.url).await {
+                Ok((socket, identity)) => {
+                    *inner.identity.lock().unwrap_or_else(|e| e.into_inner()) = identity;
+                    tracing::debug!(url = %inner.url, "reconnected");
+                    break socket;
+                }
+                Err(e) => {
+                    tracing::debug!(url = %inner.url, "reconnecting failed, retrying in {delay:?}: {e}");
+                    delay = (delay * 2).min(MAX_BACKOFF);
+                }
+            }
+        };
+    }
+}
+
+/// Serves one connection; returns `true` if the transport was dropped, `false` if the
+/// connection was lost.
+async fn run(
+    inner: &Inner,
+    socket: Socket,
+    mut outbound: mpsc::UnboundedReceiver<Message>,
+    stopped: &mut oneshot::Receiver<()>,
+) -> bool {
+    let (mut sink, mut stream) = socket.split();
+    loop {
+        tokio::select! {
+            _ = &mut *stopped => {
+                let _ = sink.close().await;
+                return true;
+            }
+            message = outbound.recv() => {
+                let Some(message) = message else { return false };
+                if sink.send(message).await.is_err() {
+                    return false;
+                }
+            }
+            frame = stream.next() => {
+                let Some(Ok(frame)) = frame else { return false };
+                let Message::Binary(bytes) = frame else { continue };
+                match postcard::from_bytes::<PostcardServerFrame>(&bytes) {
+                    Ok(PostcardServerFrame::Reply { id, result }) => {
+                        if let Some(waiter) = inner.pending().remove(&id) {
+                            let _ = waiter.send(result.map(Payload::Postcard).map_err(RawError::from));
+                        }
+                    }
+                    Ok(PostcardServerFrame::Event { data }) => {
+                        let _ = inner.events.send(Payload::Postcard(data));
+                    }
+                    Ok(PostcardServerFrame::State { state }) => {
+                        inner.state.send_replace(Some(Payload::Postcard(state)));
+                    }
+                    Ok(PostcardServerFrame::Error { message }) => {
+                        tracing::warn!("the server reports an error: {message}")
+                    }
+                    Ok(PostcardServerFrame::Identity { .. }) => {}
+                    Err(e) => tracing::warn!("a frame from the server did not decode: {e}"),
+                }
+            }
+        }
     }
 }
 
@@ -166,7 +274,7 @@ fn disconnected() -> RawError {
 }
 
 fn closed() -> RawError {
-    RawError::internal("the connection closed; the call was not sent (connect again)")
+    RawError::internal("the client was closed; the call was not sent")
 }
 
 /// Sends `cancel` for a call whose future is dropped (or timed out) while it still waits for
@@ -174,18 +282,12 @@ fn closed() -> RawError {
 struct CancelOnDrop {
     id: u64,
     out: mpsc::UnboundedSender<Message>,
-    pending: Pending,
+    inner: Arc<Inner>,
 }
 
 impl Drop for CancelOnDrop {
     fn drop(&mut self) {
-        if self
-            .pending
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&self.id)
-            .is_some()
-        {
+        if self.inner.pending().remove(&self.id).is_some() {
             let _ = self.out.send(Message::Binary(
                 to_postcard(&PostcardClientFrame::Cancel { id: self.id }).into(),
             ));
@@ -193,57 +295,80 @@ impl Drop for CancelOnDrop {
     }
 }
 
+/// Waits (until `deadline`) for a connection, registers call `id` on it, and returns the
+/// connection's queue.
+async fn register(
+    inner: &Inner,
+    id: u64,
+    tx: oneshot::Sender<Result<Payload, RawError>>,
+    deadline: Instant,
+) -> Result<mpsc::UnboundedSender<Message>, RawError> {
+    let mut link = inner.link.subscribe();
+    let (generation, out) = loop {
+        let current = link.borrow_and_update().clone();
+        match current {
+            Link::Up(generation, out) => break (generation, out),
+            Link::Closed => return Err(closed()),
+            Link::Down => match tokio::time::timeout_at(deadline, link.changed()).await {
+                Ok(Ok(())) => continue,
+                Ok(Err(_)) => return Err(closed()),
+                Err(_) => {
+                    return Err(RawError::new(
+                        ErrorKind::Timeout,
+                        format!(
+                            "not connected to {} before the deadline; the call was not sent",
+                            inner.url
+                        ),
+                    ))
+                }
+            },
+        }
+    };
+    inner.pending().insert(id, tx);
+    // Checked after registering: the supervisor marks the link down before it fails what is
+    // pending, so the call is either failed by it or sees the change here.
+    let still = matches!(&*inner.link.borrow(), Link::Up(g, _) if *g == generation);
+    if !still {
+        inner.pending().remove(&id);
+        return Err(disconnected());
+    }
+    Ok(out)
+}
+
 impl Transport for WsTransport {
     fn call(&self, call: OutgoingCall) -> BoxFuture<'static, Result<Payload, RawError>> {
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = oneshot::channel();
-        self.pending
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(id, tx);
-        let timeout = call.timeout.unwrap_or(DEFAULT_TIMEOUT);
-        let args = match call.args {
-            Payload::Postcard(bytes) => Ok(bytes),
-            Payload::Json(_) => Err(RawError::bad_args(
-                "this transport sends postcard arguments",
-            )),
-        };
-        let guard = CancelOnDrop {
-            id,
-            out: self.out.clone(),
-            pending: self.pending.clone(),
-        };
-        let frame = args.map(|args| PostcardClientFrame::Call {
-            id,
-            method: call.method.into_owned(),
-            args,
-            deadline_ms: Some(timeout.as_millis() as u64),
-        });
-        // Checked after registering: the reader sets `closed` before it fails what is pending,
-        // so a call either sees the flag or is failed by the reader.
-        let frame = frame.and_then(|frame| {
-            if self.closed.load(Ordering::SeqCst) {
-                Err(closed())
-            } else {
-                Ok(frame)
-            }
-        });
-        let sent = frame.and_then(|frame| {
-            self.out
-                .send(Message::Binary(to_postcard(&frame).into()))
-                .map_err(|_| disconnected())
-        });
+        let inner = self.inner.clone();
         Box::pin(async move {
-            if let Err(e) = sent {
-                guard
-                    .pending
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .remove(&id);
-                return Err(e);
+            let timeout = call.timeout.unwrap_or(DEFAULT_TIMEOUT);
+            let deadline = Instant::now() + timeout;
+            let Payload::Postcard(args) = call.args else {
+                return Err(RawError::bad_args(
+                    "this transport sends postcard arguments",
+                ));
+            };
+            let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
+            let (tx, rx) = oneshot::channel();
+            let out = register(&inner, id, tx, deadline).await?;
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            let frame = PostcardClientFrame::Call {
+                id,
+                method: call.method.into_owned(),
+                args,
+                deadline_ms: Some(remaining.as_millis() as u64),
+            };
+            if out
+                .send(Message::Binary(to_postcard(&frame).into()))
+                .is_err()
+            {
+                inner.pending().remove(&id);
+                return Err(disconnected());
             }
-            let _cancel_if_dropped = guard;
-            match tokio::time::timeout(timeout, rx).await {
+            let _cancel_if_dropped = CancelOnDrop {
+                id,
+                out,
+                inner: inner.clone(),
+            };
+            match tokio::time::timeout_at(deadline, rx).await {
                 Ok(Ok(result)) => result,
                 Ok(Err(_)) => Err(disconnected()),
                 Err(_) => Err(RawError::new(
@@ -255,12 +380,14 @@ impl Transport for WsTransport {
     }
 
     fn describe(&self) -> String {
-        self.url.clone()
+        self.inner.url.clone()
     }
-}
 
-impl Drop for WsTransport {
-    fn drop(&mut self) {
-        let _ = self.out.send(Message::Close(None));
+    fn events(&self) -> Option<broadcast::Receiver<Payload>> {
+        Some(self.inner.events.subscribe())
+    }
+
+    fn state(&self) -> Option<watch::Receiver<Option<Payload>>> {
+        Some(self.inner.state.subscribe())
     }
 }

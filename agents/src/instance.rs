@@ -218,6 +218,7 @@ impl Syncer {
 }
 
 /// What a handler event runs.
+#[allow(clippy::large_enum_variant)] // one lives at a time, on the stack of its event
 enum Work<'a> {
     Call(&'a Invocation),
     Alarm(AlarmInfo),

@@ -276,6 +276,7 @@ impl Shared {
         key: &AgentKey,
         mut event: Event,
     ) -> Result<(), (Error, Event)> {
+        let mut spawned = None;
         loop {
             let tx = {
                 let mut agents = self.agents();
@@ -294,9 +295,15 @@ impl Shared {
                                 slot.tx.clone()
                             }
                             Err(TrySendError::Closed(e)) => {
-                                // The instance is gone without detaching (it cannot panic, but be safe).
+                                // The instance is gone without detaching. If it is the one this
+                                // call just started, the tokio runtime is shutting down (spawning
+                                // drops the task): trying again would spin forever.
                                 event = e;
+                                let ours = spawned == Some(slot.generation);
                                 agents.live.remove(key);
+                                if ours {
+                                    return Err((Error::Shutdown, event));
+                                }
                                 continue;
                             }
                         }
@@ -321,6 +328,7 @@ impl Shared {
                             },
                         );
                         (class.spawn)(self.clone(), key.clone(), generation, rx);
+                        spawned = Some(generation);
                         continue;
                     }
                 }
