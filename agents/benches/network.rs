@@ -100,6 +100,349 @@ async fn rpc(base: &str, sockets: usize, window: usize, per_socket: usize) -> f6
     (sockets * per_socket) as f64 / started.elapsed().as_secs_f64()
 }
 
+/// An agent that broadcasts: each `shout` is a durable write and one event to every socket.
+#[derive(Default)]
+pub struct Hub;
+
+impl Agent for Hub {}
+
+#[agent(event = "u64")]
+impl Hub {
+    /// Broadcasts `stamp` (microseconds since the bench started) to every connection.
+    #[callable]
+    pub async fn shout(&mut self, ctx: &mut Ctx<Self>, stamp: u64) -> Result<(), AppError> {
+        ctx.kv().put("last", &stamp)?;
+        ctx.broadcast(&stamp, &[])?;
+        Ok(())
+    }
+}
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn open_postcard(url: &str) -> Ws {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut request = url.into_client_request().unwrap();
+    request.headers_mut().insert(
+        "Sec-WebSocket-Protocol",
+        agents::client::protocol::POSTCARD_PROTOCOL.parse().unwrap(),
+    );
+    tokio_tungstenite::connect_async(request).await.unwrap().0
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)]
+}
+
+/// Connect + first call to `n` distinct agents, 32 at a time: agents per second and p99.
+async fn connect_and_call(base: &str, n: usize) -> (f64, f64) {
+    let started = Instant::now();
+    let limit = Arc::new(Semaphore::new(32));
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        let permit = limit.clone().acquire_owned().await.unwrap();
+        let url = format!("{base}/first-{i}");
+        tasks.push(tokio::spawn(async move {
+            let t = Instant::now();
+            let client = CounterClient::connect(&url).await.unwrap();
+            client.add(1).await.unwrap();
+            drop(permit);
+            t.elapsed().as_secs_f64() * 1e3
+        }));
+    }
+    let mut ms = Vec::new();
+    for t in tasks {
+        ms.push(t.await.unwrap());
+    }
+    ms.sort_by(f64::total_cmp);
+    (
+        n as f64 / started.elapsed().as_secs_f64(),
+        percentile(&ms, 0.99),
+    )
+}
+
+/// The raw baseline: connect + one echo round trip, 32 at a time.
+async fn raw_connect_and_echo(addr: std::net::SocketAddr, n: usize) -> (f64, f64) {
+    let started = Instant::now();
+    let limit = Arc::new(Semaphore::new(32));
+    let mut tasks = Vec::new();
+    for _ in 0..n {
+        let permit = limit.clone().acquire_owned().await.unwrap();
+        tasks.push(tokio::spawn(async move {
+            let t = Instant::now();
+            let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/"))
+                .await
+                .unwrap();
+            ws.send(Message::Binary(vec![1; 16].into())).await.unwrap();
+            ws.next().await.unwrap().unwrap();
+            drop(permit);
+            t.elapsed().as_secs_f64() * 1e3
+        }));
+    }
+    let mut ms = Vec::new();
+    for t in tasks {
+        ms.push(t.await.unwrap());
+    }
+    ms.sort_by(f64::total_cmp);
+    (
+        n as f64 / started.elapsed().as_secs_f64(),
+        percentile(&ms, 0.99),
+    )
+}
+
+/// Reads `count` events from each socket, decoding the stamp in each; returns every
+/// delivery's latency in ms.
+fn readers(
+    sockets: Vec<Ws>,
+    count: usize,
+    origin: Instant,
+    decode: fn(&[u8]) -> Option<u64>,
+) -> Vec<tokio::task::JoinHandle<Vec<f64>>> {
+    sockets
+        .into_iter()
+        .map(|mut ws| {
+            tokio::spawn(async move {
+                let mut lat = Vec::with_capacity(count);
+                while lat.len() < count {
+                    let Some(Ok(Message::Binary(b))) = ws.next().await else {
+                        continue;
+                    };
+                    if let Some(stamp) = decode(&b) {
+                        let now = origin.elapsed().as_micros() as u64;
+                        lat.push(now.saturating_sub(stamp) as f64 / 1e3);
+                    }
+                }
+                lat
+            })
+        })
+        .collect()
+}
+
+fn decode_event(bytes: &[u8]) -> Option<u64> {
+    match postcard::from_bytes(bytes).ok()? {
+        agents::client::protocol::PostcardServerFrame::Event { data } => {
+            postcard::from_bytes(&data).ok()
+        }
+        _ => None,
+    }
+}
+
+fn decode_raw(bytes: &[u8]) -> Option<u64> {
+    postcard::from_bytes(bytes).ok()
+}
+
+async fn collect(tasks: Vec<tokio::task::JoinHandle<Vec<f64>>>, started: Instant) -> (f64, f64) {
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    all.sort_by(f64::total_cmp);
+    (all.len() as f64 / elapsed, percentile(&all, 0.99))
+}
+
+/// `rounds` broadcasts to `n` sockets of one agent, each a durable write.
+async fn broadcast(runtime: &Runtime, base: &str, n: usize, rounds: usize) -> (f64, f64) {
+    let url = format!("{}/hub/all", base.trim_end_matches("/counter"));
+    let mut sockets = Vec::new();
+    for _ in 0..n {
+        let mut ws = open_postcard(&url).await;
+        ws.next().await.unwrap().unwrap(); // identity
+        sockets.push(ws);
+    }
+    let hub = runtime.agent::<Hub>("all");
+    let origin = Instant::now();
+    let tasks = readers(sockets, rounds, origin, decode_event);
+    let started = Instant::now();
+    // 16 callers at a time: broadcasts share commits as calls do.
+    let limit = Arc::new(Semaphore::new(16));
+    for _ in 0..rounds {
+        let permit = limit.clone().acquire_owned().await.unwrap();
+        let hub = hub.clone();
+        tokio::spawn(async move {
+            hub.shout(origin.elapsed().as_micros() as u64)
+                .await
+                .unwrap();
+            drop(permit);
+        });
+    }
+    collect(tasks, started).await
+}
+
+/// The raw baseline: a tokio-tungstenite server writing each stamp to `n` sockets.
+async fn raw_broadcast(n: usize, rounds: usize) -> (f64, f64) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, _) = tokio::sync::broadcast::channel::<Vec<u8>>(1024);
+    let sender = tx.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let mut rx = sender.subscribe();
+            tokio::spawn(async move {
+                let mut ws = tokio_tungstenite::accept_async(stream).await.unwrap();
+                while let Ok(frame) = rx.recv().await {
+                    if ws.send(Message::Binary(frame.into())).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    let mut sockets = Vec::new();
+    for _ in 0..n {
+        sockets.push(
+            tokio_tungstenite::connect_async(format!("ws://{addr}/"))
+                .await
+                .unwrap()
+                .0,
+        );
+    }
+    while tx.receiver_count() < n {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let origin = Instant::now();
+    let tasks = readers(sockets, rounds, origin, decode_raw);
+    let started = Instant::now();
+    for _ in 0..rounds {
+        let stamp = origin.elapsed().as_micros() as u64;
+        tx.send(postcard::to_stdvec(&stamp).unwrap()).unwrap();
+        tokio::task::yield_now().await;
+    }
+    collect(tasks, started).await
+}
+
+/// `clients` keep-alive HTTP/1.1 clients posting `body` to `path`; requests per second.
+async fn http_load(
+    addr: std::net::SocketAddr,
+    path: &str,
+    body: &str,
+    clients: usize,
+    per_client: usize,
+) -> f64 {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+    let request = format!(
+        "POST {path} HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..clients {
+        let request = request.clone();
+        tasks.push(tokio::spawn(async move {
+            let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+            stream.set_nodelay(true).unwrap();
+            let mut stream = BufReader::new(stream);
+            for _ in 0..per_client {
+                stream
+                    .get_mut()
+                    .write_all(request.as_bytes())
+                    .await
+                    .unwrap();
+                let mut length = 0;
+                let mut line = String::new();
+                loop {
+                    line.clear();
+                    stream.read_line(&mut line).await.unwrap();
+                    if line == "\r\n" {
+                        break;
+                    }
+                    let lower = line.to_ascii_lowercase();
+                    if let Some(v) = lower.strip_prefix("content-length:") {
+                        length = v.trim().parse().unwrap();
+                    }
+                    assert!(!lower.starts_with("http/1.1 5"), "{line}");
+                }
+                let mut body = vec![0; length];
+                stream.read_exact(&mut body).await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    (clients * per_client) as f64 / started.elapsed().as_secs_f64()
+}
+
+/// The raw baseline for HTTP: an axum route answering the same JSON, with no agent.
+async fn raw_http_server() -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = agents::axum::Router::new().route(
+        "/agents/counter/{name}/call/{method}",
+        agents::axum::routing::post(|body: String| async move { format!("{}", body.len()) }),
+    );
+    tokio::spawn(async move { agents::axum::serve(listener, app).await });
+    addr
+}
+
+/// This process's resident set, in bytes.
+fn rss_bytes() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(0);
+    pages * 4096
+}
+
+/// In a child process: opens `n` connections to `url` and holds them until stdin closes.
+fn hold_connections(url: &str, n: usize) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut sockets = Vec::new();
+        for _ in 0..n {
+            let mut ws = open_postcard(url).await;
+            ws.next().await.unwrap().unwrap(); // identity
+            sockets.push(ws);
+        }
+        println!("ready");
+        let mut line = String::new();
+        let _ = std::io::stdin().read_line(&mut line);
+        drop(sockets);
+    });
+}
+
+/// Server RSS growth per idle connection: a child process opens `n` connections to one agent,
+/// which is then hibernated; this process measures its own RSS before and after.
+async fn rss_per_connection(runtime: &Runtime, base: &str, n: usize) -> f64 {
+    use std::io::BufRead;
+    let url = format!("{}/hub/idle", base.trim_end_matches("/counter"));
+    // Warm up the paths (allocator arenas, the agent's first activation).
+    runtime.agent::<Hub>("idle").shout(0).await.unwrap();
+    let _ = runtime.hibernate::<Hub>("idle").await;
+    let before = rss_bytes();
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--hold", &url, &n.to_string()])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let ready = tokio::task::spawn_blocking(move || {
+        let mut line = String::new();
+        std::io::BufReader::new(stdout)
+            .read_line(&mut line)
+            .unwrap();
+        line
+    })
+    .await
+    .unwrap();
+    assert_eq!(ready.trim(), "ready");
+    while runtime.connection_count() < n {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let _ = runtime.hibernate::<Hub>("idle").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = rss_bytes();
+    drop(child.stdin.take());
+    let _ = child.wait();
+    (after.saturating_sub(before)) as f64 / n as f64
+}
+
 fn report(bench: &str, calls: usize, rate: f64, baseline: f64) {
     println!(
         "{{\"bench\":\"{bench}\",\"calls\":{calls},\"calls_per_sec\":{rate:.0},\"baseline\":\"raw_tungstenite_echo\",\"baseline_per_sec\":{baseline:.0},\"ratio\":{:.3}}}",
@@ -108,16 +451,21 @@ fn report(bench: &str, calls: usize, rate: f64, baseline: f64) {
 }
 
 fn main() {
-    let quick = std::env::args().any(|a| a == "--quick");
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(i) = args.iter().position(|a| a == "--hold") {
+        return hold_connections(&args[i + 1], args[i + 2].parse().unwrap());
+    }
+    let quick = args.iter().any(|a| a == "--quick");
     let scale = if quick { 10 } else { 1 };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .unwrap();
     rt.block_on(async {
-        let agents = TestRuntime::start(Runtime::builder().agent::<Counter>()).unwrap();
+        let agents = TestRuntime::start(Runtime::builder().agent::<Counter>().agent::<Hub>()).unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let base = format!("ws://{}/agents/counter", listener.local_addr().unwrap());
+        let addr = listener.local_addr().unwrap();
+        let base = format!("ws://{addr}/agents/counter");
         let runtime = agents.runtime().clone();
         tokio::spawn(async move { runtime.serve_on(listener).await });
         let echo = echo_server().await;
@@ -132,5 +480,36 @@ fn main() {
         let ours = rpc(&base, 16, 32, per_socket).await;
         let raw = raw_echo(echo, 16, 32, per_socket).await;
         report("pipelined_rpc_16x32_one_agent", 16 * per_socket, ours, raw);
+
+        let n = 2_000 / scale;
+        let (ours, p99) = connect_and_call(&base, n).await;
+        let (raw, raw_p99) = raw_connect_and_echo(echo, n).await;
+        println!(
+            "{{\"bench\":\"connect_and_first_call_distinct_agents\",\"agents\":{n},\"per_sec\":{ours:.0},\"p99_ms\":{p99:.2},\"baseline\":\"raw_connect_and_echo\",\"baseline_per_sec\":{raw:.0},\"baseline_p99_ms\":{raw_p99:.2},\"ratio\":{:.3}}}",
+            ours / raw
+        );
+
+        let (sockets, rounds) = (1_000 / scale, 200);
+        let (ours, p99) = broadcast(agents.runtime(), &base, sockets, rounds).await;
+        let (raw, raw_p99) = raw_broadcast(sockets, rounds).await;
+        println!(
+            "{{\"bench\":\"broadcast\",\"sockets\":{sockets},\"broadcasts\":{rounds},\"deliveries_per_sec\":{ours:.0},\"p99_ms\":{p99:.2},\"baseline\":\"raw_tungstenite_broadcast\",\"baseline_per_sec\":{raw:.0},\"baseline_p99_ms\":{raw_p99:.2},\"ratio\":{:.3}}}",
+            ours / raw
+        );
+
+        let per_client = 500 / scale;
+        let ours = http_load(addr, "/agents/counter/http/call/add", "[1]", 32, per_client).await;
+        let raw = http_load(raw_http_server().await, "/agents/counter/http/call/add", "[1]", 32, per_client).await;
+        println!(
+            "{{\"bench\":\"http_post_call_32_clients\",\"calls\":{},\"calls_per_sec\":{ours:.0},\"baseline\":\"raw_axum_handler\",\"baseline_per_sec\":{raw:.0},\"ratio\":{:.3}}}",
+            32 * per_client,
+            ours / raw
+        );
+
+        let n = 2_000 / scale;
+        let per = rss_per_connection(agents.runtime(), &base, n).await;
+        println!(
+            "{{\"bench\":\"rss_per_idle_connection\",\"connections\":{n},\"bytes_per_connection\":{per:.0}}}"
+        );
     });
 }

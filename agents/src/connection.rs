@@ -190,8 +190,12 @@ async fn upgrade(
         Ok(principal) => principal,
         Err(refusal) => return refusal,
     };
+    // Small buffers: an idle connection should cost a few KB, not tungstenite's default 128 KiB
+    // read buffer. They grow while a large message passes.
     let ws = ws
         .protocols([protocol::JSON_PROTOCOL, protocol::POSTCARD_PROTOCOL])
+        .read_buffer_size(READ_BUFFER)
+        .write_buffer_size(0)
         .max_message_size(runtime.config().max_message_bytes);
     let wire = match ws.selected_protocol().map(|p| p.as_bytes()) {
         Some(p) if p == protocol::JSON_PROTOCOL.as_bytes() => Wire::Json,
@@ -393,6 +397,9 @@ impl Outbound {
         }
     }
 }
+
+/// The read buffer of each socket.
+const READ_BUFFER: usize = 2048;
 
 const SLOW_READER: &str = "the client does not read its frames fast enough";
 
