@@ -772,3 +772,44 @@ async fn typed_remote_client_gets_events_and_state_and_reconnects() {
     // In-process clients have no events.
     assert!(room.events().next().await.is_none());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_gets_no_broadcast_before_on_connect_admits_it() {
+    let (rt, addr) = serve(Runtime::builder()).await;
+    let room = rt.runtime().agent::<Room>("admit");
+    room.post("warm".into()).await.unwrap();
+    // Broadcasts flow the whole time the refused connections try to join.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let poster = tokio::spawn({
+        let (room, stop) = (room.clone(), stop.clone());
+        async move {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                room.post("flowing".into()).await.unwrap();
+            }
+        }
+    });
+    for _ in 0..20 {
+        let mut ws = connect(
+            addr,
+            "/agents/room/admit?user=banned",
+            Some("agents.v1.json"),
+        )
+        .await
+        .unwrap();
+        loop {
+            match next(&mut ws).await {
+                Message::Close(_) => break,
+                Message::Text(t) => {
+                    let frame: Value = serde_json::from_str(&t).unwrap();
+                    assert_eq!(
+                        frame["type"], "identity",
+                        "a refused connection got {frame}"
+                    );
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    poster.await.unwrap();
+}

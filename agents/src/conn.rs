@@ -104,8 +104,10 @@ pub(crate) enum Outgoing {
 pub(crate) enum Effect {
     /// Deliver to one connection.
     Send(ConnId, Arc<Outgoing>),
-    /// Deliver to every connection of the agent except some.
+    /// Deliver to every admitted connection of the agent except some.
     Broadcast(Arc<Outgoing>, Vec<ConnId>),
+    /// `on_connect` accepted the connection: broadcasts released from now on reach it.
+    Admit(ConnId),
     /// Store a connection's state (postcard), in the event's transaction.
     SetState(ConnId, Vec<u8>),
     /// Store a connection's tags, in the event's transaction.
@@ -115,7 +117,10 @@ pub(crate) enum Effect {
 impl Effect {
     /// Whether this effect is a delivery (as opposed to a write).
     pub fn is_delivery(&self) -> bool {
-        matches!(self, Effect::Send(..) | Effect::Broadcast(..))
+        matches!(
+            self,
+            Effect::Send(..) | Effect::Broadcast(..) | Effect::Admit(..)
+        )
     }
 }
 
@@ -349,7 +354,7 @@ pub(crate) fn apply_writes(sql: &Connection, effects: &[Effect]) -> Result<(), E
                     insert.execute(params![tag, id.as_str()])?;
                 }
             }
-            Effect::Send(..) | Effect::Broadcast(..) => {}
+            Effect::Send(..) | Effect::Broadcast(..) | Effect::Admit(..) => {}
         }
     }
     Ok(())

@@ -63,10 +63,12 @@ pub(crate) struct Sockets {
     by_agent: Mutex<HashMap<AgentKey, HashMap<ConnId, Socket>>>,
 }
 
-/// One open socket: where its frames go, and how to encode them.
+/// One open socket: where its frames go, how to encode them, and whether `on_connect` has
+/// admitted it (until then it gets only what is sent to it by id, never a broadcast).
 struct Socket {
     out: Outbound,
     wire: Wire,
+    admitted: bool,
 }
 
 impl Sockets {
@@ -75,10 +77,14 @@ impl Sockets {
     }
 
     fn add(&self, key: &AgentKey, id: ConnId, out: Outbound, wire: Wire) {
-        self.lock()
-            .entry(key.clone())
-            .or_default()
-            .insert(id, Socket { out, wire });
+        self.lock().entry(key.clone()).or_default().insert(
+            id,
+            Socket {
+                out,
+                wire,
+                admitted: false,
+            },
+        );
     }
 
     fn remove(&self, key: &AgentKey, id: &ConnId) {
@@ -106,8 +112,8 @@ impl Sockets {
 
     /// Sends what an event produced (once it is durable) to `key`'s sockets.
     pub fn deliver(&self, key: &AgentKey, effects: Vec<Effect>) {
-        let all = self.lock();
-        let Some(conns) = all.get(key) else {
+        let mut all = self.lock();
+        let Some(conns) = all.get_mut(key) else {
             return;
         };
         for effect in effects {
@@ -122,8 +128,8 @@ impl Sockets {
                 Effect::Broadcast(outgoing, except) => {
                     // Encoded once per protocol, shared by every socket speaking it.
                     let mut frames: [Option<Option<Message>>; 3] = [None, None, None];
-                    for (id, socket) in conns {
-                        if except.contains(id) {
+                    for (id, socket) in conns.iter() {
+                        if !socket.admitted || except.contains(id) {
                             continue;
                         }
                         let frame = frames[socket.wire as usize]
@@ -131,6 +137,11 @@ impl Sockets {
                         if let Some(frame) = frame {
                             socket.out.send(frame.clone());
                         }
+                    }
+                }
+                Effect::Admit(id) => {
+                    if let Some(socket) = conns.get_mut(&id) {
+                        socket.admitted = true;
                     }
                 }
                 Effect::SetState(..) | Effect::SetTags(..) => {}

@@ -319,6 +319,9 @@ impl<A: AgentClass> Instance<A> {
                         .run_handler(Work::Connect(&conn, principal), &mut outbox)
                         .instrument(span)
                         .await;
+                    if result.is_ok() {
+                        self.frames(&mut outbox, vec![Effect::Admit(conn)]);
+                    }
                     outbox.push((Responder::Call(done), result));
                 }
                 Event::Message { conn, message } => {
