@@ -285,15 +285,18 @@ pub(crate) fn remove(sql: &Connection, id: &ConnId) -> Result<(), Error> {
     Ok(())
 }
 
-/// Forgets every connection not in `open` (rows left by a crash or a shutdown).
-pub(crate) fn remove_stale(sql: &Connection, open: &[ConnId]) -> Result<(), Error> {
+/// Forgets every connection that is not open (rows left by a crash or a shutdown).
+pub(crate) fn remove_stale(
+    sql: &Connection,
+    is_open: impl Fn(&ConnId) -> bool,
+) -> Result<(), Error> {
     let mut stmt = sql.prepare_cached("SELECT id FROM _agents_connections")?;
     let stored: Vec<String> = stmt
         .query_map([], |r| r.get(0))?
         .collect::<Result<_, _>>()?;
     for id in stored {
         let id = ConnId(id);
-        if !open.contains(&id) {
+        if !is_open(&id) {
             remove(sql, &id)?;
         }
     }

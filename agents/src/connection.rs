@@ -24,8 +24,7 @@ use axum::{
         ws::{close_code, CloseFrame, Message, WebSocket, WebSocketUpgrade},
         FromRequestParts, Path, Request, State,
     },
-    http::StatusCode,
-    response::{IntoResponse, Response},
+    response::Response,
 };
 use futures_util::{SinkExt, StreamExt};
 use tokio::{
@@ -105,6 +104,13 @@ impl Sockets {
             .unwrap_or_default()
     }
 
+    /// Whether `key`'s socket `id` is open.
+    pub fn is_open(&self, key: &AgentKey, id: &ConnId) -> bool {
+        self.lock()
+            .get(key)
+            .is_some_and(|conns| conns.contains_key(id))
+    }
+
     /// How many sockets are open, over all agents.
     pub fn count(&self) -> usize {
         self.lock().values().map(HashMap::len).sum()
@@ -177,7 +183,7 @@ pub(crate) async fn agent_root(
 ) -> Response {
     let key = match runtime.check_address(&class, &name) {
         Ok(key) => key,
-        Err(e) => return (StatusCode::BAD_REQUEST, e.to_string()).into_response(),
+        Err(e) => return crate::server::error(RawError::bad_args(e)),
     };
     let class = runtime.shared().class(key.class()).expect("checked");
     let (mut parts, body) = request.into_parts();
@@ -292,12 +298,9 @@ impl Wire {
     }
 
     fn reply(self, id: u64, result: &Result<Payload, RawError>) -> Message {
-        match self {
-            Wire::Json | Wire::Raw => Message::Text(protocol::reply_frame(id, result).into()),
-            Wire::Postcard => Message::Binary(
-                protocol::to_postcard(&protocol::PostcardServerFrame::reply(id, result)).into(),
-            ),
-        }
+        self.frame(protocol::reply_frame(id, result), || {
+            protocol::PostcardServerFrame::reply(id, result)
+        })
     }
 
     fn error(self, message: &str) -> Message {

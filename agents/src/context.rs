@@ -217,17 +217,17 @@ impl<A: AgentClass> Ctx<A> {
 
     /// The open connections tagged `tag` (see [`Conn::set_tags`]).
     pub fn connections_tagged(&self, tag: &str) -> Result<Vec<Conn<A>>, Error> {
-        let open = self.shared.sockets.ids(self.key());
+        let sockets = &self.shared.sockets;
         let ids: Vec<ConnId> = conn::tagged(self.sql(), tag)?
             .into_iter()
-            .filter(|id| open.contains(id))
+            .filter(|id| sockets.is_open(self.key(), id))
             .collect();
         self.load_conns(&ids)
     }
 
     /// The connection `id`, if it is open.
     pub fn connection(&self, id: &ConnId) -> Result<Option<Conn<A>>, Error> {
-        if !self.shared.sockets.ids(self.key()).contains(id) {
+        if !self.shared.sockets.is_open(self.key(), id) {
             return Ok(None);
         }
         conn::load(self.sql(), id, &self.effects)
@@ -244,8 +244,8 @@ impl<A: AgentClass> Ctx<A> {
         Ok(conns)
     }
 
-    /// Sends `event` to every open connection except those in `except`, once this event's
-    /// writes are durable (and not at all if it fails). A connection whose client does not
+    /// Sends `event` to every open connection except those in `except` (and those whose
+    /// `on_connect` has not succeeded yet), once this event's writes are durable (and not at all if it fails). A connection whose client does not
     /// keep up is closed; it never slows the others or the agent.
     pub fn broadcast(&self, event: &A::Event, except: &[ConnId]) -> Result<(), Error> {
         let outgoing = Arc::new(Outgoing::Event(Encoded::new(event, "the event")?));

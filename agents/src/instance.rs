@@ -246,6 +246,11 @@ fn app_error(e: crate::AppError) -> RawError {
     RawError::new(ErrorKind::App, e.message)
 }
 
+/// The outcome of a lifecycle hook, as an event's result.
+fn hook(result: Result<(), crate::AppError>) -> Result<Payload, RawError> {
+    result.map(|()| empty()).map_err(app_error)
+}
+
 fn empty() -> Payload {
     Payload::Postcard(Vec::new())
 }
@@ -641,62 +646,36 @@ impl<A: AgentClass> Instance<A> {
             .clear();
         self.ensure_started().await?;
         savepoint(self.ctx.sql())?;
-        let prepared = self.prepare(&work);
-        let result = match prepared {
+        let result = match self.prepare(&work) {
             Err(e) => Err(e),
-            Ok(None) => Ok(empty()), // a connection that is already gone: nothing to run
-            Ok(Some(conn)) => {
+            // A connection that closed before the agent got to its event: nothing to run.
+            Ok(None) if work.conn().is_some() => Ok(empty()),
+            Ok(conn) => {
                 let agent = self.agent.as_mut().expect("started");
                 let ctx = &mut self.ctx;
-                let conn = conn.as_ref();
+                let conn = || conn.as_ref().expect("loaded for connection events");
                 let handler: BoxFuture<'_, Result<Payload, RawError>> = match work {
                     Work::Call(inv) => agent.dispatch(ctx, inv),
-                    Work::Alarm(info) => Box::pin(async move {
-                        agent
-                            .on_alarm(ctx, info)
-                            .await
-                            .map(|()| empty())
-                            .map_err(app_error)
-                    }),
+                    Work::Alarm(info) => {
+                        Box::pin(async move { hook(agent.on_alarm(ctx, info).await) })
+                    }
                     Work::Connect(..) => {
-                        let conn = conn.expect("loaded");
-                        Box::pin(async move {
-                            agent
-                                .on_connect(ctx, conn)
-                                .await
-                                .map(|()| empty())
-                                .map_err(app_error)
-                        })
+                        let conn = conn();
+                        Box::pin(async move { hook(agent.on_connect(ctx, conn).await) })
                     }
                     Work::Message(_, message) => {
-                        let conn = conn.expect("loaded");
-                        Box::pin(async move {
-                            agent
-                                .on_message(ctx, conn, message)
-                                .await
-                                .map(|()| empty())
-                                .map_err(app_error)
-                        })
+                        let conn = conn();
+                        Box::pin(async move { hook(agent.on_message(ctx, conn, message).await) })
                     }
                     Work::ConnError(_, error) => {
-                        let conn = conn.expect("loaded");
-                        Box::pin(async move {
-                            agent
-                                .on_error(ctx, conn, &error)
-                                .await
-                                .map(|()| empty())
-                                .map_err(app_error)
-                        })
+                        let conn = conn();
+                        Box::pin(async move { hook(agent.on_error(ctx, conn, &error).await) })
                     }
                     Work::Close(_, code, reason) => {
-                        let conn = conn.expect("loaded");
-                        Box::pin(async move {
-                            agent
-                                .on_close(ctx, conn, code, &reason)
-                                .await
-                                .map(|()| empty())
-                                .map_err(app_error)
-                        })
+                        let conn = conn();
+                        Box::pin(
+                            async move { hook(agent.on_close(ctx, conn, code, &reason).await) },
+                        )
                     }
                     Work::Request(request, slot) => Box::pin(async move {
                         let response = agent.on_request(ctx, request).await.map_err(app_error)?;
@@ -729,12 +708,11 @@ impl<A: AgentClass> Instance<A> {
     }
 
     /// Before a connection's hook: records a new connection (and queues the shared state for
-    /// it), and loads the connection. `Ok(None)` for a connection no longer recorded (it closed
-    /// before the agent got to its message).
-    #[allow(clippy::type_complexity)]
-    fn prepare(&mut self, work: &Work<'_>) -> Result<Option<Option<conn::Conn<A>>>, RawError> {
+    /// it), and loads the connection; `None` if it is no longer recorded (it closed before the
+    /// agent got to its event), and for events that are not about a connection.
+    fn prepare(&mut self, work: &Work<'_>) -> Result<Option<conn::Conn<A>>, RawError> {
         let Some(id) = work.conn() else {
-            return Ok(Some(None));
+            return Ok(None);
         };
         let sql = self.ctx.sql();
         if let Work::Connect(_, principal) = work {
@@ -749,13 +727,11 @@ impl<A: AgentClass> Instance<A> {
                 );
             }
         }
-        match conn::load(sql, id, &self.ctx.effects).map_err(RawError::internal)? {
-            Some(c) => Ok(Some(Some(c))),
-            None => {
-                tracing::debug!("connection {id} is gone: its event is skipped");
-                Ok(None)
-            }
+        let conn = conn::load(sql, id, &self.ctx.effects).map_err(RawError::internal)?;
+        if conn.is_none() {
+            tracing::debug!("connection {id} is gone: its event is skipped");
         }
+        Ok(conn)
     }
 
     /// Creates the agent and runs `on_start`, if it is not live.
@@ -821,8 +797,8 @@ impl<A: AgentClass> Instance<A> {
             self.statics_synced = true;
         }
         if !self.conns_checked {
-            let open = self.ctx.shared.sockets.ids(self.ctx.key());
-            conn::remove_stale(self.ctx.sql(), &open)?;
+            let (sockets, key) = (&self.ctx.shared.sockets, self.ctx.key());
+            conn::remove_stale(self.ctx.sql(), |id| sockets.is_open(key, id))?;
             self.conns_checked = true;
         }
         Ok(())

@@ -148,7 +148,7 @@ fn json(status: StatusCode, value: &serde_json::Value) -> Response {
 }
 
 /// The JSON protocol's error object, with the status of its kind.
-fn error(e: RawError) -> Response {
+pub(crate) fn error(e: RawError) -> Response {
     let status = match e.kind {
         ErrorKind::BadArgs => StatusCode::BAD_REQUEST,
         ErrorKind::UnknownMethod => StatusCode::NOT_FOUND,
