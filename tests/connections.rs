@@ -7,15 +7,11 @@ mod common;
 use std::{net::SocketAddr, time::Duration};
 
 use agents::{prelude::*, testing::TestRuntime};
+use common::{ws_connect, Socket};
 use futures_util::{SinkExt, StreamExt};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use tokio_tungstenite::tungstenite::{
-    client::IntoClientRequest, protocol::frame::coding::CloseCode, Message,
-};
-
-type Socket =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+use tokio_tungstenite::tungstenite::{protocol::frame::coding::CloseCode, Message};
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Member {
@@ -239,6 +235,41 @@ impl Room {
         Ok(())
     }
 
+    /// The ids of the connections tagged `tag`.
+    #[callable]
+    pub async fn ids(&mut self, ctx: &mut Ctx<Self>, tag: String) -> Result<Vec<ConnId>, AppError> {
+        Ok(ctx
+            .connections_tagged(&tag)?
+            .iter()
+            .map(|c| c.id().clone())
+            .collect())
+    }
+
+    /// Sends `text` to the connection `to` only.
+    #[callable]
+    pub async fn whisper(
+        &mut self,
+        ctx: &mut Ctx<Self>,
+        to: ConnId,
+        text: String,
+    ) -> Result<(), AppError> {
+        let said = RoomEvent::Said {
+            from: "whisper".into(),
+            text,
+        };
+        Ok(ctx.send(&to, &said)?)
+    }
+
+    /// Sends the raw text frame `poke` to `to`; `false` if it is not open.
+    #[callable]
+    pub async fn poke(&mut self, ctx: &mut Ctx<Self>, to: ConnId) -> Result<bool, AppError> {
+        let conn = ctx.connection(&to)?;
+        if let Some(conn) = &conn {
+            conn.send_raw(WsMessage::Text("poke".into()));
+        }
+        Ok(conn.is_some())
+    }
+
     /// Closes the connections of user `name` with 4001.
     #[callable]
     pub async fn kick(&mut self, ctx: &mut Ctx<Self>, name: String) -> Result<usize, AppError> {
@@ -259,19 +290,6 @@ async fn serve(builder: agents::Builder) -> (TestRuntime, SocketAddr) {
     (rt, addr)
 }
 
-async fn connect(addr: SocketAddr, path: &str, protocol: Option<&str>) -> Result<Socket, String> {
-    let mut request = format!("ws://{addr}{path}").into_client_request().unwrap();
-    if let Some(p) = protocol {
-        request
-            .headers_mut()
-            .insert("Sec-WebSocket-Protocol", p.parse().unwrap());
-    }
-    tokio_tungstenite::connect_async(request)
-        .await
-        .map(|(socket, _)| socket)
-        .map_err(|e| e.to_string())
-}
-
 /// The next data or close frame.
 async fn next(ws: &mut Socket) -> Message {
     loop {
@@ -282,6 +300,16 @@ async fn next(ws: &mut Socket) -> Message {
             Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
             Some(Ok(m)) => return m,
             other => panic!("expected a frame, got {other:?}"),
+        }
+    }
+}
+
+/// The text of the next `Said` event on `ws`, skipping other frames.
+async fn next_said(ws: &mut Socket) -> String {
+    loop {
+        let frame = next_json(ws).await;
+        if frame["type"] == "event" {
+            return frame["data"]["Said"]["text"].as_str().unwrap().to_owned();
         }
     }
 }
@@ -297,7 +325,9 @@ async fn next_json(ws: &mut Socket) -> Value {
 /// identity and (if any) state frames.
 async fn member(addr: SocketAddr, room: &str, user: &str) -> (Socket, String) {
     let path = format!("/agents/room/{room}?user={user}");
-    let mut ws = connect(addr, &path, Some("agents.v1.json")).await.unwrap();
+    let mut ws = ws_connect(addr, &path, Some("agents.v1.json"))
+        .await
+        .unwrap();
     let identity = next_json(&mut ws).await;
     assert_eq!(identity["type"], "identity");
     (ws, identity["conn"].as_str().unwrap().to_owned())
@@ -333,7 +363,7 @@ async fn wait_for_log(rt: &TestRuntime, room: &str, prefix: &str) -> Vec<String>
 async fn hooks_run_in_order_connect_message_close() {
     let (rt, addr) = serve(Runtime::builder()).await;
     // No subprotocol: frames go as they are to on_message.
-    let mut raw = connect(addr, "/agents/room/order?user=ann", None)
+    let mut raw = ws_connect(addr, "/agents/room/order?user=ann", None)
         .await
         .unwrap();
     raw.send(Message::Text("hello".into())).await.unwrap();
@@ -384,7 +414,7 @@ async fn broadcast_reaches_exactly_the_right_sockets() {
     for i in 0..5 {
         members.push(member(addr, "bc", &format!("m{i}")).await);
     }
-    let mut raw = connect(addr, "/agents/room/bc?user=raw", None)
+    let mut raw = ws_connect(addr, "/agents/room/bc?user=raw", None)
         .await
         .unwrap();
     // Wait until every on_connect has run (the raw one gets no identity frame).
@@ -603,7 +633,7 @@ async fn shared_state_arrives_on_connect_and_on_change() {
         json!({"type": "state", "state": {"topic": "", "posts": 1}})
     );
     // A new connection gets identity, then the state.
-    let mut b = connect(addr, "/agents/room/state?user=b", Some("agents.v1.json"))
+    let mut b = ws_connect(addr, "/agents/room/state?user=b", Some("agents.v1.json"))
         .await
         .unwrap();
     assert_eq!(next_json(&mut b).await["type"], "identity");
@@ -616,7 +646,7 @@ async fn shared_state_arrives_on_connect_and_on_change() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admission_hooks_refuse_without_waking_the_agent() {
     let (rt, addr) = serve(Runtime::builder()).await;
-    let err = connect(
+    let err = ws_connect(
         addr,
         "/agents/room/guarded?token=bad",
         Some("agents.v1.json"),
@@ -635,7 +665,7 @@ async fn admission_hooks_refuse_without_waking_the_agent() {
         .exists());
 
     // on_connect can refuse too, after the agent woke: closed with 1008 and the reason.
-    let mut ws = connect(
+    let mut ws = ws_connect(
         addr,
         "/agents/room/guarded?user=banned",
         Some("agents.v1.json"),
@@ -789,7 +819,7 @@ async fn a_connection_gets_no_broadcast_before_on_connect_admits_it() {
         }
     });
     for _ in 0..20 {
-        let mut ws = connect(
+        let mut ws = ws_connect(
             addr,
             "/agents/room/admit?user=banned",
             Some("agents.v1.json"),
@@ -812,4 +842,95 @@ async fn a_connection_gets_no_broadcast_before_on_connect_admits_it() {
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     poster.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_sends_reach_one_connection_and_postcard_messages_reach_on_message() {
+    let (rt, addr) = serve(Runtime::builder()).await;
+    let room = rt.runtime().agent::<Room>("direct");
+    let (mut a, a_id) = member(addr, "direct", "a").await;
+    let (mut b, _) = member(addr, "direct", "b").await;
+    let mut raw = ws_connect(addr, "/agents/room/direct?user=raw", None)
+        .await
+        .unwrap();
+    let raw_id = loop {
+        if let Some(id) = room.ids("user:raw".into()).await.unwrap().pop() {
+            break id;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let a_conn: ConnId = serde_json::from_value(json!(a_id)).unwrap();
+
+    room.whisper(a_conn, "psst".into()).await.unwrap();
+    assert!(room.poke(raw_id).await.unwrap());
+    let gone: ConnId = serde_json::from_value(json!("0000000000000000")).unwrap();
+    assert!(!room.poke(gone).await.unwrap());
+    room.post("after".into()).await.unwrap();
+
+    assert_eq!(next_said(&mut a).await, "psst");
+    assert_eq!(next_said(&mut a).await, "after");
+    assert_eq!(
+        next_said(&mut b).await,
+        "after",
+        "the whisper reached only a"
+    );
+    assert_eq!(next(&mut raw).await, Message::Text("poke".into()));
+
+    // A postcard `Message` frame reaches on_message as binary.
+    let mut pc = ws_connect(
+        addr,
+        "/agents/room/direct?user=pc",
+        Some("agents.v1.postcard"),
+    )
+    .await
+    .unwrap();
+    next(&mut pc).await; // identity
+    let frame = agents::client::protocol::PostcardClientFrame::Message {
+        data: vec![1, 2, 3],
+    };
+    pc.send(Message::Binary(
+        agents::client::protocol::to_postcard(&frame).into(),
+    ))
+    .await
+    .unwrap();
+    wait_for_log(&rt, "direct", "message pc <binary>").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_connection_is_closed_with_1000() {
+    let (rt, addr) =
+        serve(Runtime::builder().connection_idle_timeout(Duration::from_millis(300))).await;
+    let (mut ws, _) = member(addr, "idle", "sleepy").await;
+    loop {
+        match next(&mut ws).await {
+            Message::Close(Some(f)) => {
+                assert_eq!(f.code, CloseCode::Normal);
+                break;
+            }
+            Message::Text(_) => continue,
+            other => panic!("expected a close, got {other:?}"),
+        }
+    }
+    let log = wait_for_log(&rt, "idle", "close sleepy").await;
+    assert!(
+        log.contains(&"close sleepy 1000 no frame for 300ms".to_owned()),
+        "{log:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_closes_connections_with_1001() {
+    let (rt, addr) = serve(Runtime::builder()).await;
+    let (mut ws, _) = member(addr, "down", "x").await;
+    rt.runtime().clone().shutdown().await;
+    loop {
+        match next(&mut ws).await {
+            Message::Close(Some(f)) => {
+                assert_eq!(f.code, CloseCode::Away);
+                break;
+            }
+            Message::Text(_) => continue,
+            other => panic!("expected a close, got {other:?}"),
+        }
+    }
 }

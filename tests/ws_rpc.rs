@@ -5,15 +5,10 @@ mod common;
 use std::time::Duration;
 
 use agents::{prelude::*, testing::TestRuntime};
-use common::Counter;
+use common::{ws_connect, Counter, Socket};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
-use tokio_tungstenite::tungstenite::{
-    client::IntoClientRequest, protocol::frame::coding::CloseCode, Message,
-};
-
-type Socket =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+use tokio_tungstenite::tungstenite::{protocol::frame::coding::CloseCode, Message};
 
 async fn serve() -> (TestRuntime, std::net::SocketAddr) {
     serve_with(
@@ -31,22 +26,6 @@ async fn serve_with(builder: agents::Builder) -> (TestRuntime, std::net::SocketA
     let runtime = rt.runtime().clone();
     tokio::spawn(async move { runtime.serve_on(listener).await });
     (rt, addr)
-}
-
-async fn connect(
-    addr: std::net::SocketAddr,
-    path: &str,
-    protocol: Option<&str>,
-) -> Result<Socket, tokio_tungstenite::tungstenite::Error> {
-    let mut request = format!("ws://{addr}{path}").into_client_request().unwrap();
-    if let Some(p) = protocol {
-        request
-            .headers_mut()
-            .insert("Sec-WebSocket-Protocol", p.parse().unwrap());
-    }
-    tokio_tungstenite::connect_async(request)
-        .await
-        .map(|(socket, _)| socket)
 }
 
 async fn next_json(ws: &mut Socket) -> Value {
@@ -70,7 +49,7 @@ async fn send(ws: &mut Socket, frame: Value) {
 
 /// Connects with the JSON protocol and reads the identity frame.
 async fn open(addr: std::net::SocketAddr, name: &str) -> Socket {
-    let mut ws = connect(
+    let mut ws = ws_connect(
         addr,
         &format!("/agents/counter/{name}"),
         Some("agents.v1.json"),
@@ -246,12 +225,12 @@ async fn oversize_frames_close_with_1009_and_bad_addresses_are_refused_before_up
 
     // Unknown classes and invalid names fail the handshake; nothing was woken.
     assert!(
-        connect(addr, "/agents/no-such-class/x", Some("agents.v1.json"))
+        ws_connect(addr, "/agents/no-such-class/x", Some("agents.v1.json"))
             .await
             .is_err()
     );
     let long = "x".repeat(2000);
-    assert!(connect(
+    assert!(ws_connect(
         addr,
         &format!("/agents/counter/{long}"),
         Some("agents.v1.json")

@@ -156,3 +156,28 @@ pub async fn start_server(exe: &std::path::Path, dir: &std::path::Path, extra: &
     assert_eq!(lines.next_line().await.unwrap().as_deref(), Some("ready"));
     (child, stdin, lines)
 }
+
+/// A client WebSocket, as the tests open them.
+pub type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Opens a WebSocket to `path` on `addr`, asking for `protocol` if given.
+pub async fn ws_connect(
+    addr: std::net::SocketAddr,
+    path: &str,
+    protocol: Option<&str>,
+) -> Result<Socket, String> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut request = format!("ws://{addr}{path}")
+        .into_client_request()
+        .map_err(|e| e.to_string())?;
+    if let Some(p) = protocol {
+        request
+            .headers_mut()
+            .insert("Sec-WebSocket-Protocol", p.parse().unwrap());
+    }
+    tokio_tungstenite::connect_async(request)
+        .await
+        .map(|(socket, _)| socket)
+        .map_err(|e| e.to_string())
+}
