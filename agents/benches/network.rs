@@ -134,18 +134,22 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)]
 }
 
-/// Connect + first call to `n` distinct agents, 32 at a time: agents per second and p99.
-async fn connect_and_call(base: &str, n: usize) -> (f64, f64) {
+/// Runs `job(i)` for `i` in `0..n`, 32 at a time: jobs per second and the p99 of their
+/// durations in ms.
+async fn timed_jobs<F, Fut>(n: usize, job: F) -> (f64, f64)
+where
+    F: Fn(usize) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let started = Instant::now();
     let limit = Arc::new(Semaphore::new(32));
     let mut tasks = Vec::new();
     for i in 0..n {
         let permit = limit.clone().acquire_owned().await.unwrap();
-        let url = format!("{base}/first-{i}");
+        let run = job(i);
         tasks.push(tokio::spawn(async move {
             let t = Instant::now();
-            let client = CounterClient::connect(&url).await.unwrap();
-            client.add(1).await.unwrap();
+            run.await;
             drop(permit);
             t.elapsed().as_secs_f64() * 1e3
         }));
@@ -161,33 +165,28 @@ async fn connect_and_call(base: &str, n: usize) -> (f64, f64) {
     )
 }
 
-/// The raw baseline: connect + one echo round trip, 32 at a time.
+/// Connect + first call to `n` distinct agents.
+async fn connect_and_call(base: &str, n: usize) -> (f64, f64) {
+    timed_jobs(n, |i| {
+        let url = format!("{base}/first-{i}");
+        async move {
+            let client = CounterClient::connect(&url).await.unwrap();
+            client.add(1).await.unwrap();
+        }
+    })
+    .await
+}
+
+/// The raw baseline: connect + one echo round trip.
 async fn raw_connect_and_echo(addr: std::net::SocketAddr, n: usize) -> (f64, f64) {
-    let started = Instant::now();
-    let limit = Arc::new(Semaphore::new(32));
-    let mut tasks = Vec::new();
-    for _ in 0..n {
-        let permit = limit.clone().acquire_owned().await.unwrap();
-        tasks.push(tokio::spawn(async move {
-            let t = Instant::now();
-            let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/"))
-                .await
-                .unwrap();
-            ws.send(Message::Binary(vec![1; 16].into())).await.unwrap();
-            ws.next().await.unwrap().unwrap();
-            drop(permit);
-            t.elapsed().as_secs_f64() * 1e3
-        }));
-    }
-    let mut ms = Vec::new();
-    for t in tasks {
-        ms.push(t.await.unwrap());
-    }
-    ms.sort_by(f64::total_cmp);
-    (
-        n as f64 / started.elapsed().as_secs_f64(),
-        percentile(&ms, 0.99),
-    )
+    timed_jobs(n, |_| async move {
+        let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/"))
+            .await
+            .unwrap();
+        ws.send(Message::Binary(vec![1; 16].into())).await.unwrap();
+        ws.next().await.unwrap().unwrap();
+    })
+    .await
 }
 
 /// Reads `count` events from each socket, decoding the stamp in each; returns every
