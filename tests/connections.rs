@@ -7,8 +7,8 @@ mod common;
 use std::{net::SocketAddr, time::Duration};
 
 use agents::{prelude::*, testing::TestRuntime};
-use common::{ws_connect, Socket};
-use futures_util::{SinkExt, StreamExt};
+use common::{next_frame as next, next_json, ws_connect, Socket};
+use futures_util::SinkExt;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::{protocol::frame::coding::CloseCode, Message};
@@ -282,26 +282,7 @@ impl Room {
 }
 
 async fn serve(builder: agents::Builder) -> (TestRuntime, SocketAddr) {
-    let rt = TestRuntime::start(builder.agent::<Room>().agent::<common::Counter>()).unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let runtime = rt.runtime().clone();
-    tokio::spawn(async move { runtime.serve_on(listener).await });
-    (rt, addr)
-}
-
-/// The next data or close frame.
-async fn next(ws: &mut Socket) -> Message {
-    loop {
-        match tokio::time::timeout(Duration::from_secs(20), ws.next())
-            .await
-            .expect("a frame in time")
-        {
-            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
-            Some(Ok(m)) => return m,
-            other => panic!("expected a frame, got {other:?}"),
-        }
-    }
+    common::serve(builder.agent::<Room>().agent::<common::Counter>()).await
 }
 
 /// The text of the next `Said` event on `ws`, skipping other frames.
@@ -311,13 +292,6 @@ async fn next_said(ws: &mut Socket) -> String {
         if frame["type"] == "event" {
             return frame["data"]["Said"]["text"].as_str().unwrap().to_owned();
         }
-    }
-}
-
-async fn next_json(ws: &mut Socket) -> Value {
-    match next(ws).await {
-        Message::Text(t) => serde_json::from_str(&t).unwrap(),
-        other => panic!("expected a text frame, got {other:?}"),
     }
 }
 

@@ -5,39 +5,13 @@ mod common;
 use agents::{prelude::*, testing::TestRuntime};
 use common::Counter;
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// A runtime serving HTTP on an ephemeral port of 127.0.0.1.
 async fn serve() -> (TestRuntime, std::net::SocketAddr) {
-    let rt = TestRuntime::start(Runtime::builder().agent::<Counter>()).unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let runtime = rt.runtime().clone();
-    tokio::spawn(async move { runtime.serve_on(listener).await });
-    (rt, addr)
+    common::serve(Runtime::builder().agent::<Counter>()).await
 }
 
-/// One HTTP/1.1 request; returns the status and the body parsed as JSON (or as a string).
 async fn request(addr: std::net::SocketAddr, method: &str, path: &str, body: &str) -> (u16, Value) {
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    stream.write_all(head.as_bytes()).await.unwrap();
-    stream.write_all(body.as_bytes()).await.unwrap();
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).await.unwrap();
-    let response = String::from_utf8(response).unwrap();
-    let status = response[9..12].parse().unwrap();
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b)
-        .unwrap_or("");
-    (
-        status,
-        serde_json::from_str(body).unwrap_or(Value::String(body.to_owned())),
-    )
+    common::http_request(addr, method, path, body).await
 }
 
 async fn post(addr: std::net::SocketAddr, path: &str, body: &str) -> (u16, Value) {

@@ -8,11 +8,7 @@ use agents::{prelude::*, testing::TestRuntime};
 use common::{Counter, CounterClient, CounterError};
 
 async fn serve() -> (TestRuntime, String) {
-    let rt = TestRuntime::start(Runtime::builder().agent::<Counter>()).unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let runtime = rt.runtime().clone();
-    tokio::spawn(async move { runtime.serve_on(listener).await });
+    let (rt, addr) = common::serve(Runtime::builder().agent::<Counter>()).await;
     (rt, format!("ws://{addr}/agents/counter"))
 }
 

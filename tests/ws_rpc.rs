@@ -5,9 +5,9 @@ mod common;
 use std::time::Duration;
 
 use agents::{prelude::*, testing::TestRuntime};
-use common::{ws_connect, Counter, Socket};
+use common::{next_json, send_json, ws_connect, Counter, Socket};
 use futures_util::{SinkExt, StreamExt};
-use serde_json::{json, Value};
+use serde_json::json;
 use tokio_tungstenite::tungstenite::{protocol::frame::coding::CloseCode, Message};
 
 async fn serve() -> (TestRuntime, std::net::SocketAddr) {
@@ -20,31 +20,7 @@ async fn serve() -> (TestRuntime, std::net::SocketAddr) {
 }
 
 async fn serve_with(builder: agents::Builder) -> (TestRuntime, std::net::SocketAddr) {
-    let rt = TestRuntime::start(builder).unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let runtime = rt.runtime().clone();
-    tokio::spawn(async move { runtime.serve_on(listener).await });
-    (rt, addr)
-}
-
-async fn next_json(ws: &mut Socket) -> Value {
-    loop {
-        match tokio::time::timeout(Duration::from_secs(10), ws.next())
-            .await
-            .expect("a frame in time")
-        {
-            Some(Ok(Message::Text(t))) => return serde_json::from_str(&t).unwrap(),
-            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
-            other => panic!("expected a text frame, got {other:?}"),
-        }
-    }
-}
-
-async fn send(ws: &mut Socket, frame: Value) {
-    ws.send(Message::Text(frame.to_string().into()))
-        .await
-        .unwrap();
+    common::serve(builder).await
 }
 
 /// Connects with the JSON protocol and reads the identity frame.
@@ -76,7 +52,7 @@ async fn open(addr: std::net::SocketAddr, name: &str) -> Socket {
 async fn calls_are_answered_by_id_even_when_pipelined() {
     let (rt, addr) = serve().await;
     let mut ws = open(addr, "ws-bob").await;
-    send(
+    send_json(
         &mut ws,
         json!({"type": "call", "id": 7, "method": "add", "args": [5]}),
     )
@@ -86,7 +62,7 @@ async fn calls_are_answered_by_id_even_when_pipelined() {
         json!({"type": "reply", "id": 7, "ok": 5})
     );
     for id in 100..150 {
-        send(
+        send_json(
             &mut ws,
             json!({"type": "call", "id": id, "method": "add", "args": [1]}),
         )
@@ -107,7 +83,7 @@ async fn calls_are_answered_by_id_even_when_pipelined() {
 async fn bad_frames_get_answers_and_the_connection_stays_up() {
     let (_rt, addr) = serve().await;
     let mut ws = open(addr, "ws-errors").await;
-    send(
+    send_json(
         &mut ws,
         json!({"type": "call", "id": 1, "method": "nope", "args": []}),
     )
@@ -118,19 +94,19 @@ async fn bad_frames_get_answers_and_the_connection_stays_up() {
         (Some(1), Some("unknown_method")),
         "{r}"
     );
-    send(
+    send_json(
         &mut ws,
         json!({"type": "call", "id": 2, "method": "add", "args": ["five"]}),
     )
     .await;
     assert_eq!(next_json(&mut ws).await["err"]["kind"], "bad_args");
-    send(
+    send_json(
         &mut ws,
         json!({"type": "call", "id": 3, "method": "add", "args": {"by": 1}}),
     )
     .await;
     assert_eq!(next_json(&mut ws).await["err"]["kind"], "bad_args");
-    send(
+    send_json(
         &mut ws,
         json!({"type": "call", "id": 4, "method": "add_then_fail", "args": [1]}),
     )
@@ -144,14 +120,14 @@ async fn bad_frames_get_answers_and_the_connection_stays_up() {
         .await
         .unwrap();
     assert_eq!(next_json(&mut ws).await["type"], "error");
-    send(&mut ws, json!({"type": "teleport"})).await;
+    send_json(&mut ws, json!({"type": "teleport"})).await;
     assert_eq!(next_json(&mut ws).await["type"], "error");
     ws.send(Message::Binary(vec![1, 2, 3].into()))
         .await
         .unwrap();
     assert_eq!(next_json(&mut ws).await["type"], "error");
     // Still up, and nothing was written by the failed calls.
-    send(&mut ws, json!({"type": "call", "id": 5, "method": "get"})).await;
+    send_json(&mut ws, json!({"type": "call", "id": 5, "method": "get"})).await;
     assert_eq!(
         next_json(&mut ws).await,
         json!({"type": "reply", "id": 5, "ok": 0})
@@ -162,7 +138,7 @@ async fn bad_frames_get_answers_and_the_connection_stays_up() {
 async fn deadlines_and_cancellation_work_and_a_cancelled_call_never_runs() {
     let (rt, addr) = serve().await;
     let mut ws = open(addr, "ws-cancel").await;
-    send(
+    send_json(
         &mut ws,
         json!({"type": "call", "id": 1, "method": "sleep_ms", "args": [500], "deadline_ms": 50}),
     )
@@ -174,18 +150,18 @@ async fn deadlines_and_cancellation_work_and_a_cancelled_call_never_runs() {
         "{r}"
     );
     // A call queued behind a slow one, then cancelled: it must never run.
-    send(
+    send_json(
         &mut ws,
         json!({"type": "call", "id": 2, "method": "sleep_ms", "args": [400]}),
     )
     .await;
     tokio::time::sleep(Duration::from_millis(50)).await;
-    send(
+    send_json(
         &mut ws,
         json!({"type": "call", "id": 3, "method": "add", "args": [1000]}),
     )
     .await;
-    send(&mut ws, json!({"type": "cancel", "id": 3})).await;
+    send_json(&mut ws, json!({"type": "cancel", "id": 3})).await;
     let r = next_json(&mut ws).await;
     assert_eq!(
         (r["id"].as_u64(), r["err"]["kind"].as_str()),
@@ -250,7 +226,7 @@ async fn a_client_that_does_not_read_is_disconnected_and_holds_up_nobody() {
     // 400 replies of 64 KiB (25 MiB) that the client never reads: more than the kernel's socket
     // buffers and the 8-frame queue can hold.
     for id in 0..400 {
-        send(
+        send_json(
             &mut slow,
             json!({"type": "call", "id": id, "method": "blob", "args": [64 * 1024]}),
         )
@@ -259,7 +235,7 @@ async fn a_client_that_does_not_read_is_disconnected_and_holds_up_nobody() {
     // Meanwhile another client of the same agent is served normally.
     let mut fast = open(addr, "ws-slow").await;
     for id in 0..20 {
-        send(
+        send_json(
             &mut fast,
             json!({"type": "call", "id": id, "method": "add", "args": [1]}),
         )

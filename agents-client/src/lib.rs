@@ -19,15 +19,17 @@ mod ws;
 
 pub use error::{ErrorKind, NoError, RawError, RpcError};
 pub use payload::{Codec, CodecError, Payload};
-pub use stream::{EventStream, StateStream, StreamError};
-pub use transport::{BoxFuture, ClientCore, MethodCall, MethodInfo, OutgoingCall, Transport};
+pub use stream::{CallStream, EventStream, StateStream, StreamError};
+pub use transport::{
+    BoxFuture, ClientCore, MethodCall, MethodInfo, OutgoingCall, RawStream, Transport,
+};
 pub use ws::{ConnectError, WsTransport, DEFAULT_TIMEOUT};
 
 #[doc(hidden)]
 pub mod __private {
     pub use crate::{
-        ClientCore, ConnectError, EventStream, MethodCall, MethodInfo, NoError, RpcError,
-        StateStream, WsTransport,
+        CallStream, ClientCore, ConnectError, EventStream, MethodCall, MethodInfo, NoError,
+        RpcError, StateStream, WsTransport,
     };
     pub use serde;
 }

@@ -31,6 +31,10 @@
 //!   `{"type":"reply","id":7,"err":{"kind":"<kind>","message":"..","data":<typed app error>}}`
 //!   with `kind` one of `app`, `unknown_method`, `bad_args`, `timeout`, `cancelled`,
 //!   `overloaded`, `cycle`, `internal`; `data` only for `app`.
+//! - `{"type":"chunk","id":7,"data":<chunk>}`: one item of a streaming callable's output, in
+//!   order; any number of them come before the call's final reply, which is then
+//!   `{"type":"reply","id":7,"ok":null}` (or an error that ends the stream early). A `cancel`
+//!   stops the stream.
 //! - `{"type":"event","data":<event>}`: an event the agent sent to this connection or
 //!   broadcast. Events a call sends arrive before the call's reply.
 //! - `{"type":"error","message":".."}`: a frame that could not be understood at all (not
@@ -125,6 +129,17 @@ pub fn reply_frame(id: u64, result: &Result<Payload, RawError>) -> String {
     }
 }
 
+/// `{"type":"chunk","id":..,"data":..}`
+pub fn chunk_frame(id: u64, data: &Payload) -> String {
+    match data {
+        Payload::Json(v) => json!({ "type": "chunk", "id": id, "data": v }).to_string(),
+        Payload::Postcard(_) => {
+            let e = RawError::internal("a JSON call streamed postcard");
+            json!({ "type": "reply", "id": id, "err": error_object(&e) }).to_string()
+        }
+    }
+}
+
 /// `{"type":"event","data":..}`, from the JSON of the event.
 pub fn event_frame(data_json: &str) -> String {
     format!(r#"{{"type":"event","data":{data_json}}}"#)
@@ -198,6 +213,10 @@ mod tests {
             json!({"type": "reply", "id": 7, "err": {"kind": "app", "message": "no", "data": {"Refused": 1}}})
         );
         assert!(identity_frame("c", "n", "1").starts_with(r#"{"type":"identity""#));
+        assert_eq!(
+            chunk_frame(7, &Payload::Json(json!("tok"))),
+            r#"{"type":"chunk","id":7,"data":"tok"}"#
+        );
     }
 }
 
@@ -261,6 +280,14 @@ pub enum PostcardServerFrame {
         /// The encoded state.
         state: Vec<u8>,
     },
+    /// One item of a streaming call's output, before its final `Reply` (whose result is then
+    /// `()`, postcard-encoded: no bytes).
+    Chunk {
+        /// The call's id.
+        id: u64,
+        /// The encoded item.
+        data: Vec<u8>,
+    },
 }
 
 /// An error in a postcard reply.
@@ -299,6 +326,20 @@ impl From<WireError> for RawError {
 }
 
 impl PostcardServerFrame {
+    /// The chunk frame for `data` (which is in postcard).
+    pub fn chunk(id: u64, data: &Payload) -> Self {
+        match data {
+            Payload::Postcard(bytes) => PostcardServerFrame::Chunk {
+                id,
+                data: bytes.clone(),
+            },
+            Payload::Json(_) => PostcardServerFrame::reply(
+                id,
+                &Err(RawError::internal("a postcard call streamed JSON")),
+            ),
+        }
+    }
+
     /// The reply frame for `result` (which is in postcard).
     pub fn reply(id: u64, result: &Result<Payload, RawError>) -> Self {
         let result = match result {

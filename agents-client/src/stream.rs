@@ -1,11 +1,12 @@
-//! Typed streams of what an agent pushes to a connection: [`EventStream`] and [`StateStream`].
+//! Typed streams of what an agent pushes to a connection ([`EventStream`], [`StateStream`]) and
+//! of the chunks of a streaming call ([`CallStream`]).
 
 use std::marker::PhantomData;
 
 use serde::de::DeserializeOwned;
 use tokio::sync::{broadcast, watch};
 
-use crate::Payload;
+use crate::{Payload, RawStream, RpcError};
 
 /// Why an item of a stream is missing.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -83,4 +84,61 @@ impl<S: DeserializeOwned> StateStream<S> {
 /// Decodes the latest state of `rx`, if any.
 pub(crate) fn latest<S: DeserializeOwned>(rx: &watch::Receiver<Option<Payload>>) -> Option<S> {
     rx.borrow().as_ref().and_then(|p| p.decode().ok())
+}
+
+/// The chunks of one call of a streaming callable, typed: `Ok` chunks in the order the agent
+/// produced them, then the end (`None`), or an error as the last item. Each wait for a chunk has
+/// the call's timeout. Dropping the stream cancels the call: the agent's stream is dropped.
+///
+/// The chunks leave the agent only once the writes of the call that started them are durable.
+pub struct CallStream<T, E> {
+    method: &'static str,
+    raw: RawStream,
+    _types: PhantomData<fn() -> (T, E)>,
+}
+
+impl<T: DeserializeOwned, E: DeserializeOwned> CallStream<T, E> {
+    /// The typed chunks of `raw`, a stream of `method`.
+    pub fn new(method: &'static str, raw: RawStream) -> Self {
+        CallStream {
+            method,
+            raw,
+            _types: PhantomData,
+        }
+    }
+
+    /// The next chunk; `None` once the stream ended well. After an error, the stream is over.
+    pub async fn next(&mut self) -> Option<Result<T, RpcError<E>>> {
+        let item = match self.raw.next().await? {
+            Ok(chunk) => chunk.decode().map_err(|e| {
+                RpcError::Internal(format!(
+                    "could not decode a chunk of `{}`: {e}",
+                    self.method
+                ))
+            }),
+            Err(raw) => Err(raw.into_typed()),
+        };
+        if item.is_err() {
+            self.raw = RawStream::new(futures_util::stream::empty(), None);
+        }
+        Some(item)
+    }
+
+    /// Every chunk, once the stream has ended; the first error instead if it failed.
+    pub async fn collect(mut self) -> Result<Vec<T>, RpcError<E>> {
+        let mut all = Vec::new();
+        while let Some(item) = self.next().await {
+            all.push(item?);
+        }
+        Ok(all)
+    }
+}
+
+impl<T, E> std::fmt::Debug for CallStream<T, E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CallStream")
+            .field("method", &self.method)
+            .field("raw", &self.raw)
+            .finish()
+    }
 }

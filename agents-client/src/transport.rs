@@ -5,14 +5,15 @@ use std::{
     borrow::Cow, fmt, future::Future, marker::PhantomData, pin::Pin, sync::Arc, time::Duration,
 };
 
+use futures_util::{stream::BoxStream, Stream, StreamExt};
 use serde::{de::DeserializeOwned, Serialize};
 
 use tokio::sync::{broadcast, watch};
 
 use crate::{
-    error::{RawError, RpcError},
+    error::{ErrorKind, RawError, RpcError},
     payload::{Codec, Payload},
-    stream::{self, EventStream, StateStream},
+    stream::{self, CallStream, EventStream, StateStream},
 };
 
 /// A boxed, sendable future, as transports return them.
@@ -35,6 +36,17 @@ pub struct OutgoingCall {
 pub trait Transport: Send + Sync + 'static {
     /// Sends `call` and waits for its reply.
     fn call(&self, call: OutgoingCall) -> BoxFuture<'static, Result<Payload, RawError>>;
+
+    /// Sends `call` to a streaming callable and returns its chunks as they arrive. The
+    /// default: this transport cannot stream.
+    fn call_stream(&self, call: OutgoingCall) -> BoxFuture<'static, RawStream> {
+        let e = RawError::internal(format!(
+            "`{}`: {} cannot carry streaming calls",
+            call.method,
+            self.describe()
+        ));
+        Box::pin(async move { RawStream::failed(e) })
+    }
 
     /// A short description of the target, for `Debug` output (e.g. `counter/bob`).
     fn describe(&self) -> String;
@@ -95,6 +107,89 @@ impl ClientCore {
             }),
             Err(raw) => Err(raw.into_typed()),
         }
+    }
+
+    /// Calls the streaming callable `method` with `args` (a tuple); its chunks arrive typed.
+    pub async fn call_stream<A, T, E>(&self, method: &'static str, args: &A) -> CallStream<T, E>
+    where
+        A: Serialize + ?Sized,
+        T: DeserializeOwned,
+        E: DeserializeOwned,
+    {
+        let raw = match Codec::Postcard.encode(args) {
+            Ok(args) => {
+                let call = OutgoingCall {
+                    method: Cow::Borrowed(method),
+                    args,
+                    timeout: self.timeout,
+                };
+                self.transport.call_stream(call).await
+            }
+            Err(e) => RawStream::failed(RawError::bad_args(format!(
+                "could not encode the arguments: {e}"
+            ))),
+        };
+        CallStream::new(method, raw)
+    }
+}
+
+/// The encoded chunks of a streaming call, as a transport delivers them: `Ok` chunks, then the
+/// end (the stream ends) or an error (the last item). Dropping it gives up on the call.
+pub struct RawStream {
+    inner: Option<BoxStream<'static, Result<Payload, RawError>>>,
+    idle: Option<Duration>,
+}
+
+impl RawStream {
+    /// The chunks of `stream`; waiting longer than `idle` for one fails the stream with
+    /// `timeout`.
+    pub fn new(
+        stream: impl Stream<Item = Result<Payload, RawError>> + Send + 'static,
+        idle: Option<Duration>,
+    ) -> Self {
+        RawStream {
+            inner: Some(stream.boxed()),
+            idle,
+        }
+    }
+
+    /// The same stream, failing with `timeout` after waiting longer than `idle` for a chunk.
+    pub fn with_idle(mut self, idle: Duration) -> Self {
+        self.idle = Some(idle);
+        self
+    }
+
+    /// A stream whose only item is `error`.
+    pub fn failed(error: RawError) -> Self {
+        RawStream::new(futures_util::stream::once(async { Err(error) }), None)
+    }
+
+    /// The next chunk; `None` once the stream ended (after its last chunk or its error).
+    pub async fn next(&mut self) -> Option<Result<Payload, RawError>> {
+        let inner = self.inner.as_mut()?;
+        let item = match self.idle {
+            None => inner.next().await,
+            Some(idle) => match tokio::time::timeout(idle, inner.next()).await {
+                Ok(item) => item,
+                Err(_) => Some(Err(RawError::new(
+                    ErrorKind::Timeout,
+                    format!("no chunk within {idle:?}"),
+                ))),
+            },
+        };
+        if !matches!(item, Some(Ok(_))) {
+            self.inner = None; // ended: let go of the call now
+        }
+        item
+    }
+}
+
+impl fmt::Debug for RawStream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RawStream")
+            .field("ended", &self.inner.is_none())
+            .field("idle", &self.idle)
+            .finish()
     }
 }
 

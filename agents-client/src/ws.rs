@@ -5,6 +5,9 @@
 //! not run yet never runs. The events and shared state the agent pushes are kept for
 //! [`events`](crate::Transport::events) and [`state`](crate::Transport::state).
 //!
+//! A streaming call's chunks arrive on its [`RawStream`] as their frames come in; the timeout
+//! then applies to each wait for a chunk, and dropping the stream sends `cancel`.
+//!
 //! When the connection drops, the calls in flight fail with an `internal` error saying so: they
 //! are never silently re-sent. The transport then reconnects in the background with
 //! exponential backoff (100 ms doubling to 5 s), and event and state subscriptions carry on
@@ -29,7 +32,7 @@ use tokio_tungstenite::tungstenite::{client::IntoClientRequest, Message};
 
 use crate::{
     protocol::{to_postcard, PostcardClientFrame, PostcardServerFrame, POSTCARD_PROTOCOL},
-    transport::{BoxFuture, OutgoingCall, Transport},
+    transport::{BoxFuture, OutgoingCall, RawStream, Transport},
     ErrorKind, Payload, RawError,
 };
 
@@ -55,7 +58,24 @@ pub enum ConnectError {
     Protocol(String),
 }
 
-type Pending = Mutex<HashMap<u64, oneshot::Sender<Result<Payload, RawError>>>>;
+/// Who waits for the frames of a call in flight.
+enum Waiter {
+    /// A plain call: its reply.
+    Call(oneshot::Sender<Result<Payload, RawError>>),
+    /// A streaming call: its chunks, then the end (the sender dropped) or an error.
+    Stream(mpsc::UnboundedSender<Result<Payload, RawError>>),
+}
+
+impl Waiter {
+    fn fail(self, e: RawError) {
+        match self {
+            Waiter::Call(tx) => drop(tx.send(Err(e))),
+            Waiter::Stream(tx) => drop(tx.send(Err(e))),
+        }
+    }
+}
+
+type Pending = Mutex<HashMap<u64, Waiter>>;
 type Socket =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
@@ -89,9 +109,7 @@ struct Inner {
 }
 
 impl Inner {
-    fn pending(
-        &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<u64, oneshot::Sender<Result<Payload, RawError>>>> {
+    fn pending(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Waiter>> {
         self.pending.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
@@ -191,7 +209,7 @@ async fn supervise(inner: Arc<Inner>, mut socket: Socket, mut stopped: oneshot::
             .link
             .send_replace(if stop { Link::Closed } else { Link::Down });
         for (_, waiter) in inner.pending().drain() {
-            let _ = waiter.send(Err(disconnected()));
+            waiter.fail(disconnected());
         }
         if stop {
             return;
@@ -246,8 +264,23 @@ async fn run(
                 let Message::Binary(bytes) = frame else { continue };
                 match postcard::from_bytes::<PostcardServerFrame>(&bytes) {
                     Ok(PostcardServerFrame::Reply { id, result }) => {
-                        if let Some(waiter) = inner.pending().remove(&id) {
-                            let _ = waiter.send(result.map(Payload::Postcard).map_err(RawError::from));
+                        let result = result.map(Payload::Postcard).map_err(RawError::from);
+                        match inner.pending().remove(&id) {
+                            Some(Waiter::Call(tx)) => drop(tx.send(result)),
+                            // A stream's final reply is `()`: no bytes.
+                            Some(Waiter::Stream(tx)) => match result {
+                                Ok(Payload::Postcard(end)) if end.is_empty() => {}
+                                Ok(_) => drop(tx.send(Err(RawError::internal(
+                                    "the agent answered with a value: the callable does not stream",
+                                )))),
+                                Err(e) => drop(tx.send(Err(e))),
+                            },
+                            None => {}
+                        }
+                    }
+                    Ok(PostcardServerFrame::Chunk { id, data }) => {
+                        if let Some(Waiter::Stream(tx)) = inner.pending().get(&id) {
+                            let _ = tx.send(Ok(Payload::Postcard(data)));
                         }
                     }
                     Ok(PostcardServerFrame::Event { data }) => {
@@ -300,7 +333,7 @@ impl Drop for CancelOnDrop {
 async fn register(
     inner: &Inner,
     id: u64,
-    tx: oneshot::Sender<Result<Payload, RawError>>,
+    waiter: Waiter,
     deadline: Instant,
 ) -> Result<mpsc::UnboundedSender<Message>, RawError> {
     let mut link = inner.link.subscribe();
@@ -324,7 +357,7 @@ async fn register(
             },
         }
     };
-    inner.pending().insert(id, tx);
+    inner.pending().insert(id, waiter);
     // Checked after registering: the supervisor marks the link down before it fails what is
     // pending, so the call is either failed by it or sees the change here.
     let still = matches!(&*inner.link.borrow(), Link::Up(g, _) if *g == generation);
@@ -335,39 +368,50 @@ async fn register(
     Ok(out)
 }
 
+/// Registers `waiter` for a new call, sends the call, and returns what cancels it if dropped
+/// before its reply.
+async fn start(
+    inner: &Arc<Inner>,
+    call: OutgoingCall,
+    waiter: Waiter,
+    deadline: Instant,
+) -> Result<CancelOnDrop, RawError> {
+    let Payload::Postcard(args) = call.args else {
+        return Err(RawError::bad_args(
+            "this transport sends postcard arguments",
+        ));
+    };
+    let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
+    let out = register(inner, id, waiter, deadline).await?;
+    let remaining = deadline.saturating_duration_since(Instant::now());
+    let frame = PostcardClientFrame::Call {
+        id,
+        method: call.method.into_owned(),
+        args,
+        deadline_ms: Some(remaining.as_millis() as u64),
+    };
+    if out
+        .send(Message::Binary(to_postcard(&frame).into()))
+        .is_err()
+    {
+        inner.pending().remove(&id);
+        return Err(disconnected());
+    }
+    Ok(CancelOnDrop {
+        id,
+        out,
+        inner: inner.clone(),
+    })
+}
+
 impl Transport for WsTransport {
     fn call(&self, call: OutgoingCall) -> BoxFuture<'static, Result<Payload, RawError>> {
         let inner = self.inner.clone();
         Box::pin(async move {
             let timeout = call.timeout.unwrap_or(DEFAULT_TIMEOUT);
             let deadline = Instant::now() + timeout;
-            let Payload::Postcard(args) = call.args else {
-                return Err(RawError::bad_args(
-                    "this transport sends postcard arguments",
-                ));
-            };
-            let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
             let (tx, rx) = oneshot::channel();
-            let out = register(&inner, id, tx, deadline).await?;
-            let remaining = deadline.saturating_duration_since(Instant::now());
-            let frame = PostcardClientFrame::Call {
-                id,
-                method: call.method.into_owned(),
-                args,
-                deadline_ms: Some(remaining.as_millis() as u64),
-            };
-            if out
-                .send(Message::Binary(to_postcard(&frame).into()))
-                .is_err()
-            {
-                inner.pending().remove(&id);
-                return Err(disconnected());
-            }
-            let _cancel_if_dropped = CancelOnDrop {
-                id,
-                out,
-                inner: inner.clone(),
-            };
+            let _cancel_if_dropped = start(&inner, call, Waiter::Call(tx), deadline).await?;
             match tokio::time::timeout_at(deadline, rx).await {
                 Ok(Ok(result)) => result,
                 Ok(Err(_)) => Err(disconnected()),
@@ -375,6 +419,26 @@ impl Transport for WsTransport {
                     ErrorKind::Timeout,
                     format!("no reply within {timeout:?}"),
                 )),
+            }
+        })
+    }
+
+    fn call_stream(&self, call: OutgoingCall) -> BoxFuture<'static, RawStream> {
+        let inner = self.inner.clone();
+        Box::pin(async move {
+            let timeout = call.timeout.unwrap_or(DEFAULT_TIMEOUT);
+            let (tx, rx) = mpsc::unbounded_channel();
+            let waiter = Waiter::Stream(tx);
+            match start(&inner, call, waiter, Instant::now() + timeout).await {
+                // The guard lives as long as the stream: dropping the stream cancels the call.
+                Ok(guard) => RawStream::new(
+                    futures_util::stream::unfold((rx, guard), |(mut rx, guard)| async move {
+                        let item = rx.recv().await?;
+                        Some((item, (rx, guard)))
+                    }),
+                    Some(timeout),
+                ),
+                Err(e) => RawStream::failed(e),
             }
         })
     }

@@ -287,18 +287,7 @@ impl Callable {
         if let Type::Path(p) = &**ty {
             if let Some(last) = p.path.segments.last() {
                 if last.ident == "Result" {
-                    let types: Vec<&Type> = match &last.arguments {
-                        PathArguments::AngleBracketed(a) => a
-                            .args
-                            .iter()
-                            .filter_map(|g| match g {
-                                GenericArgument::Type(t) => Some(t),
-                                _ => None,
-                            })
-                            .collect(),
-                        _ => Vec::new(),
-                    };
-                    return match types.as_slice() {
+                    return match type_args(last).as_slice() {
                         [ok, err] => Ret::Result {
                             ok: (*ok).clone(),
                             err: (*err).clone(),
@@ -314,6 +303,33 @@ impl Callable {
             }
         }
         Ret::Plain((**ty).clone())
+    }
+}
+
+/// The type arguments of a path segment: `T, E` of `Result<T, E>`.
+fn type_args(segment: &syn::PathSegment) -> Vec<&Type> {
+    match &segment.arguments {
+        PathArguments::AngleBracketed(a) => a
+            .args
+            .iter()
+            .filter_map(|g| match g {
+                GenericArgument::Type(t) => Some(t),
+                _ => None,
+            })
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// The type arguments of `Streaming<..>` (any path prefix), if `ty` is one: the return type of
+/// a streaming callable.
+pub fn streaming_args(ty: &Type) -> Option<Vec<&Type>> {
+    match ty {
+        Type::Path(p) if p.qself.is_none() => {
+            let last = p.path.segments.last()?;
+            (last.ident == "Streaming").then(|| type_args(last))
+        }
+        _ => None,
     }
 }
 
@@ -374,6 +390,16 @@ mod tests {
         assert!(matches!(a.callables[0].ret(), Ret::Unit));
         assert!(matches!(a.callables[1].ret(), Ret::Unit));
         assert!(matches!(a.callables[2].ret(), Ret::AliasedResult(_)));
+    }
+
+    #[test]
+    fn finds_streams() {
+        let ty: Type = syn::parse_quote!(agents::Streaming<u32, E>);
+        assert_eq!(streaming_args(&ty).map(|a| a.len()), Some(2));
+        let ty: Type = syn::parse_quote!(Streaming<u32>);
+        assert_eq!(streaming_args(&ty).map(|a| a.len()), Some(1));
+        let ty: Type = syn::parse_quote!(Vec<Streaming<u32>>);
+        assert!(streaming_args(&ty).is_none());
     }
 
     #[test]

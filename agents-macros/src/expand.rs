@@ -46,7 +46,11 @@ fn generate(a: &Agent) -> TokenStream {
 
     let callables: Vec<&Method> = methods.iter().filter(|m| m.schedule.is_none()).collect();
     let client_methods = callables.iter().map(|m| client_method(m, &p));
-    let call_methods = callables.iter().map(|m| call_method(m, &p, self_ty));
+    // A stored call has nobody to receive chunks: streams get no descriptor.
+    let call_methods = callables
+        .iter()
+        .filter(|m| m.stream.is_none())
+        .map(|m| call_method(m, &p, self_ty));
     let arms = methods.iter().map(|m| dispatch_arm(m, self_ty, &p));
     let infos = callables.iter().map(|m| method_info(m, &p));
     let schedules = methods.iter().filter_map(|m| static_schedule(m, &p));
@@ -179,6 +183,15 @@ fn client_method(m: &Method, p: &TokenStream) -> TokenStream {
     } = m;
     let err = err_ty(m, p);
     let (params, tuple) = params_and_tuple(args);
+    if let Some(item) = &m.stream {
+        return quote! {
+            #(#docs)*
+            #[allow(dead_code)]
+            #vis async fn #ident(&self, #(#params),*) -> #p::CallStream<#item, #err> {
+                self.core.call_stream::<_, #item, #err>(#wire, &#tuple).await
+            }
+        };
+    }
     quote! {
         #(#docs)*
         #[allow(dead_code)]
@@ -234,10 +247,13 @@ fn dispatch_arm(m: &Method, self_ty: &syn::Type, p: &TokenStream) -> TokenStream
         quote!(let (#(#names,)*): (#(#types,)*) = call.args()?;)
     };
     let invoke = quote!(#self_ty::#ident(self, ctx, #(#names),*).await);
-    let reply = if m.err.is_some() {
-        quote!(call.result(#invoke))
-    } else {
-        quote!(call.ok(&#invoke))
+    let reply = match (&m.stream, &m.err) {
+        (Some(_), Some(_)) => quote!(call.stream(#invoke)),
+        (Some(_), None) => {
+            quote!(call.stream(::core::result::Result::<_, #p::NoError>::Ok(#invoke)))
+        }
+        (None, Some(_)) => quote!(call.result(#invoke)),
+        (None, None) => quote!(call.ok(&#invoke)),
     };
     // `#[schedule]` methods answer only the runtime: to a client they do not exist.
     let guard = m.schedule.as_ref().map(|_| {

@@ -3,9 +3,10 @@
 use std::collections::HashMap;
 
 use heck::ToKebabCase;
+use quote::ToTokens;
 use syn::{Ident, LitStr, Pat, Path, Type, Visibility};
 
-use crate::ast::{combine, AgentImpl, Callable, Receiver, Ret};
+use crate::ast::{combine, streaming_args, AgentImpl, Callable, Receiver, Ret};
 
 /// Methods of the generated client (inherent, or from the traits it implements): a callable of
 /// the same name would clash with them.
@@ -48,6 +49,8 @@ pub struct Method {
     /// The success type and the application error type (`None`: cannot fail).
     pub ok: Type,
     pub err: Option<Type>,
+    /// For a streaming callable (`ok` is `Streaming<T>` or `Streaming<T, E>`): the item type `T`.
+    pub stream: Option<Type>,
     /// For `#[schedule]` methods: what the runtime registers. They get no client method.
     pub schedule: Option<ScheduleSpec>,
 }
@@ -339,6 +342,34 @@ fn method(c: &Callable, agent: &Ident) -> syn::Result<Method> {
             (syn::parse_quote!(()), None)
         }
     };
+    let stream = streaming_args(&ok).and_then(|types| match types.as_slice() {
+        [item] => Some((*item).clone()),
+        [item, stream_err] => {
+            let same = err_ty.as_ref().is_some_and(|e| {
+                e.to_token_stream().to_string() == stream_err.to_token_stream().to_string()
+            });
+            if !same {
+                err(syn::Error::new_spanned(
+                    stream_err,
+                    "a stream fails with its callable's error type: `Result<Streaming<T, E>, E>` (or `Streaming<T>` for a stream that cannot fail)",
+                ));
+            }
+            Some((*item).clone())
+        }
+        _ => {
+            err(syn::Error::new_spanned(
+                &ok,
+                "a streaming callable returns `Streaming<T>` or `Result<Streaming<T, E>, E>`",
+            ));
+            None
+        }
+    });
+    if stream.is_some() && c.schedule.is_some() {
+        err(syn::Error::new_spanned(
+            &ok,
+            format!("#[schedule] method `{name}` cannot stream: nobody receives its chunks"),
+        ));
+    }
     match errors {
         Some(e) => Err(e),
         None => Ok(Method {
@@ -349,6 +380,7 @@ fn method(c: &Callable, agent: &Ident) -> syn::Result<Method> {
             args,
             ok,
             err: err_ty,
+            stream,
             schedule,
         }),
     }

@@ -3,13 +3,14 @@
 
 use std::{borrow::Cow, fmt, future::Future};
 
-use agents_client::{BoxFuture, Codec, MethodInfo, Payload, RawError};
+use agents_client::{BoxFuture, Codec, MethodInfo, Payload, RawError, RawStream};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 use crate::{
     conn::{Conn, WsMessage},
     context::Ctx,
     schedule::{AlarmInfo, StaticSchedule},
+    stream::Streaming,
 };
 
 /// An HTTP request for [`Agent::on_request`], its body already read (up to the runtime's
@@ -186,6 +187,8 @@ pub struct Invocation {
     method: Cow<'static, str>,
     args: Payload,
     internal: bool,
+    /// What a streaming callable returned, for the runtime to hand to the caller.
+    stream: std::sync::Mutex<Option<RawStream>>,
 }
 
 impl Invocation {
@@ -195,6 +198,7 @@ impl Invocation {
             method: method.into(),
             args,
             internal: false,
+            stream: Default::default(),
         }
     }
 
@@ -205,6 +209,7 @@ impl Invocation {
             method: method.into(),
             args,
             internal: true,
+            stream: Default::default(),
         }
     }
 
@@ -260,6 +265,27 @@ impl Invocation {
             Ok(v) => self.ok(&v),
             Err(e) => Err(RawError::app(self.codec(), &e)),
         }
+    }
+}
+
+impl Invocation {
+    /// Keeps the stream a streaming callable returned (its `Err` fails the call as `app`).
+    #[doc(hidden)]
+    pub fn stream<T, E, SE>(&self, r: Result<Streaming<T, SE>, E>) -> Result<Payload, RawError>
+    where
+        T: Serialize + Send + 'static,
+        E: Serialize + fmt::Display,
+        SE: Serialize + fmt::Display + Send + 'static,
+    {
+        let stream = r.map_err(|e| RawError::app(self.codec(), &e))?;
+        let stream = stream.encode(self.codec(), self.method.clone().into_owned());
+        *self.stream.lock().unwrap_or_else(|e| e.into_inner()) = Some(stream);
+        Ok(Payload::Postcard(Vec::new()))
+    }
+
+    /// The stream a streaming callable returned, if this was one.
+    pub(crate) fn take_stream(&self) -> Option<RawStream> {
+        self.stream.lock().unwrap_or_else(|e| e.into_inner()).take()
     }
 }
 

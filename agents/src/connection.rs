@@ -39,6 +39,7 @@ use crate::{
     conn::{close_reason, ConnId, Effect, Outgoing, WsMessage},
     registry::{Class, Event},
     runtime::Runtime,
+    stream::Returned,
 };
 
 /// Connection ids: a per-process random-ish base (so that ids differ across restarts) plus a
@@ -303,6 +304,12 @@ impl Wire {
         })
     }
 
+    fn chunk(self, id: u64, data: &Payload) -> Message {
+        self.frame(protocol::chunk_frame(id, data), || {
+            protocol::PostcardServerFrame::chunk(id, data)
+        })
+    }
+
     fn error(self, message: &str) -> Message {
         self.frame(protocol::error_frame(message), || {
             protocol::PostcardServerFrame::Error {
@@ -396,7 +403,8 @@ async fn serve(
 }
 
 /// The sending side of one connection: a bounded queue to the writer task. A client that does
-/// not read fast enough to keep it from filling is disconnected (`closed`), never waited for.
+/// not read fast enough to keep it from filling is disconnected (`closed`), never waited for;
+/// only the chunks of a stream wait (the stream slows down to the client's pace).
 #[derive(Clone)]
 struct Outbound {
     tx: mpsc::Sender<Message>,
@@ -409,6 +417,14 @@ impl Outbound {
             tracing::debug!("closing a connection whose client does not read its frames");
             self.closed.cancel();
         }
+    }
+
+    /// A place for a frame that can wait (a chunk of a stream), once half the queue is free,
+    /// so that the frames that cannot wait (replies, events) still find room. `None` if the
+    /// connection is gone.
+    async fn reserve_waiting(&self) -> Option<mpsc::Permit<'_, Message>> {
+        let room = (self.tx.max_capacity() / 2).max(1);
+        self.tx.reserve_many(room).await.ok()?.next()
     }
 }
 
@@ -673,13 +689,36 @@ impl Connection {
             in_flight.clone(),
             self.wire,
         );
+        let codec = args.codec();
         let task = tokio::spawn(async move {
             let call = OutgoingCall {
                 method: method.into(),
                 args,
                 timeout: deadline_ms.map(Duration::from_millis),
             };
-            let result = runtime.call_from(key, conn, call).await;
+            let result = match runtime.call_from(key, conn, call).await {
+                Ok(Returned::Value(value)) => Ok(value),
+                // Driven here, outside the agent: chunks in order, then a `()` reply.
+                Ok(Returned::Stream(mut stream)) => loop {
+                    match stream.next().await {
+                        Some(Ok(chunk)) => {
+                            let Some(place) = out.reserve_waiting().await else {
+                                return; // the connection is gone
+                            };
+                            // Under the lock: a cancel takes the call out of the map and then
+                            // replies, so no chunk follows its reply.
+                            let calls = registry.lock().unwrap_or_else(|e| e.into_inner());
+                            if !calls.contains_key(&id) {
+                                return;
+                            }
+                            place.send(wire.chunk(id, &chunk));
+                        }
+                        Some(Err(e)) => break Err(e),
+                        None => break codec.encode(&()).map_err(RawError::internal),
+                    }
+                },
+                Err(e) => Err(e),
+            };
             // Whoever takes the call out of the map answers it: this task, or a cancel.
             let mine = registry
                 .lock()

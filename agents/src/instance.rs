@@ -22,7 +22,7 @@ use std::{
     },
 };
 
-use agents_client::{BoxFuture, ErrorKind, Payload, RawError};
+use agents_client::{BoxFuture, ErrorKind, Payload, RawError, RawStream};
 use futures_util::FutureExt;
 use rusqlite::Connection;
 use tokio::{
@@ -38,9 +38,10 @@ use crate::{
     conn::{self, ConnId, Effect, Encoded, Outgoing, WsMessage},
     context::Ctx,
     error::Error,
-    registry::{CallEvent, Event, Reply, Shared},
+    registry::{CallEvent, CallReply, Event, Reply, Shared},
     schedule::{self, AlarmInfo},
     storage::{self, Durability},
+    stream::Returned,
 };
 
 /// How many due rows one alarm event runs; the rest run on the next (immediate) alarm.
@@ -129,7 +130,10 @@ impl Raise {
 
 /// Who waits for an event's outcome.
 enum Responder {
-    Call(oneshot::Sender<Reply>),
+    /// A call, and the stream it returned if it was a streaming callable.
+    Call(oneshot::Sender<CallReply>, Option<RawStream>),
+    /// A hook whose caller waits for its outcome (`on_connect`).
+    Hook(oneshot::Sender<Reply>),
     Done(Option<oneshot::Sender<()>>),
     /// Frames for the agent's connections.
     Frames(Arc<Shared>, AgentKey, Vec<Effect>),
@@ -145,7 +149,13 @@ type Outbox = Vec<(Responder, Reply)>;
 fn release(outbox: Outbox) {
     for (to, reply) in outbox {
         match to {
-            Responder::Call(tx) => {
+            Responder::Call(tx, stream) => {
+                let _ = tx.send(reply.map(|value| match stream {
+                    Some(stream) => Returned::Stream(stream),
+                    None => Returned::Value(value),
+                }));
+            }
+            Responder::Hook(tx) => {
                 let _ = tx.send(reply);
             }
             Responder::Done(Some(tx)) => {
@@ -327,7 +337,7 @@ impl<A: AgentClass> Instance<A> {
                     if result.is_ok() {
                         self.frames(&mut outbox, vec![Effect::Admit(conn)]);
                     }
-                    outbox.push((Responder::Call(done), result));
+                    outbox.push((Responder::Hook(done), result));
                 }
                 Event::Message { conn, message } => {
                     let span = tracing::debug_span!("message", conn = %conn);
@@ -534,7 +544,7 @@ impl<A: AgentClass> Instance<A> {
                 ErrorKind::Timeout,
                 format!("`{}` was dequeued after its deadline", inv.method()),
             );
-            outbox.push((Responder::Call(reply), Err(e)));
+            outbox.push((Responder::Call(reply, None), Err(e)));
             return;
         }
         self.ctx.chain = chain.push(self.ctx.key().clone());
@@ -548,7 +558,8 @@ impl<A: AgentClass> Instance<A> {
         if let Err(e) = &result {
             tracing::debug!(kind = %e.kind, "call failed: {}", e.message);
         }
-        outbox.push((Responder::Call(reply), result));
+        let stream = inv.take_stream().filter(|_| result.is_ok());
+        outbox.push((Responder::Call(reply, stream), result));
     }
 
     /// Runs every due row, each as its own event, and records its outcome in the same batch.

@@ -78,6 +78,7 @@ mod runtime;
 mod schedule;
 mod server;
 mod storage;
+mod stream;
 pub mod testing;
 
 pub use address::{AgentKey, MAX_CLASS_LEN, MAX_NAME_LEN};
@@ -87,7 +88,9 @@ pub use agent::{
 };
 /// The wire crate: transports, codecs and client plumbing.
 pub use agents_client as client;
-pub use agents_client::{ErrorKind, MethodCall, MethodInfo, NoError, Payload, RawError, RpcError};
+pub use agents_client::{
+    CallStream, ErrorKind, MethodCall, MethodInfo, NoError, Payload, RawError, RpcError,
+};
 /// Turns an inherent `impl` block into an agent class; see the crate docs.
 ///
 /// Methods marked `#[callable]` (async, `&mut self`, then `ctx: &mut Ctx<Self>`, then
@@ -99,6 +102,10 @@ pub use agents_client::{ErrorKind, MethodCall, MethodInfo, NoError, Payload, Raw
 /// DeserializeOwned + Display` ([`AppError`] is ready-made). Any other return type is a plain
 /// value. The macro reads the return type as written, so a type alias of `Result` would be
 /// taken as a plain value; `io::Result<T>` and other one-parameter `Result`s are refused.
+///
+/// A callable that returns [`Streaming<T>`](Streaming) (or `Result<Streaming<T, E>, E>`)
+/// streams: its client method returns a [`CallStream`] of `T`, and over a WebSocket each item
+/// is a `chunk` frame. See [`Streaming`] for how such a stream runs.
 ///
 /// Options: `#[agent(class = "name")]` overrides the class (kebab-case of the type by
 /// default); `#[callable(name = "wire-name")]` overrides a method's wire name.
@@ -123,12 +130,13 @@ pub use runtime::{Builder, Runtime};
 pub use schedule::{AlarmInfo, DeadLetter, Schedule, ScheduleKind, When, RETRIES, RETRY_BASE};
 pub use server::router;
 pub use storage::{Durability, Kv};
+pub use stream::{StreamClosed, StreamSender, Streaming};
 
 /// What most agent code needs: `use agents::prelude::*;`
 pub mod prelude {
     pub use crate::{
         agent, callable, Admission, Agent, AppError, Conn, ConnId, Ctx, Durability, HttpRequest,
-        HttpResponse, RequestHead, RpcError, Runtime, When, WsMessage,
+        HttpResponse, RequestHead, RpcError, Runtime, Streaming, When, WsMessage,
     };
     pub use agents_macros::schedule;
 }

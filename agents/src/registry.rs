@@ -29,6 +29,7 @@ use crate::{
     connection::Sockets,
     error::Error,
     storage::Durability,
+    stream::Returned,
 };
 
 /// How many databases may be opening at the same time: half the cores, so that the async
@@ -108,9 +109,12 @@ pub(crate) enum Event {
 
 pub(crate) type Reply = Result<Payload, RawError>;
 
+/// The outcome of a call: a value or a stream.
+pub(crate) type CallReply = Result<Returned, RawError>;
+
 pub(crate) struct CallEvent {
     pub inv: Invocation,
-    pub reply: oneshot::Sender<Reply>,
+    pub reply: oneshot::Sender<CallReply>,
     /// The agents waiting on this call (its callers, transitively).
     pub chain: Chain,
     pub deadline: Option<Instant>,

@@ -10,7 +10,9 @@ use std::{
     time::Duration,
 };
 
-use agents_client::{BoxFuture, ClientCore, ErrorKind, OutgoingCall, Payload, RawError, Transport};
+use agents_client::{
+    BoxFuture, ClientCore, ErrorKind, OutgoingCall, Payload, RawError, RawStream, Transport,
+};
 use tokio::{sync::oneshot, time::Instant};
 
 use crate::{
@@ -21,8 +23,9 @@ use crate::{
     conn::ConnId,
     error::Error,
     instance,
-    registry::{CallEvent, Chain, Class, Config, Event, Shared},
+    registry::{CallEvent, CallReply, Chain, Class, Config, Event, Shared},
     storage::Durability,
+    stream::Returned,
 };
 
 /// Configures and builds a [`Runtime`].
@@ -327,12 +330,16 @@ impl Runtime {
         timeout: Option<Duration>,
     ) -> Result<Payload, RawError> {
         let key = AgentKey::new(class, name).map_err(RawError::bad_args)?;
+        let codec = args.codec();
         let call = OutgoingCall {
             method: method.to_owned().into(),
             args,
             timeout,
         };
-        call_local(self.shared(), key, Chain::default(), call, None).await
+        call_local(self.shared(), key, Chain::default(), call, None)
+            .await?
+            .collect(codec)
+            .await
     }
 
     /// A call that arrived on the connection `conn` (`ctx.caller()` tells the handler).
@@ -341,7 +348,7 @@ impl Runtime {
         key: AgentKey,
         conn: ConnId,
         call: OutgoingCall,
-    ) -> Result<Payload, RawError> {
+    ) -> CallReply {
         call_local(self.shared(), key, Chain::default(), call, Some(conn)).await
     }
 
@@ -450,7 +457,7 @@ async fn call_local(
     chain: Chain,
     call: OutgoingCall,
     conn: Option<ConnId>,
-) -> Result<Payload, RawError> {
+) -> CallReply {
     if chain.contains(&key) {
         return Err(RawError::new(
             ErrorKind::Cycle,
@@ -498,7 +505,32 @@ impl Transport for LocalTransport {
         let chain = self.chain.clone();
         Box::pin(async move {
             let key = target.map_err(RawError::bad_args)?;
-            call_local(&shared, key, chain, call, None).await
+            let codec = call.args.codec();
+            call_local(&shared, key, chain, call, None)
+                .await?
+                .collect(codec)
+                .await
+        })
+    }
+
+    fn call_stream(&self, call: OutgoingCall) -> BoxFuture<'static, RawStream> {
+        let shared = self.shared.clone();
+        let target = self.target.clone();
+        let chain = self.chain.clone();
+        Box::pin(async move {
+            let idle = call.timeout.unwrap_or(shared.config.call_timeout);
+            let key = match target {
+                Ok(key) => key,
+                Err(e) => return RawStream::failed(RawError::bad_args(e)),
+            };
+            let method = call.method.clone();
+            match call_local(&shared, key, chain, call, None).await {
+                Ok(Returned::Stream(stream)) => stream.with_idle(idle),
+                Ok(Returned::Value(_)) => RawStream::failed(RawError::internal(format!(
+                    "`{method}` answered with a value: it does not stream"
+                ))),
+                Err(e) => RawStream::failed(e),
+            }
         })
     }
 

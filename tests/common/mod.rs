@@ -181,3 +181,79 @@ pub async fn ws_connect(
         .map(|(socket, _)| socket)
         .map_err(|e| e.to_string())
 }
+
+/// A test runtime built from `builder`, serving HTTP and WebSockets on an ephemeral port of
+/// 127.0.0.1.
+pub async fn serve(
+    builder: agents::Builder,
+) -> (agents::testing::TestRuntime, std::net::SocketAddr) {
+    let rt = agents::testing::TestRuntime::start(builder).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let runtime = rt.runtime().clone();
+    tokio::spawn(async move { runtime.serve_on(listener).await });
+    (rt, addr)
+}
+
+/// The next data or close frame (pings and pongs skipped), within 20 s.
+pub async fn next_frame(ws: &mut Socket) -> tokio_tungstenite::tungstenite::Message {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    loop {
+        match tokio::time::timeout(Duration::from_secs(20), ws.next())
+            .await
+            .expect("a frame in time")
+        {
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+            Some(Ok(m)) => return m,
+            other => panic!("expected a frame, got {other:?}"),
+        }
+    }
+}
+
+/// The next frame, which must be a JSON text frame.
+pub async fn next_json(ws: &mut Socket) -> serde_json::Value {
+    match next_frame(ws).await {
+        tokio_tungstenite::tungstenite::Message::Text(t) => serde_json::from_str(&t).unwrap(),
+        other => panic!("expected a text frame, got {other:?}"),
+    }
+}
+
+/// Sends `frame` as a JSON text frame.
+pub async fn send_json(ws: &mut Socket, frame: serde_json::Value) {
+    use futures_util::SinkExt;
+    ws.send(tokio_tungstenite::tungstenite::Message::Text(
+        frame.to_string().into(),
+    ))
+    .await
+    .unwrap();
+}
+
+/// One HTTP/1.1 request; returns the status and the body parsed as JSON (or as a string).
+pub async fn http_request(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> (u16, serde_json::Value) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.write_all(body.as_bytes()).await.unwrap();
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await.unwrap();
+    let response = String::from_utf8(response).unwrap();
+    let status = response[9..12].parse().unwrap();
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b)
+        .unwrap_or("");
+    (
+        status,
+        serde_json::from_str(body).unwrap_or(serde_json::Value::String(body.to_owned())),
+    )
+}
