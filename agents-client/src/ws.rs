@@ -28,7 +28,9 @@ use tokio::{
     sync::{broadcast, mpsc, oneshot, watch},
     time::Instant,
 };
-use tokio_tungstenite::tungstenite::{client::IntoClientRequest, Message};
+use tokio_tungstenite::tungstenite::{
+    client::IntoClientRequest, protocol::WebSocketConfig, Message,
+};
 
 use crate::{
     protocol::{to_postcard, PostcardClientFrame, PostcardServerFrame, POSTCARD_PROTOCOL},
@@ -121,6 +123,14 @@ pub struct WsTransport {
     _stop: oneshot::Sender<()>,
 }
 
+/// Small buffers: tungstenite zeroes the whole read buffer before every read, and replies are
+/// small (a large one still arrives whole: the buffer grows for it).
+fn socket_config() -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(8 * 1024)
+        .write_buffer_size(16 * 1024)
+}
+
 /// Opens one connection and reads the server's identity frame.
 async fn open(url: &str) -> Result<(Socket, (String, String, String)), ConnectError> {
     let mut request = url
@@ -130,12 +140,13 @@ async fn open(url: &str) -> Result<(Socket, (String, String, String)), ConnectEr
         "Sec-WebSocket-Protocol",
         POSTCARD_PROTOCOL.parse().expect("a valid header value"),
     );
-    let (mut socket, response) = tokio_tungstenite::connect_async(request)
-        .await
-        .map_err(|e| ConnectError::Handshake {
-            url: url.to_owned(),
-            reason: e.to_string(),
-        })?;
+    let (mut socket, response) =
+        tokio_tungstenite::connect_async_with_config(request, Some(socket_config()), false)
+            .await
+            .map_err(|e| ConnectError::Handshake {
+                url: url.to_owned(),
+                reason: e.to_string(),
+            })?;
     let chosen = response
         .headers()
         .get("Sec-WebSocket-Protocol")
@@ -254,8 +265,15 @@ async fn run(
                 return true;
             }
             message = outbound.recv() => {
-                let Some(message) = message else { return false };
-                if sink.send(message).await.is_err() {
+                // What is queued goes out together: one write for many frames.
+                let mut next = message;
+                while let Some(message) = next.take() {
+                    if sink.feed(message).await.is_err() {
+                        return false;
+                    }
+                    next = outbound.try_recv().ok();
+                }
+                if sink.flush().await.is_err() {
                     return false;
                 }
             }

@@ -1,7 +1,8 @@
 //! Network benchmarks, printed as JSON lines, next to a raw tokio-tungstenite echo server
 //! measured in the same run. Every agent call does a durable SQLite write (Durability::Full).
 //!
-//! `cargo bench -p agents --bench network` (add `-- --quick` for a smoke run).
+//! `cargo bench -p agents --bench network` (add `-- --quick` for a smoke run, `-- pipelined` to
+//! run only the benches whose name has `pipelined`, `-- --normal` for Durability::Normal).
 
 use std::{
     sync::Arc,
@@ -455,13 +456,29 @@ fn main() {
         return hold_connections(&args[i + 1], args[i + 2].parse().unwrap());
     }
     let quick = args.iter().any(|a| a == "--quick");
+    let normal = args.iter().any(|a| a == "--normal");
+    // `cargo bench -p agents --bench network -- pipelined` runs the benches whose name has it.
+    let filter = args.iter().skip(1).find(|a| !a.starts_with("--")).cloned();
+    let run = |name: &str| filter.as_deref().is_none_or(|f| name.contains(f));
     let scale = if quick { 10 } else { 1 };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .unwrap();
     rt.block_on(async {
-        let agents = TestRuntime::start(Runtime::builder().agent::<Counter>().agent::<Hub>()).unwrap();
+        // `-- --normal`: Durability::Normal, to see what the fsyncs cost.
+        let durability = if normal {
+            Durability::Normal
+        } else {
+            Durability::Full
+        };
+        let agents = TestRuntime::start(
+            Runtime::builder()
+                .durability(durability)
+                .agent::<Counter>()
+                .agent::<Hub>(),
+        )
+        .unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let base = format!("ws://{addr}/agents/counter");
@@ -470,45 +487,57 @@ fn main() {
         let echo = echo_server().await;
         tokio::time::sleep(Duration::from_millis(100)).await;
 
-        let n = 2_000 / scale;
-        let ours = rpc(&base, 1, 1, n).await;
-        let raw = raw_echo(echo, 1, 1, n).await;
-        report("sequential_rpc_one_socket", n, ours, raw);
+        if run("sequential") {
+            let n = 2_000 / scale;
+            let ours = rpc(&base, 1, 1, n).await;
+            let raw = raw_echo(echo, 1, 1, n).await;
+            report("sequential_rpc_one_socket", n, ours, raw);
+        }
 
-        let per_socket = 2_048 / scale;
-        let ours = rpc(&base, 16, 32, per_socket).await;
-        let raw = raw_echo(echo, 16, 32, per_socket).await;
-        report("pipelined_rpc_16x32_one_agent", 16 * per_socket, ours, raw);
+        if run("pipelined") {
+            let per_socket = 2_048 / scale;
+            let ours = rpc(&base, 16, 32, per_socket).await;
+            let raw = raw_echo(echo, 16, 32, per_socket).await;
+            report("pipelined_rpc_16x32_one_agent", 16 * per_socket, ours, raw);
+        }
 
-        let n = 2_000 / scale;
-        let (ours, p99) = connect_and_call(&base, n).await;
-        let (raw, raw_p99) = raw_connect_and_echo(echo, n).await;
-        println!(
-            "{{\"bench\":\"connect_and_first_call_distinct_agents\",\"agents\":{n},\"per_sec\":{ours:.0},\"p99_ms\":{p99:.2},\"baseline\":\"raw_connect_and_echo\",\"baseline_per_sec\":{raw:.0},\"baseline_p99_ms\":{raw_p99:.2},\"ratio\":{:.3}}}",
-            ours / raw
-        );
+        if run("connect") {
+            let n = 2_000 / scale;
+            let (ours, p99) = connect_and_call(&base, n).await;
+            let (raw, raw_p99) = raw_connect_and_echo(echo, n).await;
+            println!(
+                "{{\"bench\":\"connect_and_first_call_distinct_agents\",\"agents\":{n},\"per_sec\":{ours:.0},\"p99_ms\":{p99:.2},\"baseline\":\"raw_connect_and_echo\",\"baseline_per_sec\":{raw:.0},\"baseline_p99_ms\":{raw_p99:.2},\"ratio\":{:.3}}}",
+                ours / raw
+            );
+        }
 
-        let (sockets, rounds) = (1_000 / scale, 200);
-        let (ours, p99) = broadcast(agents.runtime(), &base, sockets, rounds).await;
-        let (raw, raw_p99) = raw_broadcast(sockets, rounds).await;
-        println!(
-            "{{\"bench\":\"broadcast\",\"sockets\":{sockets},\"broadcasts\":{rounds},\"deliveries_per_sec\":{ours:.0},\"p99_ms\":{p99:.2},\"baseline\":\"raw_tungstenite_broadcast\",\"baseline_per_sec\":{raw:.0},\"baseline_p99_ms\":{raw_p99:.2},\"ratio\":{:.3}}}",
-            ours / raw
-        );
+        if run("broadcast") {
+            let (sockets, rounds) = (1_000 / scale, 200);
+            let (ours, p99) = broadcast(agents.runtime(), &base, sockets, rounds).await;
+            let (raw, raw_p99) = raw_broadcast(sockets, rounds).await;
+            println!(
+                "{{\"bench\":\"broadcast\",\"sockets\":{sockets},\"broadcasts\":{rounds},\"deliveries_per_sec\":{ours:.0},\"p99_ms\":{p99:.2},\"baseline\":\"raw_tungstenite_broadcast\",\"baseline_per_sec\":{raw:.0},\"baseline_p99_ms\":{raw_p99:.2},\"ratio\":{:.3}}}",
+                ours / raw
+            );
+        }
 
-        let per_client = 500 / scale;
-        let ours = http_load(addr, "/agents/counter/http/call/add", "[1]", 32, per_client).await;
-        let raw = http_load(raw_http_server().await, "/agents/counter/http/call/add", "[1]", 32, per_client).await;
-        println!(
-            "{{\"bench\":\"http_post_call_32_clients\",\"calls\":{},\"calls_per_sec\":{ours:.0},\"baseline\":\"raw_axum_handler\",\"baseline_per_sec\":{raw:.0},\"ratio\":{:.3}}}",
-            32 * per_client,
-            ours / raw
-        );
+        if run("http") {
+            let per_client = 500 / scale;
+            let ours = http_load(addr, "/agents/counter/http/call/add", "[1]", 32, per_client).await;
+            let raw = http_load(raw_http_server().await, "/agents/counter/http/call/add", "[1]", 32, per_client).await;
+            println!(
+                "{{\"bench\":\"http_post_call_32_clients\",\"calls\":{},\"calls_per_sec\":{ours:.0},\"baseline\":\"raw_axum_handler\",\"baseline_per_sec\":{raw:.0},\"ratio\":{:.3}}}",
+                32 * per_client,
+                ours / raw
+            );
+        }
 
-        let n = 2_000 / scale;
-        let per = rss_per_connection(agents.runtime(), &base, n).await;
-        println!(
-            "{{\"bench\":\"rss_per_idle_connection\",\"connections\":{n},\"bytes_per_connection\":{per:.0}}}"
-        );
+        if run("rss") {
+            let n = 2_000 / scale;
+            let per = rss_per_connection(agents.runtime(), &base, n).await;
+            println!(
+                "{{\"bench\":\"rss_per_idle_connection\",\"connections\":{n},\"bytes_per_connection\":{per:.0}}}"
+            );
+        }
     });
 }

@@ -213,7 +213,7 @@ async fn upgrade(
     let ws = ws
         .protocols([protocol::JSON_PROTOCOL, protocol::POSTCARD_PROTOCOL])
         .read_buffer_size(READ_BUFFER)
-        .write_buffer_size(0)
+        .write_buffer_size(WRITE_BUFFER)
         .max_message_size(runtime.config().max_message_bytes);
     let wire = match ws.selected_protocol().map(|p| p.as_bytes()) {
         Some(p) if p == protocol::JSON_PROTOCOL.as_bytes() => Wire::Json,
@@ -262,60 +262,67 @@ impl Wire {
             (Outgoing::Close(code, reason), _) => close(*code, reason),
             (Outgoing::Event(e), Wire::Raw) => Message::Text(e.json.clone().into()),
             (Outgoing::State(_) | Outgoing::Error(_), Wire::Raw) => return None,
-            (Outgoing::Event(e), wire) => wire.frame(protocol::event_frame(&e.json), || {
-                protocol::PostcardServerFrame::Event {
+            (Outgoing::Event(e), wire) => wire.frame(
+                || protocol::event_frame(&e.json),
+                || protocol::PostcardServerFrame::Event {
                     data: e.postcard.clone(),
-                }
-            }),
-            (Outgoing::State(s), wire) => wire.frame(protocol::state_frame(&s.json), || {
-                protocol::PostcardServerFrame::State {
+                },
+            ),
+            (Outgoing::State(s), wire) => wire.frame(
+                || protocol::state_frame(&s.json),
+                || protocol::PostcardServerFrame::State {
                     state: s.postcard.clone(),
-                }
-            }),
+                },
+            ),
             (Outgoing::Error(message), wire) => wire.error(message),
         })
     }
 
+    /// The frame in this protocol's encoding (only the one needed is built).
     fn frame(
         self,
-        json: String,
+        json: impl FnOnce() -> String,
         postcard: impl FnOnce() -> protocol::PostcardServerFrame,
     ) -> Message {
         match self {
-            Wire::Json | Wire::Raw => Message::Text(json.into()),
+            Wire::Json | Wire::Raw => Message::Text(json().into()),
             Wire::Postcard => Message::Binary(protocol::to_postcard(&postcard()).into()),
         }
     }
 
     fn identity(self, key: &AgentKey, conn: &str) -> Message {
         let (class, name) = (key.class(), key.name());
-        self.frame(protocol::identity_frame(class, name, conn), || {
-            protocol::PostcardServerFrame::Identity {
+        self.frame(
+            || protocol::identity_frame(class, name, conn),
+            || protocol::PostcardServerFrame::Identity {
                 class: class.to_owned(),
                 name: name.to_owned(),
                 conn: conn.to_owned(),
-            }
-        })
+            },
+        )
     }
 
     fn reply(self, id: u64, result: &Result<Payload, RawError>) -> Message {
-        self.frame(protocol::reply_frame(id, result), || {
-            protocol::PostcardServerFrame::reply(id, result)
-        })
+        self.frame(
+            || protocol::reply_frame(id, result),
+            || protocol::PostcardServerFrame::reply(id, result),
+        )
     }
 
     fn chunk(self, id: u64, data: &Payload) -> Message {
-        self.frame(protocol::chunk_frame(id, data), || {
-            protocol::PostcardServerFrame::chunk(id, data)
-        })
+        self.frame(
+            || protocol::chunk_frame(id, data),
+            || protocol::PostcardServerFrame::chunk(id, data),
+        )
     }
 
     fn error(self, message: &str) -> Message {
-        self.frame(protocol::error_frame(message), || {
-            protocol::PostcardServerFrame::Error {
+        self.frame(
+            || protocol::error_frame(message),
+            || protocol::PostcardServerFrame::Error {
                 message: message.to_owned(),
-            }
-        })
+            },
+        )
     }
 
     /// Reads one data frame.
@@ -430,6 +437,9 @@ impl Outbound {
 
 /// The read buffer of each socket.
 const READ_BUFFER: usize = 2048;
+/// Frames are gathered up to this many bytes before a write (and written at the latest when
+/// the connection's queue is empty).
+const WRITE_BUFFER: usize = 16 * 1024;
 
 const SLOW_READER: &str = "the client does not read its frames fast enough";
 
@@ -462,23 +472,31 @@ impl Connection {
             let closed = closed.clone();
             async move {
                 let write = async {
-                    while let Some(message) = outbound.recv().await {
-                        if let Message::Close(frame) = &message {
-                            let (code, reason) = frame
-                                .as_ref()
-                                .map_or((close_code::NORMAL, String::new()), |f| {
-                                    (f.code, f.reason.as_str().to_owned())
+                    while let Some(first) = outbound.recv().await {
+                        // What is queued goes out together: one write for many frames.
+                        let mut next = Some(first);
+                        while let Some(message) = next.take() {
+                            if let Message::Close(frame) = &message {
+                                let (code, reason) = frame
+                                    .as_ref()
+                                    .map_or((close_code::NORMAL, String::new()), |f| {
+                                        (f.code, f.reason.as_str().to_owned())
+                                    });
+                                let _ = server_closed.send(Ending {
+                                    code,
+                                    reason,
+                                    error: None,
                                 });
-                            let _ = server_closed.send(Ending {
-                                code,
-                                reason,
-                                error: None,
-                            });
-                            let _ = sink.send(message).await;
-                            break;
+                                let _ = sink.send(message).await;
+                                return;
+                            }
+                            if sink.feed(message).await.is_err() {
+                                return;
+                            }
+                            next = outbound.try_recv().ok();
                         }
-                        if sink.send(message).await.is_err() {
-                            break;
+                        if sink.flush().await.is_err() {
+                            return;
                         }
                     }
                 };
