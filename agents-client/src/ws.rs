@@ -267,11 +267,18 @@ async fn run(
             message = outbound.recv() => {
                 // What is queued goes out together: one write for many frames.
                 let mut next = message;
+                let mut yielded = false;
                 while let Some(message) = next.take() {
                     if sink.feed(message).await.is_err() {
                         return false;
                     }
                     next = outbound.try_recv().ok();
+                    if next.is_none() && !yielded {
+                        // Calls made together are being queued right now: let them join.
+                        yielded = true;
+                        tokio::task::yield_now().await;
+                        next = outbound.try_recv().ok();
+                    }
                 }
                 if sink.flush().await.is_err() {
                     return false;

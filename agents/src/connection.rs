@@ -475,6 +475,7 @@ impl Connection {
                     while let Some(first) = outbound.recv().await {
                         // What is queued goes out together: one write for many frames.
                         let mut next = Some(first);
+                        let mut yielded = false;
                         while let Some(message) = next.take() {
                             if let Message::Close(frame) = &message {
                                 let (code, reason) = frame
@@ -494,6 +495,13 @@ impl Connection {
                                 return;
                             }
                             next = outbound.try_recv().ok();
+                            if next.is_none() && !yielded {
+                                // Replies released together are being queued right now: let
+                                // them join this write.
+                                yielded = true;
+                                tokio::task::yield_now().await;
+                                next = outbound.try_recv().ok();
+                            }
                         }
                         if sink.flush().await.is_err() {
                             return;
