@@ -236,6 +236,11 @@ async fn check_streams(feed: &FeedClient) {
 async fn streams_in_process_arrive_in_order_and_fail_typed() {
     let (rt, _) = serve().await;
     check_streams(&rt.agent::<Feed>("local")).await;
+
+    // The untyped path collects a stream into one value: a postcard sequence decodes as a Vec.
+    let args = agents::client::Codec::Postcard.encode(&(3u32,)).unwrap();
+    let reply = rt.runtime().call("feed", "local", "count", args).await;
+    assert_eq!(reply.unwrap().decode::<Vec<u32>>().unwrap(), vec![0, 1, 2]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -385,6 +390,17 @@ async fn the_json_protocol_streams_chunks_and_cancels_and_http_collects() {
     let (status, body) =
         common::http_request(addr, "POST", "/agents/feed/json/call/fail_after", "[2]").await;
     assert_eq!((status, &body["kind"]), (422, &json!("app")), "{body}");
+    // A stream too large for one reply (2 MB; the limit is 1 MiB) is refused, not buffered on.
+    let (status, body) =
+        common::http_request(addr, "POST", "/agents/feed/json/call/blobs", "[2000, 1000]").await;
+    assert_eq!(status, 500, "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("too much for one reply"),
+        "{body}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -25,7 +25,7 @@ use crate::{
     instance,
     registry::{CallEvent, CallReply, Chain, Class, Config, Event, Shared},
     storage::Durability,
-    stream::Returned,
+    stream::{collect, Returned},
 };
 
 /// Configures and builds a [`Runtime`].
@@ -330,16 +330,12 @@ impl Runtime {
         timeout: Option<Duration>,
     ) -> Result<Payload, RawError> {
         let key = AgentKey::new(class, name).map_err(RawError::bad_args)?;
-        let codec = args.codec();
         let call = OutgoingCall {
             method: method.to_owned().into(),
             args,
             timeout,
         };
-        call_local(self.shared(), key, Chain::default(), call, None)
-            .await?
-            .collect(codec)
-            .await
+        call_value(self.shared(), key, Chain::default(), call).await
     }
 
     /// A call that arrived on the connection `conn` (`ctx.caller()` tells the handler).
@@ -490,6 +486,25 @@ async fn call_local(
     }
 }
 
+/// A call whose caller wants one value: a stream's chunks are collected (each within the
+/// call's timeout, up to the message size limit in all).
+async fn call_value(
+    shared: &Arc<Shared>,
+    key: AgentKey,
+    chain: Chain,
+    call: OutgoingCall,
+) -> Result<Payload, RawError> {
+    let codec = call.args.codec();
+    let idle = call.timeout.unwrap_or(shared.config.call_timeout);
+    match call_local(shared, key, chain, call, None).await? {
+        Returned::Value(value) => Ok(value),
+        Returned::Stream(stream) => {
+            let limit = shared.config.max_message_bytes;
+            collect(stream.with_idle(idle), codec, limit).await
+        }
+    }
+}
+
 /// Calls an agent of this runtime without leaving the process.
 struct LocalTransport {
     shared: Arc<Shared>,
@@ -505,11 +520,7 @@ impl Transport for LocalTransport {
         let chain = self.chain.clone();
         Box::pin(async move {
             let key = target.map_err(RawError::bad_args)?;
-            let codec = call.args.codec();
-            call_local(&shared, key, chain, call, None)
-                .await?
-                .collect(codec)
-                .await
+            call_value(&shared, key, chain, call).await
         })
     }
 

@@ -1,7 +1,7 @@
 //! Streaming callables: [`Streaming`], what such a callable returns, and [`StreamSender`], the
 //! producer side of [`Streaming::channel`].
 
-use std::{fmt, panic::AssertUnwindSafe};
+use std::{fmt, panic::AssertUnwindSafe, sync::Arc};
 
 use agents_client::{Codec, NoError, Payload, RawError, RawStream};
 use futures_util::{stream::BoxStream, FutureExt, Stream, StreamExt};
@@ -139,6 +139,7 @@ where
     /// The stream encoded in `codec`: each item a chunk, an error as an `app` error, a panic as
     /// an `internal` one.
     pub(crate) fn encode(self, codec: Codec, method: String) -> RawStream {
+        let method: Arc<str> = method.into();
         let stream = futures_util::stream::unfold(Some(self.inner), move |inner| {
             let method = method.clone();
             async move {
@@ -168,38 +169,47 @@ pub(crate) enum Returned {
     Stream(RawStream),
 }
 
-impl Returned {
-    /// The value; a stream is collected into one list (a JSON array, or a postcard sequence
-    /// that decodes as `Vec<T>`), or its first error.
-    pub(crate) async fn collect(self, codec: Codec) -> Result<Payload, RawError> {
-        let mut stream = match self {
-            Returned::Value(v) => return Ok(v),
-            Returned::Stream(s) => s,
+/// The chunks of `stream` as one list (a JSON array, or a postcard sequence that decodes as
+/// `Vec<T>`), or its first error; an error too if they add up to more than `limit` bytes.
+pub(crate) async fn collect(
+    mut stream: RawStream,
+    codec: Codec,
+    limit: usize,
+) -> Result<Payload, RawError> {
+    let mut items = Vec::new();
+    let mut size = 0;
+    while let Some(item) = stream.next().await {
+        let item = item?;
+        size += match &item {
+            Payload::Json(v) => v.to_string().len(),
+            Payload::Postcard(b) => b.len(),
         };
-        let mut items = Vec::new();
-        while let Some(item) = stream.next().await {
-            items.push(item?);
+        if size > limit {
+            return Err(RawError::internal(format!(
+                "the stream is over {limit} bytes: too much for one reply (read it as a stream, over a WebSocket)"
+            )));
         }
-        Ok(match codec {
-            Codec::Json => Payload::Json(serde_json::Value::Array(
-                items
-                    .into_iter()
-                    .map(|p| match p {
-                        Payload::Json(v) => v,
-                        Payload::Postcard(_) => serde_json::Value::Null,
-                    })
-                    .collect(),
-            )),
-            Codec::Postcard => {
-                // A postcard sequence is its length (a varint), then its items back to back.
-                let mut bytes = postcard::to_stdvec(&items.len()).expect("a length encodes");
-                for item in items {
-                    if let Payload::Postcard(b) = item {
-                        bytes.extend_from_slice(&b);
-                    }
-                }
-                Payload::Postcard(bytes)
-            }
-        })
+        items.push(item);
     }
+    Ok(match codec {
+        Codec::Json => Payload::Json(serde_json::Value::Array(
+            items
+                .into_iter()
+                .map(|p| match p {
+                    Payload::Json(v) => v,
+                    Payload::Postcard(_) => serde_json::Value::Null,
+                })
+                .collect(),
+        )),
+        Codec::Postcard => {
+            // A postcard sequence is its length (a varint), then its items back to back.
+            let mut bytes = postcard::to_stdvec(&items.len()).expect("a length encodes");
+            for item in items {
+                if let Payload::Postcard(b) = item {
+                    bytes.extend_from_slice(&b);
+                }
+            }
+            Payload::Postcard(bytes)
+        }
+    })
 }
