@@ -17,7 +17,8 @@
 //! - `{"type":"call","id":7,"method":"add","args":[5],"deadline_ms":30000}`: calls a callable.
 //!   `id` is any unsigned integer chosen by the client, unique among its calls in flight;
 //!   `args` is the positional argument array (`[]` for none); `deadline_ms` (optional) is
-//!   relative: the call fails with `timeout` if no reply is ready by then.
+//!   relative: the call fails with `timeout` if no reply is ready by then (for a streaming
+//!   callable: if its stream has not started by then; the chunks may take longer).
 //! - `{"type":"cancel","id":7}`: gives up on call 7. If it has not run yet it never will; its
 //!   reply is `cancelled` either way.
 //! - `{"type":"message","data":<any JSON>}`: a message for the agent's `on_message`, which
