@@ -25,6 +25,8 @@ async fn the_same_typed_client_works_over_the_network() {
         7,
         "the same agent as in-process"
     );
+    // A reply far larger than the client's 8 KiB read buffer arrives whole.
+    assert_eq!(remote.blob(300_000).await.unwrap().len(), 300_000);
     // Typed application errors arrive typed; the write was rolled back.
     assert_eq!(
         remote.add_then_fail(3).await.unwrap_err(),

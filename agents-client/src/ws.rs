@@ -272,13 +272,7 @@ async fn run(
                     if sink.feed(message).await.is_err() {
                         return false;
                     }
-                    next = outbound.try_recv().ok();
-                    if next.is_none() && !yielded {
-                        // Calls made together are being queued right now: let them join.
-                        yielded = true;
-                        tokio::task::yield_now().await;
-                        next = outbound.try_recv().ok();
-                    }
+                    next = next_queued(&mut yielded, || outbound.try_recv().ok()).await;
                 }
                 if sink.flush().await.is_err() {
                     return false;
@@ -323,6 +317,24 @@ async fn run(
             }
         }
     }
+}
+
+/// The next frame already queued for a socket that is gathering frames into one write. When
+/// there is none, waits one scheduler round, once per write (`yielded`): the tasks just woken
+/// (by replies released together, or calls made together) are queuing theirs right now.
+#[doc(hidden)]
+pub async fn next_queued<M>(
+    yielded: &mut bool,
+    mut try_recv: impl FnMut() -> Option<M>,
+) -> Option<M> {
+    if let Some(message) = try_recv() {
+        return Some(message);
+    }
+    if std::mem::replace(yielded, true) {
+        return None;
+    }
+    tokio::task::yield_now().await;
+    try_recv()
 }
 
 fn disconnected() -> RawError {

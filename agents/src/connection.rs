@@ -18,7 +18,7 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use agents_client::{protocol, ErrorKind, OutgoingCall, Payload, RawError};
+use agents_client::{__private::next_queued, protocol, ErrorKind, OutgoingCall, Payload, RawError};
 use axum::{
     extract::{
         ws::{close_code, CloseFrame, Message, WebSocket, WebSocketUpgrade},
@@ -494,14 +494,7 @@ impl Connection {
                             if sink.feed(message).await.is_err() {
                                 return;
                             }
-                            next = outbound.try_recv().ok();
-                            if next.is_none() && !yielded {
-                                // Replies released together are being queued right now: let
-                                // them join this write.
-                                yielded = true;
-                                tokio::task::yield_now().await;
-                                next = outbound.try_recv().ok();
-                            }
+                            next = next_queued(&mut yielded, || outbound.try_recv().ok()).await;
                         }
                         if sink.flush().await.is_err() {
                             return;
