@@ -295,8 +295,9 @@ async fn next_said(ws: &mut Socket) -> String {
     }
 }
 
-/// A JSON-protocol member of room `room`; returns the socket and its connection id, after the
-/// identity and (if any) state frames.
+/// A JSON-protocol member of room `room`, admitted; returns the socket and its connection id.
+/// The identity frame comes before `on_connect` runs; a call answered on the socket proves it
+/// ran (calls are read only once it has), so broadcasts from then on reach this member.
 async fn member(addr: SocketAddr, room: &str, user: &str) -> (Socket, String) {
     let path = format!("/agents/room/{room}?user={user}");
     let mut ws = ws_connect(addr, &path, Some("agents.v1.json"))
@@ -304,6 +305,11 @@ async fn member(addr: SocketAddr, room: &str, user: &str) -> (Socket, String) {
         .unwrap();
     let identity = next_json(&mut ws).await;
     assert_eq!(identity["type"], "identity");
+    let admitted = call(&mut ws, 0, "count", json!([])).await;
+    assert!(
+        admitted["ok"].as_u64().is_some_and(|n| n >= 1),
+        "{admitted}"
+    );
     (ws, identity["conn"].as_str().unwrap().to_owned())
 }
 
