@@ -36,19 +36,26 @@ async fn echo_server() -> std::net::SocketAddr {
     addr
 }
 
-/// `sockets` connections with `window` requests in flight each; returns round trips per second.
+/// `sockets` connections with `window` requests in flight each; returns round trips per second,
+/// timed from when every socket is open and has made one round trip.
 async fn raw_echo(
     addr: std::net::SocketAddr,
     sockets: usize,
     window: usize,
     per_socket: usize,
 ) -> f64 {
-    let started = Instant::now();
-    let mut tasks = Vec::new();
+    let mut open = Vec::new();
     for _ in 0..sockets {
-        let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/"))
+        let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/"))
             .await
             .unwrap();
+        ws.send(Message::Binary(vec![0; 16].into())).await.unwrap();
+        ws.next().await.unwrap().unwrap();
+        open.push(ws);
+    }
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for ws in open {
         let (mut sink, mut stream) = ws.split();
         let credits = Arc::new(Semaphore::new(window));
         let sender = {
@@ -78,14 +85,20 @@ async fn raw_echo(
     (sockets * per_socket) as f64 / started.elapsed().as_secs_f64()
 }
 
-/// The same shape through the runtime: typed calls, each a durable write.
+/// The same shape through the runtime: typed calls, each a durable write, timed from when
+/// every client is connected and has made one call (so the agent is awake).
 async fn rpc(base: &str, sockets: usize, window: usize, per_socket: usize) -> f64 {
-    let started = Instant::now();
-    let mut tasks = Vec::new();
+    let mut clients = Vec::new();
     for _ in 0..sockets {
         let client = CounterClient::connect(&format!("{base}/hot"))
             .await
             .unwrap();
+        client.add(0).await.unwrap();
+        clients.push(client);
+    }
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for client in clients {
         for _ in 0..window {
             let client = client.clone();
             tasks.push(tokio::spawn(async move {
