@@ -92,6 +92,9 @@ async fn timeouts_and_dropped_calls_cancel_on_the_server() {
         0,
         "the dropped add was cancelled"
     );
+    // A timeout too long to count is no timeout (not an overflow, here or on the server).
+    let patient = remote.clone().with_timeout(Duration::MAX);
+    assert_eq!(patient.add(3).await.unwrap(), 3);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

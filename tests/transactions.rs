@@ -151,6 +151,9 @@ async fn a_call_past_its_deadline_times_out_and_a_dropped_call_never_runs() {
     assert!(dropped.is_err(), "the add was queued behind the sleeper");
     busy.await.unwrap().unwrap();
     assert_eq!(c.get().await.unwrap(), 0, "the dropped call did not run");
+    // A timeout too long to count is no timeout (not an overflow).
+    let patient = c.clone().with_timeout(std::time::Duration::MAX);
+    assert_eq!(patient.add(2).await.unwrap(), 2);
 }
 
 /// Runs whatever SQL it is given: lets a test end the runtime's transaction from a handler.

@@ -27,6 +27,7 @@ pub use ws::{ConnectError, WsTransport, DEFAULT_TIMEOUT};
 
 #[doc(hidden)]
 pub mod __private {
+    pub use crate::transport::deadline_in;
     pub use crate::ws::next_queued;
     pub use crate::{
         CallStream, ClientCore, ConnectError, EventStream, MethodCall, MethodInfo, NoError,

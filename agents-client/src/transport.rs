@@ -30,6 +30,14 @@ pub struct OutgoingCall {
     pub timeout: Option<Duration>,
 }
 
+/// The instant `timeout` from now; a timeout too long to count (`Duration::MAX`) ends in 30
+/// years instead of overflowing.
+#[doc(hidden)]
+pub fn deadline_in(timeout: Duration) -> tokio::time::Instant {
+    const FAR: Duration = Duration::from_secs(30 * 365 * 24 * 3600);
+    tokio::time::Instant::now() + timeout.min(FAR)
+}
+
 /// Carries calls to one agent: in-process (the runtime's local transport) or over a network.
 ///
 /// A transport returns the encoded result, or a [`RawError`]; the generated client decodes both.

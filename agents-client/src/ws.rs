@@ -34,7 +34,7 @@ use tokio_tungstenite::tungstenite::{
 
 use crate::{
     protocol::{to_postcard, PostcardClientFrame, PostcardServerFrame, POSTCARD_PROTOCOL},
-    transport::{BoxFuture, OutgoingCall, RawStream, Transport},
+    transport::{deadline_in, BoxFuture, OutgoingCall, RawStream, Transport},
     ErrorKind, Payload, RawError,
 };
 
@@ -446,7 +446,7 @@ impl Transport for WsTransport {
         let inner = self.inner.clone();
         Box::pin(async move {
             let timeout = call.timeout.unwrap_or(DEFAULT_TIMEOUT);
-            let deadline = Instant::now() + timeout;
+            let deadline = deadline_in(timeout);
             let (tx, rx) = oneshot::channel();
             let _cancel_if_dropped = start(&inner, call, Waiter::Call(tx), deadline).await?;
             match tokio::time::timeout_at(deadline, rx).await {
@@ -466,7 +466,7 @@ impl Transport for WsTransport {
             let timeout = call.timeout.unwrap_or(DEFAULT_TIMEOUT);
             let (tx, rx) = mpsc::unbounded_channel();
             let waiter = Waiter::Stream(tx);
-            match start(&inner, call, waiter, Instant::now() + timeout).await {
+            match start(&inner, call, waiter, deadline_in(timeout)).await {
                 // The guard lives as long as the stream: dropping the stream cancels the call.
                 Ok(guard) => RawStream::new(
                     futures_util::stream::unfold((rx, guard), |(mut rx, guard)| async move {

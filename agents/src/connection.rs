@@ -11,6 +11,7 @@
 
 use std::{
     collections::HashMap,
+    pin::Pin,
     sync::{
         atomic::{AtomicU64, Ordering},
         Arc, Mutex,
@@ -18,7 +19,10 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use agents_client::{__private::next_queued, protocol, ErrorKind, OutgoingCall, Payload, RawError};
+use agents_client::{
+    __private::{deadline_in, next_queued},
+    protocol, ErrorKind, Payload, RawError,
+};
 use axum::{
     extract::{
         ws::{close_code, CloseFrame, Message, WebSocket, WebSocketUpgrade},
@@ -29,17 +33,18 @@ use axum::{
 use futures_util::{SinkExt, StreamExt};
 use tokio::{
     sync::{mpsc, oneshot},
-    task::AbortHandle,
+    time::{Instant, Sleep},
 };
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::{
     address::AgentKey,
+    agent::Invocation,
     conn::{close_reason, ConnId, Effect, Outgoing, WsMessage},
-    registry::{Class, Event},
+    inflight::InFlight,
+    registry::{CallEvent, Chain, Class, Event, ReplyTo},
     runtime::Runtime,
-    stream::Returned,
 };
 
 /// Connection ids: a per-process random-ish base (so that ids differ across restarts) plus a
@@ -225,7 +230,7 @@ async fn upgrade(
 
 /// The frame encoding a connection chose.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Wire {
+pub(crate) enum Wire {
     /// Text frames of JSON.
     Json = 0,
     /// Binary frames of postcard.
@@ -302,14 +307,14 @@ impl Wire {
         )
     }
 
-    fn reply(self, id: u64, result: &Result<Payload, RawError>) -> Message {
+    pub(crate) fn reply(self, id: u64, result: &Result<Payload, RawError>) -> Message {
         self.frame(
             || protocol::reply_frame(id, result),
             || protocol::PostcardServerFrame::reply(id, result),
         )
     }
 
-    fn chunk(self, id: u64, data: &Payload) -> Message {
+    pub(crate) fn chunk(self, id: u64, data: &Payload) -> Message {
         self.frame(
             || protocol::chunk_frame(id, data),
             || protocol::PostcardServerFrame::chunk(id, data),
@@ -413,13 +418,13 @@ async fn serve(
 /// not read fast enough to keep it from filling is disconnected (`closed`), never waited for;
 /// only the chunks of a stream wait (the stream slows down to the client's pace).
 #[derive(Clone)]
-struct Outbound {
+pub(crate) struct Outbound {
     tx: mpsc::Sender<Message>,
     closed: CancellationToken,
 }
 
 impl Outbound {
-    fn send(&self, frame: Message) {
+    pub(crate) fn send(&self, frame: Message) {
         if let Err(mpsc::error::TrySendError::Full(_)) = self.tx.try_send(frame) {
             tracing::debug!("closing a connection whose client does not read its frames");
             self.closed.cancel();
@@ -429,7 +434,7 @@ impl Outbound {
     /// A place for a frame that can wait (a chunk of a stream), once half the queue is free,
     /// so that the frames that cannot wait (replies, events) still find room. `None` if the
     /// connection is gone.
-    async fn reserve_waiting(&self) -> Option<mpsc::Permit<'_, Message>> {
+    pub(crate) async fn reserve_waiting(&self) -> Option<mpsc::Permit<'_, Message>> {
         let room = (self.tx.max_capacity() / 2).max(1);
         self.tx.reserve_many(room).await.ok()?.next()
     }
@@ -568,12 +573,21 @@ impl Connection {
         server_closed: &mut oneshot::Receiver<Ending>,
     ) -> Ending {
         let config = self.runtime.config();
-        let in_flight: Arc<Mutex<HashMap<u64, AbortHandle>>> = Arc::default();
-        let idle = config.connection_idle.unwrap_or(Duration::MAX);
+        let calls = Arc::new(InFlight::default());
+        let mut timer = Timer::new(config.connection_idle);
         let mut writer_gone = false;
         let ending = loop {
             let frame = tokio::select! {
-                frame = tokio::time::timeout(idle, stream.next()) => frame,
+                frame = stream.next() => frame,
+                () = &mut timer.sleep, if timer.armed => {
+                    if let Some(idle) = timer.idle.filter(|_| timer.is_idle()) {
+                        let reason = format!("no frame for {idle:?}");
+                        out.send(close(close_code::NORMAL, &reason));
+                        break Ending { code: close_code::NORMAL, reason, error: None };
+                    }
+                    self.expire(&mut timer, &calls, out);
+                    continue;
+                }
                 () = closed.cancelled() => break Ending { code: close_code::POLICY, reason: SLOW_READER.into(), error: Some(SLOW_READER.into()) },
                 ending = &mut *server_closed, if !writer_gone => {
                     let Ok(ending) = ending else {
@@ -586,24 +600,16 @@ impl Connection {
                     break ending;
                 }
             };
+            timer.last_frame = Instant::now();
             let frame = match frame {
-                Err(_) => {
-                    let reason = format!("no frame for {idle:?}");
-                    out.send(close(close_code::NORMAL, &reason));
-                    break Ending {
-                        code: close_code::NORMAL,
-                        reason,
-                        error: None,
-                    };
-                }
-                Ok(None) => {
+                None => {
                     break Ending {
                         code: close_code::ABNORMAL,
                         reason: String::new(),
                         error: None,
                     }
                 }
-                Ok(Some(Ok(Message::Close(frame)))) => {
+                Some(Ok(Message::Close(frame))) => {
                     break match frame {
                         Some(f) => Ending {
                             code: f.code,
@@ -617,9 +623,9 @@ impl Connection {
                         },
                     }
                 }
-                Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => continue, // answered by the socket
-                Ok(Some(Ok(frame))) => frame,
-                Ok(Some(Err(e))) => {
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue, // answered by the socket
+                Some(Ok(frame)) => frame,
+                Some(Err(e)) => {
                     if is_too_big(&e) {
                         let reason = format!(
                             "a message exceeded the limit of {} bytes",
@@ -646,14 +652,31 @@ impl Connection {
                     method,
                     args,
                     deadline_ms,
-                }) => self.call(&in_flight, out, id, method, args, deadline_ms),
+                }) => {
+                    let timeout = deadline_ms.map_or(config.call_timeout, Duration::from_millis);
+                    let deadline = deadline_in(timeout);
+                    let Some(reply) = calls.start(id, deadline, out, self.wire, args.codec())
+                    else {
+                        let e =
+                            RawError::bad_args(format!("a call with id {id} is already in flight"));
+                        out.send(self.wire.reply(id, &Err(e)));
+                        continue;
+                    };
+                    timer.call_due(deadline);
+                    let event = Event::Call(CallEvent {
+                        inv: Invocation::new(method, args),
+                        reply: ReplyTo::Socket(reply),
+                        chain: Chain::default(),
+                        deadline: Some(deadline),
+                        conn: Some(self.conn.clone()),
+                    });
+                    if let Err((e, event)) = self.route(event, &mut timer, &calls, out).await {
+                        event.abandon(RawError::internal(e));
+                    }
+                }
                 Ok(Incoming::Cancel { id }) => {
-                    let call = in_flight
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .remove(&id);
-                    if let Some(task) = call {
-                        task.abort(); // drops the call: if it has not run, it never will
+                    // If it has not run, it never will: the agent skips a call taken out.
+                    if calls.cancel(id) {
                         let e = RawError::new(
                             ErrorKind::Cancelled,
                             format!("call {id} was cancelled by the client"),
@@ -663,13 +686,11 @@ impl Connection {
                 }
                 Ok(Incoming::Refused { id, error }) => out.send(self.wire.reply(id, &Err(error))),
                 Ok(Incoming::Message(message)) => {
-                    // Awaited: messages reach the agent in order, and a full mailbox slows
-                    // this reader down.
                     let event = Event::Message {
                         conn: self.conn.clone(),
                         message,
                     };
-                    if let Err((e, _)) = self.runtime.shared().route(&self.key, event).await {
+                    if let Err((e, _)) = self.route(event, &mut timer, &calls, out).await {
                         out.send(
                             self.wire
                                 .error(&format!("the message cannot be delivered: {e}")),
@@ -678,76 +699,97 @@ impl Connection {
                 }
             }
         };
-        for (_, task) in in_flight.lock().unwrap_or_else(|e| e.into_inner()).drain() {
-            task.abort();
-        }
+        calls.clear();
         ending
     }
 
-    /// Starts a call that arrived on this connection; its reply goes out when it is ready.
-    fn call(
+    /// Hands `event` to the agent, in the order the frames came. A full mailbox slows this
+    /// reader down (and so the client); meanwhile calls whose deadline passes are answered.
+    async fn route(
         &self,
-        in_flight: &Arc<Mutex<HashMap<u64, AbortHandle>>>,
+        event: Event,
+        timer: &mut Timer,
+        calls: &InFlight,
         out: &Outbound,
-        id: u64,
-        method: String,
-        args: Payload,
-        deadline_ms: Option<u64>,
-    ) {
-        let mut calls = in_flight.lock().unwrap_or_else(|e| e.into_inner());
-        if calls.contains_key(&id) {
-            let e = RawError::bad_args(format!("a call with id {id} is already in flight"));
-            out.send(self.wire.reply(id, &Err(e)));
-            return;
-        }
-        let (runtime, key, conn, out, registry, wire) = (
-            self.runtime.clone(),
-            self.key.clone(),
-            self.conn.clone(),
-            out.clone(),
-            in_flight.clone(),
-            self.wire,
-        );
-        let codec = args.codec();
-        let task = tokio::spawn(async move {
-            let call = OutgoingCall {
-                method: method.into(),
-                args,
-                timeout: deadline_ms.map(Duration::from_millis),
-            };
-            let result = match runtime.call_from(key, conn, call).await {
-                Ok(Returned::Value(value)) => Ok(value),
-                // Driven here, outside the agent: chunks in order, then a `()` reply.
-                Ok(Returned::Stream(mut stream)) => loop {
-                    match stream.next().await {
-                        Some(Ok(chunk)) => {
-                            let Some(place) = out.reserve_waiting().await else {
-                                return; // the connection is gone
-                            };
-                            // Under the lock: a cancel takes the call out of the map and then
-                            // replies, so no chunk follows its reply.
-                            let calls = registry.lock().unwrap_or_else(|e| e.into_inner());
-                            if !calls.contains_key(&id) {
-                                return;
-                            }
-                            place.send(wire.chunk(id, &chunk));
-                        }
-                        Some(Err(e)) => break Err(e),
-                        None => break codec.encode(&()).map_err(RawError::internal),
-                    }
-                },
-                Err(e) => Err(e),
-            };
-            // Whoever takes the call out of the map answers it: this task, or a cancel.
-            let mine = registry
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&id);
-            if mine.is_some() {
-                out.send(wire.reply(id, &result));
+    ) -> Result<(), (crate::Error, Event)> {
+        let routed = self.runtime.shared().route(&self.key, event);
+        tokio::pin!(routed);
+        loop {
+            tokio::select! {
+                routed = &mut routed => return routed,
+                () = &mut timer.sleep, if timer.armed => {
+                    timer.last_frame = Instant::now(); // waiting on the agent is not idling
+                    self.expire(timer, calls, out);
+                }
             }
-        });
-        calls.insert(id, task.abort_handle());
+        }
+    }
+
+    /// Answers `timeout` to the calls whose deadline has passed, and sets the timer again.
+    fn expire(&self, timer: &mut Timer, calls: &InFlight, out: &Outbound) {
+        let now = Instant::now();
+        if timer.calls_due.is_some_and(|due| due <= now) {
+            timer.calls_due = calls.expire(now, |id| {
+                let e = RawError::new(
+                    ErrorKind::Timeout,
+                    format!("no reply from {} before the deadline", self.key),
+                );
+                out.send(self.wire.reply(id, &Err(e)));
+            });
+        }
+        timer.arm();
+    }
+}
+
+/// The one timer of a connection's reader: for its idle limit and for the deadlines of its
+/// calls (no timer per call). It may go off early (for a call answered since); it then just
+/// sets itself again.
+struct Timer {
+    sleep: Pin<Box<Sleep>>,
+    armed: bool,
+    idle: Option<Duration>,
+    last_frame: Instant,
+    /// The earliest deadline of a call in flight, as far as the reader knows.
+    calls_due: Option<Instant>,
+}
+
+impl Timer {
+    fn new(idle: Option<Duration>) -> Self {
+        let now = Instant::now();
+        let mut timer = Timer {
+            sleep: Box::pin(tokio::time::sleep_until(now)),
+            armed: false,
+            idle,
+            last_frame: now,
+            calls_due: None,
+        };
+        timer.arm();
+        timer
+    }
+
+    fn idle_due(&self) -> Option<Instant> {
+        self.idle.and_then(|idle| self.last_frame.checked_add(idle))
+    }
+
+    fn is_idle(&self) -> bool {
+        self.idle_due().is_some_and(|due| due <= Instant::now())
+    }
+
+    /// Sets the timer for the earlier of the idle limit and the first call's deadline.
+    fn arm(&mut self) {
+        let at = self.idle_due().into_iter().chain(self.calls_due).min();
+        self.armed = at.is_some();
+        if let Some(at) = at {
+            self.sleep.as_mut().reset(at);
+        }
+    }
+
+    /// A call due by `deadline` is in flight.
+    fn call_due(&mut self, deadline: Instant) {
+        if self.calls_due.is_none_or(|due| deadline < due) {
+            self.calls_due = Some(deadline);
+            self.arm();
+        }
     }
 }
 

@@ -38,7 +38,7 @@ use crate::{
     conn::{self, ConnId, Effect, Encoded, Outgoing, WsMessage},
     context::Ctx,
     error::Error,
-    registry::{CallEvent, CallReply, Event, Reply, Shared},
+    registry::{CallEvent, Event, Reply, ReplyTo, Shared},
     schedule::{self, AlarmInfo},
     storage::{self, Durability},
     stream::Returned,
@@ -131,7 +131,7 @@ impl Raise {
 /// Who waits for an event's outcome.
 enum Responder {
     /// A call, and the stream it returned if it was a streaming callable.
-    Call(oneshot::Sender<CallReply>, Option<RawStream>),
+    Call(ReplyTo, Option<RawStream>),
     /// A hook whose caller waits for its outcome (`on_connect`).
     Hook(oneshot::Sender<Reply>),
     Done(Option<oneshot::Sender<()>>),
@@ -149,12 +149,10 @@ type Outbox = Vec<(Responder, Reply)>;
 fn release(outbox: Outbox) {
     for (to, reply) in outbox {
         match to {
-            Responder::Call(tx, stream) => {
-                let _ = tx.send(reply.map(|value| match stream {
-                    Some(stream) => Returned::Stream(stream),
-                    None => Returned::Value(value),
-                }));
-            }
+            Responder::Call(to, stream) => to.send(reply.map(|value| match stream {
+                Some(stream) => Returned::Stream(stream),
+                None => Returned::Value(value),
+            })),
             Responder::Hook(tx) => {
                 let _ = tx.send(reply);
             }
@@ -536,7 +534,7 @@ impl<A: AgentClass> Instance<A> {
             deadline,
             conn,
         } = call;
-        if reply.is_closed() {
+        if reply.is_gone() {
             return; // the caller gave up before the call ran: nothing to do
         }
         if deadline.is_some_and(|d| Instant::now() >= d) {

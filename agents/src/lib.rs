@@ -72,6 +72,7 @@ mod conn;
 mod connection;
 mod context;
 mod error;
+mod inflight;
 mod instance;
 mod registry;
 mod runtime;

@@ -28,6 +28,7 @@ use crate::{
     conn::{ConnId, WsMessage},
     connection::Sockets,
     error::Error,
+    inflight::SocketReply,
     storage::Durability,
     stream::Returned,
 };
@@ -114,7 +115,7 @@ pub(crate) type CallReply = Result<Returned, RawError>;
 
 pub(crate) struct CallEvent {
     pub inv: Invocation,
-    pub reply: oneshot::Sender<CallReply>,
+    pub reply: ReplyTo,
     /// The agents waiting on this call (its callers, transitively).
     pub chain: Chain,
     pub deadline: Option<Instant>,
@@ -122,13 +123,37 @@ pub(crate) struct CallEvent {
     pub conn: Option<ConnId>,
 }
 
+/// Where a call's reply goes.
+pub(crate) enum ReplyTo {
+    /// To a caller in this process, waiting for it.
+    Caller(oneshot::Sender<CallReply>),
+    /// Straight into the queue of the socket the call arrived on.
+    Socket(SocketReply),
+}
+
+impl ReplyTo {
+    /// Whether nobody waits for the reply any more (the call need not run).
+    pub fn is_gone(&self) -> bool {
+        match self {
+            ReplyTo::Caller(tx) => tx.is_closed(),
+            ReplyTo::Socket(socket) => socket.is_gone(),
+        }
+    }
+
+    /// Delivers the reply (dropped if nobody waits for it).
+    pub fn send(self, reply: CallReply) {
+        match self {
+            ReplyTo::Caller(tx) => drop(tx.send(reply)),
+            ReplyTo::Socket(socket) => socket.send(reply),
+        }
+    }
+}
+
 impl Event {
     /// Answers an event that will never run.
     pub fn abandon(self, why: RawError) {
         match self {
-            Event::Call(c) => {
-                let _ = c.reply.send(Err(why));
-            }
+            Event::Call(c) => c.reply.send(Err(why)),
             Event::Hibernate(done) | Event::Alarm(Some(done)) => {
                 let _ = done.send(());
             }

@@ -11,19 +11,19 @@ use std::{
 };
 
 use agents_client::{
-    BoxFuture, ClientCore, ErrorKind, OutgoingCall, Payload, RawError, RawStream, Transport,
+    __private::deadline_in, BoxFuture, ClientCore, ErrorKind, OutgoingCall, Payload, RawError,
+    RawStream, Transport,
 };
-use tokio::{sync::oneshot, time::Instant};
+use tokio::sync::oneshot;
 
 use crate::{
     address::{validate_class, AgentKey},
     agent::{AgentClass, Invocation},
     alarms::{self, AlarmIndex},
     clock::Clock,
-    conn::ConnId,
     error::Error,
     instance,
-    registry::{CallEvent, CallReply, Chain, Class, Config, Event, Shared},
+    registry::{CallEvent, CallReply, Chain, Class, Config, Event, ReplyTo, Shared},
     storage::Durability,
     stream::{collect, Returned},
 };
@@ -338,16 +338,6 @@ impl Runtime {
         call_value(self.shared(), key, Chain::default(), call).await
     }
 
-    /// A call that arrived on the connection `conn` (`ctx.caller()` tells the handler).
-    pub(crate) async fn call_from(
-        &self,
-        key: AgentKey,
-        conn: ConnId,
-        call: OutgoingCall,
-    ) -> CallReply {
-        call_local(self.shared(), key, Chain::default(), call, Some(conn)).await
-    }
-
     /// Checks that `class`/`name` can be addressed (a valid name of a registered class).
     pub(crate) fn check_address(&self, class: &str, name: &str) -> Result<AgentKey, Error> {
         let key = AgentKey::new(class, name)?;
@@ -452,7 +442,6 @@ async fn call_local(
     key: AgentKey,
     chain: Chain,
     call: OutgoingCall,
-    conn: Option<ConnId>,
 ) -> CallReply {
     if chain.contains(&key) {
         return Err(RawError::new(
@@ -460,14 +449,14 @@ async fn call_local(
             format!("{chain} -> {key}: {key} is already waiting on this call"),
         ));
     }
-    let deadline = Instant::now() + call.timeout.unwrap_or(shared.config.call_timeout);
+    let deadline = deadline_in(call.timeout.unwrap_or(shared.config.call_timeout));
     let (reply, wait) = oneshot::channel();
     let event = Event::Call(CallEvent {
         inv: Invocation::new(call.method, call.args),
-        reply,
+        reply: ReplyTo::Caller(reply),
         chain,
         deadline: Some(deadline),
-        conn,
+        conn: None,
     });
     let exchange = async {
         shared.route(&key, event).await.map_err(|(e, _)| match e {
@@ -496,7 +485,7 @@ async fn call_value(
 ) -> Result<Payload, RawError> {
     let codec = call.args.codec();
     let idle = call.timeout.unwrap_or(shared.config.call_timeout);
-    match call_local(shared, key, chain, call, None).await? {
+    match call_local(shared, key, chain, call).await? {
         Returned::Value(value) => Ok(value),
         Returned::Stream(stream) => {
             let limit = shared.config.max_message_bytes;
@@ -535,7 +524,7 @@ impl Transport for LocalTransport {
                 Err(e) => return RawStream::failed(RawError::bad_args(e)),
             };
             let method = call.method.clone();
-            match call_local(&shared, key, chain, call, None).await {
+            match call_local(&shared, key, chain, call).await {
                 Ok(Returned::Stream(stream)) => stream.with_idle(idle),
                 Ok(Returned::Value(_)) => RawStream::failed(RawError::internal(format!(
                     "`{method}` answered with a value: it does not stream"
