@@ -373,11 +373,35 @@ async fn register(
     waiter: Waiter,
     deadline: Instant,
 ) -> Result<mpsc::UnboundedSender<Message>, RawError> {
+    let connected = match &*inner.link.borrow() {
+        Link::Up(generation, out) => Some((*generation, out.clone())),
+        _ => None,
+    };
+    let (generation, out) = match connected {
+        Some(up) => up,
+        None => reconnected(inner, deadline).await?,
+    };
+    inner.pending().insert(id, waiter);
+    // Checked after registering: the supervisor marks the link down before it fails what is
+    // pending, so the call is either failed by it or sees the change here.
+    let still = matches!(&*inner.link.borrow(), Link::Up(g, _) if *g == generation);
+    if !still {
+        inner.pending().remove(&id);
+        return Err(disconnected());
+    }
+    Ok(out)
+}
+
+/// Waits (until `deadline`) for the transport to be connected again.
+async fn reconnected(
+    inner: &Inner,
+    deadline: Instant,
+) -> Result<(u64, mpsc::UnboundedSender<Message>), RawError> {
     let mut link = inner.link.subscribe();
-    let (generation, out) = loop {
+    loop {
         let current = link.borrow_and_update().clone();
         match current {
-            Link::Up(generation, out) => break (generation, out),
+            Link::Up(generation, out) => return Ok((generation, out)),
             Link::Closed => return Err(closed()),
             Link::Down => match tokio::time::timeout_at(deadline, link.changed()).await {
                 Ok(Ok(())) => continue,
@@ -393,16 +417,7 @@ async fn register(
                 }
             },
         }
-    };
-    inner.pending().insert(id, waiter);
-    // Checked after registering: the supervisor marks the link down before it fails what is
-    // pending, so the call is either failed by it or sees the change here.
-    let still = matches!(&*inner.link.borrow(), Link::Up(g, _) if *g == generation);
-    if !still {
-        inner.pending().remove(&id);
-        return Err(disconnected());
     }
-    Ok(out)
 }
 
 /// Registers `waiter` for a new call, sends the call, and returns what cancels it if dropped

@@ -89,13 +89,15 @@ async fn raw_echo(
 /// every client is connected and has made one call (so the agent is awake).
 async fn rpc(base: &str, sockets: usize, window: usize, per_socket: usize) -> f64 {
     let mut clients = Vec::new();
+    let mut before = 0;
     for _ in 0..sockets {
         let client = CounterClient::connect(&format!("{base}/hot"))
             .await
             .unwrap();
-        client.add(0).await.unwrap();
+        before = client.add(0).await.unwrap();
         clients.push(client);
     }
+    let check = clients[0].clone();
     let started = Instant::now();
     let mut tasks = Vec::new();
     for client in clients {
@@ -111,7 +113,10 @@ async fn rpc(base: &str, sockets: usize, window: usize, per_socket: usize) -> f6
     for t in tasks {
         t.await.unwrap();
     }
-    (sockets * per_socket) as f64 / started.elapsed().as_secs_f64()
+    let rate = (sockets * per_socket) as f64 / started.elapsed().as_secs_f64();
+    let after = check.add(0).await.unwrap();
+    assert_eq!(after - before, (sockets * per_socket) as i64, "every call ran");
+    rate
 }
 
 /// An agent that broadcasts: each `shout` is a durable write and one event to every socket.
