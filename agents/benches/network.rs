@@ -115,7 +115,11 @@ async fn rpc(base: &str, sockets: usize, window: usize, per_socket: usize) -> f6
     }
     let rate = (sockets * per_socket) as f64 / started.elapsed().as_secs_f64();
     let after = check.add(0).await.unwrap();
-    assert_eq!(after - before, (sockets * per_socket) as i64, "every call ran");
+    assert_eq!(
+        after - before,
+        (sockets * per_socket) as i64,
+        "every call ran"
+    );
     rate
 }
 

@@ -4,13 +4,16 @@
 //!
 //! The socket is owned by the runtime, not by the agent: it is registered in [`Sockets`] under
 //! the agent's address, outlives the agent's hibernation, and its frames are routed to the agent
-//! as events (waking it). Calls are answered in the order they are ready; a call's deadline and
-//! its cancellation work as documented in the protocol; a disconnect cancels the calls still in
-//! flight (those not yet run never run). Everything the agent sends goes through a bounded
-//! queue per connection: a client that does not read is disconnected, never waited for.
+//! as events (waking it), in the order the client sent them; a full mailbox slows the reader
+//! (and so the client) down. Calls are answered in the order they are ready, by the agent
+//! straight into the socket's queue (see `inflight`); a call's deadline and its cancellation
+//! work as documented in the protocol; a disconnect cancels the calls still in flight (those
+//! not yet run never run). Everything the agent sends goes through a bounded queue per
+//! connection: a client that does not read is disconnected, never waited for.
 
 use std::{
     collections::HashMap,
+    future::Future,
     pin::Pin,
     sync::{
         atomic::{AtomicU64, Ordering},
@@ -225,7 +228,12 @@ async fn upgrade(
         Some(p) if p == protocol::POSTCARD_PROTOCOL.as_bytes() => Wire::Postcard,
         _ => Wire::Raw,
     };
-    ws.on_upgrade(move |socket| serve(runtime, key, socket, wire, principal))
+    // Served by a task of its own, not inside axum's upgrade task: that one ends at once and
+    // frees what it holds, instead of living as long as the connection.
+    ws.on_upgrade(move |socket| {
+        tokio::spawn(serve(runtime, key, socket, wire, principal));
+        std::future::ready(())
+    })
 }
 
 /// The frame encoding a connection chose.
@@ -394,13 +402,15 @@ impl Wire {
     }
 }
 
-async fn serve(
+/// Serves one upgraded socket until it closes. Not `async`: the socket is split first, so that
+/// the future (alive as long as the connection) holds the two halves, not the whole socket too.
+fn serve(
     runtime: Runtime,
     key: AgentKey,
     socket: WebSocket,
     wire: Wire,
     principal: Option<String>,
-) {
+) -> impl Future<Output = ()> {
     let conn = next_conn_id();
     let span = tracing::debug_span!("connection", class = key.class(), name = key.name(), conn = %conn, ?wire);
     Connection {
@@ -409,9 +419,8 @@ async fn serve(
         conn,
         wire,
     }
-    .serve(socket, principal)
+    .serve(socket.split(), principal)
     .instrument(span)
-    .await;
 }
 
 /// The sending side of one connection: a bounded queue to the writer task. A client that does
@@ -441,7 +450,7 @@ impl Outbound {
 }
 
 /// The read buffer of each socket.
-const READ_BUFFER: usize = 2048;
+const READ_BUFFER: usize = 1024;
 /// Frames are gathered up to this many bytes before a write (and written at the latest when
 /// the connection's queue is empty).
 const WRITE_BUFFER: usize = 16 * 1024;
@@ -455,6 +464,11 @@ struct Ending {
     error: Option<String>,
 }
 
+type Halves = (
+    futures_util::stream::SplitSink<WebSocket, Message>,
+    futures_util::stream::SplitStream<WebSocket>,
+);
+
 struct Connection {
     runtime: Runtime,
     key: AgentKey,
@@ -463,8 +477,7 @@ struct Connection {
 }
 
 impl Connection {
-    async fn serve(self, socket: WebSocket, principal: Option<String>) {
-        let (mut sink, stream) = socket.split();
+    async fn serve(self, (mut sink, stream): Halves, principal: Option<String>) {
         let (tx, mut outbound) = mpsc::channel::<Message>(self.runtime.config().outbound_queue);
         let closed = CancellationToken::new();
         let out = Outbound {

@@ -5,12 +5,15 @@ use std::{
     any::TypeId,
     collections::HashMap,
     fmt,
+    future::Future,
     path::PathBuf,
+    pin::Pin,
     sync::{Arc, Mutex, MutexGuard},
+    task::{Context, Poll},
     time::Duration,
 };
 
-use agents_client::{Payload, RawError};
+use agents_client::{BoxFuture, Payload, RawError};
 use tokio::{
     sync::{
         mpsc::{self, error::TrySendError},
@@ -249,6 +252,28 @@ impl Agents {
     }
 }
 
+/// What routing without waiting came to.
+enum Routed {
+    Delivered,
+    /// The mailbox is full: here it is, to wait on, with the event.
+    Full(mpsc::Sender<Event>, Event),
+    Failed(Error, Event),
+}
+
+/// The future of [`Shared::route`]: done already, or waiting for room (boxed, being rare).
+pub(crate) struct Routing<'a>(Option<BoxFuture<'a, Result<(), (Error, Event)>>>);
+
+impl Future for Routing<'_> {
+    type Output = Result<(), (Error, Event)>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match &mut self.0 {
+            None => Poll::Ready(Ok(())),
+            Some(waiting) => waiting.as_mut().poll(cx),
+        }
+    }
+}
+
 /// State shared by the runtime handle, every instance task and every local client.
 pub(crate) struct Shared {
     pub config: Config,
@@ -300,71 +325,95 @@ impl Shared {
 
     /// Delivers `event` to the live instance of `key`, activating one if there is none.
     /// Waits while the mailbox is full. On failure the event is handed back.
-    pub async fn route(
+    ///
+    /// The usual case (room in the mailbox) is done before the first poll, and the future is
+    /// two words: every task that routes (each connection's reader) stays small.
+    pub fn route<'a>(self: &'a Arc<Self>, key: &'a AgentKey, event: Event) -> Routing<'a> {
+        let mut spawned = None;
+        Routing(match self.try_route(key, event, &mut spawned) {
+            Routed::Delivered => None,
+            Routed::Full(tx, event) => Some(Box::pin(self.wait_route(key, tx, event, spawned))),
+            Routed::Failed(e, event) => Some(Box::pin(std::future::ready(Err((e, event))))),
+        })
+    }
+
+    /// Waits for room in a full mailbox (the instance may go away meanwhile).
+    async fn wait_route(
         self: &Arc<Self>,
         key: &AgentKey,
+        mut tx: mpsc::Sender<Event>,
         mut event: Event,
+        mut spawned: Option<u64>,
     ) -> Result<(), (Error, Event)> {
-        let mut spawned = None;
         loop {
-            let tx = {
-                let mut agents = self.agents();
-                if agents.closed {
-                    return Err((Error::Shutdown, event));
-                }
-                agents.clock += 1;
-                let now = agents.clock;
-                match agents.live.get_mut(key) {
-                    Some(slot) => {
-                        slot.last_used = now;
-                        match slot.tx.try_send(event) {
-                            Ok(()) => return Ok(()),
-                            Err(TrySendError::Full(e)) => {
-                                event = e;
-                                slot.tx.clone()
-                            }
-                            Err(TrySendError::Closed(e)) => {
-                                // The instance is gone without detaching. If it is the one this
-                                // call just started, the tokio runtime is shutting down (spawning
-                                // drops the task): trying again would spin forever.
-                                event = e;
-                                let ours = spawned == Some(slot.generation);
-                                agents.live.remove(key);
-                                if ours {
-                                    return Err((Error::Shutdown, event));
-                                }
-                                continue;
-                            }
-                        }
-                    }
-                    None => {
-                        let Some(&class) = self.classes.get(key.class()) else {
-                            return Err((Error::UnknownClass(key.class().to_owned()), event));
-                        };
-                        if agents.live.len() >= self.config.max_live {
-                            agents.evict_one();
-                        }
-                        let (tx, rx) = mpsc::channel(self.config.mailbox_capacity);
-                        let generation = agents.next_generation;
-                        agents.next_generation += 1;
-                        agents.live.insert(
-                            key.clone(),
-                            Slot {
-                                tx,
-                                generation,
-                                last_used: now,
-                                evicting: false,
-                            },
-                        );
-                        (class.spawn)(self.clone(), key.clone(), generation, rx);
-                        spawned = Some(generation);
-                        continue;
-                    }
-                }
-            };
             match tx.send(event).await {
                 Ok(()) => return Ok(()),
                 Err(mpsc::error::SendError(e)) => event = e,
+            }
+            match self.try_route(key, event, &mut spawned) {
+                Routed::Delivered => return Ok(()),
+                Routed::Full(full, e) => (tx, event) = (full, e),
+                Routed::Failed(e, event) => return Err((e, event)),
+            }
+        }
+    }
+
+    /// Delivers `event` if the mailbox has room. `spawned`: the generation of the instance
+    /// this routing activated, if it did.
+    fn try_route(
+        self: &Arc<Self>,
+        key: &AgentKey,
+        mut event: Event,
+        spawned: &mut Option<u64>,
+    ) -> Routed {
+        let mut agents = self.agents();
+        loop {
+            if agents.closed {
+                return Routed::Failed(Error::Shutdown, event);
+            }
+            agents.clock += 1;
+            let now = agents.clock;
+            match agents.live.get_mut(key) {
+                Some(slot) => {
+                    slot.last_used = now;
+                    match slot.tx.try_send(event) {
+                        Ok(()) => return Routed::Delivered,
+                        Err(TrySendError::Full(e)) => return Routed::Full(slot.tx.clone(), e),
+                        Err(TrySendError::Closed(e)) => {
+                            // The instance is gone without detaching. If it is the one this
+                            // routing just started, the tokio runtime is shutting down
+                            // (spawning drops the task): trying again would spin forever.
+                            event = e;
+                            let ours = *spawned == Some(slot.generation);
+                            agents.live.remove(key);
+                            if ours {
+                                return Routed::Failed(Error::Shutdown, event);
+                            }
+                        }
+                    }
+                }
+                None => {
+                    let Some(&class) = self.classes.get(key.class()) else {
+                        return Routed::Failed(Error::UnknownClass(key.class().to_owned()), event);
+                    };
+                    if agents.live.len() >= self.config.max_live {
+                        agents.evict_one();
+                    }
+                    let (tx, rx) = mpsc::channel(self.config.mailbox_capacity);
+                    let generation = agents.next_generation;
+                    agents.next_generation += 1;
+                    agents.live.insert(
+                        key.clone(),
+                        Slot {
+                            tx,
+                            generation,
+                            last_used: now,
+                            evicting: false,
+                        },
+                    );
+                    (class.spawn)(self.clone(), key.clone(), generation, rx);
+                    *spawned = Some(generation);
+                }
             }
         }
     }
