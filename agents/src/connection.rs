@@ -35,7 +35,7 @@ use axum::{
 };
 use futures_util::{SinkExt, StreamExt};
 use tokio::{
-    sync::{mpsc, oneshot},
+    sync::oneshot,
     time::{Instant, Sleep},
 };
 use tokio_util::sync::CancellationToken;
@@ -46,6 +46,7 @@ use crate::{
     agent::Invocation,
     conn::{close_reason, ConnId, Effect, Outgoing, WsMessage},
     inflight::InFlight,
+    outbound::{self, Outbound},
     registry::{CallEvent, Chain, Class, Event, ReplyTo},
     runtime::Runtime,
 };
@@ -423,32 +424,6 @@ fn serve(
     .instrument(span)
 }
 
-/// The sending side of one connection: a bounded queue to the writer task. A client that does
-/// not read fast enough to keep it from filling is disconnected (`closed`), never waited for;
-/// only the chunks of a stream wait (the stream slows down to the client's pace).
-#[derive(Clone)]
-pub(crate) struct Outbound {
-    tx: mpsc::Sender<Message>,
-    closed: CancellationToken,
-}
-
-impl Outbound {
-    pub(crate) fn send(&self, frame: Message) {
-        if let Err(mpsc::error::TrySendError::Full(_)) = self.tx.try_send(frame) {
-            tracing::debug!("closing a connection whose client does not read its frames");
-            self.closed.cancel();
-        }
-    }
-
-    /// A place for a frame that can wait (a chunk of a stream), once half the queue is free,
-    /// so that the frames that cannot wait (replies, events) still find room. `None` if the
-    /// connection is gone.
-    pub(crate) async fn reserve_waiting(&self) -> Option<mpsc::Permit<'_, Message>> {
-        let room = (self.tx.max_capacity() / 2).max(1);
-        self.tx.reserve_many(room).await.ok()?.next()
-    }
-}
-
 /// The read buffer of each socket.
 const READ_BUFFER: usize = 1024;
 /// Frames are gathered up to this many bytes before a write (and written at the latest when
@@ -478,12 +453,8 @@ struct Connection {
 
 impl Connection {
     async fn serve(self, (mut sink, stream): Halves, principal: Option<String>) {
-        let (tx, mut outbound) = mpsc::channel::<Message>(self.runtime.config().outbound_queue);
         let closed = CancellationToken::new();
-        let out = Outbound {
-            tx,
-            closed: closed.clone(),
-        };
+        let (out, outbound) = outbound::queue(self.runtime.config().outbound_queue, closed.clone());
         // Tells the reader that the server closed the connection (the agent, or a shutdown).
         let (server_closed, mut closing) = oneshot::channel::<Ending>();
         let writer = tokio::spawn({
@@ -512,7 +483,7 @@ impl Connection {
                             if sink.feed(message).await.is_err() {
                                 return;
                             }
-                            next = next_queued(&mut yielded, || outbound.try_recv().ok()).await;
+                            next = next_queued(&mut yielded, || outbound.try_recv()).await;
                         }
                         if sink.flush().await.is_err() {
                             return;

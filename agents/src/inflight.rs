@@ -14,11 +14,7 @@ use std::{
 use agents_client::{Codec, Payload, RawError, RawStream};
 use tokio::{task::AbortHandle, time::Instant};
 
-use crate::{
-    connection::{Outbound, Wire},
-    registry::CallReply,
-    stream::Returned,
-};
+use crate::{connection::Wire, outbound::Outbound, registry::CallReply, stream::Returned};
 
 /// The table of one connection's calls in flight.
 #[derive(Default)]
@@ -160,16 +156,16 @@ impl SocketReply {
         let end = loop {
             match stream.next().await {
                 Some(Ok(chunk)) => {
-                    let Some(place) = self.out.reserve_waiting().await else {
+                    if !self.out.wait_for_room().await {
                         return; // the connection is gone
-                    };
+                    }
                     // Under the lock: a cancel takes the call out and then replies, so no
                     // chunk follows its reply.
                     let table = self.calls.table();
                     if !self.holds(&table) {
                         return;
                     }
-                    place.send(self.wire.chunk(self.id, &chunk));
+                    self.out.send(self.wire.chunk(self.id, &chunk));
                 }
                 Some(Err(e)) => break Err(e),
                 None => break self.codec.encode(&()).map_err(RawError::internal),

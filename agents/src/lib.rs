@@ -74,6 +74,7 @@ mod context;
 mod error;
 mod inflight;
 mod instance;
+mod outbound;
 mod registry;
 mod runtime;
 mod schedule;

@@ -1,0 +1,183 @@
+//! The frames waiting to go out on one connection: a bounded queue from everything that sends
+//! on it (the agent's replies and events, streams) to the connection's writer task.
+//!
+//! Its slots are allocated as frames queue up, so a connection that never had much to send
+//! holds few (a tokio channel allocates a block of 32 up front, 1.5 KiB of every idle
+//! connection). A client that does not read fast enough to keep the queue from filling is
+//! disconnected (`overflow` is cancelled), never waited for; only the chunks of a stream wait
+//! for room (the stream slows down to the client's pace).
+
+use std::{
+    collections::VecDeque,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc, Mutex, MutexGuard,
+    },
+};
+
+use axum::extract::ws::Message;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+/// A queue of `capacity` frames; `overflow` is cancelled when a frame finds it full.
+pub(crate) fn queue(capacity: usize, overflow: CancellationToken) -> (Outbound, Frames) {
+    let capacity = capacity.max(1);
+    let shared = Arc::new(Shared {
+        state: Mutex::default(),
+        senders: AtomicUsize::new(1),
+        queued: Notify::new(),
+        taken: Notify::new(),
+        capacity,
+        // Half the queue is kept for the frames that cannot wait.
+        room: capacity - (capacity / 2).max(1),
+        overflow,
+    });
+    (
+        Outbound {
+            shared: shared.clone(),
+        },
+        Frames { shared },
+    )
+}
+
+struct Shared {
+    state: Mutex<State>,
+    /// How many `Outbound`s there are: the writer ends when none is left and all is sent.
+    senders: AtomicUsize,
+    /// Wakes the writer: a frame was queued, or the last sender went away.
+    queued: Notify,
+    /// Wakes the streams waiting for room: the queue went down to `room` frames, or the writer
+    /// went away.
+    taken: Notify,
+    capacity: usize,
+    /// A frame that can wait is queued only while at most this many frames are.
+    room: usize,
+    overflow: CancellationToken,
+}
+
+#[derive(Default)]
+struct State {
+    frames: VecDeque<Message>,
+    /// The writer is gone (the connection closed): frames are dropped.
+    writer_gone: bool,
+}
+
+impl Shared {
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The sending side.
+pub(crate) struct Outbound {
+    shared: Arc<Shared>,
+}
+
+impl Clone for Outbound {
+    fn clone(&self) -> Self {
+        self.shared.senders.fetch_add(1, Ordering::Relaxed);
+        Outbound {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl Drop for Outbound {
+    fn drop(&mut self) {
+        if self.shared.senders.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.shared.queued.notify_one();
+        }
+    }
+}
+
+impl Outbound {
+    /// Queues `frame`, or, if the queue is full, has the connection closed (the client does
+    /// not read its frames). Dropped if the connection is gone.
+    pub fn send(&self, frame: Message) {
+        let mut state = self.shared.state();
+        if state.writer_gone {
+            return;
+        }
+        if state.frames.len() >= self.shared.capacity {
+            drop(state);
+            tracing::debug!("closing a connection whose client does not read its frames");
+            self.shared.overflow.cancel();
+            return;
+        }
+        state.frames.push_back(frame);
+        drop(state);
+        self.shared.queued.notify_one();
+    }
+
+    /// Waits until half the queue is free, for a frame that can wait (a chunk of a stream), so
+    /// that the frames that cannot (replies, events) still find room. `false` if the
+    /// connection is gone.
+    pub async fn wait_for_room(&self) -> bool {
+        loop {
+            let taken = self.shared.taken.notified();
+            tokio::pin!(taken);
+            taken.as_mut().enable();
+            {
+                let state = self.shared.state();
+                if state.writer_gone {
+                    return false;
+                }
+                if state.frames.len() <= self.shared.room {
+                    return true;
+                }
+            }
+            taken.await;
+        }
+    }
+}
+
+/// The writer's side.
+pub(crate) struct Frames {
+    shared: Arc<Shared>,
+}
+
+impl Frames {
+    /// The next frame; `None` once every sender is gone and everything was taken.
+    pub async fn recv(&self) -> Option<Message> {
+        loop {
+            if let Some(frame) = self.try_recv() {
+                return Some(frame);
+            }
+            // Nothing queued: wait, having checked again once registered for a wake-up.
+            let queued = self.shared.queued.notified();
+            tokio::pin!(queued);
+            queued.as_mut().enable();
+            if let Some(frame) = self.try_recv() {
+                return Some(frame);
+            }
+            if self.shared.senders.load(Ordering::Acquire) == 0 {
+                return self.try_recv();
+            }
+            queued.await;
+        }
+    }
+
+    /// The next frame if one is queued.
+    pub fn try_recv(&self) -> Option<Message> {
+        let mut state = self.shared.state();
+        let frame = state.frames.pop_front()?;
+        let left = state.frames.len();
+        drop(state);
+        if left == self.shared.room {
+            self.shared.taken.notify_waiters();
+        }
+        Some(frame)
+    }
+}
+
+impl Drop for Frames {
+    fn drop(&mut self) {
+        let frames = {
+            let mut state = self.shared.state();
+            state.writer_gone = true;
+            std::mem::take(&mut state.frames)
+        };
+        drop(frames);
+        self.shared.taken.notify_waiters();
+    }
+}
