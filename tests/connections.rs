@@ -781,6 +781,13 @@ async fn typed_remote_client_gets_events_and_state_and_reconnects() {
     assert_eq!(client.count().await.unwrap(), 1);
     // In-process clients have no events.
     assert!(room.events().next().await.is_none());
+    // Dropping the client closes its socket properly (a close frame, not a lost connection).
+    drop((client, events, changes));
+    let log = wait_for_log(&rt, "typed", "close cli 100").await;
+    assert!(
+        log.iter().any(|e| e.starts_with("close cli 1000")),
+        "{log:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -12,7 +12,7 @@
 //! are never silently re-sent. The transport then reconnects in the background with
 //! exponential backoff (100 ms doubling to 5 s), and event and state subscriptions carry on
 //! over the new connection. Calls made while it is reconnecting wait for it, within their
-//! timeout. Dropping the transport closes the connection for good.
+//! timeout. Dropping the transport closes the connection for good (close code 1000).
 
 use std::{
     collections::HashMap,
@@ -29,7 +29,9 @@ use tokio::{
     time::Instant,
 };
 use tokio_tungstenite::tungstenite::{
-    client::IntoClientRequest, protocol::WebSocketConfig, Message,
+    client::IntoClientRequest,
+    protocol::{frame::coding::CloseCode, CloseFrame, WebSocketConfig},
+    Message,
 };
 
 use crate::{
@@ -250,19 +252,50 @@ async fn supervise(inner: Arc<Inner>, mut socket: Socket, mut stopped: oneshot::
 }
 
 /// Serves one connection; returns `true` if the transport was dropped, `false` if the
-/// connection was lost.
+/// connection was lost. Frames are written by a task of their own, so that replies are read
+/// while calls are being written.
 async fn run(
     inner: &Inner,
     socket: Socket,
-    mut outbound: mpsc::UnboundedReceiver<Message>,
+    outbound: mpsc::UnboundedReceiver<Message>,
     stopped: &mut oneshot::Receiver<()>,
 ) -> bool {
-    let (mut sink, mut stream) = socket.split();
+    let (sink, mut stream) = socket.split();
+    let (stop_writer, writer_stopped) = oneshot::channel();
+    let mut writer = tokio::spawn(write(sink, outbound, writer_stopped));
+    let dropped = loop {
+        tokio::select! {
+            _ = &mut *stopped => break true,
+            _ = &mut writer => break false, // it could not write: the connection is lost
+            frame = stream.next() => {
+                let Some(Ok(frame)) = frame else { break false };
+                let Message::Binary(bytes) = frame else { continue };
+                read(inner, &bytes);
+            }
+        }
+    };
+    if dropped {
+        let _ = stop_writer.send(()); // it closes the socket
+        let _ = writer.await;
+    } else {
+        writer.abort();
+    }
+    dropped
+}
+
+/// Writes the calls (and cancels) queued for one connection until it fails or is stopped.
+async fn write(
+    mut sink: futures_util::stream::SplitSink<Socket, Message>,
+    mut outbound: mpsc::UnboundedReceiver<Message>,
+    mut stopped: oneshot::Receiver<()>,
+) {
     loop {
         tokio::select! {
-            _ = &mut *stopped => {
+            _ = &mut stopped => {
+                let bye = CloseFrame { code: CloseCode::Normal, reason: "".into() };
+                let _ = sink.send(Message::Close(Some(bye))).await;
                 let _ = sink.close().await;
-                return true;
+                return;
             }
             message = outbound.recv() => {
                 // What is queued goes out together: one write for many frames.
@@ -270,52 +303,52 @@ async fn run(
                 let mut yielded = false;
                 while let Some(message) = next.take() {
                     if sink.feed(message).await.is_err() {
-                        return false;
+                        return;
                     }
                     next = next_queued(&mut yielded, || outbound.try_recv().ok()).await;
                 }
                 if sink.flush().await.is_err() {
-                    return false;
-                }
-            }
-            frame = stream.next() => {
-                let Some(Ok(frame)) = frame else { return false };
-                let Message::Binary(bytes) = frame else { continue };
-                match postcard::from_bytes::<PostcardServerFrame>(&bytes) {
-                    Ok(PostcardServerFrame::Reply { id, result }) => {
-                        let result = result.map(Payload::Postcard).map_err(RawError::from);
-                        match inner.pending().remove(&id) {
-                            Some(Waiter::Call(tx)) => drop(tx.send(result)),
-                            // A stream's final reply is `()`: no bytes.
-                            Some(Waiter::Stream(tx)) => match result {
-                                Ok(Payload::Postcard(end)) if end.is_empty() => {}
-                                Ok(_) => drop(tx.send(Err(RawError::internal(
-                                    "the agent answered with a value: the callable does not stream",
-                                )))),
-                                Err(e) => drop(tx.send(Err(e))),
-                            },
-                            None => {}
-                        }
-                    }
-                    Ok(PostcardServerFrame::Chunk { id, data }) => {
-                        if let Some(Waiter::Stream(tx)) = inner.pending().get(&id) {
-                            let _ = tx.send(Ok(Payload::Postcard(data)));
-                        }
-                    }
-                    Ok(PostcardServerFrame::Event { data }) => {
-                        let _ = inner.events.send(Payload::Postcard(data));
-                    }
-                    Ok(PostcardServerFrame::State { state }) => {
-                        inner.state.send_replace(Some(Payload::Postcard(state)));
-                    }
-                    Ok(PostcardServerFrame::Error { message }) => {
-                        tracing::warn!("the server reports an error: {message}")
-                    }
-                    Ok(PostcardServerFrame::Identity { .. }) => {}
-                    Err(e) => tracing::warn!("a frame from the server did not decode: {e}"),
+                    return;
                 }
             }
         }
+    }
+}
+
+/// Handles one frame from the server.
+fn read(inner: &Inner, bytes: &[u8]) {
+    match postcard::from_bytes::<PostcardServerFrame>(bytes) {
+        Ok(PostcardServerFrame::Reply { id, result }) => {
+            let result = result.map(Payload::Postcard).map_err(RawError::from);
+            match inner.pending().remove(&id) {
+                Some(Waiter::Call(tx)) => drop(tx.send(result)),
+                // A stream's final reply is `()`: no bytes.
+                Some(Waiter::Stream(tx)) => match result {
+                    Ok(Payload::Postcard(end)) if end.is_empty() => {}
+                    Ok(_) => drop(tx.send(Err(RawError::internal(
+                        "the agent answered with a value: the callable does not stream",
+                    )))),
+                    Err(e) => drop(tx.send(Err(e))),
+                },
+                None => {}
+            }
+        }
+        Ok(PostcardServerFrame::Chunk { id, data }) => {
+            if let Some(Waiter::Stream(tx)) = inner.pending().get(&id) {
+                let _ = tx.send(Ok(Payload::Postcard(data)));
+            }
+        }
+        Ok(PostcardServerFrame::Event { data }) => {
+            let _ = inner.events.send(Payload::Postcard(data));
+        }
+        Ok(PostcardServerFrame::State { state }) => {
+            inner.state.send_replace(Some(Payload::Postcard(state)));
+        }
+        Ok(PostcardServerFrame::Error { message }) => {
+            tracing::warn!("the server reports an error: {message}")
+        }
+        Ok(PostcardServerFrame::Identity { .. }) => {}
+        Err(e) => tracing::warn!("a frame from the server did not decode: {e}"),
     }
 }
 
