@@ -66,11 +66,14 @@ fn next_conn_id() -> ConnId {
     ConnId::new(format!("{:016x}", base.wrapping_add(n)))
 }
 
-/// The open sockets of every agent.
+/// The open sockets of every agent. Each agent's sockets have a lock of their own: a broadcast
+/// to a big room holds only that room's, not every agent's.
 #[derive(Default)]
 pub(crate) struct Sockets {
-    by_agent: Mutex<HashMap<AgentKey, HashMap<ConnId, Socket>>>,
+    by_agent: Mutex<HashMap<AgentKey, Arc<AgentSockets>>>,
 }
+
+type AgentSockets = Mutex<HashMap<ConnId, Socket>>;
 
 /// One open socket: where its frames go, how to encode them, and whether `on_connect` has
 /// admitted it (until then it gets only what is sent to it by id, never a broadcast).
@@ -80,58 +83,68 @@ struct Socket {
     admitted: bool,
 }
 
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 impl Sockets {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<AgentKey, HashMap<ConnId, Socket>>> {
-        self.by_agent.lock().unwrap_or_else(|e| e.into_inner())
+    /// `key`'s sockets, if it has any.
+    fn of(&self, key: &AgentKey) -> Option<Arc<AgentSockets>> {
+        lock(&self.by_agent).get(key).cloned()
     }
 
+    // Adding and removing hold the outer lock too, so that an agent's map is never dropped
+    // from it while a socket is being added to that map.
     fn add(&self, key: &AgentKey, id: ConnId, out: Outbound, wire: Wire) {
-        self.lock().entry(key.clone()).or_default().insert(
-            id,
-            Socket {
-                out,
-                wire,
-                admitted: false,
-            },
-        );
+        let mut all = lock(&self.by_agent);
+        let conns = all.entry(key.clone()).or_default();
+        let socket = Socket {
+            out,
+            wire,
+            admitted: false,
+        };
+        lock(conns).insert(id, socket);
     }
 
     fn remove(&self, key: &AgentKey, id: &ConnId) {
-        let mut all = self.lock();
-        if let Some(conns) = all.get_mut(key) {
+        let mut all = lock(&self.by_agent);
+        if let Some(conns) = all.get(key) {
+            let mut conns = lock(conns);
             conns.remove(id);
-            if conns.is_empty() {
-                all.remove(key);
+            if !conns.is_empty() {
+                return;
             }
         }
+        all.remove(key);
     }
 
     /// The ids of `key`'s open sockets.
     pub fn ids(&self, key: &AgentKey) -> Vec<ConnId> {
-        self.lock()
-            .get(key)
-            .map(|conns| conns.keys().cloned().collect())
+        self.of(key)
+            .map(|conns| lock(&conns).keys().cloned().collect())
             .unwrap_or_default()
     }
 
     /// Whether `key`'s socket `id` is open.
     pub fn is_open(&self, key: &AgentKey, id: &ConnId) -> bool {
-        self.lock()
-            .get(key)
-            .is_some_and(|conns| conns.contains_key(id))
+        self.of(key)
+            .is_some_and(|conns| lock(&conns).contains_key(id))
     }
 
     /// How many sockets are open, over all agents.
     pub fn count(&self) -> usize {
-        self.lock().values().map(HashMap::len).sum()
+        lock(&self.by_agent)
+            .values()
+            .map(|conns| lock(conns).len())
+            .sum()
     }
 
     /// Sends what an event produced (once it is durable) to `key`'s sockets.
     pub fn deliver(&self, key: &AgentKey, effects: Vec<Effect>) {
-        let mut all = self.lock();
-        let Some(conns) = all.get_mut(key) else {
+        let Some(conns) = self.of(key) else {
             return;
         };
+        let mut conns = lock(&conns);
         for effect in effects {
             match effect {
                 Effect::Send(id, outgoing) => {
@@ -167,8 +180,8 @@ impl Sockets {
 
     /// Closes every socket (the runtime is shutting down).
     pub fn close_all(&self) {
-        for conns in self.lock().values() {
-            for socket in conns.values() {
+        for conns in lock(&self.by_agent).values() {
+            for socket in lock(conns).values() {
                 socket
                     .out
                     .send(close(close_code::AWAY, "the server is shutting down"));
