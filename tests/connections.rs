@@ -212,6 +212,12 @@ impl Room {
         Ok(members)
     }
 
+    /// Who is calling, as the admission hooks said.
+    #[callable]
+    pub async fn whoami(&mut self, ctx: &mut Ctx<Self>) -> Result<Option<String>, AppError> {
+        Ok(ctx.principal().map(str::to_owned))
+    }
+
     /// How many connections are open.
     #[callable]
     pub async fn count(&mut self, ctx: &mut Ctx<Self>) -> Result<usize, AppError> {
@@ -726,6 +732,21 @@ async fn reqwest_like_post(addr: SocketAddr, path: &str, body: &str) -> String {
         ),
     )
     .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_knows_its_principal_over_http_and_websocket_but_not_in_process() {
+    let (rt, addr) = serve(Runtime::builder()).await;
+    let http = reqwest_like_post(addr, "/agents/room/who/call/whoami?user=ann", "[]").await;
+    assert!(http.ends_with("\r\n\r\n\"ann\""), "{http}");
+    let http = reqwest_like_post(addr, "/agents/room/who/call/whoami", "[]").await;
+    assert!(http.ends_with("\r\n\r\nnull"), "{http}");
+    let (mut ws, _) = member(addr, "who", "bob").await;
+    assert_eq!(call(&mut ws, 1, "whoami", json!([])).await["ok"], "bob");
+    let room = rt.runtime().agent::<Room>("who");
+    assert_eq!(room.whoami().await.unwrap(), None);
+    // A call on the connection after an HTTP call still sees its own principal.
+    assert_eq!(call(&mut ws, 2, "whoami", json!([])).await["ok"], "bob");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

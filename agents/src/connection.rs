@@ -432,8 +432,9 @@ fn serve(
         key,
         conn,
         wire,
+        principal: principal.map(Arc::from),
     }
-    .serve(socket.split(), principal)
+    .serve(socket.split())
     .instrument(span)
 }
 
@@ -462,10 +463,12 @@ struct Connection {
     key: AgentKey,
     conn: ConnId,
     wire: Wire,
+    /// What `on_before_connect` passed on: the principal of every call on this connection.
+    principal: Option<Arc<str>>,
 }
 
 impl Connection {
-    async fn serve(self, (mut sink, stream): Halves, principal: Option<String>) {
+    async fn serve(self, (mut sink, stream): Halves) {
         let closed = CancellationToken::new();
         let (out, outbound) = outbound::queue(self.runtime.config().outbound_queue, closed.clone());
         // Tells the reader that the server closed the connection (the agent, or a shutdown).
@@ -523,7 +526,7 @@ impl Connection {
         let (done, connected) = oneshot::channel();
         let event = Event::Connect {
             conn: self.conn.clone(),
-            principal,
+            principal: self.principal.as_deref().map(str::to_owned),
             done,
         };
         let connected = match shared.route(&self.key, event).await {
@@ -666,6 +669,7 @@ impl Connection {
                         chain: Chain::default(),
                         deadline: Some(deadline),
                         conn: Some(self.conn.clone()),
+                        principal: self.principal.clone(),
                     });
                     if let Err((e, event)) = self.route(event, &mut timer, &calls, out).await {
                         event.abandon(RawError::internal(e));

@@ -39,6 +39,8 @@ pub struct Ctx<A> {
     pub(crate) effects: Effects,
     /// The connection the current call arrived on, if any.
     pub(crate) caller: Option<ConnId>,
+    /// Who made the current call, as an admission hook said.
+    pub(crate) principal: Option<Arc<str>>,
     _agent: PhantomData<fn() -> A>,
 }
 
@@ -52,6 +54,7 @@ impl<A> Ctx<A> {
             chain: Chain::default(),
             effects: Arc::new(Mutex::new(Vec::new())),
             caller: None,
+            principal: None,
             _agent: PhantomData,
         }
     }
@@ -207,6 +210,15 @@ impl<A: AgentClass> Ctx<A> {
     /// HTTP, from schedules, and in hooks, which get their `Conn` as an argument).
     pub fn caller(&self) -> Option<&ConnId> {
         self.caller.as_ref()
+    }
+
+    /// Who made the current call: the principal that `on_before_request` passed on for a call
+    /// over HTTP, or that `on_before_connect` passed on for a call on a WebSocket. `None` for
+    /// calls from Rust code (other agents, in-process clients, schedules), in hooks (see
+    /// [`Conn::principal`] and the [`Principal`](crate::Principal) of an `HttpRequest`), and
+    /// when the hook let the caller in without one.
+    pub fn principal(&self) -> Option<&str> {
+        self.principal.as_deref()
     }
 
     /// The agent's open connections.

@@ -533,6 +533,7 @@ impl<A: AgentClass> Instance<A> {
             chain,
             deadline,
             conn,
+            principal,
         } = call;
         if reply.is_gone() {
             return; // the caller gave up before the call ran: nothing to do
@@ -547,12 +548,14 @@ impl<A: AgentClass> Instance<A> {
         }
         self.ctx.chain = chain.push(self.ctx.key().clone());
         self.ctx.caller = conn;
+        self.ctx.principal = principal;
         let span = tracing::debug_span!("call", method = inv.method());
         let result = self
             .run_handler(Work::Call(&inv), outbox)
             .instrument(span)
             .await;
         self.ctx.caller = None;
+        self.ctx.principal = None;
         if let Err(e) = &result {
             tracing::debug!(kind = %e.kind, "call failed: {}", e.message);
         }

@@ -124,6 +124,8 @@ pub(crate) struct CallEvent {
     pub deadline: Option<Instant>,
     /// The connection the call arrived on.
     pub conn: Option<ConnId>,
+    /// Who made the call, as an admission hook said (HTTP and WebSocket calls).
+    pub principal: Option<Arc<str>>,
 }
 
 /// Where a call's reply goes.

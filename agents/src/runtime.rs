@@ -335,7 +335,24 @@ impl Runtime {
             args,
             timeout,
         };
-        call_value(self.shared(), key, Chain::default(), call).await
+        call_value(self.shared(), key, Chain::default(), call, None).await
+    }
+
+    /// A call over HTTP, made by `principal` (`ctx.principal()` tells the handler).
+    pub(crate) async fn call_as(
+        &self,
+        key: AgentKey,
+        method: &str,
+        args: Payload,
+        principal: Option<String>,
+    ) -> Result<Payload, RawError> {
+        let call = OutgoingCall {
+            method: method.to_owned().into(),
+            args,
+            timeout: None,
+        };
+        let principal = principal.map(Arc::from);
+        call_value(self.shared(), key, Chain::default(), call, principal).await
     }
 
     /// Checks that `class`/`name` can be addressed (a valid name of a registered class).
@@ -442,6 +459,7 @@ async fn call_local(
     key: AgentKey,
     chain: Chain,
     call: OutgoingCall,
+    principal: Option<Arc<str>>,
 ) -> CallReply {
     if chain.contains(&key) {
         return Err(RawError::new(
@@ -457,6 +475,7 @@ async fn call_local(
         chain,
         deadline: Some(deadline),
         conn: None,
+        principal,
     });
     let exchange = async {
         shared.route(&key, event).await.map_err(|(e, _)| match e {
@@ -482,10 +501,11 @@ async fn call_value(
     key: AgentKey,
     chain: Chain,
     call: OutgoingCall,
+    principal: Option<Arc<str>>,
 ) -> Result<Payload, RawError> {
     let codec = call.args.codec();
     let idle = call.timeout.unwrap_or(shared.config.call_timeout);
-    match call_local(shared, key, chain, call).await? {
+    match call_local(shared, key, chain, call, principal).await? {
         Returned::Value(value) => Ok(value),
         Returned::Stream(stream) => {
             let limit = shared.config.max_message_bytes;
@@ -509,7 +529,7 @@ impl Transport for LocalTransport {
         let chain = self.chain.clone();
         Box::pin(async move {
             let key = target.map_err(RawError::bad_args)?;
-            call_value(&shared, key, chain, call).await
+            call_value(&shared, key, chain, call, None).await
         })
     }
 
@@ -524,7 +544,7 @@ impl Transport for LocalTransport {
                 Err(e) => return RawStream::failed(RawError::bad_args(e)),
             };
             let method = call.method.clone();
-            match call_local(&shared, key, chain, call).await {
+            match call_local(&shared, key, chain, call, None).await {
                 Ok(Returned::Stream(stream)) => stream.with_idle(idle),
                 Ok(Returned::Value(_)) => RawStream::failed(RawError::internal(format!(
                     "`{method}` answered with a value: it does not stream"

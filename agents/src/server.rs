@@ -104,12 +104,12 @@ async fn call(
     Path((class, name, method)): Path<(String, String, String)>,
     request: Request,
 ) -> Response {
-    let admitted = match runtime.check_address(&class, &name) {
-        Ok(key) => admit(&runtime, &key, request).await,
+    let key = match runtime.check_address(&class, &name) {
+        Ok(key) => key,
         Err(e) => return error(RawError::bad_args(e)),
     };
-    let body = match admitted {
-        Ok((_, _, body)) => body,
+    let (principal, body) = match admit(&runtime, &key, request).await {
+        Ok((principal, _, body)) => (principal, body),
         Err(response) => return response,
     };
     let args = match serde_json::from_slice::<serde_json::Value>(&body) {
@@ -127,7 +127,7 @@ async fn call(
         Err(e) => return error(RawError::bad_args(format!("the body is not JSON: {e}"))),
     };
     match runtime
-        .call(&class, &name, &method, Payload::Json(args))
+        .call_as(key, &method, Payload::Json(args), principal)
         .await
     {
         Ok(Payload::Json(value)) => json(StatusCode::OK, &value),
