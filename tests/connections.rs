@@ -145,7 +145,15 @@ impl Agent for Room {
             .extensions()
             .get::<agents::Principal>()
             .map(|p| p.0.clone());
-        log(ctx, format!("request {} {who:?}", request.uri().path()))?;
+        // `ctx.principal()` is for calls: None here (the request carries its own).
+        let call_principal = ctx.principal();
+        log(
+            ctx,
+            format!(
+                "request {} {who:?} {call_principal:?}",
+                request.uri().path()
+            ),
+        )?;
         let body = serde_json::to_string(&(request.uri().path(), who, request.body().len()))?;
         Ok(agents::axum::response::IntoResponse::into_response(body))
     }
@@ -678,7 +686,10 @@ async fn on_request_serves_other_paths_and_defaults_to_404() {
         "{answer}"
     );
     let log = rt.runtime().agent::<Room>("req").log().await.unwrap();
-    assert_eq!(log, [r#"request /agents/room/req/some/path Some("zoe")"#]);
+    assert_eq!(
+        log,
+        [r#"request /agents/room/req/some/path Some("zoe") None"#]
+    );
     // A plain GET of the agent's own path (no upgrade) reaches on_request as well.
     let answer = http(
         addr,
@@ -747,6 +758,14 @@ async fn a_call_knows_its_principal_over_http_and_websocket_but_not_in_process()
     assert_eq!(room.whoami().await.unwrap(), None);
     // A call on the connection after an HTTP call still sees its own principal.
     assert_eq!(call(&mut ws, 2, "whoami", json!([])).await["ok"], "bob");
+    // An event after a call does not see the call's principal.
+    let answer = reqwest_like_post(addr, "/agents/room/who/after?user=cy", "").await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let log = room.log().await.unwrap();
+    assert_eq!(
+        log.last().unwrap(),
+        r#"request /agents/room/who/after Some("cy") None"#
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
