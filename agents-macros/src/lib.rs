@@ -1,7 +1,7 @@
 //! Procedural macros of `agents`. Use them through the `agents` crate: `#[agents::agent]`.
 //!
-//! The layout follows serde_derive: this file holds the entry points only; [`ast`] parses the
-//! `impl` block into a model, [`validate`] checks it, [`expand`] generates code. Every error is
+//! The layout follows serde_derive: this file holds the entry points only; `ast` parses the
+//! `impl` block into a model, `validate` checks it, `expand` generates code. Every error is
 //! a spanned `syn::Error`; the user's item is re-emitted alongside it so that one mistake does
 //! not cascade into many.
 
