@@ -220,6 +220,19 @@ impl Room {
         Ok(members)
     }
 
+    /// Broadcasts `text` to everyone but the connections `except`.
+    #[callable]
+    pub async fn announce(
+        &mut self,
+        ctx: &mut Ctx<Self>,
+        text: String,
+        except: Vec<ConnId>,
+    ) -> Result<(), AppError> {
+        let from = "api".into();
+        ctx.broadcast(&RoomEvent::Said { from, text }, &except)?;
+        Ok(())
+    }
+
     /// Who is calling, as the admission hooks said.
     #[callable]
     pub async fn whoami(&mut self, ctx: &mut Ctx<Self>) -> Result<Option<String>, AppError> {
@@ -442,7 +455,11 @@ async fn broadcast_reaches_exactly_the_right_sockets() {
     ];
     for (i, (ws, _)) in members.iter_mut().enumerate() {
         // m0 does not get its own post, m1 not its own message.
-        let expected: Vec<Value> = (0..3).filter(|&k| k != i).map(|k| all[k].clone()).collect();
+        let own = |k: usize| k == i && i < 2;
+        let expected: Vec<Value> = (0..3)
+            .filter(|&k| !own(k))
+            .map(|k| all[k].clone())
+            .collect();
         let mut events = Vec::new();
         while events.len() < expected.len() {
             let frame = next_json(ws).await;
@@ -454,8 +471,30 @@ async fn broadcast_reaches_exactly_the_right_sockets() {
         }
         assert_eq!(events, expected, "member {i}");
     }
+    // A long exclusion list (hashed rather than scanned): m2 and m3, among ids of no socket.
+    let mut except: Vec<String> = (0..10).map(|i| format!("gone{i}")).collect();
+    except.extend([members[2].1.clone(), members[3].1.clone()]);
+    let except: Vec<ConnId> = serde_json::from_value(json!(except)).unwrap();
+    room.announce("fourth".into(), except).await.unwrap();
+    assert_eq!(room.post("fifth".into()).await.unwrap(), 3);
+    for (i, (ws, _)) in members.iter_mut().enumerate() {
+        let expected: &[&str] = if i == 2 || i == 3 {
+            &["fifth"]
+        } else {
+            &["fourth", "fifth"]
+        };
+        for text in expected {
+            let event = loop {
+                let frame = next_json(ws).await;
+                if frame["type"] == "event" {
+                    break frame["data"].clone();
+                }
+            };
+            assert_eq!(event, said("api", text), "member {i}");
+        }
+    }
     // The raw socket gets each event as its bare JSON, and no state frames.
-    for text in ["first", "\"second\"", "third"] {
+    for text in ["first", "\"second\"", "third", "fourth", "fifth"] {
         let Message::Text(t) = next(&mut raw).await else {
             panic!("a text frame")
         };

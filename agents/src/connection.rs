@@ -12,7 +12,7 @@
 //! connection: a client that does not read is disconnected, never waited for.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     future::Future,
     pin::Pin,
     sync::{
@@ -157,8 +157,15 @@ impl Sockets {
                 Effect::Broadcast(outgoing, except) => {
                     // Encoded once per protocol, shared by every socket speaking it.
                     let mut frames: [Option<Option<Message>>; 3] = [None, None, None];
+                    // A long exclusion list is looked up by hash, not scanned for every socket.
+                    let long: Option<HashSet<&ConnId>> =
+                        (except.len() > 8).then(|| except.iter().collect());
+                    let excluded = |id| match &long {
+                        Some(set) => set.contains(id),
+                        None => except.contains(id),
+                    };
                     for (id, socket) in conns.iter() {
-                        if !socket.admitted || except.contains(id) {
+                        if !socket.admitted || excluded(id) {
                             continue;
                         }
                         let frame = frames[socket.wire as usize]
