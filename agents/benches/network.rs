@@ -536,9 +536,23 @@ fn main() {
             // 131,072 calls: long enough for both sides to reach their steady rate (the raw echo
             // keeps speeding up over the first few hundred thousand round trips).
             let per_socket = 8_192 / scale;
-            let ours = rpc(&base, 16, 32, per_socket).await;
-            let raw = raw_echo(echo, 16, 32, per_socket).await;
-            report("pipelined_rpc_16x32_one_agent", 16 * per_socket, ours, raw);
+            // Three rounds, ours then the echo in each, so that both see the same spells of a
+            // noisy machine; the line reports the round with the median ratio, and all ratios.
+            let mut rounds = Vec::new();
+            for _ in 0..3 {
+                let ours = rpc(&base, 16, 32, per_socket).await;
+                let raw = raw_echo(echo, 16, 32, per_socket).await;
+                rounds.push((ours / raw, ours, raw));
+            }
+            rounds.sort_by(|a, b| a.0.total_cmp(&b.0));
+            let (_, ours, raw) = rounds[1];
+            let ratios: Vec<String> = rounds.iter().map(|r| format!("{:.3}", r.0)).collect();
+            println!(
+                "{{\"bench\":\"pipelined_rpc_16x32_one_agent\",\"calls\":{},\"calls_per_sec\":{ours:.0},\"baseline\":\"raw_tungstenite_echo\",\"baseline_per_sec\":{raw:.0},\"ratio\":{:.3},\"ratios\":[{}]}}",
+                16 * per_socket,
+                ours / raw,
+                ratios.join(",")
+            );
         }
 
         if run("connect") {
