@@ -546,6 +546,36 @@ async fn connection_state_and_tags_survive_hibernation_and_a_wake_by_message() {
         .await
         .unwrap();
     assert_eq!(tagged.len(), 1);
+
+    // A connection's tags are found by index, not by scanning everyone's; a file from before
+    // the index gets it when next opened.
+    let path = rt.runtime().database_path::<Room>("hib").unwrap();
+    let plan = |db: &rusqlite::Connection| -> String {
+        let sql = "EXPLAIN QUERY PLAN SELECT tag FROM _agents_conn_tags WHERE conn = 'x'";
+        db.query_row(sql, [], |r| r.get(3)).unwrap()
+    };
+    assert!(rt.hibernate::<Room>("hib").await.unwrap());
+    {
+        let db = rusqlite::Connection::open(&path).unwrap();
+        assert!(
+            plan(&db).contains("_agents_conn_tags_by_conn"),
+            "{}",
+            plan(&db)
+        );
+        db.execute_batch(
+            "DROP INDEX _agents_conn_tags_by_conn; PRAGMA application_id = 1097269250;",
+        )
+        .unwrap();
+        assert!(plan(&db).starts_with("SCAN"), "{}", plan(&db));
+    }
+    ann.send(send("again")).await.unwrap();
+    wait_for_log(&rt, "hib", "message ann \"again\"").await;
+    let db = rusqlite::Connection::open(&path).unwrap();
+    assert!(
+        plan(&db).contains("_agents_conn_tags_by_conn"),
+        "{}",
+        plan(&db)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -261,6 +261,8 @@ CREATE TABLE IF NOT EXISTS _agents_conn_tags(
     conn TEXT NOT NULL,
     PRIMARY KEY (tag, conn)
 ) WITHOUT ROWID;
+-- A connection's tags are read on every event about it: by connection, not a scan.
+CREATE INDEX IF NOT EXISTS _agents_conn_tags_by_conn ON _agents_conn_tags(conn);
 CREATE TABLE IF NOT EXISTS _agents_state(
     id INTEGER PRIMARY KEY CHECK (id = 0),
     state BLOB NOT NULL

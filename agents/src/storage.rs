@@ -44,7 +44,7 @@ pub enum Durability {
 }
 
 /// The version of the runtime's own tables, kept in the database header (`application_id`).
-const RUNTIME_SCHEMA: i64 = 0x4167_0002;
+const RUNTIME_SCHEMA: i64 = 0x4167_0003;
 
 /// Checkpoint once the WAL is larger than this.
 pub(crate) const CHECKPOINT_WAL_BYTES: u64 = 8 << 20;
