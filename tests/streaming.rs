@@ -4,7 +4,7 @@
 mod common;
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
     sync::Mutex,
     time::{Duration, Instant},
 };
@@ -31,6 +31,18 @@ impl Agent for Feed {
         ctx.migrate(&["CREATE TABLE started(topic TEXT NOT NULL)"])?;
         Ok(())
     }
+}
+
+/// How many items each `numbered` producer has handed over, by tag.
+static PRODUCED: Mutex<Option<HashMap<String, u32>>> = Mutex::new(None);
+
+fn produced(tag: &str) -> u32 {
+    PRODUCED
+        .lock()
+        .unwrap()
+        .as_ref()
+        .and_then(|p| p.get(tag).copied())
+        .unwrap_or(0)
 }
 
 /// Tags whose producer saw its stream's receiver go away.
@@ -161,6 +173,25 @@ impl Feed {
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
             let _ = tx.send(1).await;
+        });
+        stream
+    }
+
+    /// `0..n` from a task of its own, which counts what it handed over in `PRODUCED`.
+    #[callable]
+    pub async fn numbered(&mut self, _ctx: &mut Ctx<Self>, tag: String, n: u32) -> Streaming<u32> {
+        let (tx, stream) = Streaming::channel(1);
+        tokio::spawn(async move {
+            for i in 0..n {
+                if tx.send(i).await.is_err() {
+                    return;
+                }
+                let mut produced = PRODUCED.lock().unwrap();
+                *produced
+                    .get_or_insert_with(HashMap::new)
+                    .entry(tag.clone())
+                    .or_default() += 1;
+            }
         });
         stream
     }
@@ -319,6 +350,72 @@ async fn open_json(addr: std::net::SocketAddr, name: &str) -> Socket {
         .unwrap();
     assert_eq!(next_json(&mut ws).await["type"], "identity");
     ws
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credit_paces_a_stream_and_the_typed_client_keeps_a_slow_readers_buffer_small() {
+    let (_rt, addr) = serve().await;
+    // The JSON protocol: 5 chunks for 5 credits (sent before the call), then nothing until
+    // more credit.
+    let mut ws = open_json(addr, "credit").await;
+    send_json(&mut ws, json!({"type": "credit", "id": 1, "chunks": 5})).await;
+    send_json(
+        &mut ws,
+        json!({"type": "call", "id": 1, "method": "count", "args": [100]}),
+    )
+    .await;
+    for i in 0..5 {
+        assert_eq!(
+            next_json(&mut ws).await,
+            json!({"type": "chunk", "id": 1, "data": i})
+        );
+    }
+    let more = tokio::time::timeout(Duration::from_millis(300), next_json(&mut ws)).await;
+    assert!(more.is_err(), "a chunk without credit: {more:?}");
+    send_json(&mut ws, json!({"type": "credit", "id": 1, "chunks": 95})).await;
+    for i in 5..100 {
+        assert_eq!(
+            next_json(&mut ws).await,
+            json!({"type": "chunk", "id": 1, "data": i})
+        );
+    }
+    assert_eq!(
+        next_json(&mut ws).await,
+        json!({"type": "reply", "id": 1, "ok": null})
+    );
+    // Without credit, a stream is not paced.
+    send_json(
+        &mut ws,
+        json!({"type": "call", "id": 2, "method": "count", "args": [3]}),
+    )
+    .await;
+    for i in 0..3 {
+        assert_eq!(
+            next_json(&mut ws).await,
+            json!({"type": "chunk", "id": 2, "data": i})
+        );
+    }
+    assert_eq!(
+        next_json(&mut ws).await,
+        json!({"type": "reply", "id": 2, "ok": null})
+    );
+
+    // The typed client: a reader that took one item of a fast stream holds a few dozen, not
+    // the whole stream; reading on, it gets the rest in order.
+    let feed = FeedClient::connect(&format!("ws://{addr}/agents/feed/credit"))
+        .await
+        .unwrap();
+    let mut numbers = feed.numbered("paced".into(), 100_000).await;
+    assert_eq!(numbers.next().await.unwrap().unwrap(), 0);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let ahead = produced("paced");
+    assert!(
+        ahead < 64,
+        "the producer ran {ahead} items ahead of a reader that took 1"
+    );
+    for i in 1..5_000 {
+        assert_eq!(numbers.next().await.unwrap().unwrap(), i);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

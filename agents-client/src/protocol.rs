@@ -23,6 +23,12 @@
 //!   reply is `cancelled` either way.
 //! - `{"type":"message","data":<any JSON>}`: a message for the agent's `on_message`, which
 //!   receives the JSON text of `data`.
+//! - `{"type":"credit","id":7,"chunks":16}`: flow control for streaming call 7 (optional).
+//!   Without it, chunks come as fast as the client reads the socket. With it, the server sends
+//!   a chunk only while the call has credit left, each chunk using one, and waits for more.
+//!   Send the first credit just *before* the call (it is kept for the call: a connection holds
+//!   early credit for up to 1,024 ids, and ignores more), then more as chunks are consumed. A
+//!   first credit sent after the call applies from when it arrives.
 //!
 //! Server → client:
 //! - `{"type":"identity","class":"counter","name":"bob","conn":"<id>"}`: the first frame, sent
@@ -89,6 +95,13 @@ pub enum ClientFrame {
     Message {
         /// Any JSON.
         data: Value,
+    },
+    /// Let a stream send `chunks` more chunks (flow control).
+    Credit {
+        /// The streaming call's id.
+        id: u64,
+        /// How many more chunks the client can take.
+        chunks: u32,
     },
 }
 
@@ -247,6 +260,14 @@ pub enum PostcardClientFrame {
     Message {
         /// Whatever the agent expects.
         data: Vec<u8>,
+    },
+    /// Let a stream send `chunks` more chunks (flow control); added last, so that the other
+    /// variants keep their discriminants.
+    Credit {
+        /// The streaming call's id.
+        id: u64,
+        /// How many more chunks the client can take.
+        chunks: u32,
     },
 }
 

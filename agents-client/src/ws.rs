@@ -6,7 +6,9 @@
 //! [`events`](crate::Transport::events) and [`state`](crate::Transport::state).
 //!
 //! A streaming call's chunks arrive on its [`RawStream`] as their frames come in; the timeout
-//! then applies to each wait for a chunk, and dropping the stream sends `cancel`.
+//! then applies to each wait for a chunk, and dropping the stream sends `cancel`. The transport
+//! uses the protocol's flow control: at most 32 chunks are sent ahead of what the stream's
+//! reader took, so a slow reader slows the stream down instead of buffering it.
 //!
 //! When the connection drops, the calls in flight fail with an `internal` error saying so: they
 //! are never silently re-sent. The transport then reconnects in the background with
@@ -388,6 +390,20 @@ struct CancelOnDrop {
     inner: Arc<Inner>,
 }
 
+/// How many chunks of a stream may be on their way (or waiting) ahead of its reader.
+const STREAM_WINDOW: u32 = 32;
+
+impl CancelOnDrop {
+    /// Lets the call's stream send `chunks` more chunks.
+    fn credit(&self, chunks: u32) {
+        let frame = PostcardClientFrame::Credit {
+            id: self.id,
+            chunks,
+        };
+        let _ = self.out.send(Message::Binary(to_postcard(&frame).into()));
+    }
+}
+
 impl Drop for CancelOnDrop {
     fn drop(&mut self) {
         if self.inner.pending().remove(&self.id).is_some() {
@@ -467,7 +483,16 @@ async fn start(
         ));
     };
     let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
+    let streams = matches!(waiter, Waiter::Stream(_));
     let out = register(inner, id, waiter, deadline).await?;
+    if streams {
+        // Flow control from the first chunk: the credit goes before the call.
+        let credit = PostcardClientFrame::Credit {
+            id,
+            chunks: STREAM_WINDOW,
+        };
+        let _ = out.send(Message::Binary(to_postcard(&credit).into()));
+    }
     let remaining = deadline.saturating_duration_since(Instant::now());
     let frame = PostcardClientFrame::Call {
         id,
@@ -516,13 +541,24 @@ impl Transport for WsTransport {
             let waiter = Waiter::Stream(tx);
             match start(&inner, call, waiter, deadline_in(timeout)).await {
                 // The guard lives as long as the stream: dropping the stream cancels the call.
-                Ok(guard) => RawStream::new(
-                    futures_util::stream::unfold((rx, guard), |(mut rx, guard)| async move {
-                        let item = rx.recv().await?;
-                        Some((item, (rx, guard)))
-                    }),
-                    Some(timeout),
-                ),
+                // Flow control: at most STREAM_WINDOW chunks are sent ahead of what the stream's
+                // reader took, so a slow reader holds a bounded buffer, however fast the stream.
+                Ok(guard) => {
+                    let state = (rx, guard, 0);
+                    let chunks =
+                        futures_util::stream::unfold(state, |(mut rx, guard, taken)| async move {
+                            let item = rx.recv().await?;
+                            let taken = taken + 1;
+                            let taken = if taken == STREAM_WINDOW / 2 {
+                                guard.credit(taken);
+                                0
+                            } else {
+                                taken
+                            };
+                            Some((item, (rx, guard, taken)))
+                        });
+                    RawStream::new(chunks, Some(timeout))
+                }
                 Err(e) => RawStream::failed(e),
             }
         })

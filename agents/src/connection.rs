@@ -279,6 +279,10 @@ enum Incoming {
     Cancel {
         id: u64,
     },
+    Credit {
+        id: u64,
+        chunks: u32,
+    },
     Message(WsMessage),
     /// A call that is refused before it is made (its id is known, so it gets a reply).
     Refused {
@@ -386,6 +390,9 @@ impl Wire {
                         error: RawError::bad_args(format!("`args` must be an array, not {args}")),
                     }),
                     protocol::ClientFrame::Cancel { id } => Ok(Incoming::Cancel { id }),
+                    protocol::ClientFrame::Credit { id, chunks } => {
+                        Ok(Incoming::Credit { id, chunks })
+                    }
                     protocol::ClientFrame::Message { data } => {
                         Ok(Incoming::Message(WsMessage::Text(data.to_string())))
                     }
@@ -404,6 +411,9 @@ impl Wire {
                     deadline_ms,
                 }),
                 Ok(protocol::PostcardClientFrame::Cancel { id }) => Ok(Incoming::Cancel { id }),
+                Ok(protocol::PostcardClientFrame::Credit { id, chunks }) => {
+                    Ok(Incoming::Credit { id, chunks })
+                }
                 Ok(protocol::PostcardClientFrame::Message { data }) => {
                     Ok(Incoming::Message(WsMessage::Binary(data)))
                 }
@@ -692,6 +702,7 @@ impl Connection {
                         out.send(self.wire.reply(id, &Err(e)));
                     }
                 }
+                Ok(Incoming::Credit { id, chunks }) => calls.credit(id, chunks),
                 Ok(Incoming::Refused { id, error }) => out.send(self.wire.reply(id, &Err(error))),
                 Ok(Incoming::Message(message)) => {
                     let event = Event::Message {

@@ -12,19 +12,28 @@ use std::{
 };
 
 use agents_client::{Codec, Payload, RawError, RawStream};
-use tokio::{task::AbortHandle, time::Instant};
+use tokio::{sync::Notify, task::AbortHandle, time::Instant};
 
 use crate::{connection::Wire, outbound::Outbound, registry::CallReply, stream::Returned};
 
 /// The table of one connection's calls in flight.
 #[derive(Default)]
-pub(crate) struct InFlight(Mutex<Table>);
+pub(crate) struct InFlight {
+    table: Mutex<Table>,
+    /// Wakes the streams waiting for credit.
+    credited: Notify,
+}
 
 #[derive(Default)]
 struct Table {
     calls: HashMap<u64, Entry>,
     next_seq: u64,
+    /// Credit that came before its call (at most `EARLY_CREDITS` ids).
+    early: HashMap<u64, u64>,
 }
+
+/// How many calls not yet made a connection may hold credit for.
+const EARLY_CREDITS: usize = 1024;
 
 struct Entry {
     seq: u64,
@@ -32,11 +41,13 @@ struct Entry {
     deadline: Option<Instant>,
     /// The task sending the call's stream.
     stream: Option<AbortHandle>,
+    /// How many more chunks the client takes; `None` until it first says (no flow control).
+    credit: Option<u64>,
 }
 
 impl InFlight {
     fn table(&self) -> MutexGuard<'_, Table> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
+        self.table.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Enters call `id`, due by `deadline`; `None` if a call with that id is in flight.
@@ -58,6 +69,7 @@ impl InFlight {
             seq,
             deadline: Some(deadline),
             stream: None,
+            credit: table.early.remove(&id),
         };
         table.calls.insert(id, entry);
         Some(SocketReply {
@@ -74,6 +86,22 @@ impl InFlight {
     pub fn cancel(&self, id: u64) -> bool {
         let entry = self.table().calls.remove(&id);
         entry.inspect(Entry::stop).is_some()
+    }
+
+    /// Lets call `id` stream `chunks` more chunks; kept for the call if it is not made yet.
+    pub fn credit(&self, id: u64, chunks: u32) {
+        let mut guard = self.table();
+        let table = &mut *guard;
+        let credit = match table.calls.get_mut(&id) {
+            Some(entry) => entry.credit.get_or_insert(0),
+            None if table.early.len() < EARLY_CREDITS || table.early.contains_key(&id) => {
+                table.early.entry(id).or_default()
+            }
+            None => return,
+        };
+        *credit = credit.saturating_add(u64::from(chunks));
+        drop(guard);
+        self.credited.notify_waiters();
     }
 
     /// Takes out the calls whose deadline has passed, giving their ids to `expired`, and
@@ -151,12 +179,38 @@ impl SocketReply {
         self.out.send(self.wire.reply(self.id, result));
     }
 
+    /// Waits until the client has credit for one more chunk (if it uses flow control), and
+    /// takes it. `false` if the call is no longer in flight.
+    async fn take_credit(&self) -> bool {
+        loop {
+            let credited = self.calls.credited.notified();
+            tokio::pin!(credited);
+            credited.as_mut().enable();
+            {
+                let mut table = self.calls.table();
+                let Some(entry) = table.calls.get_mut(&self.id).filter(|e| e.seq == self.seq)
+                else {
+                    return false;
+                };
+                match &mut entry.credit {
+                    None => return true,
+                    Some(0) => {}
+                    Some(left) => {
+                        *left -= 1;
+                        return true;
+                    }
+                }
+            }
+            credited.await;
+        }
+    }
+
     /// Sends the chunks of `stream` in order as the client reads them, then the final reply.
     async fn stream(self, mut stream: RawStream) {
         let end = loop {
             match stream.next().await {
                 Some(Ok(chunk)) => {
-                    if !self.out.wait_for_room().await {
+                    if !self.take_credit().await || !self.out.wait_for_room().await {
                         return; // the connection is gone
                     }
                     // Under the lock: a cancel takes the call out and then replies, so no
