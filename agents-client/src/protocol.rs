@@ -206,6 +206,16 @@ mod tests {
             ClientFrame::from_json(r#"{"type":"cancel","id":7}"#).unwrap(),
             ClientFrame::Cancel { id: 7 }
         );
+        assert_eq!(
+            ClientFrame::from_json(r#"{"type":"credit","id":7,"chunks":16}"#).unwrap(),
+            ClientFrame::Credit { id: 7, chunks: 16 }
+        );
+        assert!(ClientFrame::from_json(r#"{"type":"credit","id":7,"chunks":-1}"#).is_err());
+        // Postcard: the variants added later come last, so the earlier ones keep their tags.
+        let cancel = to_postcard(&PostcardClientFrame::Cancel { id: 7 });
+        assert_eq!(cancel[0], 1);
+        let credit = to_postcard(&PostcardClientFrame::Credit { id: 7, chunks: 16 });
+        assert_eq!(credit[0], 3);
         assert!(ClientFrame::from_json(r#"{"type":"teleport"}"#).is_err());
         assert!(ClientFrame::from_json(r#"{"type":"call","id":-1,"method":"x"}"#).is_err());
         assert!(ClientFrame::from_json("[1]").is_err());
