@@ -155,12 +155,17 @@ impl SocketReply {
         table.calls.get(&self.id).is_some_and(|e| e.seq == self.seq)
     }
 
+    /// This call's entry, if it is still in flight.
+    fn entry<'t>(&self, table: &'t mut Table) -> Option<&'t mut Entry> {
+        table.calls.get_mut(&self.id).filter(|e| e.seq == self.seq)
+    }
+
     /// Answers the call, unless it is no longer in flight. A stream is sent by a task of its
     /// own, chunk after chunk, then the `()` reply.
     pub fn send(self, reply: CallReply) {
         let calls = self.calls.clone();
         let mut table = calls.table();
-        let Some(entry) = table.calls.get_mut(&self.id).filter(|e| e.seq == self.seq) else {
+        let Some(entry) = self.entry(&mut table) else {
             return;
         };
         match reply {
@@ -188,8 +193,7 @@ impl SocketReply {
             credited.as_mut().enable();
             {
                 let mut table = self.calls.table();
-                let Some(entry) = table.calls.get_mut(&self.id).filter(|e| e.seq == self.seq)
-                else {
+                let Some(entry) = self.entry(&mut table) else {
                     return false;
                 };
                 match &mut entry.credit {
@@ -211,7 +215,7 @@ impl SocketReply {
             match stream.next().await {
                 Some(Ok(chunk)) => {
                     if !self.take_credit().await || !self.out.wait_for_room().await {
-                        return; // the connection is gone
+                        return; // the call or the connection is gone
                     }
                     // Under the lock: a cancel takes the call out and then replies, so no
                     // chunk follows its reply.
