@@ -343,6 +343,20 @@ async fn dropping_a_stream_cancels_it_and_a_silent_stream_times_out() {
     }
 }
 
+/// Reads chunks `data` of call `id`, in order (JSON protocol).
+async fn expect_chunks(ws: &mut Socket, id: u64, data: std::ops::Range<u32>) {
+    for i in data {
+        let chunk = json!({"type": "chunk", "id": id, "data": i});
+        assert_eq!(next_json(ws).await, chunk);
+    }
+}
+
+/// Reads the `ok: null` reply that ends the stream of call `id` (JSON protocol).
+async fn expect_end(ws: &mut Socket, id: u64) {
+    let end = json!({"type": "reply", "id": id, "ok": null});
+    assert_eq!(next_json(ws).await, end);
+}
+
 async fn open_json(addr: std::net::SocketAddr, name: &str) -> Socket {
     let path = format!("/agents/feed/{name}");
     let mut ws = ws_connect(addr, &path, Some("agents.v1.json"))
@@ -364,41 +378,20 @@ async fn credit_paces_a_stream_and_the_typed_client_keeps_a_slow_readers_buffer_
         json!({"type": "call", "id": 1, "method": "count", "args": [100]}),
     )
     .await;
-    for i in 0..5 {
-        assert_eq!(
-            next_json(&mut ws).await,
-            json!({"type": "chunk", "id": 1, "data": i})
-        );
-    }
+    expect_chunks(&mut ws, 1, 0..5).await;
     let more = tokio::time::timeout(Duration::from_millis(300), next_json(&mut ws)).await;
     assert!(more.is_err(), "a chunk without credit: {more:?}");
     send_json(&mut ws, json!({"type": "credit", "id": 1, "chunks": 95})).await;
-    for i in 5..100 {
-        assert_eq!(
-            next_json(&mut ws).await,
-            json!({"type": "chunk", "id": 1, "data": i})
-        );
-    }
-    assert_eq!(
-        next_json(&mut ws).await,
-        json!({"type": "reply", "id": 1, "ok": null})
-    );
+    expect_chunks(&mut ws, 1, 5..100).await;
+    expect_end(&mut ws, 1).await;
     // Without credit, a stream is not paced.
     send_json(
         &mut ws,
         json!({"type": "call", "id": 2, "method": "count", "args": [3]}),
     )
     .await;
-    for i in 0..3 {
-        assert_eq!(
-            next_json(&mut ws).await,
-            json!({"type": "chunk", "id": 2, "data": i})
-        );
-    }
-    assert_eq!(
-        next_json(&mut ws).await,
-        json!({"type": "reply", "id": 2, "ok": null})
-    );
+    expect_chunks(&mut ws, 2, 0..3).await;
+    expect_end(&mut ws, 2).await;
 
     // The typed client: a reader that took one item of a fast stream holds a few dozen, not
     // the whole stream; reading on, it gets the rest in order.
@@ -428,16 +421,8 @@ async fn the_json_protocol_streams_chunks_and_cancels_and_http_collects() {
         json!({"type": "call", "id": 1, "method": "count", "args": [3]}),
     )
     .await;
-    for i in 0..3 {
-        assert_eq!(
-            next_json(&mut ws).await,
-            json!({"type": "chunk", "id": 1, "data": i})
-        );
-    }
-    assert_eq!(
-        next_json(&mut ws).await,
-        json!({"type": "reply", "id": 1, "ok": null})
-    );
+    expect_chunks(&mut ws, 1, 0..3).await;
+    expect_end(&mut ws, 1).await;
 
     send_json(
         &mut ws,
@@ -522,10 +507,7 @@ async fn a_stream_waits_for_a_slow_reader_instead_of_closing_it() {
         let data = frame["data"].as_str().unwrap();
         assert!(data.starts_with(&format!("{i}:")), "chunk {i} in order");
     }
-    assert_eq!(
-        next_json(&mut ws).await,
-        json!({"type": "reply", "id": 1, "ok": null})
-    );
+    expect_end(&mut ws, 1).await;
     // The connection is still up.
     send_json(
         &mut ws,
@@ -536,8 +518,5 @@ async fn a_stream_waits_for_a_slow_reader_instead_of_closing_it() {
         next_json(&mut ws).await,
         json!({"type": "chunk", "id": 2, "data": 0})
     );
-    assert_eq!(
-        next_json(&mut ws).await,
-        json!({"type": "reply", "id": 2, "ok": null})
-    );
+    expect_end(&mut ws, 2).await;
 }
