@@ -393,6 +393,21 @@ async fn credit_paces_a_stream_and_the_typed_client_keeps_a_slow_readers_buffer_
     expect_chunks(&mut ws, 2, 0..3).await;
     expect_end(&mut ws, 2).await;
 
+    // Early credit is kept for 1,024 calls not yet made, no more: past that, a credit is
+    // ignored (call 5000 is not paced), while one kept in time paces its call (call 1000).
+    for id in 1000..2024 {
+        send_json(&mut ws, json!({"type": "credit", "id": id, "chunks": 1})).await;
+    }
+    send_json(&mut ws, json!({"type": "credit", "id": 5000, "chunks": 1})).await;
+    let call = |id: u64| json!({"type": "call", "id": id, "method": "count", "args": [3]});
+    send_json(&mut ws, call(5000)).await;
+    expect_chunks(&mut ws, 5000, 0..3).await;
+    expect_end(&mut ws, 5000).await;
+    send_json(&mut ws, call(1000)).await;
+    expect_chunks(&mut ws, 1000, 0..1).await;
+    let more = tokio::time::timeout(Duration::from_millis(300), next_json(&mut ws)).await;
+    assert!(more.is_err(), "a chunk past the early credit: {more:?}");
+
     // The typed client: a reader that took one item of a fast stream holds a few dozen, not
     // the whole stream; reading on, it gets the rest in order.
     let feed = FeedClient::connect(&format!("ws://{addr}/agents/feed/credit"))
