@@ -330,26 +330,23 @@ impl Runtime {
         timeout: Option<Duration>,
     ) -> Result<Payload, RawError> {
         let key = AgentKey::new(class, name).map_err(RawError::bad_args)?;
-        let call = OutgoingCall {
-            method: method.to_owned().into(),
-            args,
-            timeout,
-        };
-        call_value(self.shared(), key, Chain::default(), call, None).await
+        self.call_key(key, method, args, timeout, None).await
     }
 
-    /// A call over HTTP, made by `principal` (`ctx.principal()` tells the handler).
-    pub(crate) async fn call_as(
+    /// A call to `key`, made by `principal` if an admission hook named one (`ctx.principal()`
+    /// tells the handler): the path of [`call`](Runtime::call) and of calls over HTTP.
+    pub(crate) async fn call_key(
         &self,
         key: AgentKey,
         method: &str,
         args: Payload,
+        timeout: Option<Duration>,
         principal: Option<String>,
     ) -> Result<Payload, RawError> {
         let call = OutgoingCall {
             method: method.to_owned().into(),
             args,
-            timeout: None,
+            timeout,
         };
         let principal = principal.map(Arc::from);
         call_value(self.shared(), key, Chain::default(), call, principal).await

@@ -127,7 +127,7 @@ async fn call(
         Err(e) => return error(RawError::bad_args(format!("the body is not JSON: {e}"))),
     };
     match runtime
-        .call_as(key, &method, Payload::Json(args), principal)
+        .call_key(key, &method, Payload::Json(args), None, principal)
         .await
     {
         Ok(Payload::Json(value)) => json(StatusCode::OK, &value),
