@@ -617,7 +617,7 @@ impl Connection {
                     break ending;
                 }
             };
-            timer.last_frame = Instant::now();
+            timer.active();
             let frame = match frame {
                 None => {
                     break Ending {
@@ -737,7 +737,7 @@ impl Connection {
             tokio::select! {
                 routed = &mut routed => return routed,
                 () = &mut timer.sleep, if timer.armed => {
-                    timer.last_frame = Instant::now(); // waiting on the agent is not idling
+                    timer.active(); // waiting on the agent is not idling
                     self.expire(timer, calls, out);
                 }
             }
@@ -784,6 +784,14 @@ impl Timer {
         };
         timer.arm();
         timer
+    }
+
+    /// The connection is not idle now (a frame came). Reads the clock only if there is an idle
+    /// limit to keep.
+    fn active(&mut self) {
+        if self.idle.is_some() {
+            self.last_frame = Instant::now();
+        }
     }
 
     fn idle_due(&self) -> Option<Instant> {
