@@ -191,6 +191,38 @@ async fn deadlines_and_cancellation_work_and_a_cancelled_call_never_runs() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_waiting_for_room_in_a_full_mailbox_still_times_out_on_time() {
+    let builder = Runtime::builder().agent::<Counter>().mailbox_capacity(1);
+    let (rt, addr) = serve_with(builder).await;
+    let mut ws = open(addr, "ws-full").await;
+    // The agent is busy for 600 ms; the next call fills its one-event mailbox, so the reader
+    // waits to hand over the third. Its 50 ms deadline is answered meanwhile, long before the
+    // agent could take it, and the call never runs.
+    let call = |id: u64, method: &str, args: serde_json::Value| json!({"type": "call", "id": id, "method": method, "args": args});
+    send_json(&mut ws, call(1, "sleep_ms", json!([600]))).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    send_json(&mut ws, call(2, "add", json!([1]))).await;
+    let mut third = call(3, "add", json!([1000]));
+    third["deadline_ms"] = json!(50);
+    send_json(&mut ws, third).await;
+    let r = next_json(&mut ws).await;
+    assert_eq!(
+        (r["id"].as_u64(), r["err"]["kind"].as_str()),
+        (Some(3), Some("timeout")),
+        "the timeout comes first: {r}"
+    );
+    assert_eq!(
+        next_json(&mut ws).await,
+        json!({"type": "reply", "id": 1, "ok": null})
+    );
+    assert_eq!(
+        next_json(&mut ws).await,
+        json!({"type": "reply", "id": 2, "ok": 1})
+    );
+    assert_eq!(rt.agent::<Counter>("ws-full").get().await.unwrap(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversize_frames_close_with_1009_and_bad_addresses_are_refused_before_upgrade() {
     let (rt, addr) = serve().await;
     let mut ws = open(addr, "ws-big").await;
