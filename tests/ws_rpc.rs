@@ -195,21 +195,23 @@ async fn a_call_waiting_for_room_in_a_full_mailbox_still_times_out_on_time() {
     let builder = Runtime::builder().agent::<Counter>().mailbox_capacity(1);
     let (rt, addr) = serve_with(builder).await;
     let mut ws = open(addr, "ws-full").await;
-    // The agent is busy for 600 ms; the next call fills its one-event mailbox, so the reader
-    // waits to hand over the third. Its 50 ms deadline is answered meanwhile, long before the
-    // agent could take it, and the call never runs.
+    // The agent is busy for 1.5 s; the next call fills its one-event mailbox, so the reader
+    // waits to hand over the third. Its 50 ms deadline is answered meanwhile, while the agent
+    // is still busy (not once the reader could hand the call over), and the call never runs.
     let call = |id: u64, method: &str, args: serde_json::Value| json!({"type": "call", "id": id, "method": method, "args": args});
-    send_json(&mut ws, call(1, "sleep_ms", json!([600]))).await;
+    send_json(&mut ws, call(1, "sleep_ms", json!([1500]))).await;
     tokio::time::sleep(Duration::from_millis(50)).await;
     send_json(&mut ws, call(2, "add", json!([1]))).await;
     let mut third = call(3, "add", json!([1000]));
     third["deadline_ms"] = json!(50);
     send_json(&mut ws, third).await;
-    let r = next_json(&mut ws).await;
+    let r = tokio::time::timeout(Duration::from_millis(1000), next_json(&mut ws))
+        .await
+        .expect("the timeout, while the agent is still busy");
     assert_eq!(
         (r["id"].as_u64(), r["err"]["kind"].as_str()),
         (Some(3), Some("timeout")),
-        "the timeout comes first: {r}"
+        "{r}"
     );
     assert_eq!(
         next_json(&mut ws).await,
