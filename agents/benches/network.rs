@@ -98,6 +98,39 @@ async fn raw_durable_server(dir: &std::path::Path) -> std::net::SocketAddr {
     addr
 }
 
+/// One round of the pipelined bench: calls (or round trips, or writes) per second.
+struct Round {
+    /// Typed calls through the runtime, each a durable write.
+    ours: f64,
+    /// The raw echo: no work, no storage.
+    echo: f64,
+    /// The hand-written durable server.
+    hand: f64,
+    /// The SQL alone: the ceiling of any server that does these writes on one writer.
+    sql: f64,
+}
+
+/// The SQL alone, on this thread: `n` times the same UPSERT, 512 to a transaction, and no fsync
+/// at all (`synchronous=OFF`). No server whose writes to one database go through one writer
+/// can answer more calls per second than this, whatever it does about the network.
+fn sql_only(path: &std::path::Path, n: usize) -> f64 {
+    let conn = rusqlite::Connection::open(path).unwrap();
+    conn.pragma_update(None, "journal_mode", "WAL").unwrap();
+    conn.pragma_update(None, "synchronous", "OFF").unwrap();
+    conn.execute_batch(common::SCHEMA).unwrap();
+    let started = Instant::now();
+    for batch in (0..n).collect::<Vec<_>>().chunks(512) {
+        conn.execute_batch("BEGIN").unwrap();
+        let mut stmt = conn.prepare_cached(common::UPSERT).unwrap();
+        for _ in batch {
+            let _: i64 = stmt.query_row([1], |r| r.get(0)).unwrap();
+        }
+        drop(stmt);
+        conn.execute_batch("COMMIT").unwrap();
+    }
+    n as f64 / started.elapsed().as_secs_f64()
+}
+
 /// `sockets` connections with `window` requests in flight each; returns round trips per second,
 /// timed from when every socket is open and has made one round trip.
 async fn raw_echo(
@@ -613,26 +646,35 @@ fn main() {
             // Three rounds, ours then the baselines in each, so that all see the same spells of
             // a noisy machine; the line reports the round with the median ratio to the echo.
             let mut rounds = Vec::new();
-            for _ in 0..3 {
+            for round in 0..3 {
                 let ours = rpc(&base, 16, 32, per_socket).await;
-                let raw = raw_echo(echo, 16, 32, per_socket).await;
+                let echo = raw_echo(echo, 16, 32, per_socket).await;
                 let hand = raw_echo(durable, 16, 32, per_socket).await;
-                rounds.push((ours / raw, ours, raw, hand));
+                let path = dir.path().join(format!("sql-{round}.sqlite"));
+                let sql = tokio::task::spawn_blocking(move || sql_only(&path, 16 * per_socket))
+                    .await
+                    .unwrap();
+                rounds.push(Round { ours, echo, hand, sql });
             }
-            rounds.sort_by(|a, b| a.0.total_cmp(&b.0));
-            let (_, ours, raw, hand) = rounds[1];
-            let ratios = |f: fn(&(f64, f64, f64, f64)) -> f64| {
-                let r: Vec<String> = rounds.iter().map(|r| format!("{:.3}", f(r))).collect();
-                r.join(",")
+            rounds.sort_by(|a, b| (a.ours / a.echo).total_cmp(&(b.ours / b.echo)));
+            let r = &rounds[1];
+            let ratios = |f: fn(&Round) -> f64| {
+                let all: Vec<String> = rounds.iter().map(|r| format!("{:.3}", f(r))).collect();
+                all.join(",")
             };
             println!(
-                "{{\"bench\":\"pipelined_rpc_16x32_one_agent\",\"calls\":{},\"calls_per_sec\":{ours:.0},\"baseline\":\"raw_tungstenite_echo\",\"baseline_per_sec\":{raw:.0},\"ratio\":{:.3},\"ratios\":[{}],\"hand_written_durable_per_sec\":{hand:.0},\"ratio_to_hand_written\":{:.3},\"ratios_to_hand_written\":[{}],\"hand_written_to_echo\":[{}]}}",
+                "{{\"bench\":\"pipelined_rpc_16x32_one_agent\",\"calls\":{},\"calls_per_sec\":{:.0},\"baseline\":\"raw_tungstenite_echo\",\"baseline_per_sec\":{:.0},\"ratio\":{:.3},\"ratios\":[{}],\"hand_written_durable_per_sec\":{:.0},\"ratio_to_hand_written\":{:.3},\"ratios_to_hand_written\":[{}],\"hand_written_to_echo\":[{}],\"sql_only_per_sec\":{:.0},\"sql_only_to_echo\":[{}]}}",
                 16 * per_socket,
-                ours / raw,
-                ratios(|r| r.0),
-                ours / hand,
-                ratios(|r| r.1 / r.3),
-                ratios(|r| r.3 / r.2),
+                r.ours,
+                r.echo,
+                r.ours / r.echo,
+                ratios(|r| r.ours / r.echo),
+                r.hand,
+                r.ours / r.hand,
+                ratios(|r| r.ours / r.hand),
+                ratios(|r| r.hand / r.echo),
+                r.sql,
+                ratios(|r| r.sql / r.echo),
             );
         }
 
