@@ -396,7 +396,8 @@ async fn broadcast(runtime: &Runtime, base: &str, n: usize, rounds: usize) -> (f
     collect(tasks, started).await
 }
 
-/// The raw baseline: a tokio-tungstenite server writing each stamp to `n` sockets.
+/// The raw baseline: a tokio-tungstenite server writing each stamp to `n` sockets, each socket
+/// writing what is queued for it in one go.
 async fn raw_broadcast(n: usize, rounds: usize) -> (f64, f64) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -407,8 +408,13 @@ async fn raw_broadcast(n: usize, rounds: usize) -> (f64, f64) {
             let mut rx = sender.subscribe();
             tokio::spawn(async move {
                 let mut ws = tokio_tungstenite::accept_async(stream).await.unwrap();
+                // Frames queued together are written together, as the runtime writes them.
                 while let Ok(frame) = rx.recv().await {
-                    if ws.send(Message::Binary(frame.into())).await.is_err() {
+                    let _ = ws.feed(Message::Binary(frame.into())).await;
+                    while let Ok(frame) = rx.try_recv() {
+                        let _ = ws.feed(Message::Binary(frame.into())).await;
+                    }
+                    if ws.flush().await.is_err() {
                         break;
                     }
                 }
