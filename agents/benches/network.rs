@@ -208,10 +208,12 @@ async fn rpc(base: &str, sockets: usize, window: usize, per_socket: usize) -> f6
     let started = Instant::now();
     let mut tasks = Vec::new();
     for client in clients {
-        for _ in 0..window {
+        for k in 0..window {
             let client = client.clone();
+            // `per_socket` calls in all, shared out among the socket's `window` callers.
+            let calls = per_socket / window + usize::from(k < per_socket % window);
             tasks.push(tokio::spawn(async move {
-                for _ in 0..per_socket / window {
+                for _ in 0..calls {
                     client.add(1).await.unwrap();
                 }
             }));
