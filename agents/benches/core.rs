@@ -9,16 +9,12 @@
 //!   each wait for their reply);
 //! - `raw_files`: open a new database, create the table, write, close (activation cost).
 
-use std::{
-    path::Path,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 mod common;
 
 use agents::{prelude::*, testing::TestRuntime};
-use common::{Counter, SCHEMA, UPSERT};
-use rusqlite::Connection;
+use common::{Counter, UPSERT};
 
 fn runtime(durability: Durability) -> TestRuntime {
     TestRuntime::start(Runtime::builder().durability(durability).agent::<Counter>()).unwrap()
@@ -38,22 +34,10 @@ fn label(d: Durability) -> &'static str {
     }
 }
 
-fn raw_open(path: &Path, d: Durability) -> Connection {
-    let conn = Connection::open(path).unwrap();
-    conn.pragma_update(None, "journal_mode", "WAL").unwrap();
-    conn.pragma_update(None, "synchronous", pragma(d)).unwrap();
-    conn.execute_batch(&format!(
-        "CREATE TABLE IF NOT EXISTS {}",
-        &SCHEMA["CREATE TABLE ".len()..]
-    ))
-    .unwrap();
-    conn
-}
-
 /// Raw rusqlite: `writes` UPSERTs, committing every `batch`. Returns writes per second.
 fn raw_batched(d: Durability, writes: usize, batch: usize) -> f64 {
     let dir = tempfile::tempdir().unwrap();
-    let conn = raw_open(&dir.path().join("raw.sqlite"), d);
+    let conn = common::raw_open(&dir.path().join("raw.sqlite"), pragma(d));
     let start = Instant::now();
     let mut done = 0;
     while done < writes {
@@ -78,7 +62,7 @@ fn raw_files(d: Durability, files: usize) -> f64 {
     for i in 0..files {
         let sub = dir.path().join(format!("{:02x}", i % 256));
         std::fs::create_dir_all(&sub).unwrap();
-        let conn = raw_open(&sub.join(format!("{i}.sqlite")), d);
+        let conn = common::raw_open(&sub.join(format!("{i}.sqlite")), pragma(d));
         let _: i64 = conn
             .prepare_cached(UPSERT)
             .unwrap()

@@ -23,17 +23,36 @@ use tokio_tungstenite::tungstenite::Message;
 /// echo example (`read.forward(write)`), which flushes only when no frame is ready, so that
 /// frames read together are written together.
 async fn echo_server() -> std::net::SocketAddr {
+    raw_server(|_, ws| async move {
+        let (sink, stream) = ws.split();
+        let binary =
+            |m: &Result<Message, _>| std::future::ready(m.as_ref().is_ok_and(Message::is_binary));
+        let _ = stream.take_while(binary).forward(sink).await;
+    })
+    .await
+}
+
+/// A server side socket of the raw baselines.
+type RawWs = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
+
+/// A raw WebSocket server on 127.0.0.1: `serve(i, socket)` serves the `i`th socket accepted
+/// (from 0) once its handshake is done.
+async fn raw_server<F, Fut>(serve: F) -> std::net::SocketAddr
+where
+    F: Fn(usize, RawWs) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    let serve = Arc::new(serve);
     tokio::spawn(async move {
+        let mut accepted = 0;
         while let Ok((stream, _)) = listener.accept().await {
+            let (serve, i) = (serve.clone(), accepted);
+            accepted += 1;
             tokio::spawn(async move {
                 let ws = tokio_tungstenite::accept_async(stream).await.unwrap();
-                let (sink, stream) = ws.split();
-                let binary = |m: &Result<Message, _>| {
-                    std::future::ready(m.as_ref().is_ok_and(Message::is_binary))
-                };
-                let _ = stream.take_while(binary).forward(sink).await;
+                serve(i, ws).await;
             });
         }
     });
@@ -48,10 +67,7 @@ async fn echo_server() -> std::net::SocketAddr {
 async fn raw_durable_server(dir: &std::path::Path) -> std::net::SocketAddr {
     type Request = (i64, tokio::sync::mpsc::UnboundedSender<Message>);
     let (tx, rx) = std::sync::mpsc::channel::<Request>();
-    let conn = rusqlite::Connection::open(dir.join("raw.sqlite")).unwrap();
-    conn.pragma_update(None, "journal_mode", "WAL").unwrap();
-    conn.pragma_update(None, "synchronous", "FULL").unwrap();
-    conn.execute_batch(common::SCHEMA).unwrap();
+    let conn = common::raw_open(&dir.join("raw.sqlite"), "FULL");
     std::thread::spawn(move || {
         while let Ok(first) = rx.recv() {
             let batch: Vec<Request> = std::iter::once(first).chain(rx.try_iter()).collect();
@@ -68,36 +84,31 @@ async fn raw_durable_server(dir: &std::path::Path) -> std::net::SocketAddr {
             }
         }
     });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let writes = tx.clone();
+    raw_server(move |_, ws| {
+        let writes = tx.clone();
+        async move {
+            let (mut sink, mut stream) = ws.split();
+            let (reply, mut replies) = tokio::sync::mpsc::unbounded_channel();
             tokio::spawn(async move {
-                let ws = tokio_tungstenite::accept_async(stream).await.unwrap();
-                let (mut sink, mut stream) = ws.split();
-                let (reply, mut replies) = tokio::sync::mpsc::unbounded_channel();
-                tokio::spawn(async move {
-                    while let Some(m) = replies.recv().await {
+                while let Some(m) = replies.recv().await {
+                    let _ = sink.feed(m).await;
+                    while let Ok(m) = replies.try_recv() {
                         let _ = sink.feed(m).await;
-                        while let Ok(m) = replies.try_recv() {
-                            let _ = sink.feed(m).await;
-                        }
-                        if sink.flush().await.is_err() {
-                            break;
-                        }
                     }
-                });
-                while let Some(Ok(Message::Binary(b))) = stream.next().await {
-                    let by = i64::from(b.first().copied().unwrap_or(0));
-                    if writes.send((by, reply.clone())).is_err() {
+                    if sink.flush().await.is_err() {
                         break;
                     }
                 }
             });
+            while let Some(Ok(Message::Binary(b))) = stream.next().await {
+                let by = i64::from(b.first().copied().unwrap_or(0));
+                if writes.send((by, reply.clone())).is_err() {
+                    break;
+                }
+            }
         }
-    });
-    addr
+    })
+    .await
 }
 
 /// The hand-written equivalent of a new agent per connection: each socket's first frame creates
@@ -105,34 +116,24 @@ async fn raw_durable_server(dir: &std::path::Path) -> std::net::SocketAddr {
 /// same UPSERT and commits (an fsync) before the answer.
 async fn raw_file_per_socket_server(dir: std::path::PathBuf) -> std::net::SocketAddr {
     std::fs::create_dir_all(&dir).unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        let mut sockets = 0;
-        while let Ok((stream, _)) = listener.accept().await {
-            sockets += 1;
-            let path = dir.join(format!("socket-{sockets}.sqlite"));
-            tokio::spawn(async move {
-                let mut ws = tokio_tungstenite::accept_async(stream).await.unwrap();
-                if let Some(Ok(Message::Binary(_))) = ws.next().await {
-                    let total = tokio::task::spawn_blocking(move || {
-                        let conn = rusqlite::Connection::open(path).unwrap();
-                        conn.pragma_update(None, "journal_mode", "WAL").unwrap();
-                        conn.pragma_update(None, "synchronous", "FULL").unwrap();
-                        conn.execute_batch(common::SCHEMA).unwrap();
-                        let total: i64 = conn.query_row(common::UPSERT, [1], |r| r.get(0)).unwrap();
-                        total
-                    })
-                    .await
-                    .unwrap();
-                    let _ = ws
-                        .send(Message::Binary(total.to_le_bytes().to_vec().into()))
-                        .await;
-                }
-            });
+    raw_server(move |i, mut ws| {
+        let path = dir.join(format!("socket-{i}.sqlite"));
+        async move {
+            if let Some(Ok(Message::Binary(_))) = ws.next().await {
+                let total = tokio::task::spawn_blocking(move || {
+                    let conn = common::raw_open(&path, "FULL");
+                    conn.query_row(common::UPSERT, [1], |r| r.get::<_, i64>(0))
+                        .unwrap()
+                })
+                .await
+                .unwrap();
+                let _ = ws
+                    .send(Message::Binary(total.to_le_bytes().to_vec().into()))
+                    .await;
+            }
         }
-    });
-    addr
+    })
+    .await
 }
 
 /// One round of the pipelined bench: calls (or round trips, or writes) per second.
@@ -151,10 +152,7 @@ struct Round {
 /// at all (`synchronous=OFF`). No server whose writes to one database go through one writer
 /// can answer more calls per second than this, whatever it does about the network.
 fn sql_only(path: &std::path::Path, n: usize) -> f64 {
-    let conn = rusqlite::Connection::open(path).unwrap();
-    conn.pragma_update(None, "journal_mode", "WAL").unwrap();
-    conn.pragma_update(None, "synchronous", "OFF").unwrap();
-    conn.execute_batch(common::SCHEMA).unwrap();
+    let conn = common::raw_open(path, "OFF");
     let started = Instant::now();
     for start in (0..n).step_by(512) {
         conn.execute_batch("BEGIN").unwrap();
@@ -438,28 +436,24 @@ async fn broadcast(runtime: &Runtime, base: &str, n: usize, rounds: usize) -> (f
 /// The raw baseline: a tokio-tungstenite server writing each stamp to `n` sockets, each socket
 /// writing what is queued for it in one go.
 async fn raw_broadcast(n: usize, rounds: usize) -> (f64, f64) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
     let (tx, _) = tokio::sync::broadcast::channel::<Vec<u8>>(1024);
     let sender = tx.clone();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let mut rx = sender.subscribe();
-            tokio::spawn(async move {
-                let mut ws = tokio_tungstenite::accept_async(stream).await.unwrap();
-                // Frames queued together are written together, as the runtime writes them.
-                while let Ok(frame) = rx.recv().await {
+    let addr = raw_server(move |_, mut ws| {
+        let mut rx = sender.subscribe();
+        async move {
+            // Frames queued together are written together, as the runtime writes them.
+            while let Ok(frame) = rx.recv().await {
+                let _ = ws.feed(Message::Binary(frame.into())).await;
+                while let Ok(frame) = rx.try_recv() {
                     let _ = ws.feed(Message::Binary(frame.into())).await;
-                    while let Ok(frame) = rx.try_recv() {
-                        let _ = ws.feed(Message::Binary(frame.into())).await;
-                    }
-                    if ws.flush().await.is_err() {
-                        break;
-                    }
                 }
-            });
+                if ws.flush().await.is_err() {
+                    break;
+                }
+            }
         }
-    });
+    })
+    .await;
     let mut sockets = Vec::new();
     for _ in 0..n {
         sockets.push(

@@ -30,3 +30,18 @@ impl Counter {
             .query_row([by], |r| r.get(0))?)
     }
 }
+
+/// A plain rusqlite connection for the raw baselines: WAL, the given `synchronous` setting, and
+/// the bench's table.
+pub fn raw_open(path: &std::path::Path, synchronous: &str) -> rusqlite::Connection {
+    let conn = rusqlite::Connection::open(path).unwrap();
+    conn.pragma_update(None, "journal_mode", "WAL").unwrap();
+    conn.pragma_update(None, "synchronous", synchronous)
+        .unwrap();
+    conn.execute_batch(&format!(
+        "CREATE TABLE IF NOT EXISTS {}",
+        &SCHEMA["CREATE TABLE ".len()..]
+    ))
+    .unwrap();
+    conn
+}
