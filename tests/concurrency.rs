@@ -88,6 +88,8 @@ async fn call_chains_work_and_cycles_fail_fast() {
             .forward(path(&cycle))
             .await
             .unwrap_err();
+        // The inner cycle passed through each relay's `?` and kept its kind.
+        assert!(matches!(err, RpcError::Cycle(_)), "{cycle:?}: {err:?}");
         let message = err.to_string();
         assert!(message.contains("call cycle"), "{cycle:?}: {message}");
         assert!(message.contains("relay/a"), "{message}");

@@ -119,13 +119,17 @@ async fn bad_frames_get_answers_and_the_connection_stays_up() {
     ws.send(Message::Text("this is not json".into()))
         .await
         .unwrap();
-    assert_eq!(next_json(&mut ws).await["type"], "error");
+    let error = next_json(&mut ws).await;
+    assert_eq!(
+        (&error["type"], &error["kind"]),
+        (&json!("error"), &json!("bad_args"))
+    );
     send_json(&mut ws, json!({"type": "teleport"})).await;
-    assert_eq!(next_json(&mut ws).await["type"], "error");
+    assert_eq!(next_json(&mut ws).await["kind"], "bad_args");
     ws.send(Message::Binary(vec![1, 2, 3].into()))
         .await
         .unwrap();
-    assert_eq!(next_json(&mut ws).await["type"], "error");
+    assert_eq!(next_json(&mut ws).await["kind"], "bad_args");
     // Still up, and nothing was written by the failed calls.
     send_json(&mut ws, json!({"type": "call", "id": 5, "method": "get"})).await;
     assert_eq!(

@@ -9,6 +9,7 @@ use crate::payload::{Codec, Payload};
 /// What went wrong with a call, as the wire names it (`"kind"` in the JSON protocol).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[repr(u8)]
 pub enum ErrorKind {
     /// The handler ran and returned its own typed error.
     App,
@@ -140,33 +141,119 @@ impl std::error::Error for RawError {}
 /// The error of a typed call: the callable's own error `E`, or what the framework reports.
 ///
 /// Callables that return a plain value (not a `Result`) use the uninhabited [`NoError`].
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+///
+/// A framework error keeps its kind through `?` into a handler's error: its
+/// [`source`](std::error::Error::source) is a [`FrameworkError`], which
+/// [`FrameworkError::find`] recovers from any error chain (the runtime's `AppError` does this, so
+/// a callable that lets another agent's `Timeout` pass with `?` fails with `timeout`, not `app`).
+#[derive(Debug, Clone, PartialEq)]
 pub enum RpcError<E = NoError> {
     /// The handler returned `Err(e)`. Its writes were rolled back.
-    #[error("{0}")]
     App(E),
     /// The agent has no callable of this name (the caller is newer than the agent?).
-    #[error("unknown method: {0}")]
     UnknownMethod(String),
     /// The arguments did not decode, or the address is invalid.
-    #[error("bad arguments: {0}")]
     BadArgs(String),
     /// The deadline passed. The call may or may not have run.
-    #[error("the call's deadline passed")]
     Timeout,
     /// The call was cancelled before it ran.
-    #[error("the call was cancelled")]
     Cancelled,
     /// The agent or runtime is over capacity; nothing ran.
-    #[error("overloaded: {0}")]
     Overloaded(String),
     /// The call would deadlock: its target is waiting on this very call chain.
-    #[error("call cycle: {0}")]
     Cycle(String),
     /// A panicking handler, a storage failure, a runtime that shut down.
-    #[error("internal error: {0}")]
     Internal(String),
 }
+
+impl<E: fmt::Display> fmt::Display for RpcError<E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RpcError::App(e) => write!(f, "{e}"),
+            other => write!(
+                f,
+                "{}{}",
+                prefix(other.kind()),
+                other.message().unwrap_or_default()
+            ),
+        }
+    }
+}
+
+impl<E: fmt::Debug + fmt::Display> std::error::Error for RpcError<E> {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self.kind() {
+            ErrorKind::App => None,
+            kind => Some(&FRAMEWORK[kind as usize]),
+        }
+    }
+}
+
+/// How `RpcError` introduces the message of each framework kind.
+fn prefix(kind: ErrorKind) -> &'static str {
+    match kind {
+        ErrorKind::App => "",
+        ErrorKind::UnknownMethod => "unknown method: ",
+        ErrorKind::BadArgs => "bad arguments: ",
+        ErrorKind::Timeout => "the call's deadline passed",
+        ErrorKind::Cancelled => "the call was cancelled",
+        ErrorKind::Overloaded => "overloaded: ",
+        ErrorKind::Cycle => "call cycle: ",
+        ErrorKind::Internal => "internal error: ",
+    }
+}
+
+/// The kind of a framework error (every [`ErrorKind`] but `App`), as the
+/// [`source`](std::error::Error::source) of an [`RpcError`]: it lets code that holds only a
+/// `dyn Error` keep the kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameworkError(ErrorKind);
+
+static FRAMEWORK: [FrameworkError; 8] = [
+    FrameworkError(ErrorKind::App),
+    FrameworkError(ErrorKind::UnknownMethod),
+    FrameworkError(ErrorKind::BadArgs),
+    FrameworkError(ErrorKind::Timeout),
+    FrameworkError(ErrorKind::Cancelled),
+    FrameworkError(ErrorKind::Overloaded),
+    FrameworkError(ErrorKind::Cycle),
+    FrameworkError(ErrorKind::Internal),
+];
+
+impl FrameworkError {
+    /// The kind.
+    pub fn kind(&self) -> ErrorKind {
+        self.0
+    }
+
+    /// The framework kind of `error` and its message, if `error` is (or wraps, anywhere in its
+    /// chain of sources) an [`RpcError`] that is not `App`. The message is the innermost
+    /// error's own, without the prefix `RpcError`'s `Display` puts before it.
+    pub fn find(error: &(dyn std::error::Error + 'static)) -> Option<(ErrorKind, String)> {
+        let mut chain = std::iter::successors(Some(error), |e| e.source());
+        let mut outer = None;
+        for e in chain.by_ref() {
+            if let Some(found) = e.downcast_ref::<FrameworkError>() {
+                let rpc = outer.unwrap_or(error).to_string();
+                let message = match found.0 {
+                    ErrorKind::Timeout | ErrorKind::Cancelled => rpc,
+                    kind => rpc.strip_prefix(prefix(kind)).unwrap_or(&rpc).to_owned(),
+                };
+                return Some((found.0, message));
+            }
+            outer = Some(e);
+        }
+        None
+    }
+}
+
+impl fmt::Display for FrameworkError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "a framework error of kind `{}`", self.0)
+    }
+}
+
+impl std::error::Error for FrameworkError {}
 
 impl<E> RpcError<E> {
     /// The wire kind of this error.
@@ -180,6 +267,18 @@ impl<E> RpcError<E> {
             RpcError::Overloaded(_) => ErrorKind::Overloaded,
             RpcError::Cycle(_) => ErrorKind::Cycle,
             RpcError::Internal(_) => ErrorKind::Internal,
+        }
+    }
+
+    /// The message of a framework error (`None` for `App`, `Timeout` and `Cancelled`).
+    pub fn message(&self) -> Option<&str> {
+        match self {
+            RpcError::UnknownMethod(m)
+            | RpcError::BadArgs(m)
+            | RpcError::Overloaded(m)
+            | RpcError::Cycle(m)
+            | RpcError::Internal(m) => Some(m),
+            RpcError::App(_) | RpcError::Timeout | RpcError::Cancelled => None,
         }
     }
 
@@ -203,3 +302,33 @@ impl fmt::Display for NoError {
 }
 
 impl std::error::Error for NoError {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("while syncing: {0}")]
+    struct Wrapper(#[source] RpcError<String>);
+
+    #[test]
+    fn framework_kinds_are_found_through_sources() {
+        let cycle: RpcError<String> = RpcError::Cycle("a -> a".into());
+        assert_eq!(cycle.to_string(), "call cycle: a -> a");
+        assert_eq!(
+            FrameworkError::find(&cycle),
+            Some((ErrorKind::Cycle, "a -> a".into()))
+        );
+        let wrapped = Wrapper(RpcError::Timeout);
+        assert_eq!(
+            FrameworkError::find(&wrapped),
+            Some((ErrorKind::Timeout, "the call's deadline passed".into()))
+        );
+        let app: RpcError<String> = RpcError::App("no".into());
+        assert_eq!(FrameworkError::find(&app), None);
+        assert_eq!(app.to_string(), "no");
+        for kind in FRAMEWORK {
+            assert_eq!(FRAMEWORK[kind.0 as usize], kind);
+        }
+    }
+}

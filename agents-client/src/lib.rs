@@ -17,7 +17,7 @@ mod stream;
 mod transport;
 mod ws;
 
-pub use error::{ErrorKind, NoError, RawError, RpcError};
+pub use error::{ErrorKind, FrameworkError, NoError, RawError, RpcError};
 pub use payload::{Codec, CodecError, Payload};
 pub use stream::{CallStream, EventStream, StateStream, StreamError};
 pub use transport::{

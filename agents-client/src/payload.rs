@@ -31,11 +31,24 @@ impl Codec {
         match self {
             Codec::Postcard => postcard::to_stdvec(value)
                 .map(Payload::Postcard)
-                .map_err(|e| CodecError(e.to_string())),
+                .map_err(postcard_error),
             Codec::Json => serde_json::to_value(value)
                 .map(Payload::Json)
                 .map_err(|e| CodecError(e.to_string())),
         }
+    }
+}
+
+/// Postcard's refusal, with what to do about it when the type has no postcard form.
+fn postcard_error(e: postcard::Error) -> CodecError {
+    match e {
+        postcard::Error::WontImplement => CodecError(format!(
+            "{e}: postcard cannot carry self-describing types (`serde_json::Value`, \
+             `#[serde(tag = ..)]`, `untagged` or `flatten`); use the JSON codec for this \
+             agent (`ConnectOptions::codec(Codec::Json)` on a network client), or a type \
+             postcard can carry"
+        )),
+        e => CodecError(e.to_string()),
     }
 }
 
@@ -52,8 +65,7 @@ impl Payload {
     pub fn decode<T: DeserializeOwned>(&self) -> Result<T, CodecError> {
         match self {
             Payload::Postcard(bytes) => {
-                let (value, rest) =
-                    postcard::take_from_bytes(bytes).map_err(|e| CodecError(e.to_string()))?;
+                let (value, rest) = postcard::take_from_bytes(bytes).map_err(postcard_error)?;
                 if rest.is_empty() {
                     Ok(value)
                 } else {

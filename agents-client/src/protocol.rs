@@ -22,7 +22,8 @@
 //! - `{"type":"cancel","id":7}`: gives up on call 7. If it has not run yet it never will; its
 //!   reply is `cancelled` either way.
 //! - `{"type":"message","data":<any JSON>}`: a message for the agent's `on_message`, which
-//!   receives the JSON text of `data`.
+//!   receives a string `data` as its text (as if sent on a raw socket) and any other `data` as
+//!   its JSON text.
 //! - `{"type":"credit","id":7,"chunks":16}`: flow control for streaming call 7 (optional).
 //!   Without it, chunks come as fast as the client reads the socket. With it, the server sends
 //!   a chunk only while the call has credit left, each chunk using one, and waits for more.
@@ -47,8 +48,10 @@
 //!   stops the stream.
 //! - `{"type":"event","data":<event>}`: an event the agent sent to this connection or
 //!   broadcast. Events a call sends arrive before the call's reply.
-//! - `{"type":"error","message":".."}`: a frame that could not be understood at all (not
-//!   JSON, an unknown `type`, a binary frame), or a `message` whose `on_message` failed. The
+//! - `{"type":"error","kind":"<kind>","message":"..","data":..}`: the same error object as a
+//!   call's `err`, for what is not a call: a frame that could not be understood at all (not
+//!   JSON, an unknown `type`, a binary frame: `bad_args`), or a `message` whose `on_message`
+//!   failed (`app` with the handler's error in `data`, or `internal` if it panicked). The
 //!   connection stays open.
 //!
 //! Every frame the server sends leaves only once the writes of the event that produced it are
@@ -167,9 +170,14 @@ pub fn state_frame(state_json: &str) -> String {
     format!(r#"{{"type":"state","state":{state_json}}}"#)
 }
 
-/// `{"type":"error","message":..}`
-pub fn error_frame(message: &str) -> String {
-    json!({ "type": "error", "message": message }).to_string()
+/// `{"type":"error","kind":..,"message":..,"data":..}`: the error object of a call error, in a
+/// frame of its own.
+pub fn error_frame(error: &RawError) -> String {
+    let mut frame = json!({ "type": "error" });
+    if let (Value::Object(frame), Value::Object(object)) = (&mut frame, error_object(error)) {
+        frame.extend(object);
+    }
+    frame.to_string()
 }
 
 #[cfg(test)]
@@ -225,7 +233,10 @@ mod tests {
             reply_frame(7, &Ok(Payload::Json(json!(5)))),
             r#"{"type":"reply","id":7,"ok":5}"#
         );
-        assert_eq!(error_frame("x"), r#"{"type":"error","message":"x"}"#);
+        assert_eq!(
+            error_frame(&RawError::bad_args("x")),
+            r#"{"type":"error","kind":"bad_args","message":"x"}"#
+        );
         let ok: Value =
             serde_json::from_str(&reply_frame(7, &Ok(Payload::Json(json!(5))))).unwrap();
         assert_eq!(ok, json!({"type": "reply", "id": 7, "ok": 5}));
@@ -300,7 +311,8 @@ pub enum PostcardServerFrame {
         /// The result or the error.
         result: Result<Vec<u8>, WireError>,
     },
-    /// A frame that could not be understood, or an `on_message` that failed.
+    /// A frame that could not be understood, or an `on_message` that failed (older servers;
+    /// this one sends [`Failed`](PostcardServerFrame::Failed)).
     Error {
         /// Why.
         message: String,
@@ -322,6 +334,13 @@ pub enum PostcardServerFrame {
         id: u64,
         /// The encoded item.
         data: Vec<u8>,
+    },
+    /// A frame that could not be understood (`bad_args`), or an `on_message` that failed (with
+    /// the application's error, as a call's); added last, so that the other variants keep
+    /// their discriminants.
+    Failed {
+        /// What went wrong.
+        error: WireError,
     },
 }
 
@@ -361,6 +380,13 @@ impl From<WireError> for RawError {
 }
 
 impl PostcardServerFrame {
+    /// An `internal` error frame saying `why`.
+    pub fn failed(why: &str) -> Self {
+        PostcardServerFrame::Failed {
+            error: WireError::from(&RawError::internal(why)),
+        }
+    }
+
     /// The chunk frame for `data` (which is in postcard).
     pub fn chunk(id: u64, data: &Payload) -> Self {
         match data {

@@ -349,6 +349,9 @@ fn read(inner: &Inner, bytes: &[u8]) {
         Ok(PostcardServerFrame::Error { message }) => {
             tracing::warn!("the server reports an error: {message}")
         }
+        Ok(PostcardServerFrame::Failed { error }) => {
+            tracing::warn!("the server reports an error: {}", RawError::from(error))
+        }
         Ok(PostcardServerFrame::Identity { .. }) => {}
         Err(e) => tracing::warn!("a frame from the server did not decode: {e}"),
     }

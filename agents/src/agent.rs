@@ -3,7 +3,9 @@
 
 use std::{borrow::Cow, fmt, future::Future};
 
-use agents_client::{BoxFuture, Codec, MethodInfo, Payload, RawError, RawStream};
+use agents_client::{
+    BoxFuture, Codec, ErrorKind, FrameworkError, MethodInfo, Payload, RawError, RawStream,
+};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 use crate::{
@@ -257,13 +259,22 @@ impl Invocation {
 
     /// Encodes a `Result` return value; `Err` becomes an `app` error carrying the typed value.
     #[doc(hidden)]
-    pub fn result<T: Serialize, E: Serialize + fmt::Display>(
+    pub fn result<T: Serialize, E: Serialize + fmt::Display + 'static>(
         &self,
         r: Result<T, E>,
     ) -> Result<Payload, RawError> {
         match r {
             Ok(v) => self.ok(&v),
-            Err(e) => Err(RawError::app(self.codec(), &e)),
+            Err(e) => Err(self.error(e)),
+        }
+    }
+
+    /// A callable's error: `app` with its data, unless it is an [`AppError`] that carries the
+    /// kind of a failed call to another agent.
+    fn error<E: Serialize + fmt::Display + 'static>(&self, e: E) -> RawError {
+        match (&e as &dyn std::any::Any).downcast_ref::<AppError>() {
+            Some(app) => app.clone().into_raw(self.codec()),
+            None => RawError::app(self.codec(), &e),
         }
     }
 }
@@ -274,10 +285,10 @@ impl Invocation {
     pub fn stream<T, E, SE>(&self, r: Result<Streaming<T, SE>, E>) -> Result<Payload, RawError>
     where
         T: Serialize + Send + 'static,
-        E: Serialize + fmt::Display,
+        E: Serialize + fmt::Display + 'static,
         SE: Serialize + fmt::Display + Send + 'static,
     {
-        let stream = r.map_err(|e| RawError::app(self.codec(), &e))?;
+        let stream = r.map_err(|e| self.error(e))?;
         let stream = stream.encode(self.codec(), self.method.clone().into_owned());
         *self.stream.lock().unwrap_or_else(|e| e.into_inner()) = Some(stream);
         Ok(Payload::Postcard(Vec::new()))
@@ -292,20 +303,31 @@ impl Invocation {
 /// A ready-made application error: a message, serializable, and convertible from any error
 /// with `?` (rusqlite, the runtime's [`Error`](crate::Error), I/O, ...).
 ///
+/// A failed call to another agent keeps its kind through `?`: a callable that lets another
+/// agent's `Timeout`, `Overloaded` or `Cycle` pass fails with that kind (HTTP 504, 503, 500),
+/// not as `app` (422). Only errors of the application itself are `app`.
+///
 /// ```
-/// use agents::AppError;
+/// use agents::{AppError, ErrorKind, RpcError};
 /// fn parse(s: &str) -> Result<i64, AppError> {
 ///     let n: i64 = s.parse()?;
 ///     if n < 0 { return Err(AppError::msg("negative")); }
 ///     Ok(n)
 /// }
 /// assert_eq!(parse("-1").unwrap_err().to_string(), "negative");
-/// assert!(parse("x").is_err());
+/// assert_eq!(parse("x").unwrap_err().kind(), ErrorKind::App);
+///
+/// let timeout: Result<(), RpcError> = Err(RpcError::Timeout);
+/// let passed = (|| -> Result<(), AppError> { Ok(timeout?) })();
+/// assert_eq!(passed.unwrap_err().kind(), ErrorKind::Timeout);
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AppError {
     /// What went wrong, for people.
     pub message: String,
+    /// The framework kind of an error that came from another call (`None`: the application's).
+    #[serde(skip)]
+    framework: Option<ErrorKind>,
 }
 
 impl AppError {
@@ -313,6 +335,21 @@ impl AppError {
     pub fn msg(message: impl fmt::Display) -> Self {
         AppError {
             message: message.to_string(),
+            framework: None,
+        }
+    }
+
+    /// What kind of error the caller gets: `App`, or the kind of a failed call to another agent
+    /// that this error carries.
+    pub fn kind(&self) -> ErrorKind {
+        self.framework.unwrap_or(ErrorKind::App)
+    }
+
+    /// As a wire error: `app` with this error as its data, or the framework kind it carries.
+    pub(crate) fn into_raw(self, codec: Codec) -> RawError {
+        match self.framework {
+            Some(kind) => RawError::new(kind, self.message),
+            None => RawError::app(codec, &self),
         }
     }
 }
@@ -325,6 +362,12 @@ impl fmt::Display for AppError {
 
 impl<E: std::error::Error + Send + Sync + 'static> From<E> for AppError {
     fn from(e: E) -> Self {
-        AppError::msg(e)
+        match FrameworkError::find(&e) {
+            Some((kind, message)) => AppError {
+                message,
+                framework: Some(kind),
+            },
+            None => AppError::msg(e),
+        }
     }
 }

@@ -11,7 +11,7 @@ use std::{
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
-use crate::{agent::AgentClass, error::Error};
+use crate::{agent::AgentClass, error::Error, storage::Stored};
 
 /// A connection's id: stable for the connection's lifetime (across the agent's hibernation),
 /// never reused, and the same string the client received in its `identity` frame.
@@ -37,9 +37,13 @@ impl fmt::Display for ConnId {
 
 /// A message from (or to) a WebSocket, as `on_message` receives it.
 ///
-/// On a connection without a subprotocol every data frame arrives as is. On `agents.v1.json`,
-/// a `{"type":"message","data":..}` frame arrives as `Text` holding the JSON of `data`; on
-/// `agents.v1.postcard`, a `Message` frame arrives as `Binary`.
+/// The same message arrives the same way whatever the connection speaks
+/// ([`Conn::protocol`] tells which):
+/// - without a subprotocol, every data frame as is: `ws.send("hi")` is `Text("hi")`;
+/// - on `agents.v1.json`, a `{"type":"message","data":..}` frame: a string `data` as its text
+///   (`"data":"hi"` is `Text("hi")` too), any other `data` as its JSON text
+///   (`"data":{"x":1}` is `Text(r#"{"x":1}"#)`, which [`json`](WsMessage::json) decodes);
+/// - on `agents.v1.postcard`, a `Message` frame's bytes as `Binary`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WsMessage {
     /// A text frame.
@@ -57,6 +61,15 @@ impl WsMessage {
         }
     }
 
+    /// Decodes the message as JSON (a text, or the bytes of a binary message).
+    pub fn json<T: DeserializeOwned>(&self) -> Result<T, Error> {
+        let decoded = match self {
+            WsMessage::Text(s) => serde_json::from_str(s),
+            WsMessage::Binary(b) => serde_json::from_slice(b),
+        };
+        decoded.map_err(|e| Error::Codec(format!("the message is not the JSON expected: {e}")))
+    }
+
     /// The message's bytes, text or binary.
     pub fn as_bytes(&self) -> &[u8] {
         match self {
@@ -67,10 +80,19 @@ impl WsMessage {
 }
 
 /// A value encoded for both protocols at once: it is sent to connections of either kind.
+/// Some types have no postcard form (`serde_json::Value`, tagged enums): postcard connections
+/// then get an error frame that says so.
 #[derive(Debug)]
 pub(crate) struct Encoded {
     pub json: String,
-    pub postcard: Vec<u8>,
+    pub postcard: Result<Vec<u8>, String>,
+}
+
+impl Encoded {
+    /// The JSON as a value.
+    pub fn json_value(&self) -> serde_json::Value {
+        serde_json::from_str(&self.json).unwrap_or(serde_json::Value::Null)
+    }
 }
 
 impl Encoded {
@@ -78,8 +100,13 @@ impl Encoded {
         Ok(Encoded {
             json: serde_json::to_string(value)
                 .map_err(|e| Error::Codec(format!("{what} as JSON: {e}")))?,
-            postcard: postcard::to_stdvec(value)
-                .map_err(|e| Error::Codec(format!("{what} as postcard: {e}")))?,
+            postcard: agents_client::Codec::Postcard
+                .encode(value)
+                .map(|p| match p {
+                    agents_client::Payload::Postcard(bytes) => bytes,
+                    _ => unreachable!("postcard encodes to postcard"),
+                })
+                .map_err(|e| format!("{what} cannot be sent in postcard: {e}")),
         })
     }
 }
@@ -93,8 +120,9 @@ pub(crate) enum Outgoing {
     State(Encoded),
     /// A frame sent exactly as given, whatever the connection's protocol.
     Raw(WsMessage),
-    /// An `error` frame (raw connections do not get it).
-    Error(String),
+    /// An `error` frame (raw connections do not get it): the error, and for an application
+    /// error its value in both encodings.
+    Error(agents_client::RawError, Option<Encoded>),
     /// Closes the connection with a code and a reason.
     Close(u16, String),
 }
@@ -108,8 +136,8 @@ pub(crate) enum Effect {
     Broadcast(Arc<Outgoing>, Vec<ConnId>),
     /// `on_connect` accepted the connection: broadcasts released from now on reach it.
     Admit(ConnId),
-    /// Store a connection's state (postcard), in the event's transaction.
-    SetState(ConnId, Vec<u8>),
+    /// Store a connection's state, in the event's transaction.
+    SetState(ConnId, Stored),
     /// Store a connection's tags, in the event's transaction.
     SetTags(ConnId, Vec<String>),
 }
@@ -143,6 +171,18 @@ pub(crate) fn close_reason(reason: &str) -> String {
     reason[..end].to_owned()
 }
 
+/// What a connection speaks, chosen by the client with the `Sec-WebSocket-Protocol` header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Protocol {
+    /// `agents.v1.json`: JSON frames (browsers, other languages).
+    Json,
+    /// `agents.v1.postcard`: binary frames (Rust clients).
+    Postcard,
+    /// No subprotocol: raw frames to and from `on_message`.
+    Raw,
+}
+
 /// One WebSocket connection of an agent, as handlers see it.
 ///
 /// The socket itself belongs to the runtime: it stays open while the agent hibernates, and a
@@ -153,8 +193,9 @@ pub(crate) fn close_reason(reason: &str) -> String {
 /// if the event fails.
 pub struct Conn<A> {
     id: ConnId,
+    protocol: Protocol,
     principal: Option<String>,
-    state: Mutex<Option<Vec<u8>>>,
+    state: Mutex<Option<Stored>>,
     tags: Mutex<Vec<String>>,
     effects: Effects,
     _agent: PhantomData<fn() -> A>,
@@ -177,6 +218,11 @@ impl<A> Conn<A> {
     /// This connection's id.
     pub fn id(&self) -> &ConnId {
         &self.id
+    }
+
+    /// What the connection speaks.
+    pub fn protocol(&self) -> Protocol {
+        self.protocol
     }
 
     /// What `on_before_connect` passed on for this connection (say, the authenticated user),
@@ -223,21 +269,15 @@ impl<A: AgentClass> Conn<A> {
     /// The connection's state, if it was ever set.
     pub fn state(&self) -> Result<Option<A::ConnState>, Error> {
         let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        state
-            .as_deref()
-            .map(|bytes| {
-                postcard::from_bytes(bytes)
-                    .map_err(|e| Error::Codec(format!("the state of connection {}: {e}", self.id)))
-            })
-            .transpose()
+        let what = format!("the state of connection {}", self.id);
+        state.as_ref().map(|s| s.decode(&what)).transpose()
     }
 
     /// Replaces the connection's state; it is stored with the event's writes.
     pub fn set_state(&self, state: &A::ConnState) -> Result<(), Error> {
-        let bytes = postcard::to_stdvec(state)
-            .map_err(|e| Error::Codec(format!("the state of connection {}: {e}", self.id)))?;
-        *self.state.lock().unwrap_or_else(|e| e.into_inner()) = Some(bytes.clone());
-        push(&self.effects, Effect::SetState(self.id.clone(), bytes));
+        let stored = Stored::encode(state, &format!("the state of connection {}", self.id))?;
+        *self.state.lock().unwrap_or_else(|e| e.into_inner()) = Some(stored.clone());
+        push(&self.effects, Effect::SetState(self.id.clone(), stored));
         Ok(())
     }
 
@@ -254,7 +294,8 @@ pub(crate) const TABLES: &str = "
 CREATE TABLE IF NOT EXISTS _agents_connections(
     id TEXT PRIMARY KEY,
     principal TEXT,
-    state BLOB
+    state BLOB,
+    protocol TEXT
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS _agents_conn_tags(
     tag TEXT NOT NULL,
@@ -270,11 +311,21 @@ CREATE TABLE IF NOT EXISTS _agents_state(
 ";
 
 /// Records a new connection.
-pub(crate) fn insert(sql: &Connection, id: &ConnId, principal: Option<&str>) -> Result<(), Error> {
+pub(crate) fn insert(
+    sql: &Connection,
+    id: &ConnId,
+    protocol: Protocol,
+    principal: Option<&str>,
+) -> Result<(), Error> {
+    let protocol = match protocol {
+        Protocol::Json => "json",
+        Protocol::Postcard => "postcard",
+        Protocol::Raw => "raw",
+    };
     sql.prepare_cached(
-        "INSERT OR REPLACE INTO _agents_connections(id, principal, state) VALUES (?1, ?2, NULL)",
+        "INSERT OR REPLACE INTO _agents_connections(id, principal, state, protocol) VALUES (?1, ?2, NULL, ?3)",
     )?
-    .execute(params![id.as_str(), principal])?;
+    .execute(params![id.as_str(), principal, protocol])?;
     Ok(())
 }
 
@@ -311,12 +362,17 @@ pub(crate) fn load<A>(
     id: &ConnId,
     effects: &Effects,
 ) -> Result<Option<Conn<A>>, Error> {
-    let row: Option<(Option<String>, Option<Vec<u8>>)> = sql
-        .prepare_cached("SELECT principal, state FROM _agents_connections WHERE id = ?1")?
-        .query_row([id.as_str()], |r| Ok((r.get(0)?, r.get(1)?)))
+    let row: Option<(Option<String>, Option<Stored>, Option<String>)> = sql
+        .prepare_cached("SELECT principal, state, protocol FROM _agents_connections WHERE id = ?1")?
+        .query_row([id.as_str()], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
         .optional()?;
-    let Some((principal, state)) = row else {
+    let Some((principal, state, protocol)) = row else {
         return Ok(None);
+    };
+    let protocol = match protocol.as_deref() {
+        Some("json") => Protocol::Json,
+        Some("postcard") => Protocol::Postcard,
+        _ => Protocol::Raw,
     };
     let tags: Vec<String> = sql
         .prepare_cached("SELECT tag FROM _agents_conn_tags WHERE conn = ?1 ORDER BY tag")?
@@ -324,6 +380,7 @@ pub(crate) fn load<A>(
         .collect::<Result<_, _>>()?;
     Ok(Some(Conn {
         id: id.clone(),
+        protocol,
         principal,
         state: Mutex::new(state),
         tags: Mutex::new(tags),
@@ -345,9 +402,9 @@ pub(crate) fn tagged(sql: &Connection, tag: &str) -> Result<Vec<ConnId>, Error> 
 pub(crate) fn apply_writes(sql: &Connection, effects: &[Effect]) -> Result<(), Error> {
     for effect in effects {
         match effect {
-            Effect::SetState(id, bytes) => {
+            Effect::SetState(id, state) => {
                 sql.prepare_cached("UPDATE _agents_connections SET state = ?2 WHERE id = ?1")?
-                    .execute(params![id.as_str(), bytes])?;
+                    .execute(params![id.as_str(), state])?;
             }
             Effect::SetTags(id, tags) => {
                 sql.prepare_cached("DELETE FROM _agents_conn_tags WHERE conn = ?1")?
@@ -365,8 +422,8 @@ pub(crate) fn apply_writes(sql: &Connection, effects: &[Effect]) -> Result<(), E
     Ok(())
 }
 
-/// The shared state, postcard-encoded, if it was ever set.
-pub(crate) fn load_state(sql: &Connection) -> Result<Option<Vec<u8>>, Error> {
+/// The shared state, if it was ever set.
+pub(crate) fn load_state(sql: &Connection) -> Result<Option<Stored>, Error> {
     Ok(sql
         .prepare_cached("SELECT state FROM _agents_state WHERE id = 0")?
         .query_row([], |r| r.get(0))
@@ -374,15 +431,24 @@ pub(crate) fn load_state(sql: &Connection) -> Result<Option<Vec<u8>>, Error> {
 }
 
 /// Stores the shared state.
-pub(crate) fn store_state(sql: &Connection, bytes: &[u8]) -> Result<(), Error> {
+pub(crate) fn store_state(sql: &Connection, state: &Stored) -> Result<(), Error> {
     sql.prepare_cached(
         "INSERT INTO _agents_state(id, state) VALUES (0, ?1) ON CONFLICT(id) DO UPDATE SET state = excluded.state",
     )?
-    .execute([bytes])?;
+    .execute([state])?;
     Ok(())
 }
 
-/// Decodes the stored shared state.
-pub(crate) fn decode_state<S: DeserializeOwned>(bytes: &[u8]) -> Result<S, Error> {
-    postcard::from_bytes(bytes).map_err(|e| Error::Codec(format!("the shared state: {e}")))
+/// Brings the runtime's connection tables of a database from before schema 4 up to date (the
+/// tables themselves are created by [`TABLES`]).
+pub(crate) fn upgrade(sql: &Connection) -> Result<(), Error> {
+    let has_protocol: bool = sql.query_row(
+        "SELECT count(*) > 0 FROM pragma_table_info('_agents_connections') WHERE name = 'protocol'",
+        [],
+        |r| r.get(0),
+    )?;
+    if !has_protocol {
+        sql.execute_batch("ALTER TABLE _agents_connections ADD COLUMN protocol TEXT")?;
+    }
+    Ok(())
 }

@@ -44,7 +44,7 @@ use tracing::Instrument;
 use crate::{
     address::AgentKey,
     agent::Invocation,
-    conn::{close_reason, ConnId, Effect, Outgoing, WsMessage},
+    conn::{close_reason, ConnId, Effect, Outgoing, Protocol, WsMessage},
     inflight::InFlight,
     outbound::{self, Outbound},
     registry::{CallEvent, Chain, Class, Event, ReplyTo},
@@ -129,6 +129,11 @@ impl Sockets {
     pub fn is_open(&self, key: &AgentKey, id: &ConnId) -> bool {
         self.of(key)
             .is_some_and(|conns| lock(&conns).contains_key(id))
+    }
+
+    /// How many sockets `key` has open.
+    pub fn count_of(&self, key: &AgentKey) -> usize {
+        self.of(key).map_or(0, |conns| lock(&conns).len())
     }
 
     /// How many sockets are open, over all agents.
@@ -268,6 +273,16 @@ pub(crate) enum Wire {
     Raw = 2,
 }
 
+impl From<Wire> for Protocol {
+    fn from(wire: Wire) -> Self {
+        match wire {
+            Wire::Json => Protocol::Json,
+            Wire::Postcard => Protocol::Postcard,
+            Wire::Raw => Protocol::Raw,
+        }
+    }
+}
+
 /// A frame from the client, whatever its encoding.
 enum Incoming {
     Call {
@@ -299,20 +314,38 @@ impl Wire {
             (Outgoing::Raw(WsMessage::Binary(b)), _) => Message::Binary(b.clone().into()),
             (Outgoing::Close(code, reason), _) => close(*code, reason),
             (Outgoing::Event(e), Wire::Raw) => Message::Text(e.json.clone().into()),
-            (Outgoing::State(_) | Outgoing::Error(_), Wire::Raw) => return None,
+            (Outgoing::State(_) | Outgoing::Error(..), Wire::Raw) => return None,
             (Outgoing::Event(e), wire) => wire.frame(
                 || protocol::event_frame(&e.json),
-                || protocol::PostcardServerFrame::Event {
-                    data: e.postcard.clone(),
+                || match &e.postcard {
+                    Ok(data) => protocol::PostcardServerFrame::Event { data: data.clone() },
+                    Err(why) => protocol::PostcardServerFrame::failed(why),
                 },
             ),
             (Outgoing::State(s), wire) => wire.frame(
                 || protocol::state_frame(&s.json),
-                || protocol::PostcardServerFrame::State {
-                    state: s.postcard.clone(),
+                || match &s.postcard {
+                    Ok(state) => protocol::PostcardServerFrame::State {
+                        state: state.clone(),
+                    },
+                    Err(why) => protocol::PostcardServerFrame::failed(why),
                 },
             ),
-            (Outgoing::Error(message), wire) => wire.error(message),
+            (Outgoing::Error(error, data), wire) => wire.frame(
+                || {
+                    let data = data.as_ref().map(|d| Payload::Json(d.json_value()));
+                    protocol::error_frame(&RawError {
+                        data,
+                        ..error.clone()
+                    })
+                },
+                || protocol::PostcardServerFrame::Failed {
+                    error: protocol::WireError {
+                        data: data.as_ref().and_then(|d| d.postcard.clone().ok()),
+                        ..protocol::WireError::from(error)
+                    },
+                },
+            ),
         })
     }
 
@@ -354,11 +387,13 @@ impl Wire {
         )
     }
 
-    fn error(self, message: &str) -> Message {
+    /// An `error` frame: a frame that could not be read (`bad_args`), a message that could not
+    /// be delivered.
+    fn error(self, error: &RawError) -> Message {
         self.frame(
-            || protocol::error_frame(message),
-            || protocol::PostcardServerFrame::Error {
-                message: message.to_owned(),
+            || protocol::error_frame(error),
+            || protocol::PostcardServerFrame::Failed {
+                error: protocol::WireError::from(error),
             },
         )
     }
@@ -394,7 +429,10 @@ impl Wire {
                         Ok(Incoming::Credit { id, chunks })
                     }
                     protocol::ClientFrame::Message { data } => {
-                        Ok(Incoming::Message(WsMessage::Text(data.to_string())))
+                        Ok(Incoming::Message(WsMessage::Text(match data {
+                            serde_json::Value::String(text) => text,
+                            other => other.to_string(),
+                        })))
                     }
                 }
             }
@@ -543,6 +581,7 @@ impl Connection {
         let (done, connected) = oneshot::channel();
         let event = Event::Connect {
             conn: self.conn.clone(),
+            protocol: self.wire.into(),
             principal: self.principal.as_deref().map(str::to_owned),
             done,
         };
@@ -663,7 +702,7 @@ impl Connection {
                 }
             };
             match self.wire.parse(&frame) {
-                Err(e) => out.send(self.wire.error(&e)),
+                Err(e) => out.send(self.wire.error(&RawError::bad_args(e))),
                 Ok(Incoming::Call {
                     id,
                     method,
@@ -710,10 +749,8 @@ impl Connection {
                         message,
                     };
                     if let Err((e, _)) = self.route(event, &mut timer, &calls, out).await {
-                        out.send(
-                            self.wire
-                                .error(&format!("the message cannot be delivered: {e}")),
-                        );
+                        let e = RawError::internal(format!("the message cannot be delivered: {e}"));
+                        out.send(self.wire.error(&e));
                     }
                 }
             }

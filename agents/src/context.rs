@@ -1,11 +1,6 @@
 //! [`Ctx`]: what a handler can reach besides `self`.
 
-use std::{
-    fmt,
-    marker::PhantomData,
-    sync::{Arc, Mutex},
-    time::SystemTime,
-};
+use std::{fmt, marker::PhantomData, sync::Arc, time::SystemTime};
 
 use agents_client::MethodCall;
 
@@ -20,7 +15,7 @@ use crate::{
     registry::{Chain, Shared},
     runtime::client_for,
     schedule::{self, DeadLetter, Schedule, When},
-    storage::{self, Kv},
+    storage::{self, Kv, Stored},
 };
 
 /// The context of the event an agent is handling: its identity, its database, and typed
@@ -33,15 +28,47 @@ pub struct Ctx<A> {
     id: String,
     pub(crate) shared: Arc<Shared>,
     pub(crate) conn: Option<Connection>,
-    /// The agents waiting on the current event, this one included.
-    pub(crate) chain: Chain,
-    /// What the current event does to connections (applied if it succeeds).
-    pub(crate) effects: Effects,
-    /// The connection the current call arrived on, if any.
-    pub(crate) caller: Option<ConnId>,
-    /// Who made the current call, as an admission hook said.
-    pub(crate) principal: Option<Arc<str>>,
+    /// What belongs to the event being handled (a fresh one for each event).
+    pub(crate) turn: Turn,
     _agent: PhantomData<fn() -> A>,
+}
+
+/// The per-event part of a [`Ctx`]: made when an event starts, ended when it ends, so nothing
+/// of one event (who called, who waits, what it sends) leaks into the next.
+#[derive(Default)]
+pub(crate) struct Turn {
+    /// The agents waiting on this event, this one included. Calls made while the handler
+    /// runs (on its task: see [`Chain::current`]) carry it.
+    pub chain: Chain,
+    /// What the event does to connections (applied if it succeeds).
+    pub effects: Effects,
+    /// The connection the call arrived on, if any.
+    caller: Option<ConnId>,
+    /// Who made the call, as an admission hook said.
+    principal: Option<Arc<str>>,
+}
+
+impl Turn {
+    /// An event of `key` on behalf of `waiting` (the chain of its callers, empty for events
+    /// nobody waits on), from the connection `caller` and the principal `principal`.
+    pub fn new(
+        key: &AgentKey,
+        waiting: &Chain,
+        caller: Option<ConnId>,
+        principal: Option<Arc<str>>,
+    ) -> Self {
+        Turn {
+            chain: waiting.push(key.clone()),
+            effects: Effects::default(),
+            caller,
+            principal,
+        }
+    }
+
+    /// Ends the event; returns what it did to connections.
+    pub fn end(self) -> Vec<Effect> {
+        std::mem::take(&mut *self.effects.lock().unwrap_or_else(|e| e.into_inner()))
+    }
 }
 
 impl<A> Ctx<A> {
@@ -51,10 +78,7 @@ impl<A> Ctx<A> {
             key,
             shared,
             conn: None,
-            chain: Chain::default(),
-            effects: Arc::new(Mutex::new(Vec::new())),
-            caller: None,
-            principal: None,
+            turn: Turn::default(),
             _agent: PhantomData,
         }
     }
@@ -151,7 +175,8 @@ impl<A> Ctx<A> {
         let args = call
             .args()
             .map_err(|e| Error::Codec(format!("arguments of `{}`: {e}", call.method())))?;
-        schedule::insert(self.sql(), key, call.method(), args, &when, self.now_ms())
+        let args = Stored::Json(args.to_string());
+        schedule::insert(self.sql(), key, call.method(), &args, &when, self.now_ms())
     }
 
     /// The agent's scheduled rows (not its alarm), by next time.
@@ -199,8 +224,14 @@ impl<A> Ctx<A> {
     /// A typed client for another agent (or another instance of this class). While this
     /// handler awaits it, this agent keeps its turn; a call that would come back to an agent
     /// already waiting in this chain fails at once with `RpcError::Cycle`.
+    ///
+    /// What a call waits on behalf of is decided when it is made, not when the client was: a
+    /// call made by a handler (on its task) carries the agents waiting on that handler; a
+    /// call made from a task the handler spawned, or after the handler returned (a client
+    /// kept in a field and used by a later event carries that event's), carries only what
+    /// really waits on it.
     pub fn agent<B: AgentClass>(&self, name: &str) -> B::Client {
-        client_for::<B>(&self.shared, name, self.chain.clone())
+        client_for::<B>(&self.shared, name)
     }
 }
 
@@ -209,7 +240,7 @@ impl<A: AgentClass> Ctx<A> {
     /// The connection the current call arrived on (`None` for calls from other agents, from
     /// HTTP, from schedules, and in hooks, which get their `Conn` as an argument).
     pub fn caller(&self) -> Option<&ConnId> {
-        self.caller.as_ref()
+        self.turn.caller.as_ref()
     }
 
     /// Who made the current call: the principal that `on_before_request` passed on for a call
@@ -218,13 +249,18 @@ impl<A: AgentClass> Ctx<A> {
     /// [`Conn::principal`] and the [`Principal`](crate::Principal) of an `HttpRequest`), and
     /// when the hook let the caller in without one.
     pub fn principal(&self) -> Option<&str> {
-        self.principal.as_deref()
+        self.turn.principal.as_deref()
     }
 
     /// The agent's open connections.
     pub fn connections(&self) -> Result<Vec<Conn<A>>, Error> {
         let open = self.shared.sockets.ids(self.key());
         self.load_conns(&open)
+    }
+
+    /// How many connections the agent has open (without loading them).
+    pub fn connection_count(&self) -> usize {
+        self.shared.sockets.count_of(self.key())
     }
 
     /// The open connections tagged `tag` (see [`Conn::set_tags`]).
@@ -242,14 +278,14 @@ impl<A: AgentClass> Ctx<A> {
         if !self.shared.sockets.is_open(self.key(), id) {
             return Ok(None);
         }
-        conn::load(self.sql(), id, &self.effects)
+        conn::load(self.sql(), id, &self.turn.effects)
     }
 
     fn load_conns(&self, ids: &[ConnId]) -> Result<Vec<Conn<A>>, Error> {
         let mut conns = Vec::with_capacity(ids.len());
         for id in ids {
             // A connection whose `on_connect` has not run yet is not listed.
-            if let Some(c) = conn::load(self.sql(), id, &self.effects)? {
+            if let Some(c) = conn::load(self.sql(), id, &self.turn.effects)? {
                 conns.push(c);
             }
         }
@@ -261,7 +297,10 @@ impl<A: AgentClass> Ctx<A> {
     /// keep up is closed; it never slows the others or the agent.
     pub fn broadcast(&self, event: &A::Event, except: &[ConnId]) -> Result<(), Error> {
         let outgoing = Arc::new(Outgoing::Event(Encoded::new(event, "the event")?));
-        conn::push(&self.effects, Effect::Broadcast(outgoing, except.to_vec()));
+        conn::push(
+            &self.turn.effects,
+            Effect::Broadcast(outgoing, except.to_vec()),
+        );
         Ok(())
     }
 
@@ -269,14 +308,14 @@ impl<A: AgentClass> Ctx<A> {
     /// writes are durable.
     pub fn send(&self, to: &ConnId, event: &A::Event) -> Result<(), Error> {
         let outgoing = Arc::new(Outgoing::Event(Encoded::new(event, "the event")?));
-        conn::push(&self.effects, Effect::Send(to.clone(), outgoing));
+        conn::push(&self.turn.effects, Effect::Send(to.clone(), outgoing));
         Ok(())
     }
 
     /// The shared state, if it was ever set.
     pub fn state(&self) -> Result<Option<A::State>, Error> {
         conn::load_state(self.sql())?
-            .map(|b| conn::decode_state(&b))
+            .map(|s| s.decode("the shared state"))
             .transpose()
     }
 
@@ -284,9 +323,9 @@ impl<A: AgentClass> Ctx<A> {
     /// connection as a `state` frame once the write is durable.
     pub fn set_state(&self, state: &A::State) -> Result<(), Error> {
         let encoded = Encoded::new(state, "the shared state")?;
-        conn::store_state(self.sql(), &encoded.postcard)?;
+        conn::store_state(self.sql(), &Stored::Json(encoded.json.clone()))?;
         conn::push(
-            &self.effects,
+            &self.turn.effects,
             Effect::Broadcast(Arc::new(Outgoing::State(encoded)), Vec::new()),
         );
         Ok(())

@@ -33,14 +33,14 @@ use tracing::Instrument;
 
 use crate::{
     address::AgentKey,
-    agent::{AgentClass, HttpRequest, HttpResponse, Invocation},
+    agent::{AgentClass, AppError, HttpRequest, HttpResponse, Invocation},
     clock::from_ms,
-    conn::{self, ConnId, Effect, Encoded, Outgoing, WsMessage},
-    context::Ctx,
+    conn::{self, ConnId, Effect, Encoded, Outgoing, Protocol, WsMessage},
+    context::{Ctx, Turn},
     error::Error,
     registry::{CallEvent, Event, Reply, ReplyTo, Shared},
     schedule::{self, AlarmInfo},
-    storage::{self, Durability},
+    storage::{self, Durability, Stored},
     stream::Returned,
 };
 
@@ -230,7 +230,7 @@ impl Syncer {
 enum Work<'a> {
     Call(&'a Invocation),
     Alarm(AlarmInfo),
-    Connect(&'a ConnId, Option<String>),
+    Connect(&'a ConnId, Protocol, Option<String>),
     Message(&'a ConnId, WsMessage),
     ConnError(&'a ConnId, String),
     Close(&'a ConnId, u16, String),
@@ -241,7 +241,7 @@ impl Work<'_> {
     /// The connection this work is about.
     fn conn(&self) -> Option<&ConnId> {
         match self {
-            Work::Connect(c, _)
+            Work::Connect(c, ..)
             | Work::Message(c, _)
             | Work::ConnError(c, _)
             | Work::Close(c, ..) => Some(c),
@@ -250,8 +250,8 @@ impl Work<'_> {
     }
 }
 
-fn app_error(e: crate::AppError) -> RawError {
-    RawError::new(ErrorKind::App, e.message)
+fn app_error(e: AppError) -> RawError {
+    e.into_raw(agents_client::Codec::Json)
 }
 
 /// The outcome of a lifecycle hook, as an event's result.
@@ -324,12 +324,17 @@ impl<A: AgentClass> Instance<A> {
                 }
                 Event::Connect {
                     conn,
+                    protocol,
                     principal,
                     done,
                 } => {
                     let span = tracing::debug_span!("connect", conn = %conn);
                     let result = self
-                        .run_handler(Work::Connect(&conn, principal), &mut outbox)
+                        .run_handler(
+                            Work::Connect(&conn, protocol, principal),
+                            self.turn(),
+                            &mut outbox,
+                        )
                         .instrument(span)
                         .await;
                     if result.is_ok() {
@@ -340,12 +345,15 @@ impl<A: AgentClass> Instance<A> {
                 Event::Message { conn, message } => {
                     let span = tracing::debug_span!("message", conn = %conn);
                     let result = self
-                        .run_handler(Work::Message(&conn, message), &mut outbox)
+                        .run_handler(Work::Message(&conn, message), self.turn(), &mut outbox)
                         .instrument(span)
                         .await;
-                    if let Err(e) = result {
+                    if let Err(mut e) = result {
                         tracing::debug!("on_message failed: {e}");
-                        let error = Outgoing::Error(format!("on_message failed: {e}"));
+                        // The application's error goes in both encodings, as a call's would.
+                        let data = e.data.take().and_then(|d| d.decode::<AppError>().ok());
+                        let data = data.and_then(|d| Encoded::new(&d, "the error").ok());
+                        let error = Outgoing::Error(e, data);
                         self.frames(&mut outbox, vec![Effect::Send(conn, Arc::new(error))]);
                     }
                 }
@@ -363,7 +371,11 @@ impl<A: AgentClass> Instance<A> {
                     let span = tracing::debug_span!("request", method = %request.method(), uri = %request.uri());
                     let mut response = None;
                     let result = self
-                        .run_handler(Work::Request(request, &mut response), &mut outbox)
+                        .run_handler(
+                            Work::Request(request, &mut response),
+                            self.turn(),
+                            &mut outbox,
+                        )
                         .instrument(span)
                         .await;
                     outbox.push((Responder::Request(reply, response), result));
@@ -507,14 +519,14 @@ impl<A: AgentClass> Instance<A> {
     ) {
         if let Some(error) = error {
             if let Err(e) = self
-                .run_handler(Work::ConnError(&conn, error), outbox)
+                .run_handler(Work::ConnError(&conn, error), self.turn(), outbox)
                 .await
             {
                 tracing::debug!("on_error failed: {e}");
             }
         }
         if let Err(e) = self
-            .run_handler(Work::Close(&conn, code, reason), outbox)
+            .run_handler(Work::Close(&conn, code, reason), self.turn(), outbox)
             .await
         {
             tracing::debug!("on_close failed: {e}");
@@ -546,16 +558,12 @@ impl<A: AgentClass> Instance<A> {
             outbox.push((Responder::Call(reply, None), Err(e)));
             return;
         }
-        self.ctx.chain = chain.push(self.ctx.key().clone());
-        self.ctx.caller = conn;
-        self.ctx.principal = principal;
+        let turn = Turn::new(self.ctx.key(), &chain, conn, principal);
         let span = tracing::debug_span!("call", method = inv.method());
         let result = self
-            .run_handler(Work::Call(&inv), outbox)
+            .run_handler(Work::Call(&inv), turn, outbox)
             .instrument(span)
             .await;
-        self.ctx.caller = None;
-        self.ctx.principal = None;
         if let Err(e) = &result {
             tracing::debug!(kind = %e.kind, "call failed: {}", e.message);
         }
@@ -583,7 +591,6 @@ impl<A: AgentClass> Instance<A> {
         let now = self.ctx.shared.config.clock.now_ms();
         let due = schedule::due(self.ctx.sql(), now, DUE_PER_BATCH)?;
         for row in &due {
-            self.ctx.chain = Default::default();
             let span = tracing::debug_span!("schedule", id = row.id, method = %row.method, attempt = row.attempts + 1);
             // A one-shot (or the alarm) leaves the schedule as it starts, so that its handler can
             // re-arm it (even under the same key); a failure rolls that back and retries it.
@@ -598,13 +605,19 @@ impl<A: AgentClass> Instance<A> {
                     is_retry: row.attempts > 0,
                     scheduled: from_ms(row.next_ms),
                 };
-                self.run_handler(Work::Alarm(info), outbox)
+                self.run_handler(Work::Alarm(info), self.turn(), outbox)
                     .instrument(span)
                     .await
             } else {
-                let inv =
-                    Invocation::internal(row.method.clone(), Payload::Postcard(row.args.clone()));
-                self.run_handler(Work::Call(&inv), outbox)
+                let args = match &row.args {
+                    Stored::Json(text) => serde_json::from_str(text).map(Payload::Json),
+                    Stored::Postcard(bytes) => Ok(Payload::Postcard(bytes.clone())),
+                };
+                let args = args.unwrap_or_else(|e| {
+                    Payload::Json(serde_json::json!(format!("unreadable arguments: {e}")))
+                });
+                let inv = Invocation::internal(row.method.clone(), args);
+                self.run_handler(Work::Call(&inv), self.turn(), outbox)
                     .instrument(span)
                     .await
             };
@@ -648,21 +661,42 @@ impl<A: AgentClass> Instance<A> {
     async fn run_handler(
         &mut self,
         work: Work<'_>,
+        turn: Turn,
         outbox: &mut Outbox,
     ) -> Result<Payload, RawError> {
         self.begin().await.map_err(RawError::internal)?;
-        self.ctx
-            .effects
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clear();
-        self.ensure_started().await?;
-        savepoint(self.ctx.sql())?;
-        let result = match self.prepare(&work) {
+        self.ctx.turn = turn;
+        let started = self.ensure_started().await;
+        let started = started.and_then(|()| savepoint(self.ctx.sql()));
+        let result = match started {
+            Ok(()) => self.run_in_turn(work).await,
+            Err(e) => {
+                std::mem::take(&mut self.ctx.turn).end();
+                return Err(e);
+            }
+        };
+        let mut effects = std::mem::take(&mut self.ctx.turn).end();
+        let result = result.and_then(|payload| {
+            conn::apply_writes(self.ctx.sql(), &effects)
+                .map(|()| payload)
+                .map_err(RawError::internal)
+        });
+        let result = end_savepoint(self.ctx.sql(), result);
+        if result.is_ok() {
+            effects.retain(Effect::is_delivery);
+            self.frames(outbox, effects);
+        }
+        result
+    }
+
+    /// The handler of `work`, inside its event's savepoint (a panic becomes an error).
+    async fn run_in_turn(&mut self, work: Work<'_>) -> Result<Payload, RawError> {
+        match self.prepare(&work) {
             Err(e) => Err(e),
             // A connection that closed before the agent got to its event: nothing to run.
             Ok(None) if work.conn().is_some() => Ok(empty()),
             Ok(conn) => {
+                let chain = self.ctx.turn.chain.clone();
                 let agent = self.agent.as_mut().expect("started");
                 let ctx = &mut self.ctx;
                 let conn = || conn.as_ref().expect("loaded for connection events");
@@ -696,27 +730,19 @@ impl<A: AgentClass> Instance<A> {
                     }),
                 };
                 self.in_handler.store(true, Ordering::Relaxed);
-                let (result, panicked) = catch_panic(handler).await;
+                let (result, panicked) = catch_panic(chain.scope(handler)).await;
                 self.in_handler.store(false, Ordering::Relaxed);
                 if panicked {
                     self.agent = None;
                 }
                 result
             }
-        };
-        let mut effects =
-            std::mem::take(&mut *self.ctx.effects.lock().unwrap_or_else(|e| e.into_inner()));
-        let result = result.and_then(|payload| {
-            conn::apply_writes(self.ctx.sql(), &effects)
-                .map(|()| payload)
-                .map_err(RawError::internal)
-        });
-        let result = end_savepoint(self.ctx.sql(), result);
-        if result.is_ok() {
-            effects.retain(Effect::is_delivery);
-            self.frames(outbox, effects);
         }
-        result
+    }
+
+    /// The turn of an event nobody waits on (a hook, a schedule): its calls carry only this agent.
+    fn turn(&self) -> Turn {
+        Turn::new(self.ctx.key(), &Default::default(), None, None)
     }
 
     /// Before a connection's hook: records a new connection (and queues the shared state for
@@ -727,19 +753,21 @@ impl<A: AgentClass> Instance<A> {
             return Ok(None);
         };
         let sql = self.ctx.sql();
-        if let Work::Connect(_, principal) = work {
-            conn::insert(sql, id, principal.as_deref()).map_err(RawError::internal)?;
-            if let Some(bytes) = conn::load_state(sql).map_err(RawError::internal)? {
-                let state: A::State = conn::decode_state(&bytes).map_err(RawError::internal)?;
+        if let Work::Connect(_, protocol, principal) = work {
+            conn::insert(sql, id, *protocol, principal.as_deref()).map_err(RawError::internal)?;
+            if let Some(stored) = conn::load_state(sql).map_err(RawError::internal)? {
+                let state: A::State = stored
+                    .decode("the shared state")
+                    .map_err(RawError::internal)?;
                 let encoded =
                     Encoded::new(&state, "the shared state").map_err(RawError::internal)?;
                 conn::push(
-                    &self.ctx.effects,
+                    &self.ctx.turn.effects,
                     Effect::Send(id.clone(), Arc::new(Outgoing::State(encoded))),
                 );
             }
         }
-        let conn = conn::load(sql, id, &self.ctx.effects).map_err(RawError::internal)?;
+        let conn = conn::load(sql, id, &self.ctx.turn.effects).map_err(RawError::internal)?;
         if conn.is_none() {
             tracing::debug!("connection {id} is gone: its event is skipped");
         }
@@ -752,6 +780,7 @@ impl<A: AgentClass> Instance<A> {
             return Ok(());
         }
         let mut agent = A::default();
+        let chain = self.ctx.turn.chain.clone();
         savepoint(self.ctx.sql())?;
         let start = async {
             agent
@@ -760,7 +789,7 @@ impl<A: AgentClass> Instance<A> {
                 .map_err(|e| RawError::internal(format!("on_start failed: {e}")))
         };
         self.in_handler.store(true, Ordering::Relaxed);
-        let (result, _) = catch_panic(start).await;
+        let (result, _) = catch_panic(chain.scope(start)).await;
         self.in_handler.store(false, Ordering::Relaxed);
         end_savepoint(self.ctx.sql(), result)?;
         self.agent = Some(agent);

@@ -28,7 +28,7 @@ use crate::{
     agent::{Admission, HttpRequest, HttpResponse, Invocation},
     alarms::AlarmIndex,
     clock::Clock,
-    conn::{ConnId, WsMessage},
+    conn::{ConnId, Protocol, WsMessage},
     connection::Sockets,
     error::Error,
     inflight::SocketReply,
@@ -89,6 +89,7 @@ pub(crate) enum Event {
     /// A WebSocket connected: record it, run `on_connect`; answered once that is durable.
     Connect {
         conn: ConnId,
+        protocol: Protocol,
         principal: Option<String>,
         done: oneshot::Sender<Reply>,
     },
@@ -183,7 +184,24 @@ struct Link {
     prev: Chain,
 }
 
+tokio::task_local! {
+    /// The chain of the handler running on this task.
+    static CURRENT: Chain;
+}
+
 impl Chain {
+    /// The agents waiting on a call made now: those of the handler running on this task (set
+    /// by [`scope`](Chain::scope)); none on any other task (one the handler spawned, a
+    /// caller outside the runtime), since nothing waits on those.
+    pub fn current() -> Chain {
+        CURRENT.try_with(Chain::clone).unwrap_or_default()
+    }
+
+    /// Runs `handler` with this chain as [`current`](Chain::current).
+    pub fn scope<F: Future>(self, handler: F) -> impl Future<Output = F::Output> {
+        CURRENT.scope(self, handler)
+    }
+
     pub fn push(&self, key: AgentKey) -> Chain {
         Chain(Some(Arc::new(Link {
             key,

@@ -268,7 +268,7 @@ impl Runtime {
     /// A typed client for the agent `name` of type `A`. An invalid name is reported by each
     /// call (as `RpcError::BadArgs`); use [`try_agent`](Runtime::try_agent) to check it first.
     pub fn agent<A: AgentClass>(&self, name: &str) -> A::Client {
-        client_for::<A>(self.shared(), name, Chain::default())
+        client_for::<A>(self.shared(), name)
     }
 
     /// Like [`agent`](Runtime::agent), but checks the name and the registration first.
@@ -430,11 +430,7 @@ impl fmt::Debug for Runtime {
     }
 }
 
-pub(crate) fn client_for<A: AgentClass>(
-    shared: &Arc<Shared>,
-    name: &str,
-    chain: Chain,
-) -> A::Client {
+pub(crate) fn client_for<A: AgentClass>(shared: &Arc<Shared>, name: &str) -> A::Client {
     let target = AgentKey::new(A::CLASS, name)
         .and_then(|key| {
             shared
@@ -445,7 +441,6 @@ pub(crate) fn client_for<A: AgentClass>(
     let transport = LocalTransport {
         shared: shared.clone(),
         target,
-        chain,
     };
     A::Client::from(ClientCore::new(Arc::new(transport)))
 }
@@ -515,15 +510,13 @@ async fn call_value(
 struct LocalTransport {
     shared: Arc<Shared>,
     target: Result<AgentKey, String>,
-    /// The agents waiting on calls made through this transport.
-    chain: Chain,
 }
 
 impl Transport for LocalTransport {
     fn call(&self, call: OutgoingCall) -> BoxFuture<'static, Result<Payload, RawError>> {
         let shared = self.shared.clone();
         let target = self.target.clone();
-        let chain = self.chain.clone();
+        let chain = Chain::current();
         Box::pin(async move {
             let key = target.map_err(RawError::bad_args)?;
             call_value(&shared, key, chain, call, None).await
@@ -533,7 +526,7 @@ impl Transport for LocalTransport {
     fn call_stream(&self, call: OutgoingCall) -> BoxFuture<'static, RawStream> {
         let shared = self.shared.clone();
         let target = self.target.clone();
-        let chain = self.chain.clone();
+        let chain = Chain::current();
         Box::pin(async move {
             let idle = call.timeout.unwrap_or(shared.config.call_timeout);
             let key = match target {

@@ -20,6 +20,7 @@ use rusqlite::{params, Connection, OptionalExtension, Row};
 use crate::{
     clock::{from_ms, to_ms},
     error::Error,
+    storage::Stored,
 };
 
 /// How many times a failed row is retried before it becomes a dead letter.
@@ -225,7 +226,7 @@ pub(crate) const TABLES: &str = "
         failed_ms INTEGER NOT NULL, created_ms INTEGER NOT NULL);";
 
 /// The stored form of a `When`.
-struct Stored {
+struct Timing {
     kind: &'static str,
     spec: Option<String>,
     tz: Option<String>,
@@ -233,8 +234,8 @@ struct Stored {
     first: u64,
 }
 
-fn stored(when: &When, now: u64) -> Result<Stored, Error> {
-    let once = |first| Stored {
+fn timing(when: &When, now: u64) -> Result<Timing, Error> {
+    let once = |first| Timing {
         kind: "once",
         spec: None,
         tz: None,
@@ -250,14 +251,14 @@ fn stored(when: &When, now: u64) -> Result<Stored, Error> {
         }
         Spec::Every(d) => {
             let ms = d.as_millis() as u64;
-            Stored {
+            Timing {
                 kind: "every",
                 spec: Some(ms.to_string()),
                 tz: None,
                 first: now.saturating_add(ms),
             }
         }
-        Spec::Cron { expr, tz } => Stored {
+        Spec::Cron { expr, tz } => Timing {
             kind: "cron",
             spec: Some(expr.clone()),
             tz: tz.map(|t| t.name().to_owned()),
@@ -285,16 +286,16 @@ pub(crate) fn insert(
     conn: &Connection,
     key: Option<&str>,
     method: &str,
-    args: &[u8],
+    args: &Stored,
     when: &When,
     now: u64,
 ) -> Result<i64, Error> {
-    let Stored {
+    let Timing {
         kind,
         spec,
         tz,
         first,
-    } = stored(when, now)?;
+    } = timing(when, now)?;
     let inserted = conn
         .prepare_cached(
             "INSERT INTO _agents_schedules(key, method, args, kind, spec, tz, next_ms, created_ms)
@@ -387,7 +388,7 @@ pub(crate) fn earliest(conn: &Connection) -> Result<Option<u64>, Error> {
 pub(crate) struct Due {
     pub id: i64,
     pub method: String,
-    pub args: Vec<u8>,
+    pub args: Stored,
     kind: String,
     spec: Option<String>,
     tz: Option<String>,
@@ -546,7 +547,7 @@ pub(crate) fn sync_static(
     let mut keep = Vec::new();
     for s in statics {
         let key = format!("{STATIC_PREFIX}{}", s.method);
-        let Stored { kind, spec, tz, .. } = stored(&s.when()?, now)?;
+        let Timing { kind, spec, tz, .. } = timing(&s.when()?, now)?;
         let current: Option<(String, Option<String>, Option<String>)> = conn
             .prepare_cached("SELECT kind, spec, tz FROM _agents_schedules WHERE key = ?1")?
             .query_row([&key], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
@@ -554,7 +555,8 @@ pub(crate) fn sync_static(
         if current != Some((kind.to_owned(), spec, tz)) {
             conn.prepare_cached("DELETE FROM _agents_schedules WHERE key = ?1")?
                 .execute([&key])?;
-            insert(conn, Some(&key), s.method, &[], &s.when()?, now)?;
+            let no_args = Stored::Json("[]".into());
+            insert(conn, Some(&key), s.method, &no_args, &s.when()?, now)?;
         }
         keep.push(key);
     }

@@ -44,7 +44,11 @@ pub enum Durability {
 }
 
 /// The version of the runtime's own tables, kept in the database header (`application_id`).
-const RUNTIME_SCHEMA: i64 = 0x4167_0003;
+///
+/// 4: durable values (kv, connection state, shared state, schedule arguments) are written as
+/// JSON text; the postcard blobs of earlier versions stay readable (see [`Stored`]); connections
+/// record their protocol.
+const RUNTIME_SCHEMA: i64 = 0x4167_0004;
 
 /// Checkpoint once the WAL is larger than this.
 pub(crate) const CHECKPOINT_WAL_BYTES: u64 = 8 << 20;
@@ -99,6 +103,7 @@ pub(crate) fn open(
         )?;
         conn.execute_batch(crate::schedule::TABLES)?;
         conn.execute_batch(crate::conn::TABLES)?;
+        crate::conn::upgrade(&conn)?;
         conn.execute(
             "INSERT OR IGNORE INTO _agents_meta(k, v) VALUES ('class', ?1), ('name', ?2)",
             [key.class(), key.name()],
@@ -180,9 +185,12 @@ pub(crate) fn close(conn: Connection) -> Result<(), Error> {
     conn.close().map_err(|(_, e)| Error::Storage(e))
 }
 
-/// A typed key-value store in the agent's database (`ctx.kv()`), values encoded with postcard.
+/// A typed key-value store in the agent's database (`ctx.kv()`).
 ///
-/// Writes are part of the current event's transaction, like any other SQL.
+/// Values are stored as JSON text (readable with the `sqlite3` shell:
+/// `SELECT k, v FROM _agents_kv`), so they evolve as serde allows: a field added with
+/// `#[serde(default)]` or removed, `serde_json::Value`, tagged and untagged enums all read back
+/// after a deploy. Writes are part of the current event's transaction, like any other SQL.
 pub struct Kv<'a> {
     conn: &'a Connection,
 }
@@ -197,18 +205,17 @@ impl<'a> Kv<'a> {
         let mut stmt = self
             .conn
             .prepare_cached("SELECT v FROM _agents_kv WHERE k = ?1")?;
-        let bytes: Option<Vec<u8>> = stmt.query_row([key.as_bytes()], |r| r.get(0)).optional()?;
-        bytes.map(|b| decode(key, &b)).transpose()
+        let stored: Option<Stored> = stmt.query_row([key.as_bytes()], |r| r.get(0)).optional()?;
+        stored.map(|v| v.decode(&format!("kv `{key}`"))).transpose()
     }
 
     /// Stores `value` at `key`, replacing what was there.
     pub fn put<T: Serialize + ?Sized>(&self, key: &str, value: &T) -> Result<(), Error> {
-        let bytes =
-            postcard::to_stdvec(value).map_err(|e| Error::Codec(format!("kv `{key}`: {e}")))?;
+        let stored = Stored::encode(value, &format!("kv `{key}`"))?;
         let mut stmt = self.conn.prepare_cached(
             "INSERT INTO _agents_kv(k, v) VALUES (?1, ?2) ON CONFLICT(k) DO UPDATE SET v = excluded.v",
         )?;
-        stmt.execute(params![key.as_bytes(), bytes])?;
+        stmt.execute(params![key.as_bytes(), stored])?;
         Ok(())
     }
 
@@ -228,14 +235,14 @@ impl<'a> Kv<'a> {
             "SELECT k, v FROM _agents_kv WHERE k >= ?1 AND (?2 IS NULL OR k < ?2) ORDER BY k",
         )?;
         let rows = stmt.query_map(params![lower, upper], |r| {
-            Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, Vec<u8>>(1)?))
+            Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, Stored>(1)?))
         })?;
         let mut out = Vec::new();
         for row in rows {
             let (k, v) = row?;
             let k = String::from_utf8(k)
                 .map_err(|e| Error::Codec(format!("kv key is not UTF-8: {e}")))?;
-            let v = decode(&k, &v)?;
+            let v = v.decode(&format!("kv `{k}`"))?;
             out.push((k, v));
         }
         Ok(out)
@@ -247,12 +254,51 @@ impl<'a> Kv<'a> {
     }
 }
 
-fn decode<T: DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T, Error> {
-    postcard::from_bytes(bytes).map_err(|e| {
-        Error::Codec(format!(
-            "kv `{key}` does not decode as the requested type: {e}"
-        ))
-    })
+/// A durable value as a column holds it: JSON text, or (written before runtime schema 4)
+/// postcard bytes. SQLite's storage class tells them apart, so old rows need no conversion
+/// (postcard is not self-describing: only the type that reads a row can decode it) and are
+/// rewritten as JSON when next written.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Stored {
+    Json(String),
+    Postcard(Vec<u8>),
+}
+
+impl Stored {
+    /// `value` as JSON; `what` names it in errors.
+    pub fn encode<T: Serialize + ?Sized>(value: &T, what: &str) -> Result<Self, Error> {
+        serde_json::to_string(value)
+            .map(Stored::Json)
+            .map_err(|e| Error::Codec(format!("{what} could not be stored: {e}")))
+    }
+
+    /// The value as a `T`; `what` names it in errors.
+    pub fn decode<T: DeserializeOwned>(&self, what: &str) -> Result<T, Error> {
+        let decoded = match self {
+            Stored::Json(text) => serde_json::from_str(text).map_err(|e| e.to_string()),
+            Stored::Postcard(bytes) => postcard::from_bytes(bytes).map_err(|e| e.to_string()),
+        };
+        decoded
+            .map_err(|e| Error::Codec(format!("{what} does not decode as the requested type: {e}")))
+    }
+}
+
+impl rusqlite::types::ToSql for Stored {
+    fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
+        match self {
+            Stored::Json(text) => text.to_sql(),
+            Stored::Postcard(bytes) => bytes.to_sql(),
+        }
+    }
+}
+
+impl rusqlite::types::FromSql for Stored {
+    fn column_result(value: rusqlite::types::ValueRef<'_>) -> rusqlite::types::FromSqlResult<Self> {
+        match value {
+            rusqlite::types::ValueRef::Blob(bytes) => Ok(Stored::Postcard(bytes.to_vec())),
+            other => String::column_result(other).map(Stored::Json),
+        }
+    }
 }
 
 /// The smallest byte string greater than every string starting with `prefix`, if any.
