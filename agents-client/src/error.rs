@@ -93,21 +93,22 @@ impl RawError {
     }
 
     /// An application error: `message` is its `Display`, `data` the value in `codec`.
-    pub fn app<E: Serialize + fmt::Display>(codec: Codec, error: &E) -> Self {
-        match codec.encode(error) {
+    pub fn app<E: Serialize + fmt::Display + Send + 'static>(codec: Codec, error: E) -> Self {
+        let message = error.to_string();
+        match codec.pass(error) {
             Ok(data) => RawError {
                 kind: ErrorKind::App,
-                message: error.to_string(),
+                message,
                 data: Some(data),
             },
             Err(e) => Self::internal(format!(
-                "could not encode the application error `{error}`: {e}"
+                "could not encode the application error `{message}`: {e}"
             )),
         }
     }
 
     /// Turns this wire error into the typed error a client returns.
-    pub fn into_typed<E: DeserializeOwned>(self) -> RpcError<E> {
+    pub fn into_typed<E: DeserializeOwned + 'static>(self) -> RpcError<E> {
         match self.kind {
             ErrorKind::App => match self.data.as_ref().map(Payload::decode::<E>) {
                 Some(Ok(e)) => RpcError::App(e),

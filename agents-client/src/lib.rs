@@ -18,7 +18,7 @@ mod transport;
 mod ws;
 
 pub use error::{ErrorKind, FrameworkError, NoError, RawError, RpcError};
-pub use payload::{Codec, CodecError, Payload};
+pub use payload::{Codec, CodecError, Passed, Payload};
 pub use stream::{CallStream, EventStream, StateStream, StreamError};
 pub use transport::{
     BoxFuture, ClientCore, MethodCall, MethodInfo, OutgoingCall, RawStream, Transport,

@@ -1,14 +1,24 @@
-//! Encoded values: arguments, results and error data, in one of the two codecs.
+//! Values as calls carry them: arguments, results and error data, encoded in one of the two
+//! codecs, or passed as they are between a caller and an agent of the same process.
+
+use std::{
+    any::{type_name, Any},
+    fmt,
+    sync::{Arc, Mutex},
+};
 
 use serde::{de::DeserializeOwned, Serialize};
 
-/// How values are encoded on a connection.
+/// How values travel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Codec {
-    /// Compact binary (`agents.v1.postcard`): Rust clients and in-process calls.
+    /// Compact binary (`agents.v1.postcard`): Rust clients over the network.
     Postcard,
-    /// JSON (`agents.v1.json` and HTTP): browsers and other languages.
+    /// JSON (`agents.v1.json` and HTTP): browsers, other languages, and Rust clients told to.
     Json,
+    /// Not encoded at all: in-process calls pass the values themselves ([`Passed`]), so every
+    /// type works as it is and nothing is serialized.
+    Value,
 }
 
 /// Why a value could not be encoded or decoded.
@@ -16,17 +26,72 @@ pub enum Codec {
 #[error("{0}")]
 pub struct CodecError(pub String);
 
-/// An encoded value. Arguments are encoded as a tuple: a postcard tuple, or a JSON array.
+/// A value as a call carries it. Arguments are a tuple: a postcard tuple, a JSON array, or
+/// the tuple itself.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Payload {
     /// postcard bytes.
     Postcard(Vec<u8>),
     /// A JSON value.
     Json(serde_json::Value),
+    /// A value passed in-process, not encoded.
+    Value(Passed),
+}
+
+/// A Rust value handed from a caller to an agent (or back) in the same process, without being
+/// encoded. Whoever decodes it takes it: it decodes once, as the type it was made from.
+#[derive(Clone)]
+pub struct Passed(Arc<Mutex<Option<Box<dyn Any + Send>>>>);
+
+impl Passed {
+    /// Wraps `value`.
+    pub fn new<T: Send + 'static>(value: T) -> Self {
+        Passed(Arc::new(Mutex::new(Some(Box::new(value)))))
+    }
+
+    fn slot(&self) -> std::sync::MutexGuard<'_, Option<Box<dyn Any + Send>>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether it holds a `T` (not taken yet).
+    pub fn is<T: 'static>(&self) -> bool {
+        self.slot().as_ref().is_some_and(|v| v.is::<T>())
+    }
+
+    /// Takes the value out as a `T`.
+    pub fn take<T: 'static>(&self) -> Result<T, CodecError> {
+        let mut slot = self.slot();
+        match slot.take().map(|v| v.downcast::<T>()) {
+            Some(Ok(value)) => Ok(*value),
+            Some(Err(other)) => {
+                *slot = Some(other);
+                Err(CodecError(format!(
+                    "the value passed in-process is not a `{}` (are the caller and the agent built from the same definitions?)",
+                    type_name::<T>()
+                )))
+            }
+            None => Err(CodecError(
+                "the value passed in-process was taken already".into(),
+            )),
+        }
+    }
+}
+
+impl fmt::Debug for Passed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Passed(..)")
+    }
+}
+
+impl PartialEq for Passed {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
 }
 
 impl Codec {
-    /// Encodes `value`.
+    /// Encodes `value` (by reference: the `Value` codec, which passes values, refuses; use
+    /// [`pass`](Codec::pass)).
     pub fn encode<T: Serialize + ?Sized>(self, value: &T) -> Result<Payload, CodecError> {
         match self {
             Codec::Postcard => postcard::to_stdvec(value)
@@ -35,6 +100,18 @@ impl Codec {
             Codec::Json => serde_json::to_value(value)
                 .map(Payload::Json)
                 .map_err(|e| CodecError(e.to_string())),
+            Codec::Value => Err(CodecError(format!(
+                "a `{}` by reference cannot be passed in-process",
+                type_name::<T>()
+            ))),
+        }
+    }
+
+    /// Encodes `value`, or passes it as it is under the `Value` codec.
+    pub fn pass<T: Serialize + Send + 'static>(self, value: T) -> Result<Payload, CodecError> {
+        match self {
+            Codec::Value => Ok(Payload::Value(Passed::new(value))),
+            codec => codec.encode(&value),
         }
     }
 }
@@ -58,11 +135,12 @@ impl Payload {
         match self {
             Payload::Postcard(_) => Codec::Postcard,
             Payload::Json(_) => Codec::Json,
+            Payload::Value(_) => Codec::Value,
         }
     }
 
-    /// Decodes the whole payload as `T`; trailing bytes are an error.
-    pub fn decode<T: DeserializeOwned>(&self) -> Result<T, CodecError> {
+    /// Decodes the whole payload as `T`; trailing bytes are an error. A passed value is taken.
+    pub fn decode<T: DeserializeOwned + 'static>(&self) -> Result<T, CodecError> {
         match self {
             Payload::Postcard(bytes) => {
                 let (value, rest) = postcard::take_from_bytes(bytes).map_err(postcard_error)?;
@@ -76,6 +154,7 @@ impl Payload {
                 }
             }
             Payload::Json(value) => T::deserialize(value).map_err(|e| CodecError(e.to_string())),
+            Payload::Value(passed) => passed.take(),
         }
     }
 
@@ -85,11 +164,13 @@ impl Payload {
             Payload::Postcard(bytes) if bytes.is_empty() => Ok(()),
             Payload::Json(serde_json::Value::Null) => Ok(()),
             Payload::Json(serde_json::Value::Array(a)) if a.is_empty() => Ok(()),
+            Payload::Value(passed) if passed.is::<()>() => Ok(()),
             Payload::Postcard(bytes) => Err(CodecError(format!(
                 "expected no arguments, got {} bytes",
                 bytes.len()
             ))),
             Payload::Json(v) => Err(CodecError(format!("expected no arguments (`[]`), got {v}"))),
+            Payload::Value(_) => Err(CodecError("expected no arguments".into())),
         }
     }
 }
@@ -109,6 +190,19 @@ mod tests {
             Codec::Json.encode(&(5i64,)).unwrap(),
             Payload::Json(serde_json::json!([5]))
         );
+    }
+
+    #[test]
+    fn passed_values_are_taken_once_as_their_own_type() {
+        let p = Codec::Value
+            .pass((serde_json::json!({"any": "json"}), 5u8))
+            .unwrap();
+        assert!(p.decode::<(String, u8)>().is_err(), "another type");
+        let (v, n) = p.decode::<(serde_json::Value, u8)>().unwrap();
+        assert_eq!((v["any"].as_str(), n), (Some("json"), 5));
+        assert!(p.decode::<(serde_json::Value, u8)>().is_err(), "taken");
+        assert!(Codec::Value.pass(()).unwrap().expect_empty().is_ok());
+        assert!(Codec::Value.encode(&1).is_err());
     }
 
     #[test]

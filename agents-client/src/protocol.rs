@@ -126,7 +126,7 @@ pub fn error_object(e: &RawError) -> Value {
     if let Some(data) = &e.data {
         object["data"] = match data {
             Payload::Json(v) => v.clone(),
-            Payload::Postcard(_) => Value::Null,
+            Payload::Postcard(_) | Payload::Value(_) => Value::Null,
         };
     }
     object
@@ -141,8 +141,8 @@ pub fn identity_frame(class: &str, name: &str, conn: &str) -> String {
 pub fn reply_frame(id: u64, result: &Result<Payload, RawError>) -> String {
     match result {
         Ok(Payload::Json(v)) => json!({ "type": "reply", "id": id, "ok": v }).to_string(),
-        Ok(Payload::Postcard(_)) => {
-            let e = RawError::internal("a JSON call was answered in postcard");
+        Ok(_) => {
+            let e = RawError::internal("a JSON call was answered in another codec");
             json!({ "type": "reply", "id": id, "err": error_object(&e) }).to_string()
         }
         Err(e) => json!({ "type": "reply", "id": id, "err": error_object(e) }).to_string(),
@@ -153,8 +153,8 @@ pub fn reply_frame(id: u64, result: &Result<Payload, RawError>) -> String {
 pub fn chunk_frame(id: u64, data: &Payload) -> String {
     match data {
         Payload::Json(v) => json!({ "type": "chunk", "id": id, "data": v }).to_string(),
-        Payload::Postcard(_) => {
-            let e = RawError::internal("a JSON call streamed postcard");
+        _ => {
+            let e = RawError::internal("a JSON call streamed another codec");
             json!({ "type": "reply", "id": id, "err": error_object(&e) }).to_string()
         }
     }
@@ -394,9 +394,9 @@ impl PostcardServerFrame {
                 id,
                 data: bytes.clone(),
             },
-            Payload::Json(_) => PostcardServerFrame::reply(
+            _ => PostcardServerFrame::reply(
                 id,
-                &Err(RawError::internal("a postcard call streamed JSON")),
+                &Err(RawError::internal("a postcard call streamed another codec")),
             ),
         }
     }
@@ -405,8 +405,8 @@ impl PostcardServerFrame {
     pub fn reply(id: u64, result: &Result<Payload, RawError>) -> Self {
         let result = match result {
             Ok(Payload::Postcard(bytes)) => Ok(bytes.clone()),
-            Ok(Payload::Json(_)) => Err(WireError::from(&RawError::internal(
-                "a postcard call was answered in JSON",
+            Ok(_) => Err(WireError::from(&RawError::internal(
+                "a postcard call was answered in another codec",
             ))),
             Err(e) => Err(WireError::from(e)),
         };

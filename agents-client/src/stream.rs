@@ -19,7 +19,7 @@ pub enum StreamError {
     Decode(String),
 }
 
-fn decode<T: DeserializeOwned>(payload: &Payload) -> Result<T, StreamError> {
+fn decode<T: DeserializeOwned + 'static>(payload: &Payload) -> Result<T, StreamError> {
     payload
         .decode()
         .map_err(|e| StreamError::Decode(e.to_string()))
@@ -33,7 +33,7 @@ pub struct EventStream<E> {
     _event: PhantomData<fn() -> E>,
 }
 
-impl<E: DeserializeOwned> EventStream<E> {
+impl<E: DeserializeOwned + 'static> EventStream<E> {
     /// A stream over `rx`; `None` makes a stream that ends at once.
     pub fn new(rx: Option<broadcast::Receiver<Payload>>) -> Self {
         EventStream {
@@ -59,7 +59,7 @@ pub struct StateStream<S> {
     _state: PhantomData<fn() -> S>,
 }
 
-impl<S: DeserializeOwned> StateStream<S> {
+impl<S: DeserializeOwned + 'static> StateStream<S> {
     /// A stream over `rx`; `None` makes a stream that ends at once.
     pub fn new(rx: Option<watch::Receiver<Option<Payload>>>) -> Self {
         StateStream {
@@ -82,7 +82,9 @@ impl<S: DeserializeOwned> StateStream<S> {
 }
 
 /// Decodes the latest state of `rx`, if any.
-pub(crate) fn latest<S: DeserializeOwned>(rx: &watch::Receiver<Option<Payload>>) -> Option<S> {
+pub(crate) fn latest<S: DeserializeOwned + 'static>(
+    rx: &watch::Receiver<Option<Payload>>,
+) -> Option<S> {
     rx.borrow().as_ref().and_then(|p| p.decode().ok())
 }
 
@@ -97,7 +99,7 @@ pub struct CallStream<T, E> {
     _types: PhantomData<fn() -> (T, E)>,
 }
 
-impl<T: DeserializeOwned, E: DeserializeOwned> CallStream<T, E> {
+impl<T: DeserializeOwned + 'static, E: DeserializeOwned + 'static> CallStream<T, E> {
     /// The typed chunks of `raw`, a stream of `method`.
     pub fn new(method: &'static str, raw: RawStream) -> Self {
         CallStream {

@@ -59,6 +59,12 @@ pub trait Transport: Send + Sync + 'static {
     /// A short description of the target, for `Debug` output (e.g. `counter/bob`).
     fn describe(&self) -> String;
 
+    /// How this transport wants arguments: encoded (postcard, the default, or JSON), or passed
+    /// as they are ([`Codec::Value`], in-process).
+    fn codec(&self) -> Codec {
+        Codec::Postcard
+    }
+
     /// Subscribes to the events the agent sends to this client's connection (postcard). `None`
     /// (the default): this transport has no connection to receive events on.
     fn events(&self) -> Option<broadcast::Receiver<Payload>> {
@@ -95,14 +101,16 @@ impl ClientCore {
     }
 
     /// Calls `method` with `args` (a tuple) and decodes the reply.
-    pub async fn call<A, T, E>(&self, method: &'static str, args: &A) -> Result<T, RpcError<E>>
+    pub async fn call<A, T, E>(&self, method: &'static str, args: A) -> Result<T, RpcError<E>>
     where
-        A: Serialize + ?Sized,
-        T: DeserializeOwned,
-        E: DeserializeOwned,
+        A: Serialize + Send + 'static,
+        T: DeserializeOwned + 'static,
+        E: DeserializeOwned + 'static,
     {
-        let args = Codec::Postcard
-            .encode(args)
+        let args = self
+            .transport
+            .codec()
+            .pass(args)
             .map_err(|e| RpcError::BadArgs(format!("could not encode the arguments: {e}")))?;
         let call = OutgoingCall {
             method: Cow::Borrowed(method),
@@ -118,13 +126,13 @@ impl ClientCore {
     }
 
     /// Calls the streaming callable `method` with `args` (a tuple); its chunks arrive typed.
-    pub async fn call_stream<A, T, E>(&self, method: &'static str, args: &A) -> CallStream<T, E>
+    pub async fn call_stream<A, T, E>(&self, method: &'static str, args: A) -> CallStream<T, E>
     where
-        A: Serialize + ?Sized,
-        T: DeserializeOwned,
-        E: DeserializeOwned,
+        A: Serialize + Send + 'static,
+        T: DeserializeOwned + 'static,
+        E: DeserializeOwned + 'static,
     {
-        let raw = match Codec::Postcard.encode(args) {
+        let raw = match self.transport.codec().pass(args) {
             Ok(args) => {
                 let call = OutgoingCall {
                     method: Cow::Borrowed(method),
@@ -203,17 +211,17 @@ impl fmt::Debug for RawStream {
 
 impl ClientCore {
     /// The agent's events, typed (see [`Transport::events`]).
-    pub fn events<E: DeserializeOwned>(&self) -> EventStream<E> {
+    pub fn events<E: DeserializeOwned + 'static>(&self) -> EventStream<E> {
         EventStream::new(self.transport.events())
     }
 
     /// The agent's shared state as last received, typed.
-    pub fn state<S: DeserializeOwned>(&self) -> Option<S> {
+    pub fn state<S: DeserializeOwned + 'static>(&self) -> Option<S> {
         self.transport.state().and_then(|rx| stream::latest(&rx))
     }
 
     /// The changes of the agent's shared state, typed.
-    pub fn state_changes<S: DeserializeOwned>(&self) -> StateStream<S> {
+    pub fn state_changes<S: DeserializeOwned + 'static>(&self) -> StateStream<S> {
         StateStream::new(self.transport.state())
     }
 }

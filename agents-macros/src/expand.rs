@@ -188,7 +188,7 @@ fn client_method(m: &Method, p: &TokenStream) -> TokenStream {
             #(#docs)*
             #[allow(dead_code)]
             #vis async fn #ident(&self, #(#params),*) -> #p::CallStream<#item, #err> {
-                self.core.call_stream::<_, #item, #err>(#wire, &#tuple).await
+                self.core.call_stream::<_, #item, #err>(#wire, #tuple).await
             }
         };
     }
@@ -196,7 +196,7 @@ fn client_method(m: &Method, p: &TokenStream) -> TokenStream {
         #(#docs)*
         #[allow(dead_code)]
         #vis async fn #ident(&self, #(#params),*) -> ::core::result::Result<#ok, #p::RpcError<#err>> {
-            self.core.call::<_, #ok, #err>(#wire, &#tuple).await
+            self.core.call::<_, #ok, #err>(#wire, #tuple).await
         }
     }
 }
@@ -253,7 +253,7 @@ fn dispatch_arm(m: &Method, self_ty: &syn::Type, p: &TokenStream) -> TokenStream
             quote!(call.stream(::core::result::Result::<_, #p::NoError>::Ok(#invoke)))
         }
         (None, Some(_)) => quote!(call.result(#invoke)),
-        (None, None) => quote!(call.ok(&#invoke)),
+        (None, None) => quote!(call.ok(#invoke)),
     };
     // `#[schedule]` methods answer only the runtime: to a client they do not exist.
     let guard = m.schedule.as_ref().map(|_| {

@@ -228,7 +228,7 @@ impl Invocation {
 
     /// Decodes the arguments as the tuple `T`.
     #[doc(hidden)]
-    pub fn args<T: DeserializeOwned>(&self) -> Result<T, RawError> {
+    pub fn args<T: DeserializeOwned + 'static>(&self) -> Result<T, RawError> {
         self.args
             .decode()
             .map_err(|e| RawError::bad_args(format_args!("`{}`: {e}", self.method)))
@@ -246,10 +246,10 @@ impl Invocation {
         self.args.codec()
     }
 
-    /// Encodes a plain return value.
+    /// Encodes (or passes, in-process) a plain return value.
     #[doc(hidden)]
-    pub fn ok<T: Serialize>(&self, value: &T) -> Result<Payload, RawError> {
-        self.codec().encode(value).map_err(|e| {
+    pub fn ok<T: Serialize + Send + 'static>(&self, value: T) -> Result<Payload, RawError> {
+        self.codec().pass(value).map_err(|e| {
             RawError::internal(format_args!(
                 "could not encode the result of `{}`: {e}",
                 self.method
@@ -259,22 +259,27 @@ impl Invocation {
 
     /// Encodes a `Result` return value; `Err` becomes an `app` error carrying the typed value.
     #[doc(hidden)]
-    pub fn result<T: Serialize, E: Serialize + fmt::Display + 'static>(
-        &self,
-        r: Result<T, E>,
-    ) -> Result<Payload, RawError> {
+    pub fn result<T, E>(&self, r: Result<T, E>) -> Result<Payload, RawError>
+    where
+        T: Serialize + Send + 'static,
+        E: Serialize + fmt::Display + Send + 'static,
+    {
         match r {
-            Ok(v) => self.ok(&v),
+            Ok(v) => self.ok(v),
             Err(e) => Err(self.error(e)),
         }
     }
 
     /// A callable's error: `app` with its data, unless it is an [`AppError`] that carries the
     /// kind of a failed call to another agent.
-    fn error<E: Serialize + fmt::Display + 'static>(&self, e: E) -> RawError {
-        match (&e as &dyn std::any::Any).downcast_ref::<AppError>() {
-            Some(app) => app.clone().into_raw(self.codec()),
-            None => RawError::app(self.codec(), &e),
+    fn error<E: Serialize + fmt::Display + Send + 'static>(&self, e: E) -> RawError {
+        let e: Box<dyn std::any::Any + Send> = Box::new(e);
+        match e.downcast::<AppError>() {
+            Ok(app) => app.into_raw(self.codec()),
+            Err(e) => {
+                let e = e.downcast::<E>().expect("the error's own type");
+                RawError::app(self.codec(), *e)
+            }
         }
     }
 }
@@ -285,7 +290,7 @@ impl Invocation {
     pub fn stream<T, E, SE>(&self, r: Result<Streaming<T, SE>, E>) -> Result<Payload, RawError>
     where
         T: Serialize + Send + 'static,
-        E: Serialize + fmt::Display + 'static,
+        E: Serialize + fmt::Display + Send + 'static,
         SE: Serialize + fmt::Display + Send + 'static,
     {
         let stream = r.map_err(|e| self.error(e))?;
@@ -349,7 +354,7 @@ impl AppError {
     pub(crate) fn into_raw(self, codec: Codec) -> RawError {
         match self.framework {
             Some(kind) => RawError::new(kind, self.message),
-            None => RawError::app(codec, &self),
+            None => RawError::app(codec, self),
         }
     }
 }

@@ -11,8 +11,8 @@ use std::{
 };
 
 use agents_client::{
-    __private::deadline_in, BoxFuture, ClientCore, ErrorKind, OutgoingCall, Payload, RawError,
-    RawStream, Transport,
+    __private::deadline_in, BoxFuture, ClientCore, Codec, ErrorKind, OutgoingCall, Payload,
+    RawError, RawStream, Transport,
 };
 use tokio::sync::oneshot;
 
@@ -542,6 +542,10 @@ impl Transport for LocalTransport {
                 Err(e) => RawStream::failed(e),
             }
         })
+    }
+
+    fn codec(&self) -> Codec {
+        Codec::Value
     }
 
     fn describe(&self) -> String {

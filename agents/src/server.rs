@@ -131,8 +131,8 @@ async fn call(
         .await
     {
         Ok(Payload::Json(value)) => json(StatusCode::OK, &value),
-        Ok(Payload::Postcard(_)) => error(RawError::internal(
-            "the agent answered a JSON call in postcard",
+        Ok(_) => error(RawError::internal(
+            "the agent answered a JSON call in another codec",
         )),
         Err(e) => error(e),
     }

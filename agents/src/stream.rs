@@ -146,10 +146,10 @@ where
                 let mut inner = inner?;
                 let item = match AssertUnwindSafe(inner.next()).catch_unwind().await {
                     Ok(None) => return None,
-                    Ok(Some(Ok(item))) => codec.encode(&item).map_err(|e| {
+                    Ok(Some(Ok(item))) => codec.pass(item).map_err(|e| {
                         RawError::internal(format!("could not encode a chunk of `{method}`: {e}"))
                     }),
-                    Ok(Some(Err(e))) => Err(RawError::app(codec, &e)),
+                    Ok(Some(Err(e))) => Err(RawError::app(codec, e)),
                     Err(_) => Err(RawError::internal(format!(
                         "the stream of `{method}` panicked"
                     ))),
@@ -183,6 +183,7 @@ pub(crate) async fn collect(
         size += match &item {
             Payload::Json(v) => v.to_string().len(),
             Payload::Postcard(b) => b.len(),
+            Payload::Value(_) => 0,
         };
         if size > limit {
             return Err(RawError::internal(format!(
@@ -197,7 +198,7 @@ pub(crate) async fn collect(
                 .into_iter()
                 .map(|p| match p {
                     Payload::Json(v) => v,
-                    Payload::Postcard(_) => serde_json::Value::Null,
+                    _ => serde_json::Value::Null,
                 })
                 .collect(),
         )),
@@ -210,6 +211,11 @@ pub(crate) async fn collect(
                 }
             }
             Payload::Postcard(bytes)
+        }
+        Codec::Value => {
+            return Err(RawError::internal(
+                "the chunks of a stream passed in-process cannot be collected into one value: read it as a stream",
+            ))
         }
     })
 }

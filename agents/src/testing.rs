@@ -56,6 +56,14 @@ impl TestRuntime {
         Ok(())
     }
 
+    /// Shuts the runtime down and builds `builder` on the same data dir: a deploy of new code
+    /// (changed types, new agents) over the data the old code wrote. Later
+    /// [`restart`](TestRuntime::restart)s use `builder`.
+    pub async fn redeploy(&mut self, builder: Builder) -> Result<(), Error> {
+        self.builder = builder;
+        self.restart().await
+    }
+
     /// Moves the runtime's manual clock (see [`Builder::clock`]) forward by `by` and runs every
     /// schedule that became due, waiting until their outcomes are durable.
     pub async fn advance(&self, by: std::time::Duration) {
