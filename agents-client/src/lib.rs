@@ -11,6 +11,7 @@
 #![warn(missing_docs)]
 
 mod error;
+mod framing;
 mod payload;
 pub mod protocol;
 mod stream;
@@ -23,15 +24,15 @@ pub use stream::{CallStream, EventStream, StateStream, StreamError};
 pub use transport::{
     BoxFuture, ClientCore, MethodCall, MethodInfo, OutgoingCall, RawStream, Transport,
 };
-pub use ws::{ConnectError, WsTransport, DEFAULT_TIMEOUT};
+pub use ws::{ConnectError, ConnectOptions, WsTransport, DEFAULT_TIMEOUT};
 
 #[doc(hidden)]
 pub mod __private {
     pub use crate::transport::deadline_in;
     pub use crate::ws::next_queued;
     pub use crate::{
-        CallStream, ClientCore, ConnectError, EventStream, MethodCall, MethodInfo, NoError,
-        RpcError, StateStream, WsTransport,
+        CallStream, ClientCore, ConnectError, ConnectOptions, EventStream, MethodCall, MethodInfo,
+        NoError, RpcError, StateStream, WsTransport,
     };
     pub use serde;
 }

@@ -1,4 +1,5 @@
-//! [`WsTransport`]: calls over a WebSocket with the `agents.v1.postcard` subprotocol.
+//! [`WsTransport`]: calls over a WebSocket with the `agents.v1.postcard` subprotocol (or
+//! `agents.v1.json`, see [`ConnectOptions::codec`]).
 //!
 //! One socket carries any number of concurrent calls, matched to replies by id. Each call has a
 //! timeout; dropping a call's future (or its timeout passing) sends `cancel`, so a call that has
@@ -37,21 +38,34 @@ use tokio_tungstenite::tungstenite::{
 };
 
 use crate::{
-    protocol::{to_postcard, PostcardClientFrame, PostcardServerFrame, POSTCARD_PROTOCOL},
+    framing::{self, Received},
     transport::{deadline_in, BoxFuture, OutgoingCall, RawStream, Transport},
-    ErrorKind, Payload, RawError,
+    Codec, ErrorKind, Payload, RawError,
 };
 
 /// The timeout of calls that set none.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Why a connection could not be opened.
+/// Why a connection could not be opened. URLs in it have their query string hidden (it may
+/// hold a token).
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ConnectError {
     /// The URL is not a WebSocket URL.
     #[error("invalid URL `{0}`")]
     Url(String),
-    /// The handshake failed (refused address, unknown class, invalid name, network).
+    /// The server answered the handshake with an HTTP error: an admission hook
+    /// (`on_before_connect`) refused, or the address is invalid (400) or unknown (404).
+    #[error("{url} refused the connection: {status} {body}")]
+    Refused {
+        /// Where.
+        url: String,
+        /// The HTTP status, e.g. 401.
+        status: u16,
+        /// The body of the answer (what the admission hook said), as text.
+        body: String,
+    },
+    /// The handshake failed otherwise (network, TLS, not a WebSocket server).
     #[error("could not connect to {url}: {reason}")]
     Handshake {
         /// Where.
@@ -59,9 +73,80 @@ pub enum ConnectError {
         /// Why.
         reason: String,
     },
-    /// The server does not speak the postcard protocol, or did not identify itself.
+    /// The server does not speak the protocol asked for, or did not identify itself.
     #[error("{0}")]
     Protocol(String),
+}
+
+/// How to connect: headers for the handshake (say, `Authorization`, so that a token stays out
+/// of the URL and of logs), the codec, and the default timeout of calls.
+///
+/// ```no_run
+/// # async fn f() -> Result<(), agents_client::ConnectError> {
+/// use agents_client::{Codec, ConnectOptions, WsTransport};
+/// let options = ConnectOptions::new()
+///     .bearer("s3cret")
+///     .codec(Codec::Json)
+///     .timeout(std::time::Duration::from_secs(5));
+/// let transport = WsTransport::connect_with("ws://127.0.0.1:8080/agents/counter/bob", options).await?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct ConnectOptions {
+    headers: Vec<(String, String)>,
+    codec: Codec,
+    timeout: Duration,
+}
+
+impl Default for ConnectOptions {
+    fn default() -> Self {
+        ConnectOptions {
+            headers: Vec::new(),
+            codec: Codec::Postcard,
+            timeout: DEFAULT_TIMEOUT,
+        }
+    }
+}
+
+impl ConnectOptions {
+    /// Postcard, no extra headers, calls time out after [`DEFAULT_TIMEOUT`].
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a header to the handshake (and to every reconnection's).
+    pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.headers.push((name.into(), value.into()));
+        self
+    }
+
+    /// `Authorization: Bearer <token>`.
+    pub fn bearer(self, token: impl AsRef<str>) -> Self {
+        let value = format!("Bearer {}", token.as_ref());
+        self.header("Authorization", value)
+    }
+
+    /// The codec: [`Codec::Postcard`] (the default; compact) or [`Codec::Json`] (for types
+    /// postcard cannot carry: `serde_json::Value`, tagged or untagged enums, `flatten`).
+    /// `Codec::Value` is for in-process calls only, and is refused by `connect_with`.
+    pub fn codec(mut self, codec: Codec) -> Self {
+        self.codec = codec;
+        self
+    }
+
+    /// The timeout of calls that set none.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+}
+
+/// `url` with its query string hidden (it may hold a token).
+fn redact(url: &str) -> String {
+    match url.split_once('?') {
+        Some((base, _)) => format!("{base}?…"),
+        None => url.to_owned(),
+    }
 }
 
 /// Who waits for the frames of a call in flight.
@@ -105,9 +190,13 @@ enum Link {
 /// What the transport's handle and its background task share.
 struct Inner {
     url: String,
+    options: ConnectOptions,
     pending: Pending,
     link: watch::Sender<Link>,
     events: broadcast::Sender<Payload>,
+    /// Subscribed when the transport connected: the first `events()` takes it, so that no
+    /// event after the connection opened (say, what `on_connect` sent) is lost to it.
+    first_events: Mutex<Option<broadcast::Receiver<Payload>>>,
     state: watch::Sender<Option<Payload>>,
     /// `class`, `name` and connection id, as the server last announced them.
     identity: Mutex<(String, String, String)>,
@@ -136,55 +225,93 @@ fn socket_config() -> WebSocketConfig {
 }
 
 /// Opens one connection and reads the server's identity frame.
-async fn open(url: &str) -> Result<(Socket, (String, String, String)), ConnectError> {
+async fn open(
+    url: &str,
+    options: &ConnectOptions,
+) -> Result<(Socket, (String, String, String)), ConnectError> {
+    let shown = redact(url);
     let mut request = url
         .into_client_request()
-        .map_err(|_| ConnectError::Url(url.to_owned()))?;
-    request.headers_mut().insert(
+        .map_err(|_| ConnectError::Url(shown.clone()))?;
+    let Some(subprotocol) = framing::subprotocol(options.codec) else {
+        return Err(ConnectError::Protocol(
+            "Codec::Value is for in-process calls; connect with Codec::Postcard or Codec::Json"
+                .into(),
+        ));
+    };
+    let headers = request.headers_mut();
+    headers.insert(
         "Sec-WebSocket-Protocol",
-        POSTCARD_PROTOCOL.parse().expect("a valid header value"),
+        subprotocol.parse().expect("a valid header value"),
     );
+    for (name, value) in &options.headers {
+        let header = (
+            name.parse::<tokio_tungstenite::tungstenite::http::HeaderName>(),
+            value.parse::<tokio_tungstenite::tungstenite::http::HeaderValue>(),
+        );
+        let (Ok(name), Ok(value)) = header else {
+            return Err(ConnectError::Protocol(format!("invalid header `{name}`")));
+        };
+        headers.append(name, value);
+    }
     let (mut socket, response) =
         tokio_tungstenite::connect_async_with_config(request, Some(socket_config()), false)
             .await
-            .map_err(|e| ConnectError::Handshake {
-                url: url.to_owned(),
-                reason: e.to_string(),
+            .map_err(|e| match e {
+                tokio_tungstenite::tungstenite::Error::Http(response) => ConnectError::Refused {
+                    url: shown.clone(),
+                    status: response.status().as_u16(),
+                    body: String::from_utf8_lossy(response.body().as_deref().unwrap_or_default())
+                        .into_owned(),
+                },
+                e => ConnectError::Handshake {
+                    url: shown.clone(),
+                    reason: e.to_string(),
+                },
             })?;
     let chosen = response
         .headers()
         .get("Sec-WebSocket-Protocol")
         .and_then(|v| v.to_str().ok());
-    if chosen != Some(POSTCARD_PROTOCOL) {
+    if chosen != Some(subprotocol) {
         return Err(ConnectError::Protocol(format!(
-            "{url} does not speak {POSTCARD_PROTOCOL}"
+            "{shown} does not speak {subprotocol}"
         )));
     }
-    match socket.next().await {
-        Some(Ok(Message::Binary(bytes))) => match postcard::from_bytes(&bytes) {
-            Ok(PostcardServerFrame::Identity { class, name, conn }) => {
-                Ok((socket, (class, name, conn)))
-            }
-            _ => Err(ConnectError::Protocol(format!(
-                "{url} did not identify itself"
-            ))),
-        },
-        _ => Err(ConnectError::Protocol(format!(
-            "{url} closed before identifying itself"
+    let first = socket.next().await;
+    match first
+        .and_then(|f| f.ok())
+        .and_then(|f| framing::read(options.codec, &f))
+    {
+        Some(Received::Identity { class, name, conn }) => Ok((socket, (class, name, conn))),
+        Some(_) => Err(ConnectError::Protocol(format!(
+            "{shown} did not identify itself"
+        ))),
+        None => Err(ConnectError::Protocol(format!(
+            "{shown} closed before identifying itself"
         ))),
     }
 }
 
 impl WsTransport {
-    /// Connects and waits for the server's identity frame. Fails if the first connection
-    /// cannot be made; later disconnections are repaired in the background.
+    /// Connects with the postcard codec and waits for the server's identity frame. Fails if
+    /// the first connection cannot be made; later disconnections are repaired in the
+    /// background.
     pub async fn connect(url: &str) -> Result<Self, ConnectError> {
-        let (socket, identity) = open(url).await?;
+        Self::connect_with(url, ConnectOptions::default()).await
+    }
+
+    /// Connects with `options` (headers, codec, timeout).
+    pub async fn connect_with(url: &str, options: ConnectOptions) -> Result<Self, ConnectError> {
+        let (socket, identity) = open(url, &options).await?;
+        let events = broadcast::channel(1024).0;
         let inner = Arc::new(Inner {
             url: url.to_owned(),
+            options,
             pending: Mutex::default(),
             link: watch::channel(Link::Down).0,
-            events: broadcast::channel(1024).0,
+            first_events: Mutex::new(Some(events.subscribe())),
+            events,
             state: watch::channel(None).0,
             identity: Mutex::new(identity),
             next_id: AtomicU64::new(1),
@@ -238,14 +365,14 @@ async fn supervise(inner: Arc<Inner>, mut socket: Socket, mut stopped: oneshot::
                 }
                 () = tokio::time::sleep(delay) => {}
             }
-            match open(&inner.url).await {
+            match open(&inner.url, &inner.options).await {
                 Ok((socket, identity)) => {
                     *inner.identity.lock().unwrap_or_else(|e| e.into_inner()) = identity;
-                    tracing::debug!(url = %inner.url, "reconnected");
+                    tracing::debug!(url = %redact(&inner.url), "reconnected");
                     break socket;
                 }
                 Err(e) => {
-                    tracing::debug!(url = %inner.url, "reconnecting failed, retrying in {delay:?}: {e}");
+                    tracing::debug!(url = %redact(&inner.url), "reconnecting failed, retrying in {delay:?}: {e}");
                     delay = (delay * 2).min(MAX_BACKOFF);
                 }
             }
@@ -271,8 +398,9 @@ async fn run(
             _ = &mut writer => break false, // it could not write: the connection is lost
             frame = stream.next() => {
                 let Some(Ok(frame)) = frame else { break false };
-                let Message::Binary(bytes) = frame else { continue };
-                read(inner, &bytes);
+                if let Some(received) = framing::read(inner.options.codec, &frame) {
+                    read(inner, received);
+                }
             }
         }
     };
@@ -318,42 +446,34 @@ async fn write(
 }
 
 /// Handles one frame from the server.
-fn read(inner: &Inner, bytes: &[u8]) {
-    match postcard::from_bytes::<PostcardServerFrame>(bytes) {
-        Ok(PostcardServerFrame::Reply { id, result }) => {
-            let result = result.map(Payload::Postcard).map_err(RawError::from);
-            match inner.pending().remove(&id) {
-                Some(Waiter::Call(tx)) => drop(tx.send(result)),
-                // A stream's final reply is `()`: no bytes.
-                Some(Waiter::Stream(tx)) => match result {
-                    Ok(Payload::Postcard(end)) if end.is_empty() => {}
-                    Ok(_) => drop(tx.send(Err(RawError::internal(
-                        "the agent answered with a value: the callable does not stream",
-                    )))),
-                    Err(e) => drop(tx.send(Err(e))),
-                },
-                None => {}
-            }
-        }
-        Ok(PostcardServerFrame::Chunk { id, data }) => {
+fn read(inner: &Inner, received: Received) {
+    match received {
+        Received::Reply { id, result } => match inner.pending().remove(&id) {
+            Some(Waiter::Call(tx)) => drop(tx.send(result)),
+            // A stream's final reply is `()`.
+            Some(Waiter::Stream(tx)) => match result {
+                Ok(end) if framing::is_end(&end) => {}
+                Ok(_) => drop(tx.send(Err(RawError::internal(
+                    "the agent answered with a value: the callable does not stream",
+                )))),
+                Err(e) => drop(tx.send(Err(e))),
+            },
+            None => {}
+        },
+        Received::Chunk { id, data } => {
             if let Some(Waiter::Stream(tx)) = inner.pending().get(&id) {
-                let _ = tx.send(Ok(Payload::Postcard(data)));
+                let _ = tx.send(Ok(data));
             }
         }
-        Ok(PostcardServerFrame::Event { data }) => {
-            let _ = inner.events.send(Payload::Postcard(data));
+        Received::Event(data) => {
+            let _ = inner.events.send(data);
         }
-        Ok(PostcardServerFrame::State { state }) => {
-            inner.state.send_replace(Some(Payload::Postcard(state)));
+        Received::State(state) => {
+            inner.state.send_replace(Some(state));
         }
-        Ok(PostcardServerFrame::Error { message }) => {
-            tracing::warn!("the server reports an error: {message}")
-        }
-        Ok(PostcardServerFrame::Failed { error }) => {
-            tracing::warn!("the server reports an error: {}", RawError::from(error))
-        }
-        Ok(PostcardServerFrame::Identity { .. }) => {}
-        Err(e) => tracing::warn!("a frame from the server did not decode: {e}"),
+        Received::Error(e) => tracing::warn!("the server reports an error: {e}"),
+        Received::Identity { .. } => {}
+        Received::Unknown(what) => tracing::warn!("the server sent {what}"),
     }
 }
 
@@ -393,26 +513,28 @@ struct CancelOnDrop {
     inner: Arc<Inner>,
 }
 
+impl Inner {
+    fn codec(&self) -> Codec {
+        self.options.codec
+    }
+}
+
 /// How many chunks of a stream may be on their way (or waiting) ahead of its reader.
 const STREAM_WINDOW: u32 = 32;
 
 impl CancelOnDrop {
     /// Lets the call's stream send `chunks` more chunks.
     fn credit(&self, chunks: u32) {
-        let frame = PostcardClientFrame::Credit {
-            id: self.id,
-            chunks,
-        };
-        let _ = self.out.send(Message::Binary(to_postcard(&frame).into()));
+        let _ = self
+            .out
+            .send(framing::credit(self.inner.codec(), self.id, chunks));
     }
 }
 
 impl Drop for CancelOnDrop {
     fn drop(&mut self) {
         if self.inner.pending().remove(&self.id).is_some() {
-            let _ = self.out.send(Message::Binary(
-                to_postcard(&PostcardClientFrame::Cancel { id: self.id }).into(),
-            ));
+            let _ = self.out.send(framing::cancel(self.inner.codec(), self.id));
         }
     }
 }
@@ -463,7 +585,7 @@ async fn reconnected(
                         ErrorKind::Timeout,
                         format!(
                             "not connected to {} before the deadline; the call was not sent",
-                            inner.url
+                            redact(&inner.url)
                         ),
                     ))
                 }
@@ -480,33 +602,30 @@ async fn start(
     waiter: Waiter,
     deadline: Instant,
 ) -> Result<CancelOnDrop, RawError> {
-    let Payload::Postcard(args) = call.args else {
-        return Err(RawError::bad_args(
-            "this transport sends postcard arguments",
-        ));
-    };
+    if call.args.codec() != inner.codec() {
+        return Err(RawError::bad_args(format!(
+            "this connection speaks {:?}, not {:?}",
+            inner.codec(),
+            call.args.codec()
+        )));
+    }
     let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
     let streams = matches!(waiter, Waiter::Stream(_));
     let out = register(inner, id, waiter, deadline).await?;
     if streams {
         // Flow control from the first chunk: the credit goes before the call.
-        let credit = PostcardClientFrame::Credit {
-            id,
-            chunks: STREAM_WINDOW,
-        };
-        let _ = out.send(Message::Binary(to_postcard(&credit).into()));
+        let _ = out.send(framing::credit(inner.codec(), id, STREAM_WINDOW));
     }
     let remaining = deadline.saturating_duration_since(Instant::now());
-    let frame = PostcardClientFrame::Call {
+    let deadline_ms = remaining.as_millis() as u64;
+    let frame = framing::call(
+        inner.codec(),
         id,
-        method: call.method.into_owned(),
-        args,
-        deadline_ms: Some(remaining.as_millis() as u64),
-    };
-    if out
-        .send(Message::Binary(to_postcard(&frame).into()))
-        .is_err()
-    {
+        call.method.into_owned(),
+        call.args,
+        deadline_ms,
+    )?;
+    if out.send(frame).is_err() {
         inner.pending().remove(&id);
         return Err(disconnected());
     }
@@ -521,7 +640,7 @@ impl Transport for WsTransport {
     fn call(&self, call: OutgoingCall) -> BoxFuture<'static, Result<Payload, RawError>> {
         let inner = self.inner.clone();
         Box::pin(async move {
-            let timeout = call.timeout.unwrap_or(DEFAULT_TIMEOUT);
+            let timeout = call.timeout.unwrap_or(inner.options.timeout);
             let deadline = deadline_in(timeout);
             let (tx, rx) = oneshot::channel();
             let _cancel_if_dropped = start(&inner, call, Waiter::Call(tx), deadline).await?;
@@ -539,7 +658,7 @@ impl Transport for WsTransport {
     fn call_stream(&self, call: OutgoingCall) -> BoxFuture<'static, RawStream> {
         let inner = self.inner.clone();
         Box::pin(async move {
-            let timeout = call.timeout.unwrap_or(DEFAULT_TIMEOUT);
+            let timeout = call.timeout.unwrap_or(inner.options.timeout);
             let (tx, rx) = mpsc::unbounded_channel();
             let waiter = Waiter::Stream(tx);
             match start(&inner, call, waiter, deadline_in(timeout)).await {
@@ -568,11 +687,21 @@ impl Transport for WsTransport {
     }
 
     fn describe(&self) -> String {
-        self.inner.url.clone()
+        redact(&self.inner.url)
+    }
+
+    fn codec(&self) -> Codec {
+        self.inner.codec()
     }
 
     fn events(&self) -> Option<broadcast::Receiver<Payload>> {
-        Some(self.inner.events.subscribe())
+        let first = self.inner.first_events.lock().map(|mut f| f.take());
+        Some(
+            first
+                .ok()
+                .flatten()
+                .unwrap_or_else(|| self.inner.events.subscribe()),
+        )
     }
 
     fn state(&self) -> Option<watch::Receiver<Option<Payload>>> {

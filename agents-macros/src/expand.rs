@@ -84,14 +84,27 @@ fn generate(a: &Agent) -> TokenStream {
                 /// WebSocket with the postcard protocol.
                 #[allow(dead_code)]
                 #vis async fn connect(url: &str) -> ::core::result::Result<Self, #p::ConnectError> {
+                    Self::connect_with(url, #p::ConnectOptions::new()).await
+                }
+
+                /// Connects with `options`: headers (a token in `Authorization` rather than
+                /// in the URL), the codec (JSON for types postcard cannot carry), a timeout.
+                #[allow(dead_code)]
+                #vis async fn connect_with(
+                    url: &str,
+                    options: #p::ConnectOptions,
+                ) -> ::core::result::Result<Self, #p::ConnectError> {
+                    let transport = #p::WsTransport::connect_with(url, options).await?;
                     ::core::result::Result::Ok(#client {
-                        core: #p::ClientCore::new(#p::Arc::new(#p::WsTransport::connect(url).await?)),
+                        core: #p::ClientCore::new(#p::Arc::new(transport)),
                     })
                 }
 
                 /// The events the agent sends to this connection (broadcasts and sends), typed.
                 /// Only a network client receives events: over an in-process transport the
-                /// stream ends at once. Each call makes a new subscription from now on.
+                /// stream ends at once. The first stream gets every event since the client
+                /// connected (what `on_connect` sent included); later ones, events from then
+                /// on.
                 #[allow(dead_code)]
                 #vis fn events(&self) -> #p::EventStream<#event> {
                     self.core.events()

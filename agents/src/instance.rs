@@ -462,6 +462,12 @@ impl<A: AgentClass> Instance<A> {
     /// apply once the commit is durable.
     async fn lower_index(&mut self) -> Result<Option<Raise>, Error> {
         let earliest = schedule::earliest(self.ctx.sql())?;
+        let clock = &self.ctx.shared.config.clock;
+        if clock.is_manual() && earliest.is_some_and(|at| at <= clock.now_ms()) {
+            // No timer runs on a manual clock: what is due already (an `enqueue`, say) runs
+            // now, after this commit, rather than on the test's next `advance`.
+            self.alarm_self();
+        }
         let refresh = std::mem::take(&mut self.refresh_index);
         let (seq, indexed) = {
             let state = self.index.lock().unwrap_or_else(|e| e.into_inner());
@@ -645,15 +651,20 @@ impl<A: AgentClass> Instance<A> {
         }
         if due.len() == DUE_PER_BATCH {
             // More are due: come back at once, after the events already waiting.
-            let (shared, key) = (self.ctx.shared.clone(), self.ctx.key().clone());
-            tokio::spawn(async move {
-                shared
-                    .route(&key, Event::Alarm(None))
-                    .await
-                    .map_err(|(e, _)| e)
-            });
+            self.alarm_self();
         }
         Ok(())
+    }
+
+    /// Sends this agent an alarm event, to run after the events already waiting.
+    fn alarm_self(&self) {
+        let (shared, key) = (self.ctx.shared.clone(), self.ctx.key().clone());
+        tokio::spawn(async move {
+            shared
+                .route(&key, Event::Alarm(None))
+                .await
+                .map_err(|(e, _)| e)
+        });
     }
 
     /// Runs one handler in its own savepoint, creating the agent first if needed. What it does

@@ -91,7 +91,8 @@ pub use agent::{
 /// The wire crate: transports, codecs and client plumbing.
 pub use agents_client as client;
 pub use agents_client::{
-    CallStream, ErrorKind, MethodCall, MethodInfo, NoError, Payload, RawError, RpcError,
+    CallStream, Codec, ConnectError, ConnectOptions, ErrorKind, MethodCall, MethodInfo, NoError,
+    Payload, RawError, RpcError,
 };
 /// Turns an inherent `impl` block into an agent class; see the crate docs.
 ///
@@ -125,7 +126,7 @@ pub use agents_macros::schedule;
 /// status codes (`axum::http::StatusCode`), and mounting [`router`] in an app of your own.
 pub use axum;
 pub use clock::Clock;
-pub use conn::{Conn, ConnId, WsMessage};
+pub use conn::{Conn, ConnId, Protocol, WsMessage};
 pub use context::Ctx;
 pub use error::{Error, Result};
 pub use runtime::{Builder, Runtime};
