@@ -103,7 +103,10 @@ async fn bad_addresses_fail_to_connect_and_a_lost_connection_fails_calls_clearly
     let err = CounterClient::connect(&base.replace("/counter", "/nope/x"))
         .await
         .unwrap_err();
-    assert!(err.to_string().contains("refused the connection: 400"), "{err}");
+    assert!(
+        err.to_string().contains("refused the connection: 404"),
+        "{err}"
+    );
     assert!(CounterClient::connect("not a url").await.is_err());
 
     // A proxy the test can cut, between the client and the server.

@@ -298,4 +298,6 @@ pub struct MethodInfo {
     pub returns: &'static str,
     /// The application error type as written, if the callable returns a `Result`.
     pub error: Option<&'static str>,
+    /// `#[callable(internal)]`: callable only in-process, not over the network.
+    pub internal: bool,
 }

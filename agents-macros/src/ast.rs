@@ -7,10 +7,12 @@ use syn::{
     Pat, PathArguments, ReturnType, Type, Visibility,
 };
 
-use crate::attr::string_args;
+use crate::attr::{self, string_args};
 
 /// `#[agent(..)]` options.
 pub const AGENT_OPTIONS: &[&str] = &["class", "crate", "state", "conn_state", "event"];
+/// `#[agent(..)]` and `#[callable(..)]` flags.
+pub const FLAGS: &[&str] = &["internal"];
 /// `#[callable(..)]` options.
 pub const CALLABLE_OPTIONS: &[&str] = &["name"];
 /// `#[schedule(..)]` options.
@@ -26,6 +28,8 @@ pub struct AgentImpl {
     pub krate: Option<LitStr>,
     /// `#[agent(state = "..", conn_state = "..", event = "..")]`: the agent's types.
     pub types: Vec<(Ident, LitStr)>,
+    /// `#[agent(internal)]`: reachable in-process only.
+    pub internal: bool,
     /// The methods marked `#[callable]` or `#[schedule]`, in order.
     pub callables: Vec<Callable>,
     /// Every other associated item's name (they share the type's namespace).
@@ -37,6 +41,8 @@ pub struct Callable {
     pub ident: Ident,
     /// `#[callable(name = "..")]`.
     pub rename: Option<LitStr>,
+    /// `#[callable(internal)]`: callable in-process only.
+    pub internal: bool,
     /// For `#[schedule(..)]` methods: the attribute's options (and the attribute, for errors).
     pub schedule: Option<(Attribute, Vec<(Ident, LitStr)>)>,
     pub vis: Visibility,
@@ -86,7 +92,9 @@ impl AgentImpl {
         let mut class = None;
         let mut krate = None;
         let mut types = Vec::new();
-        for (key, value) in string_args(args, AGENT_OPTIONS, "#[agent]")? {
+        let parsed = attr::args(args, AGENT_OPTIONS, FLAGS, "#[agent]")?;
+        let internal = !parsed.flags.is_empty();
+        for (key, value) in parsed.values {
             match key.to_string().as_str() {
                 "class" => class = Some(value),
                 "crate" => krate = Some(value),
@@ -122,6 +130,7 @@ impl AgentImpl {
                 class,
                 krate,
                 types,
+                internal,
                 callables,
                 other_names,
             }),
@@ -203,22 +212,20 @@ impl Callable {
         } else {
             None
         };
-        let rename = match &attr.meta {
-            _ if is_schedule => None,
-            syn::Meta::Path(_) => None,
-            syn::Meta::List(list) => {
-                string_args(list.tokens.clone(), CALLABLE_OPTIONS, "#[callable]")?
-                    .into_iter()
-                    .next()
-                    .map(|(_, v)| v)
-            }
-            syn::Meta::NameValue(nv) => {
-                return Err(syn::Error::new_spanned(
+        let options =
+            match &attr.meta {
+                _ if is_schedule => attr::Args::default(),
+                syn::Meta::Path(_) => attr::Args::default(),
+                syn::Meta::List(list) => {
+                    attr::args(list.tokens.clone(), CALLABLE_OPTIONS, FLAGS, "#[callable]")?
+                }
+                syn::Meta::NameValue(nv) => return Err(syn::Error::new_spanned(
                     nv,
-                    "write `#[callable]` or `#[callable(name = \"...\")]`",
-                ))
-            }
-        };
+                    "write `#[callable]`, `#[callable(name = \"...\")]` or `#[callable(internal)]`",
+                )),
+            };
+        let rename = options.values.into_iter().next().map(|(_, v)| v);
+        let internal = !options.flags.is_empty();
         let sig = &f.sig;
         let mut receiver = Receiver::None;
         let mut params = Vec::new();
@@ -241,6 +248,7 @@ impl Callable {
         Ok(Callable {
             ident: sig.ident.clone(),
             rename,
+            internal,
             schedule,
             vis: f.vis.clone(),
             docs: f
@@ -408,7 +416,8 @@ mod tests {
             .err()
             .unwrap();
         assert!(
-            e.to_string().contains("valid keys: `class`, `crate`"),
+            e.to_string()
+                .contains("valid options: `class = \"..\"`, `crate = \"..\"`"),
             "{e}"
         );
     }

@@ -32,6 +32,7 @@ fn generate(a: &Agent) -> TokenStream {
         state,
         conn_state,
         event,
+        internal,
     } = a;
     let p = quote!(#krate::__private);
     let vis = widest(methods);
@@ -146,6 +147,7 @@ fn generate(a: &Agent) -> TokenStream {
 
             impl #p::AgentClass for #self_ty {
                 const CLASS: &'static str = #class;
+                const INTERNAL: bool = #internal;
                 const METHODS: &'static [#p::MethodInfo] = &[#(#infos),*];
                 const SCHEDULES: &'static [#p::StaticSchedule] = &[#(#schedules),*];
                 type State = #state;
@@ -268,14 +270,23 @@ fn dispatch_arm(m: &Method, self_ty: &syn::Type, p: &TokenStream) -> TokenStream
         (None, Some(_)) => quote!(call.result(#invoke)),
         (None, None) => quote!(call.ok(#invoke)),
     };
-    // `#[schedule]` methods answer only the runtime: to a client they do not exist.
-    let guard = m.schedule.as_ref().map(|_| {
-        quote! {
+    // `#[schedule]` methods answer only the runtime, `#[callable(internal)]` ones only this
+    // process: to anyone else they do not exist.
+    let guard = if m.schedule.is_some() {
+        Some(quote! {
             if !call.is_internal() {
                 return ::core::result::Result::Err(#p::RawError::unknown_method(#wire));
             }
-        }
-    });
+        })
+    } else if m.internal {
+        Some(quote! {
+            if call.is_remote() {
+                return ::core::result::Result::Err(#p::RawError::unknown_method(#wire));
+            }
+        })
+    } else {
+        None
+    };
     quote! {
         #wire => {
             #guard
@@ -287,6 +298,7 @@ fn dispatch_arm(m: &Method, self_ty: &syn::Type, p: &TokenStream) -> TokenStream
 
 fn method_info(m: &Method, p: &TokenStream) -> TokenStream {
     let wire = &m.wire;
+    let internal = m.internal;
     let params = m.args.iter().map(|(n, t)| format!("{n}: {}", tokens(t)));
     let returns = tokens(&m.ok);
     let error = match &m.err {
@@ -297,7 +309,9 @@ fn method_info(m: &Method, p: &TokenStream) -> TokenStream {
         None => quote!(::core::option::Option::None),
     };
     quote! {
-        #p::MethodInfo { name: #wire, params: &[#(#params),*], returns: #returns, error: #error }
+        #p::MethodInfo {
+            name: #wire, params: &[#(#params),*], returns: #returns, error: #error, internal: #internal,
+        }
     }
 }
 

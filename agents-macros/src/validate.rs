@@ -12,6 +12,7 @@ use crate::ast::{combine, streaming_args, AgentImpl, Callable, Receiver, Ret};
 /// the same name would clash with them.
 pub const CLIENT_METHODS: &[&str] = &[
     "connect",
+    "connect_with",
     "events",
     "state",
     "state_changes",
@@ -36,6 +37,8 @@ pub struct Agent {
     pub state: Type,
     pub conn_state: Type,
     pub event: Type,
+    /// `#[agent(internal)]`: not served to the network.
+    pub internal: bool,
 }
 
 /// A callable ready to expand.
@@ -53,6 +56,8 @@ pub struct Method {
     pub stream: Option<Type>,
     /// For `#[schedule]` methods: what the runtime registers. They get no client method.
     pub schedule: Option<ScheduleSpec>,
+    /// `#[callable(internal)]`: refused to callers over the network.
+    pub internal: bool,
 }
 
 /// A validated `#[schedule(..)]`.
@@ -186,6 +191,7 @@ pub fn validate(a: &AgentImpl) -> syn::Result<Agent> {
             state,
             conn_state,
             event,
+            internal: a.internal,
         }),
     }
 }
@@ -382,6 +388,7 @@ fn method(c: &Callable, agent: &Ident) -> syn::Result<Method> {
             err: err_ty,
             stream,
             schedule,
+            internal: c.internal,
         }),
     }
 }

@@ -156,6 +156,8 @@ pub trait Agent: Sized + Send + 'static {
 pub trait AgentClass: Agent + Default {
     /// The class in addresses: kebab-case of the type name unless `#[agent(class = "..")]`.
     const CLASS: &'static str;
+    /// `#[agent(internal)]`: reachable only in-process (the network gets 404).
+    const INTERNAL: bool = false;
     /// Every callable, by wire name.
     const METHODS: &'static [MethodInfo];
     /// The `#[schedule(..)]` methods.
@@ -182,43 +184,60 @@ pub trait AgentClass: Agent + Default {
     ) -> BoxFuture<'a, Result<Payload, RawError>>;
 }
 
+/// Where a call comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Origin {
+    /// Rust code in this process: another agent, a client of the runtime.
+    Local,
+    /// The network: HTTP or a WebSocket.
+    Remote,
+    /// The runtime itself: a schedule firing.
+    Runtime,
+}
+
 /// One incoming call: the method's wire name and its encoded arguments. The reply is encoded in
 /// the same codec as the arguments.
 #[derive(Debug)]
 pub struct Invocation {
     method: Cow<'static, str>,
     args: Payload,
-    internal: bool,
+    origin: Origin,
     /// What a streaming callable returned, for the runtime to hand to the caller.
     stream: std::sync::Mutex<Option<RawStream>>,
 }
 
 impl Invocation {
-    /// A call of `method` with `args` (a tuple).
-    pub fn new(method: impl Into<Cow<'static, str>>, args: Payload) -> Self {
+    /// A call of `method` with `args` (a tuple) from `origin`.
+    pub(crate) fn new(method: impl Into<Cow<'static, str>>, args: Payload, origin: Origin) -> Self {
         Invocation {
             method: method.into(),
             args,
-            internal: false,
+            origin,
             stream: Default::default(),
         }
+    }
+
+    /// A call that came over the network.
+    pub(crate) fn remote(method: impl Into<Cow<'static, str>>, args: Payload) -> Self {
+        Self::new(method, args, Origin::Remote)
     }
 
     /// A call made by the runtime itself (a schedule firing), which may reach `#[schedule]`
     /// methods that clients cannot call.
     pub(crate) fn internal(method: impl Into<Cow<'static, str>>, args: Payload) -> Self {
-        Invocation {
-            method: method.into(),
-            args,
-            internal: true,
-            stream: Default::default(),
-        }
+        Self::new(method, args, Origin::Runtime)
     }
 
     /// Whether the runtime itself made this call.
     #[doc(hidden)]
     pub fn is_internal(&self) -> bool {
-        self.internal
+        self.origin == Origin::Runtime
+    }
+
+    /// Whether this call came over the network (`#[callable(internal)]` methods refuse it).
+    #[doc(hidden)]
+    pub fn is_remote(&self) -> bool {
+        self.origin == Origin::Remote
     }
 
     /// The wire name of the method called.

@@ -216,9 +216,9 @@ pub(crate) async fn agent_root(
     Path((class, name)): Path<(String, String)>,
     request: Request,
 ) -> Response {
-    let key = match runtime.check_address(&class, &name) {
+    let key = match crate::server::address(&runtime, &class, &name) {
         Ok(key) => key,
-        Err(e) => return crate::server::error(RawError::bad_args(e)),
+        Err(refused) => return axum::response::IntoResponse::into_response(refused),
     };
     let class = runtime.shared().class(key.class()).expect("checked");
     let (mut parts, body) = request.into_parts();
@@ -720,7 +720,7 @@ impl Connection {
                     };
                     timer.call_due(deadline);
                     let event = Event::Call(CallEvent {
-                        inv: Invocation::new(method, args),
+                        inv: Invocation::remote(method, args),
                         reply: ReplyTo::Socket(reply),
                         chain: Chain::default(),
                         deadline: Some(deadline),

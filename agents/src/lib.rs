@@ -110,8 +110,33 @@ pub use agents_client::{
 /// streams: its client method returns a [`CallStream`] of `T`, and over a WebSocket each item
 /// is a `chunk` frame. See [`Streaming`] for how such a stream runs.
 ///
-/// Options: `#[agent(class = "name")]` overrides the class (kebab-case of the type by
-/// default); `#[callable(name = "wire-name")]` overrides a method's wire name.
+/// Options:
+/// - `#[agent(class = "name")]` overrides the class (kebab-case of the type by default);
+/// - `#[agent(state = "T", conn_state = "T", event = "T")]` name the shared state, each
+///   connection's state and the events clients receive (`()` by default);
+/// - `#[agent(internal)]` serves the class in-process only: over HTTP and WebSockets it does
+///   not exist (404), while `runtime.agent::<A>(..)` and `ctx.agent::<A>(..)` reach it;
+/// - `#[callable(name = "wire-name")]` overrides a method's wire name;
+/// - `#[callable(internal)]` makes a method callable in-process only (`unknown_method` to
+///   callers over the network).
+///
+/// ## How values travel and are kept
+/// Arguments, results, errors, events and states are serde types, and each path picks what
+/// suits it:
+/// - **in-process** (`runtime.agent(..)`, `ctx.agent(..)`) values are passed as they are, never
+///   encoded: any type works, at no cost;
+/// - **over the network**, a Rust client speaks postcard (compact; its types must be compiled
+///   from the same definitions as the agent's) or JSON
+///   ([`ConnectOptions::codec`](crate::ConnectOptions::codec)); browsers and HTTP speak JSON.
+///   Postcard cannot carry self-describing types (`serde_json::Value`, `#[serde(tag = ..)]`,
+///   `untagged`, `flatten`): use JSON for agents that have them;
+/// - **stored** values (kv, connection state, shared state, a scheduled call's arguments) are
+///   JSON, so they evolve as serde allows: add fields with `#[serde(default)]`, remove fields,
+///   rename with `#[serde(alias = ..)]`, and what is on disk still reads.
+///
+/// The rule for changing an agent that is deployed: add callables freely, never change an
+/// existing callable's argument or return types (add `add_v2`); evolve stored types only in
+/// the ways serde reads old data with.
 pub use agents_macros::agent;
 /// Marks a method of an [`#[agent]`](macro@agent) impl block as callable by clients.
 pub use agents_macros::callable;

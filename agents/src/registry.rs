@@ -73,6 +73,8 @@ pub(crate) struct Class {
     pub type_id: TypeId,
     pub type_name: &'static str,
     pub spawn: Spawner,
+    /// `#[agent(internal)]`: not reachable from the network.
+    pub internal: bool,
     pub before_connect: Admit,
     pub before_request: Admit,
 }

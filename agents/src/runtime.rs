@@ -18,7 +18,7 @@ use tokio::sync::oneshot;
 
 use crate::{
     address::{validate_class, AgentKey},
-    agent::{AgentClass, Invocation},
+    agent::{AgentClass, Invocation, Origin},
     alarms::{self, AlarmIndex},
     clock::Clock,
     error::Error,
@@ -165,6 +165,7 @@ impl Builder {
             type_id: TypeId::of::<A>(),
             type_name: type_name::<A>(),
             spawn: instance::spawn::<A>,
+            internal: A::INTERNAL,
             before_connect: |name, request| Box::pin(A::on_before_connect(name, request)),
             before_request: |name, request| Box::pin(A::on_before_request(name, request)),
         };
@@ -330,33 +331,12 @@ impl Runtime {
         timeout: Option<Duration>,
     ) -> Result<Payload, RawError> {
         let key = AgentKey::new(class, name).map_err(RawError::bad_args)?;
-        self.call_key(key, method, args, timeout, None).await
-    }
-
-    /// A call to `key`, made by `principal` if an admission hook named one (`ctx.principal()`
-    /// tells the handler): the path of [`call`](Runtime::call) and of calls over HTTP.
-    pub(crate) async fn call_key(
-        &self,
-        key: AgentKey,
-        method: &str,
-        args: Payload,
-        timeout: Option<Duration>,
-        principal: Option<String>,
-    ) -> Result<Payload, RawError> {
         let call = OutgoingCall {
             method: method.to_owned().into(),
             args,
             timeout,
         };
-        let principal = principal.map(Arc::from);
-        call_value(self.shared(), key, Chain::default(), call, principal).await
-    }
-
-    /// Checks that `class`/`name` can be addressed (a valid name of a registered class).
-    pub(crate) fn check_address(&self, class: &str, name: &str) -> Result<AgentKey, Error> {
-        let key = AgentKey::new(class, name)?;
-        self.shared().check_class(class, None)?;
-        Ok(key)
+        call_value(self.shared(), key, call, Caller::local(Chain::current())).await
     }
 
     /// The settings the runtime was built with.
@@ -445,14 +425,47 @@ pub(crate) fn client_for<A: AgentClass>(shared: &Arc<Shared>, name: &str) -> A::
     A::Client::from(ClientCore::new(Arc::new(transport)))
 }
 
+/// Who makes a call.
+pub(crate) struct Caller {
+    /// The agents waiting on it.
+    pub chain: Chain,
+    /// Who made it, as an admission hook said (`ctx.principal()` tells the handler).
+    pub principal: Option<Arc<str>>,
+    pub origin: Origin,
+}
+
+impl Caller {
+    /// Rust code in this process, on behalf of `chain`.
+    pub fn local(chain: Chain) -> Self {
+        Caller {
+            chain,
+            principal: None,
+            origin: Origin::Local,
+        }
+    }
+
+    /// The network, as `principal` if the admission hook named one.
+    pub fn remote(principal: Option<String>) -> Self {
+        Caller {
+            chain: Chain::default(),
+            principal: principal.map(Arc::from),
+            origin: Origin::Remote,
+        }
+    }
+}
+
 /// Delivers one call to the agent `key` and waits for its reply, up to the call's deadline.
 async fn call_local(
     shared: &Arc<Shared>,
     key: AgentKey,
-    chain: Chain,
     call: OutgoingCall,
-    principal: Option<Arc<str>>,
+    caller: Caller,
 ) -> CallReply {
+    let Caller {
+        chain,
+        principal,
+        origin,
+    } = caller;
     if chain.contains(&key) {
         return Err(RawError::new(
             ErrorKind::Cycle,
@@ -462,7 +475,7 @@ async fn call_local(
     let deadline = deadline_in(call.timeout.unwrap_or(shared.config.call_timeout));
     let (reply, wait) = oneshot::channel();
     let event = Event::Call(CallEvent {
-        inv: Invocation::new(call.method, call.args),
+        inv: Invocation::new(call.method, call.args, origin),
         reply: ReplyTo::Caller(reply),
         chain,
         deadline: Some(deadline),
@@ -488,16 +501,15 @@ async fn call_local(
 
 /// A call whose caller wants one value: a stream's chunks are collected (each within the
 /// call's timeout, up to the message size limit in all).
-async fn call_value(
+pub(crate) async fn call_value(
     shared: &Arc<Shared>,
     key: AgentKey,
-    chain: Chain,
     call: OutgoingCall,
-    principal: Option<Arc<str>>,
+    caller: Caller,
 ) -> Result<Payload, RawError> {
     let codec = call.args.codec();
     let idle = call.timeout.unwrap_or(shared.config.call_timeout);
-    match call_local(shared, key, chain, call, principal).await? {
+    match call_local(shared, key, call, caller).await? {
         Returned::Value(value) => Ok(value),
         Returned::Stream(stream) => {
             let limit = shared.config.max_message_bytes;
@@ -519,7 +531,7 @@ impl Transport for LocalTransport {
         let chain = Chain::current();
         Box::pin(async move {
             let key = target.map_err(RawError::bad_args)?;
-            call_value(&shared, key, chain, call, None).await
+            call_value(&shared, key, call, Caller::local(chain)).await
         })
     }
 
@@ -534,7 +546,7 @@ impl Transport for LocalTransport {
                 Err(e) => return RawStream::failed(RawError::bad_args(e)),
             };
             let method = call.method.clone();
-            match call_local(&shared, key, chain, call, None).await {
+            match call_local(&shared, key, call, Caller::local(chain)).await {
                 Ok(Returned::Stream(stream)) => stream.with_idle(idle),
                 Ok(Returned::Value(_)) => RawStream::failed(RawError::internal(format!(
                     "`{method}` answered with a value: it does not stream"

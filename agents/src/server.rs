@@ -10,6 +10,7 @@
 //! | kind | status |
 //! |---|---|
 //! | `bad_args` (also malformed JSON, a body that is not an array, an invalid name) | 400 |
+//! | `bad_args` for a class that is not served: unregistered, or `#[agent(internal)]` | 404 |
 //! | `unknown_method` | 404 |
 //! | `app` (the callable's typed error, in `data`) | 422 |
 //! | `overloaded` | 503 |
@@ -22,7 +23,7 @@
 
 use std::net::SocketAddr;
 
-use agents_client::{protocol, ErrorKind, Payload, RawError};
+use agents_client::{protocol, ErrorKind, OutgoingCall, Payload, RawError};
 use axum::{
     body::Bytes,
     extract::{Path, Request, State},
@@ -34,8 +35,12 @@ use axum::{
 use tokio::sync::oneshot;
 
 use crate::{
-    address::AgentKey, agent::Principal, connection, error::Error, registry::Event,
-    runtime::Runtime,
+    address::AgentKey,
+    agent::Principal,
+    connection,
+    error::Error,
+    registry::Event,
+    runtime::{call_value, Caller, Runtime},
 };
 
 /// The HTTP routes of `runtime`, as an `axum::Router` to serve as is or to mount (`.merge`,
@@ -71,10 +76,32 @@ async fn other(
     Path((class, name, _)): Path<(String, String, String)>,
     request: Request,
 ) -> Response {
-    match runtime.check_address(&class, &name) {
+    match address(&runtime, &class, &name) {
         Ok(key) => to_agent(runtime, key, request).await,
-        Err(e) => error(RawError::bad_args(e)),
+        Err(refused) => refused.into_response(),
     }
+}
+
+/// An address the network may not reach, and the status to answer.
+pub(crate) struct NotServed(StatusCode, RawError);
+
+impl IntoResponse for NotServed {
+    fn into_response(self) -> Response {
+        with_status(self.0, self.1)
+    }
+}
+
+/// The agent `class`/`name` as the network may address it: a valid name of a registered class
+/// that is not `#[agent(internal)]`; else why not (400 for an invalid name, 404 for a class
+/// that is not served, the same whether it is unknown or internal).
+pub(crate) fn address(runtime: &Runtime, class: &str, name: &str) -> Result<AgentKey, NotServed> {
+    let served = runtime.shared().class(class).is_some_and(|c| !c.internal);
+    if !served {
+        let e = RawError::bad_args(format!("no agent class `{class}` is served here"));
+        return Err(NotServed(StatusCode::NOT_FOUND, e));
+    }
+    AgentKey::new(class, name)
+        .map_err(|e| NotServed(StatusCode::BAD_REQUEST, RawError::bad_args(e)))
 }
 
 /// Hands a request to the agent's `on_request`, after its `on_before_request`.
@@ -104,9 +131,9 @@ async fn call(
     Path((class, name, method)): Path<(String, String, String)>,
     request: Request,
 ) -> Response {
-    let key = match runtime.check_address(&class, &name) {
+    let key = match address(&runtime, &class, &name) {
         Ok(key) => key,
-        Err(e) => return error(RawError::bad_args(e)),
+        Err(refused) => return refused.into_response(),
     };
     let (principal, body) = match admit(&runtime, &key, request).await {
         Ok((principal, _, body)) => (principal, body),
@@ -126,10 +153,13 @@ async fn call(
         }
         Err(e) => return error(RawError::bad_args(format!("the body is not JSON: {e}"))),
     };
-    match runtime
-        .call_key(key, &method, Payload::Json(args), None, principal)
-        .await
-    {
+    let call = OutgoingCall {
+        method: method.into(),
+        args: Payload::Json(args),
+        timeout: None,
+    };
+    let caller = Caller::remote(principal);
+    match call_value(runtime.shared(), key, call, caller).await {
         Ok(Payload::Json(value)) => json(StatusCode::OK, &value),
         Ok(_) => error(RawError::internal(
             "the agent answered a JSON call in another codec",
@@ -159,6 +189,11 @@ pub(crate) fn error(e: RawError) -> Response {
             StatusCode::INTERNAL_SERVER_ERROR
         }
     };
+    with_status(status, e)
+}
+
+/// The JSON protocol's error object, with `status`.
+fn with_status(status: StatusCode, e: RawError) -> Response {
     json(status, &protocol::error_object(&e))
 }
 
