@@ -151,7 +151,7 @@ async fn a_refused_handshake_carries_the_status_and_the_body_but_not_the_token()
         .await
         .unwrap_err();
     assert!(
-        matches!(e, ConnectError::Refused { status: 400, .. }),
+        matches!(e, ConnectError::Refused { status: 404, .. }),
         "{e:?}"
     );
 }
