@@ -216,10 +216,15 @@ pub(crate) async fn agent_root(
     Path((class, name)): Path<(String, String)>,
     request: Request,
 ) -> Response {
-    let key = match crate::server::address(&runtime, &class, &name) {
-        Ok(key) => key,
-        Err(refused) => return axum::response::IntoResponse::into_response(refused),
-    };
+    match crate::server::address(&runtime, &class, &name) {
+        Ok(key) => root(runtime, key, request).await,
+        Err(refused) => axum::response::IntoResponse::into_response(refused),
+    }
+}
+
+/// A request to the root of the agent `key` (registered): a WebSocket upgrade, or else a
+/// request for `on_request`.
+pub(crate) async fn root(runtime: Runtime, key: AgentKey, request: Request) -> Response {
     let class = runtime.shared().class(key.class()).expect("checked");
     let (mut parts, body) = request.into_parts();
     let ws = match WebSocketUpgrade::from_request_parts(&mut parts, &runtime).await {

@@ -148,7 +148,9 @@ pub use agents_macros::callable;
 /// by clients.
 pub use agents_macros::schedule;
 /// The HTTP framework the server is built on: for responses (`axum::response::IntoResponse`),
-/// status codes (`axum::http::StatusCode`), and mounting [`router`] in an app of your own.
+/// status codes (`axum::http::StatusCode`), extractors a gateway needs (`axum::Json`,
+/// `axum::extract::Query`, `axum::extract::Path`), and mounting [`router`] in an app of your
+/// own.
 pub use axum;
 pub use clock::Clock;
 pub use conn::{Conn, ConnId, Protocol, WsMessage};

@@ -274,10 +274,16 @@ impl Runtime {
 
     /// Like [`agent`](Runtime::agent), but checks the name and the registration first.
     pub fn try_agent<A: AgentClass>(&self, name: &str) -> Result<A::Client, Error> {
+        self.try_key::<A>(name)?;
+        Ok(self.agent::<A>(name))
+    }
+
+    /// The address of `A`/`name`, checked: a valid name, and `A` registered.
+    pub(crate) fn try_key<A: AgentClass>(&self, name: &str) -> Result<AgentKey, Error> {
         let key = AgentKey::new(A::CLASS, name)?;
         self.shared()
             .check_class(key.class(), Some(TypeId::of::<A>()))?;
-        Ok(self.agent::<A>(name))
+        Ok(key)
     }
 
     /// Hibernates the agent now: its struct is dropped and its database closed once the event
@@ -368,6 +374,16 @@ impl Runtime {
                 let _ = done.await;
             }
         }
+    }
+
+    /// The runtime's clock (the system clock, or the manual one a test set).
+    pub fn clock(&self) -> &Clock {
+        &self.shared().config.clock
+    }
+
+    /// The time on the runtime's clock.
+    pub fn now(&self) -> std::time::SystemTime {
+        self.clock().now()
     }
 
     /// How many agents have a pending alarm in the runtime's index.

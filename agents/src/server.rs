@@ -27,7 +27,7 @@ use agents_client::{protocol, ErrorKind, OutgoingCall, Payload, RawError};
 use axum::{
     body::Bytes,
     extract::{Path, Request, State},
-    http::{header, StatusCode},
+    http::{header, Method, StatusCode},
     response::{IntoResponse, Response},
     routing::{any, post},
     Router,
@@ -36,7 +36,7 @@ use tokio::sync::oneshot;
 
 use crate::{
     address::AgentKey,
-    agent::Principal,
+    agent::{AgentClass, Principal},
     connection,
     error::Error,
     registry::Event,
@@ -131,10 +131,14 @@ async fn call(
     Path((class, name, method)): Path<(String, String, String)>,
     request: Request,
 ) -> Response {
-    let key = match address(&runtime, &class, &name) {
-        Ok(key) => key,
-        Err(refused) => return refused.into_response(),
-    };
+    match address(&runtime, &class, &name) {
+        Ok(key) => call_agent(runtime, key, method, request).await,
+        Err(refused) => refused.into_response(),
+    }
+}
+
+/// `POST .../call/{method}` to the agent `key` (registered).
+async fn call_agent(runtime: Runtime, key: AgentKey, method: String, request: Request) -> Response {
     let (principal, body) = match admit(&runtime, &key, request).await {
         Ok((principal, _, body)) => (principal, body),
         Err(response) => return response,
@@ -198,6 +202,56 @@ fn with_status(status: StatusCode, e: RawError) -> Response {
 }
 
 impl Runtime {
+    /// Hands an HTTP request to the agent `A`/`name`, as if it had arrived at
+    /// `/agents/{class}/{name}` followed by the request's own path: what a gateway in your own
+    /// axum app does after taking its prefix off (Durable Objects' `stub.fetch(request)`).
+    ///
+    /// The agent's `on_before_request` (or `on_before_connect`) runs first, as for any request;
+    /// then the path decides: `/` or nothing with a WebSocket upgrade opens a connection to the
+    /// agent, `POST /call/{method}` calls a callable (JSON arguments), anything else goes to
+    /// `on_request` with the request as it is. `#[agent(internal)]` classes are reached too:
+    /// the gateway is code of this process.
+    ///
+    /// ```no_run
+    /// use agents::{axum::{extract::{Path, Request, State}, response::Response, routing::any, Router}, prelude::*};
+    /// # #[derive(Default)] struct User;
+    /// # impl Agent for User {}
+    /// # #[agent] impl User {}
+    ///
+    /// /// `/api/users/{id}/...` → the agent `user`/`id`, with `/...` as its path.
+    /// async fn gateway(
+    ///     State(runtime): State<Runtime>,
+    ///     Path((id, rest)): Path<(String, String)>,
+    ///     mut request: Request,
+    /// ) -> Response {
+    ///     *request.uri_mut() = format!("/{rest}").parse().unwrap();
+    ///     runtime.fetch::<User>(&id, request).await
+    /// }
+    ///
+    /// # fn app(runtime: Runtime) -> Router {
+    /// Router::new()
+    ///     .route("/api/users/{id}/{*rest}", any(gateway))
+    ///     .with_state(runtime)
+    /// # }
+    /// ```
+    pub async fn fetch<A: AgentClass>(&self, name: &str, request: Request) -> Response {
+        let key = match self.try_key::<A>(name) {
+            Ok(key) => key,
+            Err(e) => return error(RawError::bad_args(e)),
+        };
+        let path = request.uri().path().trim_start_matches('/');
+        if path.is_empty() {
+            return connection::root(self.clone(), key, request).await;
+        }
+        match path.strip_prefix("call/") {
+            Some(method) if request.method() == Method::POST && !method.contains('/') => {
+                let method = method.to_owned();
+                call_agent(self.clone(), key, method, request).await
+            }
+            _ => to_agent(self.clone(), key, request).await,
+        }
+    }
+
     /// Serves [`router`] on `addr` until the process ends.
     pub async fn serve(&self, addr: SocketAddr) -> Result<(), Error> {
         let listener = tokio::net::TcpListener::bind(addr)
