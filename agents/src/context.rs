@@ -1,8 +1,14 @@
 //! [`Ctx`]: what a handler can reach besides `self`.
 
-use std::{fmt, marker::PhantomData, sync::Arc, time::SystemTime};
+use std::{
+    fmt,
+    future::Future,
+    marker::PhantomData,
+    sync::{Arc, Mutex},
+    time::SystemTime,
+};
 
-use agents_client::MethodCall;
+use agents_client::{BoxFuture, MethodCall, OutgoingCall, Payload};
 
 use rusqlite::Connection;
 
@@ -13,7 +19,7 @@ use crate::{
     conn::{self, Conn, ConnId, Effect, Effects, Encoded, Outgoing},
     error::Error,
     registry::{Chain, Shared},
-    runtime::client_for,
+    runtime::{call_value, client_for, Caller, Runtime},
     schedule::{self, DeadLetter, Schedule, When},
     storage::{self, Kv, Stored},
 };
@@ -42,6 +48,8 @@ pub(crate) struct Turn {
     pub chain: Chain,
     /// What the event does to connections (applied if it succeeds).
     pub effects: Effects,
+    /// Work to start once the event is durable (`ctx.spawn`).
+    spawned: Mutex<Vec<BoxFuture<'static, ()>>>,
     /// The connection the call arrived on, if any.
     caller: Option<ConnId>,
     /// Who made the call, as an admission hook said.
@@ -60,14 +68,17 @@ impl Turn {
         Turn {
             chain: waiting.push(key.clone()),
             effects: Effects::default(),
+            spawned: Mutex::default(),
             caller,
             principal,
         }
     }
 
-    /// Ends the event; returns what it did to connections.
-    pub fn end(self) -> Vec<Effect> {
-        std::mem::take(&mut *self.effects.lock().unwrap_or_else(|e| e.into_inner()))
+    /// Ends the event; returns what it did to connections and the work it spawned.
+    pub fn end(self) -> (Vec<Effect>, Vec<BoxFuture<'static, ()>>) {
+        let effects = std::mem::take(&mut *self.effects.lock().unwrap_or_else(|e| e.into_inner()));
+        let spawned = self.spawned.into_inner().unwrap_or_else(|e| e.into_inner());
+        (effects, spawned)
     }
 }
 
@@ -219,6 +230,77 @@ impl<A> Ctx<A> {
     /// Deletes a dead letter; `false` if there was none.
     pub fn discard_dead_letter(&self, id: i64) -> Result<bool, Error> {
         schedule::discard_dead_letter(self.sql(), id)
+    }
+
+    /// The runtime this agent runs in: for clients that wait on behalf of nobody, or anything
+    /// else a [`Runtime`] does. Fails only while the runtime shuts down.
+    pub fn runtime(&self) -> Result<Runtime, Error> {
+        Runtime::of(&self.shared)
+    }
+
+    /// Runs `work` outside the agent's turn (an LLM call, an HTTP fetch: anything slow the
+    /// agent should not wait for), then delivers `then(output)` to this agent as a call: an
+    /// ordinary event, in its own transaction.
+    ///
+    /// Meanwhile the agent takes its other events. The work starts once this event's writes
+    /// are durable, and never if the event fails. It lives in memory only: a crash or a
+    /// shutdown loses work in progress (its result is never delivered). For work that must
+    /// survive a crash, record it in the database first (and start it again from `on_start`),
+    /// or `enqueue` a callable that does it inside the turn. The delivered call's arguments
+    /// travel as JSON, as a scheduled call's do; its failure is logged.
+    ///
+    /// ```no_run
+    /// # use agents::prelude::*;
+    /// # #[derive(Default)] struct Assistant;
+    /// # impl Agent for Assistant {}
+    /// # async fn ask_model(q: String) -> String { q }
+    /// # #[agent] impl Assistant {
+    /// #[callable]
+    /// async fn ask(&mut self, ctx: &mut Ctx<Self>, question: String) -> Result<(), AppError> {
+    ///     ctx.sql().execute("INSERT INTO asked(q) VALUES (?1)", [&question])?;
+    ///     let q = question.clone();
+    ///     ctx.spawn(ask_model(q), move |answer| Assistant::calls().answered(question, answer));
+    ///     Ok(())
+    /// }
+    ///
+    /// #[callable(internal)]
+    /// async fn answered(&mut self, ctx: &mut Ctx<Self>, question: String, answer: String) -> Result<(), AppError> {
+    ///     ctx.sql().execute("UPDATE asked SET a = ?2 WHERE q = ?1", [&question, &answer])?;
+    ///     Ok(())
+    /// }
+    /// # }
+    /// ```
+    pub fn spawn<F, T>(&self, work: F, then: impl FnOnce(T) -> MethodCall<A> + Send + 'static)
+    where
+        F: Future<Output = T> + Send + 'static,
+        T: Send + 'static,
+    {
+        let (shared, key) = (self.shared.clone(), self.key.clone());
+        let task = async move {
+            let call = then(work.await);
+            let method = call.method();
+            let args = match call.args() {
+                Ok(args) => Payload::Json(args.clone()),
+                Err(e) => {
+                    return tracing::warn!(%key, "the result of spawned work for `{method}` could not be encoded: {e}")
+                }
+            };
+            let call = OutgoingCall {
+                method: method.into(),
+                args,
+                timeout: None,
+            };
+            if let Err(e) =
+                call_value(&shared, key.clone(), call, Caller::local(Chain::default())).await
+            {
+                tracing::warn!(%key, "delivering the result of spawned work to `{method}` failed: {e}");
+            }
+        };
+        self.turn
+            .spawned
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Box::pin(task));
     }
 
     /// A typed client for another agent (or another instance of this class). While this

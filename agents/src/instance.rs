@@ -137,6 +137,8 @@ enum Responder {
     Done(Option<oneshot::Sender<()>>),
     /// Frames for the agent's connections.
     Frames(Arc<Shared>, AgentKey, Vec<Effect>),
+    /// Work `ctx.spawn` started, to run once the event is durable.
+    Spawn(Vec<BoxFuture<'static, ()>>),
     /// An HTTP request and the response `on_request` made.
     Request(
         oneshot::Sender<Result<HttpResponse, RawError>>,
@@ -163,6 +165,11 @@ fn release(outbox: Outbox) {
             Responder::Frames(shared, key, effects) => {
                 if reply.is_ok() {
                     shared.sockets.deliver(&key, effects);
+                }
+            }
+            Responder::Spawn(work) => {
+                if reply.is_ok() {
+                    work.into_iter().for_each(|w| drop(tokio::spawn(w)));
                 }
             }
             Responder::Request(tx, response) => {
@@ -686,7 +693,7 @@ impl<A: AgentClass> Instance<A> {
                 return Err(e);
             }
         };
-        let mut effects = std::mem::take(&mut self.ctx.turn).end();
+        let (mut effects, spawned) = std::mem::take(&mut self.ctx.turn).end();
         let result = result.and_then(|payload| {
             conn::apply_writes(self.ctx.sql(), &effects)
                 .map(|()| payload)
@@ -696,6 +703,9 @@ impl<A: AgentClass> Instance<A> {
         if result.is_ok() {
             effects.retain(Effect::is_delivery);
             self.frames(outbox, effects);
+            if !spawned.is_empty() {
+                outbox.push((Responder::Spawn(spawned), Ok(empty())));
+            }
         }
         result
     }

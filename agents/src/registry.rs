@@ -308,6 +308,9 @@ pub(crate) struct Shared {
     pub opening: Semaphore,
     /// The open WebSockets of every agent, live or hibernating.
     pub sockets: Sockets,
+    /// The runtime's handle, for code that runs inside it (`ctx.runtime()`); weak, so that
+    /// dropping the last `Runtime` still shuts it down.
+    pub handle: std::sync::OnceLock<std::sync::Weak<crate::runtime::Handle>>,
 }
 
 impl Shared {
@@ -320,6 +323,7 @@ impl Shared {
             tracker: TaskTracker::new(),
             opening: Semaphore::new(opening_at_once()),
             sockets: Sockets::default(),
+            handle: Default::default(),
         }
     }
 

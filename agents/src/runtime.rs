@@ -226,9 +226,11 @@ impl Builder {
             // Overdue alarms (say, from before a restart) fire as soon as the timer starts.
             shared.tracker.spawn(alarms::run_timer(shared.clone()));
         }
-        Ok(Runtime {
-            handle: Arc::new(Handle { shared }),
-        })
+        let handle = Arc::new(Handle {
+            shared: shared.clone(),
+        });
+        let _ = shared.handle.set(Arc::downgrade(&handle));
+        Ok(Runtime { handle })
     }
 }
 
@@ -246,8 +248,18 @@ pub struct Runtime {
     handle: Arc<Handle>,
 }
 
-struct Handle {
+pub(crate) struct Handle {
     shared: Arc<Shared>,
+}
+
+impl Runtime {
+    /// The runtime of `shared`, unless every handle to it is gone (it is shutting down).
+    pub(crate) fn of(shared: &Shared) -> Result<Runtime, Error> {
+        let handle = shared.handle.get().and_then(std::sync::Weak::upgrade);
+        handle
+            .map(|handle| Runtime { handle })
+            .ok_or(Error::Shutdown)
+    }
 }
 
 impl Drop for Handle {
