@@ -162,7 +162,7 @@ impl<A> Ctx<A> {
     /// # }
     /// ```
     pub fn schedule(&self, when: When, call: MethodCall<A>) -> Result<i64, Error> {
-        self.insert(None, when, call)
+        self.insert(None, None, when, call)
     }
 
     /// Like [`schedule`](Ctx::schedule), but idempotent: if a row with `key` exists, it is kept
@@ -173,21 +173,50 @@ impl<A> Ctx<A> {
                 "the key `{key}` is reserved (`static:` and `__` are the runtime's)"
             )));
         }
-        self.insert(Some(key), when, call)
+        self.insert(Some(key), None, when, call)
     }
 
     /// Runs `call` as soon as possible, durably: after this event commits, in its own event,
     /// retried with backoff on failure.
     pub fn enqueue(&self, call: MethodCall<A>) -> Result<i64, Error> {
-        self.insert(None, When::now(), call)
+        self.insert(None, None, When::now(), call)
     }
 
-    fn insert(&self, key: Option<&str>, when: When, call: MethodCall<A>) -> Result<i64, Error> {
+    fn insert<B>(
+        &self,
+        key: Option<&str>,
+        target: Option<&AgentKey>,
+        when: When,
+        call: MethodCall<B>,
+    ) -> Result<i64, Error> {
         let args = call
             .args()
             .map_err(|e| Error::Codec(format!("arguments of `{}`: {e}", call.method())))?;
         let args = Stored::Json(args.to_string());
-        schedule::insert(self.sql(), key, call.method(), &args, &when, self.now_ms())
+        let now = self.now_ms();
+        schedule::insert(self.sql(), key, target, call.method(), &args, &when, now)
+    }
+
+    /// Schedules `call` to the agent `B`/`name`: a durable call from this agent's queue. It
+    /// runs `when` as one of this agent's events (which waits for `B`'s reply), with the same
+    /// retries and dead letters as this agent's own rows: delivered at least once (a retry after
+    /// a timeout may deliver it twice, so make the callee idempotent).
+    pub fn schedule_to<B: AgentClass>(
+        &self,
+        name: &str,
+        when: When,
+        call: MethodCall<B>,
+    ) -> Result<i64, Error> {
+        let target = AgentKey::new(B::CLASS, name)?;
+        self.shared
+            .check_class(B::CLASS, Some(std::any::TypeId::of::<B>()))?;
+        self.insert(None, Some(&target), when, call)
+    }
+
+    /// Calls the agent `B`/`name` as soon as possible, durably, from this agent's queue (see
+    /// [`schedule_to`](Ctx::schedule_to)): after this event commits, retried with backoff.
+    pub fn enqueue_to<B: AgentClass>(&self, name: &str, call: MethodCall<B>) -> Result<i64, Error> {
+        self.schedule_to(name, When::now(), call)
     }
 
     /// The agent's scheduled rows (not its alarm), by next time.

@@ -22,7 +22,7 @@ use std::{
     },
 };
 
-use agents_client::{BoxFuture, ErrorKind, Payload, RawError, RawStream};
+use agents_client::{BoxFuture, ErrorKind, OutgoingCall, Payload, RawError, RawStream};
 use futures_util::FutureExt;
 use rusqlite::Connection;
 use tokio::{
@@ -39,6 +39,7 @@ use crate::{
     context::{Ctx, Turn},
     error::Error,
     registry::{CallEvent, Event, Reply, ReplyTo, Shared},
+    runtime::{call_value, Caller},
     schedule::{self, AlarmInfo},
     storage::{self, Durability, Stored},
     stream::Returned,
@@ -242,6 +243,8 @@ enum Work<'a> {
     ConnError(&'a ConnId, String),
     Close(&'a ConnId, u16, String),
     Request(HttpRequest, &'a mut Option<HttpResponse>),
+    /// A stored call to another agent, made on this agent's turn.
+    Deliver(AgentKey, OutgoingCall),
 }
 
 impl Work<'_> {
@@ -252,7 +255,7 @@ impl Work<'_> {
             | Work::Message(c, _)
             | Work::ConnError(c, _)
             | Work::Close(c, ..) => Some(c),
-            Work::Call(_) | Work::Alarm(_) | Work::Request(..) => None,
+            Work::Call(_) | Work::Alarm(_) | Work::Request(..) | Work::Deliver(..) => None,
         }
     }
 }
@@ -629,10 +632,25 @@ impl<A: AgentClass> Instance<A> {
                 let args = args.unwrap_or_else(|e| {
                     Payload::Json(serde_json::json!(format!("unreadable arguments: {e}")))
                 });
-                let inv = Invocation::internal(row.method.clone(), args);
-                self.run_handler(Work::Call(&inv), self.turn(), outbox)
-                    .instrument(span)
-                    .await
+                let method = row.method.clone();
+                match row.target.clone() {
+                    Some(target) => {
+                        let call = OutgoingCall {
+                            method: method.into(),
+                            args,
+                            timeout: None,
+                        };
+                        self.run_handler(Work::Deliver(target, call), self.turn(), outbox)
+                            .instrument(span)
+                            .await
+                    }
+                    None => {
+                        let inv = Invocation::internal(method, args);
+                        self.run_handler(Work::Call(&inv), self.turn(), outbox)
+                            .instrument(span)
+                            .await
+                    }
+                }
             };
             if self.ctx.sql().is_autocommit() {
                 return Ok(()); // the batch transaction is gone; `run_batch` reports it
@@ -749,6 +767,14 @@ impl<A: AgentClass> Instance<A> {
                         *slot = Some(response);
                         Ok(empty())
                     }),
+                    Work::Deliver(target, call) => {
+                        let (shared, caller) = (ctx.shared.clone(), Caller::local(chain.clone()));
+                        Box::pin(async move {
+                            call_value(&shared, target, call, caller)
+                                .await
+                                .map(|_| empty())
+                        })
+                    }
                 };
                 self.in_handler.store(true, Ordering::Relaxed);
                 let (result, panicked) = catch_panic(chain.scope(handler)).await;

@@ -18,6 +18,7 @@ use croner::Cron;
 use rusqlite::{params, Connection, OptionalExtension, Row};
 
 use crate::{
+    address::AgentKey,
     clock::{from_ms, to_ms},
     error::Error,
     storage::Stored,
@@ -155,6 +156,9 @@ pub struct Schedule {
     pub created: SystemTime,
     /// The error of the last failed attempt.
     pub last_error: Option<String>,
+    /// The agent the call goes to (`None`: this one); see
+    /// [`Ctx::enqueue_to`](crate::Ctx::enqueue_to).
+    pub target: Option<AgentKey>,
 }
 
 /// A row that failed `1 + RETRIES` times in a row and was taken off the schedule.
@@ -175,6 +179,8 @@ pub struct DeadLetter {
     pub failed: SystemTime,
     /// When the row was created.
     pub created: SystemTime,
+    /// The agent the call went to (`None`: this one).
+    pub target: Option<AgentKey>,
 }
 
 /// What `on_alarm` is told about the run.
@@ -214,16 +220,41 @@ impl StaticSchedule {
     }
 }
 
+/// A row's `target_class` and `target_name` name the agent its call goes to (`NULL`: this one).
 pub(crate) const TABLES: &str = "
     CREATE TABLE IF NOT EXISTS _agents_schedules(
         id INTEGER PRIMARY KEY AUTOINCREMENT, key TEXT UNIQUE, method TEXT NOT NULL, args BLOB NOT NULL,
         kind TEXT NOT NULL, spec TEXT, tz TEXT, next_ms INTEGER NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
-        created_ms INTEGER NOT NULL, last_error TEXT);
+        created_ms INTEGER NOT NULL, last_error TEXT, target_class TEXT, target_name TEXT);
     CREATE INDEX IF NOT EXISTS _agents_schedules_next ON _agents_schedules(next_ms);
     CREATE TABLE IF NOT EXISTS _agents_dead_letters(
         id INTEGER PRIMARY KEY AUTOINCREMENT, key TEXT, method TEXT NOT NULL, args BLOB NOT NULL,
         kind TEXT NOT NULL, spec TEXT, tz TEXT, attempts INTEGER NOT NULL, error TEXT NOT NULL,
-        failed_ms INTEGER NOT NULL, created_ms INTEGER NOT NULL);";
+        failed_ms INTEGER NOT NULL, created_ms INTEGER NOT NULL, target_class TEXT, target_name TEXT);";
+
+/// Brings the schedule tables of a database from before schema 4 up to date (the tables
+/// themselves are created by [`TABLES`]).
+pub(crate) fn upgrade(conn: &Connection) -> Result<(), Error> {
+    for table in ["_agents_schedules", "_agents_dead_letters"] {
+        let has_target: bool = conn.query_row(
+            "SELECT count(*) > 0 FROM pragma_table_info(?1) WHERE name = 'target_class'",
+            [table],
+            |r| r.get(0),
+        )?;
+        if !has_target {
+            conn.execute_batch(&format!(
+                "ALTER TABLE {table} ADD COLUMN target_class TEXT;
+                 ALTER TABLE {table} ADD COLUMN target_name TEXT;"
+            ))?;
+        }
+    }
+    Ok(())
+}
+
+/// The agent a row's call goes to, from its two columns.
+fn target(class: Option<String>, name: Option<String>) -> Option<AgentKey> {
+    AgentKey::new(&class?, &name?).ok()
+}
 
 /// The stored form of a `When`.
 struct Timing {
@@ -281,10 +312,13 @@ fn kind_of(kind: &str, spec: Option<String>, tz: Option<String>) -> ScheduleKind
     }
 }
 
-/// Adds a row; with a `key` that already exists, keeps the existing row and returns its id.
+/// Adds a row, calling `method` of `target` (this agent if `None`); with a `key` that already
+/// exists, keeps the existing row and returns its id.
+#[allow(clippy::too_many_arguments)] // the columns of a row
 pub(crate) fn insert(
     conn: &Connection,
     key: Option<&str>,
+    target: Option<&AgentKey>,
     method: &str,
     args: &Stored,
     when: &When,
@@ -298,11 +332,22 @@ pub(crate) fn insert(
     } = timing(when, now)?;
     let inserted = conn
         .prepare_cached(
-            "INSERT INTO _agents_schedules(key, method, args, kind, spec, tz, next_ms, created_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT(key) DO NOTHING RETURNING id",
+            "INSERT INTO _agents_schedules(key, method, args, kind, spec, tz, next_ms, created_ms, target_class, target_name)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) ON CONFLICT(key) DO NOTHING RETURNING id",
         )?
         .query_row(
-            params![key, method, args, kind, spec, tz, first as i64, now as i64],
+            params![
+                key,
+                method,
+                args,
+                kind,
+                spec,
+                tz,
+                first as i64,
+                now as i64,
+                target.map(AgentKey::class),
+                target.map(AgentKey::name)
+            ],
             |r| r.get(0),
         )
         .optional()?;
@@ -352,13 +397,14 @@ fn schedule_row(r: &Row<'_>) -> rusqlite::Result<Schedule> {
         attempts: r.get(7)?,
         created: from_ms(r.get::<_, i64>(8)? as u64),
         last_error: r.get(9)?,
+        target: target(r.get(10)?, r.get(11)?),
     })
 }
 
 /// Every row but the alarm, by next time.
 pub(crate) fn list(conn: &Connection) -> Result<Vec<Schedule>, Error> {
     let mut stmt = conn.prepare_cached(
-        "SELECT id, key, method, kind, spec, tz, next_ms, attempts, created_ms, last_error
+        "SELECT id, key, method, kind, spec, tz, next_ms, attempts, created_ms, last_error, target_class, target_name
          FROM _agents_schedules WHERE kind != 'alarm' ORDER BY next_ms, id",
     )?;
     let rows = stmt
@@ -394,6 +440,8 @@ pub(crate) struct Due {
     tz: Option<String>,
     pub next_ms: u64,
     pub attempts: u32,
+    /// The agent the call goes to (`None`: this one).
+    pub target: Option<AgentKey>,
 }
 
 impl Due {
@@ -410,8 +458,8 @@ impl Due {
 /// The rows due at `now`, in due order.
 pub(crate) fn due(conn: &Connection, now: u64, limit: usize) -> Result<Vec<Due>, Error> {
     let mut stmt = conn.prepare_cached(
-        "SELECT id, method, args, kind, spec, tz, next_ms, attempts FROM _agents_schedules
-         WHERE next_ms <= ?1 ORDER BY next_ms, id LIMIT ?2",
+        "SELECT id, method, args, kind, spec, tz, next_ms, attempts, target_class, target_name
+         FROM _agents_schedules WHERE next_ms <= ?1 ORDER BY next_ms, id LIMIT ?2",
     )?;
     let rows = stmt
         .query_map(params![now as i64, limit as i64], |r| {
@@ -424,6 +472,7 @@ pub(crate) fn due(conn: &Connection, now: u64, limit: usize) -> Result<Vec<Due>,
                 tz: r.get(5)?,
                 next_ms: r.get::<_, i64>(6)? as u64,
                 attempts: r.get(7)?,
+                target: target(r.get(8)?, r.get(9)?),
             })
         })?
         .collect::<rusqlite::Result<_>>()?;
@@ -475,8 +524,8 @@ pub(crate) fn failed(conn: &Connection, row: &Due, now: u64, error: &str) -> Res
     let attempts = row.attempts + 1;
     if attempts > RETRIES {
         conn.prepare_cached(
-            "INSERT INTO _agents_dead_letters(key, method, args, kind, spec, tz, attempts, error, failed_ms, created_ms)
-             SELECT key, method, args, kind, spec, tz, ?2, ?3, ?4, created_ms FROM _agents_schedules WHERE id = ?1",
+            "INSERT INTO _agents_dead_letters(key, method, args, kind, spec, tz, attempts, error, failed_ms, created_ms, target_class, target_name)
+             SELECT key, method, args, kind, spec, tz, ?2, ?3, ?4, created_ms, target_class, target_name FROM _agents_schedules WHERE id = ?1",
         )?
         .execute(params![row.id, attempts, error, now as i64])?;
         conn.prepare_cached("DELETE FROM _agents_schedules WHERE id = ?1")?
@@ -493,7 +542,8 @@ pub(crate) fn failed(conn: &Connection, row: &Due, now: u64, error: &str) -> Res
 
 pub(crate) fn dead_letters(conn: &Connection) -> Result<Vec<DeadLetter>, Error> {
     let mut stmt = conn.prepare_cached(
-        "SELECT id, method, kind, spec, tz, attempts, error, failed_ms, created_ms FROM _agents_dead_letters ORDER BY id",
+        "SELECT id, method, kind, spec, tz, attempts, error, failed_ms, created_ms, target_class, target_name
+         FROM _agents_dead_letters ORDER BY id",
     )?;
     let rows = stmt
         .query_map([], |r| {
@@ -505,6 +555,7 @@ pub(crate) fn dead_letters(conn: &Connection) -> Result<Vec<DeadLetter>, Error> 
                 error: r.get(6)?,
                 failed: from_ms(r.get::<_, i64>(7)? as u64),
                 created: from_ms(r.get::<_, i64>(8)? as u64),
+                target: target(r.get(9)?, r.get(10)?),
             })
         })?
         .collect::<rusqlite::Result<_>>()?;
@@ -520,8 +571,8 @@ pub(crate) fn retry_dead_letter(
 ) -> Result<Option<i64>, Error> {
     let new_id = conn
         .prepare_cached(
-            "INSERT INTO _agents_schedules(key, method, args, kind, spec, tz, next_ms, created_ms)
-             SELECT key, method, args, kind, spec, tz, ?2, created_ms FROM _agents_dead_letters WHERE id = ?1
+            "INSERT INTO _agents_schedules(key, method, args, kind, spec, tz, next_ms, created_ms, target_class, target_name)
+             SELECT key, method, args, kind, spec, tz, ?2, created_ms, target_class, target_name FROM _agents_dead_letters WHERE id = ?1
              ON CONFLICT(key) DO NOTHING RETURNING id",
         )?
         .query_row(params![id, now as i64], |r| r.get(0))
@@ -556,7 +607,7 @@ pub(crate) fn sync_static(
             conn.prepare_cached("DELETE FROM _agents_schedules WHERE key = ?1")?
                 .execute([&key])?;
             let no_args = Stored::Json("[]".into());
-            insert(conn, Some(&key), s.method, &no_args, &s.when()?, now)?;
+            insert(conn, Some(&key), None, s.method, &no_args, &s.when()?, now)?;
         }
         keep.push(key);
     }
