@@ -56,7 +56,7 @@ async fn errors_have_the_documented_kinds_and_statuses() {
         ("/agents/counter/e/call/add", "{\"by\": 1}", 400, "bad_args"),
         ("/agents/counter/e/call/add", "not json", 400, "bad_args"),
         ("/agents/counter/e/call/add", "", 400, "bad_args"),
-        ("/agents/no-such-class/e/call/add", "[1]", 400, "bad_args"),
+        ("/agents/no-such-class/e/call/add", "[1]", 404, "bad_args"),
         (
             "/agents/counter/e/call/add_then_panic",
             "[1]",

@@ -106,16 +106,31 @@ impl Sockets {
         lock(conns).insert(id, socket);
     }
 
-    fn remove(&self, key: &AgentKey, id: &ConnId) {
+    /// Forgets socket `id`; whether it was registered (an agent destroyed since has
+    /// forgotten it already).
+    fn remove(&self, key: &AgentKey, id: &ConnId) -> bool {
         let mut all = lock(&self.by_agent);
-        if let Some(conns) = all.get(key) {
-            let mut conns = lock(conns);
-            conns.remove(id);
-            if !conns.is_empty() {
-                return;
-            }
+        let Some(conns) = all.get(key) else {
+            return false;
+        };
+        let mut conns = lock(conns);
+        let was = conns.remove(id).is_some();
+        if conns.is_empty() {
+            drop(conns);
+            all.remove(key);
         }
-        all.remove(key);
+        was
+    }
+
+    /// Closes every socket of `key` with `code` and `reason` and forgets them: their `on_close`
+    /// does not run (the agent is gone).
+    pub fn close_agent(&self, key: &AgentKey, code: u16, reason: &str) {
+        let Some(conns) = lock(&self.by_agent).remove(key) else {
+            return;
+        };
+        for socket in lock(&conns).values() {
+            socket.out.send(close(code, reason));
+        }
     }
 
     /// The ids of `key`'s open sockets.
@@ -604,12 +619,12 @@ impl Connection {
                 None
             }
         };
-        shared.sockets.remove(&self.key, &self.conn);
+        let registered = shared.sockets.remove(&self.key, &self.conn);
         if let Some(Ending {
             code,
             reason,
             error,
-        }) = ending
+        }) = ending.filter(|_| registered)
         {
             let event = Event::Close {
                 conn: self.conn.clone(),

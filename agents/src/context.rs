@@ -4,7 +4,10 @@ use std::{
     fmt,
     future::Future,
     marker::PhantomData,
-    sync::{Arc, Mutex},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
     time::SystemTime,
 };
 
@@ -50,6 +53,8 @@ pub(crate) struct Turn {
     pub effects: Effects,
     /// Work to start once the event is durable (`ctx.spawn`).
     spawned: Mutex<Vec<BoxFuture<'static, ()>>>,
+    /// `ctx.destroy()` was called.
+    destroy: AtomicBool,
     /// The connection the call arrived on, if any.
     caller: Option<ConnId>,
     /// Who made the call, as an admission hook said.
@@ -69,17 +74,28 @@ impl Turn {
             chain: waiting.push(key.clone()),
             effects: Effects::default(),
             spawned: Mutex::default(),
+            destroy: AtomicBool::new(false),
             caller,
             principal,
         }
     }
 
-    /// Ends the event; returns what it did to connections and the work it spawned.
-    pub fn end(self) -> (Vec<Effect>, Vec<BoxFuture<'static, ()>>) {
-        let effects = std::mem::take(&mut *self.effects.lock().unwrap_or_else(|e| e.into_inner()));
-        let spawned = self.spawned.into_inner().unwrap_or_else(|e| e.into_inner());
-        (effects, spawned)
+    /// Ends the event; returns what it did: to connections, the work it spawned, and whether
+    /// it destroyed the agent.
+    pub fn end(self) -> Ended {
+        Ended {
+            effects: std::mem::take(&mut *self.effects.lock().unwrap_or_else(|e| e.into_inner())),
+            spawned: self.spawned.into_inner().unwrap_or_else(|e| e.into_inner()),
+            destroy: self.destroy.into_inner(),
+        }
     }
+}
+
+/// What an event did, besides its writes.
+pub(crate) struct Ended {
+    pub effects: Vec<Effect>,
+    pub spawned: Vec<BoxFuture<'static, ()>>,
+    pub destroy: bool,
 }
 
 impl<A> Ctx<A> {
@@ -259,6 +275,19 @@ impl<A> Ctx<A> {
     /// Deletes a dead letter; `false` if there was none.
     pub fn discard_dead_letter(&self, id: i64) -> Result<bool, Error> {
         schedule::discard_dead_letter(self.sql(), id)
+    }
+
+    /// Destroys this agent once the event commits: its database and files are deleted, its
+    /// schedules and alarm go with them, its connections are closed (1000, without `on_close`),
+    /// and it costs nothing any more. The event's reply and what it sent are released first.
+    /// An event that comes later finds a new, empty agent. If the event fails, nothing happens.
+    ///
+    /// Durable: the destruction commits with the event's writes, so a crash before the files
+    /// are gone finishes it when the agent is next opened.
+    pub fn destroy(&self) -> Result<(), Error> {
+        storage::mark_destroyed(self.sql())?;
+        self.turn.destroy.store(true, Ordering::Relaxed);
+        Ok(())
     }
 
     /// The runtime this agent runs in: for clients that wait on behalf of nobody, or anything

@@ -36,7 +36,7 @@ use crate::{
     agent::{AgentClass, AppError, HttpRequest, HttpResponse, Invocation},
     clock::from_ms,
     conn::{self, ConnId, Effect, Encoded, Outgoing, Protocol, WsMessage},
-    context::{Ctx, Turn},
+    context::{Ctx, Ended, Turn},
     error::Error,
     registry::{CallEvent, Event, Reply, ReplyTo, Shared},
     runtime::{call_value, Caller},
@@ -72,6 +72,7 @@ pub(crate) fn spawn<A: AgentClass>(
         refresh_index: false,
         statics_synced: false,
         conns_checked: false,
+        destroying: false,
     };
     shared.tracker.spawn(instance.run(rx).instrument(span));
 }
@@ -97,6 +98,17 @@ struct Instance<A> {
     statics_synced: bool,
     /// Whether this instance forgot the connections that closed while nobody listened.
     conns_checked: bool,
+    /// An event of this batch destroyed the agent (`ctx.destroy()`, `runtime.destroy`).
+    destroying: bool,
+}
+
+/// Why an instance leaves after a batch.
+enum Leave {
+    /// Hibernation was asked for; answered once the database is closed.
+    Hibernate(oneshot::Sender<()>),
+    /// The agent was destroyed (by `runtime.destroy`, answered once its files are gone, or by
+    /// `ctx.destroy()`).
+    Destroy(Option<oneshot::Sender<Result<(), RawError>>>),
 }
 
 /// What this agent last wrote to the alarm index, and a sequence number that every lowering
@@ -293,31 +305,65 @@ impl<A: AgentClass> Instance<A> {
                     continue;
                 }
             };
-            if let Some(done) = self.run_batch(first, &mut rx).await {
-                tracing::debug!("hibernating on request");
-                self.ctx
-                    .shared
-                    .detach(self.ctx.key(), self.generation, &mut rx, true);
-                hand_over(&self.ctx.shared, self.ctx.key(), rx).await;
-                self.close_db().await;
-                let _ = done.send(());
-                return;
+            match self.run_batch(first, &mut rx).await {
+                None => {}
+                Some(Leave::Hibernate(done)) => {
+                    tracing::debug!("hibernating on request");
+                    self.ctx
+                        .shared
+                        .detach(self.ctx.key(), self.generation, &mut rx, true);
+                    hand_over(&self.ctx.shared, self.ctx.key(), rx).await;
+                    self.close_db().await;
+                    let _ = done.send(());
+                    return;
+                }
+                Some(Leave::Destroy(done)) => {
+                    tracing::debug!("destroyed");
+                    // Events that come meanwhile wait in the mailbox: the next instance must
+                    // not open the files before they are gone.
+                    let result = self.destroy().await;
+                    if let Err(e) = &result {
+                        tracing::error!("destroying the agent: {e}");
+                    }
+                    self.ctx
+                        .shared
+                        .detach(self.ctx.key(), self.generation, &mut rx, true);
+                    hand_over(&self.ctx.shared, self.ctx.key(), rx).await;
+                    if let Some(done) = done {
+                        let _ = done.send(result.map_err(RawError::internal));
+                    }
+                    return;
+                }
             }
         }
         self.close_db().await;
     }
 
+    /// Deletes the agent once its destruction committed: closes the database (the batch's
+    /// replies and frames leave first), closes its connections, and removes its alarm index
+    /// entry and its files.
+    async fn destroy(&mut self) -> Result<(), Error> {
+        self.agent = None;
+        self.close_db().await;
+        let (shared, key) = (self.ctx.shared.clone(), self.ctx.key().clone());
+        let reason = "the agent was destroyed";
+        shared
+            .sockets
+            .close_agent(&key, axum::extract::ws::close_code::NORMAL, reason);
+        blocking(move || {
+            shared.alarms.set(&key, None, true)?;
+            storage::remove(&shared.config.data_dir, &key)
+        })
+        .await
+    }
+
     /// Runs `first` and whatever else is queued, commits once, then releases the replies.
-    /// Returns the hibernation request that ended the batch, if one did.
-    async fn run_batch(
-        &mut self,
-        first: Event,
-        rx: &mut mpsc::Receiver<Event>,
-    ) -> Option<oneshot::Sender<()>> {
+    /// Returns why the instance leaves after this batch, if it does.
+    async fn run_batch(&mut self, first: Event, rx: &mut mpsc::Receiver<Event>) -> Option<Leave> {
         let max_batch = self.ctx.shared.config.max_batch;
         let mut outbox = Outbox::new();
         let mut next = Some(first);
-        let mut hibernate = None;
+        let mut leave = None;
         let mut yielded = false;
         while let Some(event) = next.take() {
             match event {
@@ -329,8 +375,22 @@ impl<A: AgentClass> Instance<A> {
                     }
                 }
                 Event::Hibernate(done) => {
-                    hibernate = Some(done);
+                    leave = Some(Leave::Hibernate(done));
                     break;
+                }
+                Event::Destroy(done) => {
+                    let marked = self
+                        .begin()
+                        .await
+                        .and_then(|()| storage::mark_destroyed(self.ctx.sql()));
+                    match marked {
+                        Ok(()) => {
+                            self.destroying = true;
+                            leave = Some(Leave::Destroy(Some(done)));
+                            break;
+                        }
+                        Err(e) => drop(done.send(Err(RawError::internal(e)))),
+                    }
                 }
                 Event::Connect {
                     conn,
@@ -401,6 +461,12 @@ impl<A: AgentClass> Instance<A> {
                     "SQLite rolled the transaction back (an I/O error or an ON CONFLICT ROLLBACK clause); nothing of this call was written",
                 );
                 fail(std::mem::take(&mut outbox), &lost);
+                self.destroying = false;
+            }
+            if self.destroying {
+                // Nothing runs after the event that destroyed the agent.
+                leave = Some(Leave::Destroy(None));
+                break;
             }
             if outbox.len() >= max_batch {
                 break;
@@ -416,7 +482,7 @@ impl<A: AgentClass> Instance<A> {
         }
         if !self.in_txn {
             release(outbox); // nothing ran, nothing to make durable
-            return hibernate;
+            return leave;
         }
         let raise = match self.lower_index().await {
             Ok(raise) => raise,
@@ -426,11 +492,9 @@ impl<A: AgentClass> Instance<A> {
                 let _ = self.ctx.sql().execute_batch("ROLLBACK");
                 self.in_txn = false;
                 self.agent = None;
-                fail(
-                    outbox,
-                    &RawError::internal(format!("the alarm index cannot be written: {e}")),
-                );
-                return hibernate;
+                let e = RawError::internal(format!("the alarm index cannot be written: {e}"));
+                fail(outbox, &e);
+                return self.not_committed(leave, &e);
             }
         };
         match self.commit() {
@@ -438,10 +502,9 @@ impl<A: AgentClass> Instance<A> {
                 tracing::error!("commit failed, the batch is rolled back: {e}");
                 // Memory may hold what storage lost: re-create the agent from storage.
                 self.agent = None;
-                fail(
-                    outbox,
-                    &RawError::internal(format!("the commit failed, nothing was written: {e}")),
-                );
+                let e = RawError::internal(format!("the commit failed, nothing was written: {e}"));
+                fail(outbox, &e);
+                leave = self.not_committed(leave, &e);
             }
             Ok(()) => match &self.syncer {
                 Some(syncer) => {
@@ -464,7 +527,21 @@ impl<A: AgentClass> Instance<A> {
             },
         }
         self.checkpoint_if_large().await;
-        hibernate
+        leave
+    }
+
+    /// The batch did not commit: a destruction in it did not happen.
+    fn not_committed(&mut self, leave: Option<Leave>, e: &RawError) -> Option<Leave> {
+        self.destroying = false;
+        match leave {
+            Some(Leave::Destroy(done)) => {
+                if let Some(done) = done {
+                    let _ = done.send(Err(e.clone()));
+                }
+                None
+            }
+            other => other,
+        }
     }
 
     /// Before the commit: re-derives the alarm from the schedule table. If it moved earlier than
@@ -711,7 +788,11 @@ impl<A: AgentClass> Instance<A> {
                 return Err(e);
             }
         };
-        let (mut effects, spawned) = std::mem::take(&mut self.ctx.turn).end();
+        let Ended {
+            mut effects,
+            spawned,
+            destroy,
+        } = std::mem::take(&mut self.ctx.turn).end();
         let result = result.and_then(|payload| {
             conn::apply_writes(self.ctx.sql(), &effects)
                 .map(|()| payload)
@@ -724,6 +805,7 @@ impl<A: AgentClass> Instance<A> {
             if !spawned.is_empty() {
                 outbox.push((Responder::Spawn(spawned), Ok(empty())));
             }
+            self.destroying |= destroy;
         }
         result
     }

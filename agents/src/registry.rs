@@ -84,6 +84,8 @@ pub(crate) enum Event {
     Call(CallEvent),
     /// Drop the instance now (testing and operations); answered once its database is closed.
     Hibernate(oneshot::Sender<()>),
+    /// Destroy the agent (`runtime.destroy`); answered once its files are gone.
+    Destroy(oneshot::Sender<Result<(), RawError>>),
     /// Run the rows that are due, then re-derive the alarm; answered once that is durable.
     Alarm(Option<oneshot::Sender<()>>),
     /// An alarm is about to go off: open the database now, so that it runs on time.
@@ -166,6 +168,9 @@ impl Event {
                 let _ = done.send(());
             }
             Event::Connect { done, .. } => {
+                let _ = done.send(Err(why));
+            }
+            Event::Destroy(done) => {
                 let _ = done.send(Err(why));
             }
             Event::Request { reply, .. } => {

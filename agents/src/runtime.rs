@@ -306,6 +306,22 @@ impl Runtime {
             .await
     }
 
+    /// Destroys the agent `A`/`name`: the same as its own [`Ctx::destroy`](crate::Ctx::destroy),
+    /// after the events queued before this one. Returns once its files are gone. A later event
+    /// finds a new, empty agent.
+    pub async fn destroy<A: AgentClass>(&self, name: &str) -> Result<(), Error> {
+        let key = self.try_key::<A>(name)?;
+        let (done, wait) = oneshot::channel();
+        self.shared()
+            .route(&key, Event::Destroy(done))
+            .await
+            .map_err(|(e, _)| e)?;
+        match wait.await {
+            Ok(result) => result.map_err(|e| Error::Internal(e.message)),
+            Err(_) => Err(Error::Shutdown),
+        }
+    }
+
     /// Whether the agent is live (in memory) right now.
     pub fn is_live<A: AgentClass>(&self, name: &str) -> bool {
         AgentKey::new(A::CLASS, name).is_ok_and(|k| self.shared().is_live(&k))

@@ -112,11 +112,18 @@ pub(crate) fn open(
         conn.pragma_update(None, "application_id", RUNTIME_SCHEMA)?;
         conn.execute_batch("COMMIT")?;
     }
-    let (class, name): (String, String) = conn.query_row(
-        "SELECT (SELECT v FROM _agents_meta WHERE k = 'class'), (SELECT v FROM _agents_meta WHERE k = 'name')",
+    let (class, name, destroyed): (String, String, bool) = conn.query_row(
+        "SELECT (SELECT v FROM _agents_meta WHERE k = 'class'), (SELECT v FROM _agents_meta WHERE k = 'name'),
+                EXISTS (SELECT 1 FROM _agents_meta WHERE k = 'destroyed')",
         [],
-        |r| Ok((r.get(0)?, r.get(1)?)),
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
     )?;
+    if destroyed && class == key.class() && name == key.name() {
+        // Destroyed, and the process stopped before the files went: finish the job.
+        drop(conn);
+        remove(data_dir, key)?;
+        return open(data_dir, key, durability);
+    }
     if class != key.class() || name != key.name() {
         return Err(Error::InvalidAddress(format!(
             "{} belongs to {class}/{name}, not to {key}",
@@ -170,6 +177,34 @@ pub(crate) fn guard_transaction(conn: &Connection, in_handler: Arc<AtomicBool>) 
             _ => Authorization::Allow,
         }
     }));
+}
+
+/// Marks the database as destroyed, in the current transaction: once that commits, the agent
+/// is gone even if the process stops before its files are (the next open finishes the job).
+pub(crate) fn mark_destroyed(conn: &Connection) -> Result<(), Error> {
+    conn.prepare_cached("INSERT OR REPLACE INTO _agents_meta(k, v) VALUES ('destroyed', '1')")?
+        .execute([])?;
+    Ok(())
+}
+
+/// Deletes the (closed) database of `key` and its WAL and shared-memory files, and syncs the
+/// directory. Blocking.
+pub(crate) fn remove(data_dir: &Path, key: &AgentKey) -> Result<(), Error> {
+    let path = db_path(data_dir, key);
+    for file in [
+        path.with_extension("sqlite-wal"),
+        path.with_extension("sqlite-shm"),
+        path.clone(),
+    ] {
+        match fs::remove_file(&file) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(&file)(e)),
+            _ => {}
+        }
+    }
+    let dir = path.parent().expect("db_path has a parent");
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io(dir))
 }
 
 /// Copies the WAL into the database and empties it, syncing both. Blocking.
