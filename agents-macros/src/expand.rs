@@ -74,6 +74,7 @@ fn generate(a: &Agent) -> TokenStream {
                 }
             }
 
+            #[allow(private_interfaces)]
             impl #client {
                 /// A client over any transport.
                 #[allow(dead_code)]

@@ -403,12 +403,14 @@ pub fn widest(methods: &[Method]) -> Visibility {
             Visibility::Inherited => 0,
         }
     }
+    // With no callables the client names no type of the user's: `pub` is always possible, and
+    // needed when the agent type is `pub` (its `AgentClass::Client` may not be less visible).
     methods
         .iter()
         .map(|m| &m.vis)
         .max_by_key(|v| rank(v))
         .cloned()
-        .unwrap_or(Visibility::Inherited)
+        .unwrap_or_else(|| syn::parse_quote!(pub))
 }
 
 fn schedule_spec(attr: &syn::Attribute, options: &[(Ident, LitStr)]) -> syn::Result<ScheduleSpec> {

@@ -21,3 +21,11 @@ fn main() {
     let infos = <Limiter as AgentClass>::METHODS;
     assert!(infos[0].internal && !infos[1].internal);
 }
+
+/// A public agent without callables: its client is public too.
+#[derive(Default)]
+pub struct Quiet;
+impl Agent for Quiet {}
+
+#[agent]
+impl Quiet {}
