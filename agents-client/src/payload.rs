@@ -40,40 +40,38 @@ pub enum Payload {
 
 /// A Rust value handed from a caller to an agent (or back) in the same process, without being
 /// encoded. Whoever decodes it takes it: it decodes once, as the type it was made from.
+///
+/// (One allocation: the slot is a `Mutex<Option<T>>` behind a type-erased `Arc`.)
 #[derive(Clone)]
-pub struct Passed(Arc<Mutex<Option<Box<dyn Any + Send>>>>);
+pub struct Passed(Arc<dyn Any + Send + Sync>);
 
 impl Passed {
     /// Wraps `value`.
     pub fn new<T: Send + 'static>(value: T) -> Self {
-        Passed(Arc::new(Mutex::new(Some(Box::new(value)))))
+        Passed(Arc::new(Mutex::new(Some(value))))
     }
 
-    fn slot(&self) -> std::sync::MutexGuard<'_, Option<Box<dyn Any + Send>>> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    /// The slot, if it holds a `T` (taken or not).
+    fn slot<T: 'static>(&self) -> Option<&Mutex<Option<T>>> {
+        self.0.downcast_ref()
     }
 
     /// Whether it holds a `T` (not taken yet).
     pub fn is<T: 'static>(&self) -> bool {
-        self.slot().as_ref().is_some_and(|v| v.is::<T>())
+        self.slot::<T>()
+            .is_some_and(|slot| slot.lock().unwrap_or_else(|e| e.into_inner()).is_some())
     }
 
     /// Takes the value out as a `T`.
     pub fn take<T: 'static>(&self) -> Result<T, CodecError> {
-        let mut slot = self.slot();
-        match slot.take().map(|v| v.downcast::<T>()) {
-            Some(Ok(value)) => Ok(*value),
-            Some(Err(other)) => {
-                *slot = Some(other);
-                Err(CodecError(format!(
-                    "the value passed in-process is not a `{}` (are the caller and the agent built from the same definitions?)",
-                    type_name::<T>()
-                )))
-            }
-            None => Err(CodecError(
-                "the value passed in-process was taken already".into(),
-            )),
-        }
+        let Some(slot) = self.slot::<T>() else {
+            return Err(CodecError(format!(
+                "the value passed in-process is not a `{}` (are the caller and the agent built from the same definitions?)",
+                type_name::<T>()
+            )));
+        };
+        let taken = slot.lock().unwrap_or_else(|e| e.into_inner()).take();
+        taken.ok_or_else(|| CodecError("the value passed in-process was taken already".into()))
     }
 }
 

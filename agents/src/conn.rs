@@ -452,3 +452,70 @@ pub(crate) fn upgrade(sql: &Connection) -> Result<(), Error> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{address::AgentKey, prelude::*, storage};
+
+    #[derive(Serialize, Deserialize)]
+    struct MemberV1 {
+        name: String,
+        legacy: bool,
+    }
+
+    #[derive(Debug, PartialEq, Serialize, Deserialize)]
+    struct MemberV2 {
+        name: String,
+        #[serde(default)]
+        email: Option<String>,
+    }
+
+    #[derive(Default)]
+    struct RoomV1;
+    impl Agent for RoomV1 {}
+    #[agent(conn_state = "MemberV1")]
+    impl RoomV1 {}
+
+    #[derive(Default)]
+    struct RoomV2;
+    impl Agent for RoomV2 {}
+    #[agent(conn_state = "MemberV2")]
+    impl RoomV2 {}
+
+    #[test]
+    fn connection_state_written_by_one_version_reads_in_the_next() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = AgentKey::new("room", "r").unwrap();
+        let (sql, _) = storage::open(dir.path(), &key, storage::Durability::Normal).unwrap();
+        let id = ConnId::new("c1".into());
+        insert(&sql, &id, Protocol::Json, Some("ann")).unwrap();
+        let effects = Effects::default();
+        let v1: Conn<RoomV1> = load(&sql, &id, &effects).unwrap().unwrap();
+        let member = MemberV1 {
+            name: "ann".into(),
+            legacy: true,
+        };
+        v1.set_state(&member).unwrap();
+        apply_writes(&sql, &effects.lock().unwrap()).unwrap();
+
+        let v2: Conn<RoomV2> = load(&sql, &id, &Effects::default()).unwrap().unwrap();
+        let expected = MemberV2 {
+            name: "ann".into(),
+            email: None,
+        };
+        assert_eq!(v2.state().unwrap(), Some(expected));
+        assert_eq!(
+            (v2.protocol(), v2.principal()),
+            (Protocol::Json, Some("ann"))
+        );
+
+        // A row an older runtime wrote in postcard still reads.
+        let old = postcard::to_stdvec(&("bob", Some("bob@example.com"))).unwrap();
+        sql.execute("UPDATE _agents_connections SET state = ?1", [old])
+            .unwrap();
+        let v2: Conn<RoomV2> = load(&sql, &id, &Effects::default()).unwrap().unwrap();
+        let bob = v2.state().unwrap().unwrap();
+        assert_eq!(bob.email.as_deref(), Some("bob@example.com"));
+    }
+}

@@ -64,15 +64,18 @@ pub(crate) struct Turn {
 impl Turn {
     /// An event of `key` on behalf of `waiting` (the chain of its callers, empty for events
     /// nobody waits on), from the connection `caller` and the principal `principal`.
+    ///
+    /// `effects` is where its effects go: empty, and held by nobody else.
     pub fn new(
         key: &AgentKey,
         waiting: &Chain,
         caller: Option<ConnId>,
         principal: Option<Arc<str>>,
+        effects: Effects,
     ) -> Self {
         Turn {
             chain: waiting.push(key.clone()),
-            effects: Effects::default(),
+            effects,
             spawned: Mutex::default(),
             destroy: AtomicBool::new(false),
             caller,
@@ -83,8 +86,12 @@ impl Turn {
     /// Ends the event; returns what it did: to connections, the work it spawned, and whether
     /// it destroyed the agent.
     pub fn end(self) -> Ended {
+        let effects = std::mem::take(&mut *self.effects.lock().unwrap_or_else(|e| e.into_inner()));
+        // A `Conn` kept past the event still holds the list: it must not see the next event's.
+        let reusable = (Arc::strong_count(&self.effects) == 1).then_some(self.effects);
         Ended {
-            effects: std::mem::take(&mut *self.effects.lock().unwrap_or_else(|e| e.into_inner())),
+            effects,
+            reusable,
             spawned: self.spawned.into_inner().unwrap_or_else(|e| e.into_inner()),
             destroy: self.destroy.into_inner(),
         }
@@ -94,6 +101,8 @@ impl Turn {
 /// What an event did, besides its writes.
 pub(crate) struct Ended {
     pub effects: Vec<Effect>,
+    /// The (empty) effects list, for the next event, unless something still holds it.
+    pub reusable: Option<Effects>,
     pub spawned: Vec<BoxFuture<'static, ()>>,
     pub destroy: bool,
 }

@@ -73,6 +73,7 @@ pub(crate) fn spawn<A: AgentClass>(
         statics_synced: false,
         conns_checked: false,
         destroying: false,
+        spare_effects: None,
     };
     shared.tracker.spawn(instance.run(rx).instrument(span));
 }
@@ -100,6 +101,8 @@ struct Instance<A> {
     conns_checked: bool,
     /// An event of this batch destroyed the agent (`ctx.destroy()`, `runtime.destroy`).
     destroying: bool,
+    /// The last event's effects list, empty, for the next one.
+    spare_effects: Option<conn::Effects>,
 }
 
 /// Why an instance leaves after a batch.
@@ -243,6 +246,15 @@ impl Syncer {
         });
         Syncer { tx, task }
     }
+}
+
+/// What an event comes from: the agents waiting on it (its callers, for a call), the
+/// connection it arrived on and who made it. Hooks and schedules come from nobody.
+#[derive(Default)]
+struct Cause {
+    waiting: crate::registry::Chain,
+    caller: Option<ConnId>,
+    principal: Option<Arc<str>>,
 }
 
 /// What a handler event runs.
@@ -402,7 +414,7 @@ impl<A: AgentClass> Instance<A> {
                     let result = self
                         .run_handler(
                             Work::Connect(&conn, protocol, principal),
-                            self.turn(),
+                            Cause::default(),
                             &mut outbox,
                         )
                         .instrument(span)
@@ -415,7 +427,7 @@ impl<A: AgentClass> Instance<A> {
                 Event::Message { conn, message } => {
                     let span = tracing::debug_span!("message", conn = %conn);
                     let result = self
-                        .run_handler(Work::Message(&conn, message), self.turn(), &mut outbox)
+                        .run_handler(Work::Message(&conn, message), Cause::default(), &mut outbox)
                         .instrument(span)
                         .await;
                     if let Err(mut e) = result {
@@ -443,7 +455,7 @@ impl<A: AgentClass> Instance<A> {
                     let result = self
                         .run_handler(
                             Work::Request(request, &mut response),
-                            self.turn(),
+                            Cause::default(),
                             &mut outbox,
                         )
                         .instrument(span)
@@ -612,14 +624,14 @@ impl<A: AgentClass> Instance<A> {
     ) {
         if let Some(error) = error {
             if let Err(e) = self
-                .run_handler(Work::ConnError(&conn, error), self.turn(), outbox)
+                .run_handler(Work::ConnError(&conn, error), Cause::default(), outbox)
                 .await
             {
                 tracing::debug!("on_error failed: {e}");
             }
         }
         if let Err(e) = self
-            .run_handler(Work::Close(&conn, code, reason), self.turn(), outbox)
+            .run_handler(Work::Close(&conn, code, reason), Cause::default(), outbox)
             .await
         {
             tracing::debug!("on_close failed: {e}");
@@ -651,10 +663,14 @@ impl<A: AgentClass> Instance<A> {
             outbox.push((Responder::Call(reply, None), Err(e)));
             return;
         }
-        let turn = Turn::new(self.ctx.key(), &chain, conn, principal);
+        let cause = Cause {
+            waiting: chain,
+            caller: conn,
+            principal,
+        };
         let span = tracing::debug_span!("call", method = inv.method());
         let result = self
-            .run_handler(Work::Call(&inv), turn, outbox)
+            .run_handler(Work::Call(&inv), cause, outbox)
             .instrument(span)
             .await;
         if let Err(e) = &result {
@@ -698,7 +714,7 @@ impl<A: AgentClass> Instance<A> {
                     is_retry: row.attempts > 0,
                     scheduled: from_ms(row.next_ms),
                 };
-                self.run_handler(Work::Alarm(info), self.turn(), outbox)
+                self.run_handler(Work::Alarm(info), Cause::default(), outbox)
                     .instrument(span)
                     .await
             } else {
@@ -717,13 +733,13 @@ impl<A: AgentClass> Instance<A> {
                             args,
                             timeout: None,
                         };
-                        self.run_handler(Work::Deliver(target, call), self.turn(), outbox)
+                        self.run_handler(Work::Deliver(target, call), Cause::default(), outbox)
                             .instrument(span)
                             .await
                     }
                     None => {
                         let inv = Invocation::internal(method, args);
-                        self.run_handler(Work::Call(&inv), self.turn(), outbox)
+                        self.run_handler(Work::Call(&inv), Cause::default(), outbox)
                             .instrument(span)
                             .await
                     }
@@ -774,11 +790,17 @@ impl<A: AgentClass> Instance<A> {
     async fn run_handler(
         &mut self,
         work: Work<'_>,
-        turn: Turn,
+        cause: Cause,
         outbox: &mut Outbox,
     ) -> Result<Payload, RawError> {
         self.begin().await.map_err(RawError::internal)?;
-        self.ctx.turn = turn;
+        let effects = self.effects();
+        let Cause {
+            waiting,
+            caller,
+            principal,
+        } = cause;
+        self.ctx.turn = Turn::new(self.ctx.key(), &waiting, caller, principal, effects);
         let started = self.ensure_started().await;
         let started = started.and_then(|()| savepoint(self.ctx.sql()));
         let result = match started {
@@ -790,9 +812,11 @@ impl<A: AgentClass> Instance<A> {
         };
         let Ended {
             mut effects,
+            reusable,
             spawned,
             destroy,
         } = std::mem::take(&mut self.ctx.turn).end();
+        self.spare_effects = reusable;
         let result = result.and_then(|payload| {
             conn::apply_writes(self.ctx.sql(), &effects)
                 .map(|()| payload)
@@ -870,8 +894,9 @@ impl<A: AgentClass> Instance<A> {
     }
 
     /// The turn of an event nobody waits on (a hook, a schedule): its calls carry only this agent.
-    fn turn(&self) -> Turn {
-        Turn::new(self.ctx.key(), &Default::default(), None, None)
+    /// An empty effects list for the next event (the last one's, when nothing holds it).
+    fn effects(&mut self) -> conn::Effects {
+        self.spare_effects.take().unwrap_or_default()
     }
 
     /// Before a connection's hook: records a new connection (and queues the shared state for

@@ -56,6 +56,15 @@
 //! ## Storage
 //! [`Ctx::sql`] is the agent's own rusqlite connection; [`Ctx::kv`] a typed key-value store;
 //! [`Ctx::migrate`] a schema-migration helper. Tables named `_agents_*` are the runtime's.
+//! What the runtime stores for you (kv values, connection state, shared state, a scheduled
+//! call's arguments) is JSON, so it still reads after a deploy that evolved its types as serde
+//! allows; see [`#[agent]`](macro@agent) for how values travel and are kept.
+//!
+//! ## Beyond one event
+//! [`Ctx::enqueue_to`] and [`Ctx::schedule_to`] make durable calls to other agents;
+//! [`Ctx::spawn`] runs slow work outside the agent's turn and delivers its result as an event;
+//! [`Ctx::destroy`] and [`Runtime::destroy`] delete an agent; [`Runtime::fetch`] hands a
+//! request from a gateway of your own to an agent.
 //!
 //! ## Testing
 //! [`testing::TestRuntime`] runs on a temporary data dir and can hibernate agents and restart.

@@ -103,8 +103,11 @@ pub(crate) fn open(
         )?;
         conn.execute_batch(crate::schedule::TABLES)?;
         conn.execute_batch(crate::conn::TABLES)?;
-        crate::conn::upgrade(&conn)?;
-        crate::schedule::upgrade(&conn)?;
+        if schema != 0 {
+            // Tables from an older runtime: add what they lack (new files have it all).
+            crate::conn::upgrade(&conn)?;
+            crate::schedule::upgrade(&conn)?;
+        }
         conn.execute(
             "INSERT OR IGNORE INTO _agents_meta(k, v) VALUES ('class', ?1), ('name', ?2)",
             [key.class(), key.name()],
