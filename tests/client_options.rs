@@ -27,10 +27,25 @@ impl Agent for Desk {
             .and_then(|v| v.to_str().ok())
         {
             Some("Bearer s3cret") => Ok(Some("ann".into())),
+            Some("Bearer old") => Err(agents::refuse(4403, "your token expired")),
             _ => Err(agents::axum::response::IntoResponse::into_response((
                 agents::axum::http::StatusCode::UNAUTHORIZED,
                 "who are you?",
             ))),
+        }
+    }
+
+    async fn on_before_request(_name: &str, req: &RequestHead) -> Admission {
+        match req.headers.get("x-flood") {
+            Some(_) => {
+                let mut slow_down = agents::refuse(4429, "slow down");
+                slow_down.headers_mut().insert(
+                    "retry-after",
+                    agents::axum::http::HeaderValue::from_static("7"),
+                );
+                Err(slow_down)
+            }
+            None => Ok(None),
         }
     }
 
@@ -146,6 +161,16 @@ async fn a_refused_handshake_carries_the_status_and_the_body_but_not_the_token()
         other => panic!("expected a refusal, got {other:?}"),
     }
     assert!(!e.to_string().contains("hunter2"), "{e}");
+    // Refused with `agents::refuse`: the socket is accepted and closed with a code a browser
+    // can read; the typed client reports it the same way.
+    let old = ConnectOptions::new().bearer("old");
+    let e = DeskClient::connect_with(&format!("{base}/locked"), old)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, ConnectError::Refused { status: 4403, body, .. } if body == "your token expired"),
+        "{e:?}"
+    );
     // A wrong class is refused by the router itself.
     let e = DeskClient::connect(&base.replace("/desk", "/nope/x"))
         .await
@@ -171,4 +196,21 @@ async fn the_timeout_option_applies_to_every_call() {
             .await,
         Ok(())
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_answers_http_with_the_matching_status() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (_rt, addr) = common::serve(Runtime::builder().agent::<Desk>()).await;
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = "POST /agents/desk/d/call/nap HTTP/1.1\r\nHost: x\r\nx-flood: 1\r\nContent-Length: 3\r\nConnection: close\r\n\r\n[1]";
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    assert!(response.starts_with("HTTP/1.1 429"), "{response}");
+    assert!(
+        response.to_lowercase().contains("retry-after: 7"),
+        "{response}"
+    );
+    assert!(response.ends_with("slow down"), "{response}");
 }

@@ -54,15 +54,16 @@ pub enum ConnectError {
     /// The URL is not a WebSocket URL.
     #[error("invalid URL `{0}`")]
     Url(String),
-    /// The server answered the handshake with an HTTP error: an admission hook
-    /// (`on_before_connect`) refused, or the address is invalid (400) or unknown (404).
+    /// The server refused: an admission hook (`on_before_connect`) said no, or the address is
+    /// invalid (400) or unknown (404).
     #[error("{url} refused the connection: {status} {body}")]
     Refused {
         /// Where.
         url: String,
-        /// The HTTP status, e.g. 401.
+        /// The HTTP status of the answer (e.g. 401), or the close code (4000 to 4999, e.g.
+        /// 4401) of a refusal the hook made with `agents::refuse`.
         status: u16,
-        /// The body of the answer (what the admission hook said), as text.
+        /// What the admission hook said: the body of the answer, or the close reason.
         body: String,
     },
     /// The handshake failed otherwise (network, TLS, not a WebSocket server).
@@ -278,11 +279,18 @@ async fn open(
             "{shown} does not speak {subprotocol}"
         )));
     }
-    let first = socket.next().await;
-    match first
-        .and_then(|f| f.ok())
-        .and_then(|f| framing::read(options.codec, &f))
-    {
+    let first = socket.next().await.and_then(|f| f.ok());
+    if let Some(Message::Close(Some(frame))) = &first {
+        let code = u16::from(frame.code);
+        if (4000..5000).contains(&code) {
+            return Err(ConnectError::Refused {
+                url: shown,
+                status: code,
+                body: frame.reason.to_string(),
+            });
+        }
+    }
+    match first.and_then(|f| framing::read(options.codec, &f)) {
         Some(Received::Identity { class, name, conn }) => Ok((socket, (class, name, conn))),
         Some(_) => Err(ConnectError::Protocol(format!(
             "{shown} did not identify itself"

@@ -29,6 +29,50 @@ pub type RequestHead = axum::http::request::Parts;
 /// without waking the agent.
 pub type Admission = Result<Option<String>, HttpResponse>;
 
+/// Refuses a connection or a request in an admission hook (`Err(agents::refuse(..))`), in a way
+/// a browser can read: a refused WebSocket handshake reaches JavaScript only as "could not
+/// connect", so the WebSocket is accepted and closed at once with `code` (4000 to 4999, e.g.
+/// 4401, 4403, 4429) and `reason`; the JavaScript client rejects with both. An HTTP request
+/// gets the matching status (`code - 4000`: 401, 403, 429; 403 when that is not an HTTP error
+/// status) with `reason` as its body; add headers (`Retry-After`) to the response as you like.
+/// A `code` of 400 to 599 is taken as `4000 + code`.
+///
+/// ```
+/// # use agents::prelude::*;
+/// # #[derive(Default)] struct Room;
+/// impl Agent for Room {
+///     async fn on_before_connect(_name: &str, req: &RequestHead) -> Admission {
+///         match req.uri.query() {
+///             Some("token=s3cret") => Ok(Some("ann".into())),
+///             _ => Err(agents::refuse(4401, "who are you?")),
+///         }
+///     }
+/// }
+/// ```
+pub fn refuse(code: u16, reason: &str) -> HttpResponse {
+    use axum::response::IntoResponse;
+    let code = match code {
+        400..=599 => code + 4000,
+        4000..=4999 => code,
+        _ => 4403,
+    };
+    let status = axum::http::StatusCode::from_u16(code - 4000)
+        .ok()
+        .filter(|s| s.is_client_error() || s.is_server_error())
+        .unwrap_or(axum::http::StatusCode::FORBIDDEN);
+    let reason = crate::conn::close_reason(reason);
+    let mut response = (status, reason.clone()).into_response();
+    response.extensions_mut().insert(Refusal { code, reason });
+    response
+}
+
+/// Marks the response of [`refuse`]: WebSockets are closed with this code instead.
+#[derive(Debug, Clone)]
+pub(crate) struct Refusal {
+    pub code: u16,
+    pub reason: String,
+}
+
 /// The principal `on_before_request` passed on, as an extension of the [`HttpRequest`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Principal(pub String);

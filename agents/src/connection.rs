@@ -43,7 +43,7 @@ use tracing::Instrument;
 
 use crate::{
     address::AgentKey,
-    agent::Invocation,
+    agent::{Invocation, Refusal},
     conn::{close_reason, ConnId, Effect, Outgoing, Protocol, WsMessage},
     inflight::InFlight,
     outbound::{self, Outbound},
@@ -258,10 +258,6 @@ async fn upgrade(
     parts: axum::http::request::Parts,
     ws: WebSocketUpgrade,
 ) -> Response {
-    let principal = match (class.before_connect)(key.name(), &parts).await {
-        Ok(principal) => principal,
-        Err(refusal) => return refusal,
-    };
     // Small buffers: an idle connection should cost a few KB, not tungstenite's default 128 KiB
     // read buffer. They grow while a large message passes.
     let ws = ws
@@ -269,6 +265,18 @@ async fn upgrade(
         .read_buffer_size(READ_BUFFER)
         .write_buffer_size(WRITE_BUFFER)
         .max_message_size(runtime.config().max_message_bytes);
+    let principal = match (class.before_connect)(key.name(), &parts).await {
+        Ok(principal) => principal,
+        Err(refusal) => match refusal.extensions().get::<Refusal>().cloned() {
+            // Accepted, to be closed with a code a browser can read.
+            Some(Refusal { code, reason }) => {
+                return ws.on_upgrade(move |mut socket| async move {
+                    let _ = socket.send(close(code, &reason)).await;
+                })
+            }
+            None => return refusal,
+        },
+    };
     let wire = match ws.selected_protocol().map(|p| p.as_bytes()) {
         Some(p) if p == protocol::JSON_PROTOCOL.as_bytes() => Wire::Json,
         Some(p) if p == protocol::POSTCARD_PROTOCOL.as_bytes() => Wire::Postcard,

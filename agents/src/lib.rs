@@ -94,8 +94,8 @@ pub mod testing;
 
 pub use address::{AgentKey, MAX_CLASS_LEN, MAX_NAME_LEN};
 pub use agent::{
-    Admission, Agent, AgentClass, AppError, HttpRequest, HttpResponse, Invocation, Principal,
-    RequestHead,
+    refuse, Admission, Agent, AgentClass, AppError, HttpRequest, HttpResponse, Invocation,
+    Principal, RequestHead,
 };
 /// The wire crate: transports, codecs and client plumbing.
 pub use agents_client as client;
@@ -167,7 +167,7 @@ pub use context::Ctx;
 pub use error::{Error, Result};
 pub use runtime::{Builder, Runtime};
 pub use schedule::{AlarmInfo, DeadLetter, Schedule, ScheduleKind, When, RETRIES, RETRY_BASE};
-pub use server::router;
+pub use server::{router, JS_CLIENT};
 pub use storage::{Durability, Kv};
 pub use stream::{StreamClosed, StreamSender, Streaming};
 

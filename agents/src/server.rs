@@ -1,4 +1,5 @@
-//! Serving agents over HTTP (axum): `POST /agents/{class}/{name}/call/{method}`, WebSockets
+//! Serving agents over HTTP (axum): `GET /agents.js` (the JavaScript client),
+//! `POST /agents/{class}/{name}/call/{method}`, WebSockets
 //! on `GET /agents/{class}/{name}` (see [`connection`](crate::connection)), and every other
 //! request under `/agents/{class}/{name}` to the agent's `on_request`. `on_before_request` /
 //! `on_before_connect` run first, without waking the agent.
@@ -29,7 +30,7 @@ use axum::{
     extract::{Path, Request, State},
     http::{header, Method, StatusCode},
     response::{IntoResponse, Response},
-    routing::{any, post},
+    routing::{any, get, post},
     Router,
 };
 use tokio::sync::oneshot;
@@ -47,10 +48,26 @@ use crate::{
 /// `.nest`) in an application of your own.
 pub fn router(runtime: Runtime) -> Router {
     Router::new()
+        .route("/agents.js", get(js_client))
         .route("/agents/{class}/{name}", any(connection::agent_root))
         .route("/agents/{class}/{name}/call/{method}", post(call))
         .route("/agents/{class}/{name}/{*rest}", any(other))
         .with_state(runtime)
+}
+
+/// The JavaScript client, `agents/js/agents.js`: one dependency-free ES module.
+pub const JS_CLIENT: &str = include_str!("../js/agents.js");
+
+/// `GET /agents.js`: the JavaScript client, so that a page needs no build step.
+async fn js_client() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/javascript; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        JS_CLIENT,
+    )
+        .into_response()
 }
 
 /// Checks the address and runs the class's `on_before_request`; then reads the body (up to the
