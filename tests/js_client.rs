@@ -47,6 +47,16 @@ impl Agent for JsEcho {
         }
     }
 
+    /// `greeted` says welcome to each connection.
+    async fn on_connect(&mut self, ctx: &mut Ctx<Self>, conn: &Conn<Self>) -> Result<(), AppError> {
+        if ctx.name() == "greeted" {
+            conn.send(&Said {
+                said: "welcome".into(),
+            })?;
+        }
+        Ok(())
+    }
+
     async fn on_message(
         &mut self,
         _ctx: &mut Ctx<Self>,
@@ -156,12 +166,15 @@ async fn the_javascript_client_passes_its_node_tests() {
         env!("CARGO_MANIFEST_DIR"),
         "/agents/js/test/client.test.mjs"
     );
-    let output = tokio::process::Command::new("node")
+    let node = tokio::process::Command::new("node")
         .args(["--experimental-websocket", "--test", tests])
         .env("AGENTS_URL", format!("ws://{addr}"))
         .env("AGENTS_HTTP", format!("http://{addr}"))
-        .output()
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(Duration::from_secs(180), node)
         .await
+        .expect("the Node tests ended within 3 minutes")
         .expect("Node.js (`node`, version 20 or later) runs the JavaScript client's tests");
     let out = String::from_utf8_lossy(&output.stdout);
     let err = String::from_utf8_lossy(&output.stderr);

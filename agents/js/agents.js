@@ -58,6 +58,8 @@ export class AgentClient {
     this.state = undefined;
     this.closed = false;
     this._listeners = new Map();
+    /** Events that came before the first `event` listener (up to 1,024). */
+    this._early = [];
     this._pending = new Map();
     this._nextId = 1;
     this._socket = undefined;
@@ -69,14 +71,27 @@ export class AgentClient {
   }
 
   /** Listens to `event` (an event the agent sent), `state` (the shared state, on connect and
-   * on every change), `open` (identity), `close` ({code, reason}), `error` (an error frame). */
+   * on every change), `open` (identity), `close` ({code, reason}), `error` (an error frame).
+   * Returns a function that stops listening.
+   *
+   * The first `event` listener also gets the events that came before it was added (since the
+   * connection opened: what `on_connect` sent, say), so none is lost to it. */
   on(name, listener) {
     if (!this._listeners.has(name)) this._listeners.set(name, new Set());
     this._listeners.get(name).add(listener);
+    if (name === "event" && this._early) {
+      const early = this._early;
+      this._early = undefined;
+      queueMicrotask(() => early.forEach((event) => listener(event)));
+    }
     return () => this._listeners.get(name)?.delete(listener);
   }
 
   _emit(name, value) {
+    if (name === "event" && this._early) {
+      if (this._early.length < 1024) this._early.push(value);
+      return;
+    }
     for (const listener of this._listeners.get(name) ?? []) {
       try {
         listener(value);

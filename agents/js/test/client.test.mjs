@@ -1,7 +1,7 @@
 // Tests of agents.js against a real server: run by `cargo test` (tests/js_client.rs), which
 // starts the server and passes its address in AGENTS_URL (`ws://127.0.0.1:PORT`) and
 // AGENTS_HTTP (`http://127.0.0.1:PORT`).
-import { test } from "node:test";
+import { after, test } from "node:test";
 import assert from "node:assert/strict";
 
 const BASE = process.env.AGENTS_URL;
@@ -17,17 +17,30 @@ const { connect, AgentError } = await import(
 
 const url = (name, token = "ok") => `${BASE}/agents/js-echo/${name}?token=${token}`;
 
+// Every client a test opens is closed at the end, even when the test failed half-way (an open
+// socket would keep the process alive).
+const opened = [];
+after(() => opened.forEach((c) => c.close()));
+async function open(name, token) {
+  const client = await connect(url(name, token));
+  opened.push(client);
+  return client;
+}
+
+/** The next `name` from `client`, within 10 s. */
 function next(client, name) {
-  return new Promise((resolve) => {
+  return new Promise((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error(`no ${name} within 10 s`)), 10_000);
     const off = client.on(name, (value) => {
       off();
+      clearTimeout(timer);
       resolve(value);
     });
   });
 }
 
 test("calls, typed errors, unknown methods, bad arguments", async () => {
-  const c = await connect(url("calls"));
+  const c = await open("calls");
   assert.equal(c.identity.class, "js-echo");
   assert.equal(c.identity.name, "calls");
   assert.equal(await c.call("add", [5]), 5);
@@ -44,8 +57,8 @@ test("calls, typed errors, unknown methods, bad arguments", async () => {
 });
 
 test("events and shared state", async () => {
-  const a = await connect(url("room"));
-  const b = await connect(url("room"));
+  const a = await open("room");
+  const b = await open("room");
   const event = next(b, "event");
   const state = next(b, "state");
   await a.call("shout", ["hi"]);
@@ -54,7 +67,7 @@ test("events and shared state", async () => {
   assert.deepEqual(await state, { topic: "rust" });
   assert.deepEqual(b.state, { topic: "rust" });
   // A new connection gets the state on connect.
-  const c = await connect(url("room"));
+  const c = await open("room");
   assert.deepEqual(c.state ?? (await next(c, "state")), { topic: "rust" });
   a.close();
   b.close();
@@ -62,7 +75,7 @@ test("events and shared state", async () => {
 });
 
 test("a message reaches on_message, and its failure comes back as an error", async () => {
-  const c = await connect(url("messages"));
+  const c = await open("messages");
   const echoed = next(c, "event");
   c.send("ping");
   assert.deepEqual(await echoed, { said: "ping" });
@@ -75,7 +88,7 @@ test("a message reaches on_message, and its failure comes back as an error", asy
 });
 
 test("streaming with credit, and breaking out cancels", async () => {
-  const c = await connect(url("streams"));
+  const c = await open("streams");
   const all = [];
   for await (const n of c.stream("count", [100])) all.push(n);
   assert.deepEqual(all, Array.from({ length: 100 }, (_, i) => i));
@@ -91,7 +104,7 @@ test("streaming with credit, and breaking out cancels", async () => {
 });
 
 test("deadlines and cancellation", async () => {
-  const c = await connect(url("slow"));
+  const c = await open("slow");
   await assert.rejects(c.call("sleep", [2000], { timeout: 100 }), { kind: "timeout" });
   const abort = new AbortController();
   const call = c.call("sleep", [2000], { signal: abort.signal });
@@ -102,7 +115,7 @@ test("deadlines and cancellation", async () => {
 });
 
 test("a refused handshake says why, with its code", async () => {
-  await assert.rejects(connect(url("locked", "wrong")), (e) => {
+  await assert.rejects(open("locked", "wrong"), (e) => {
     assert.equal(e.kind, "refused");
     assert.equal(e.code, 4401);
     assert.equal(e.message, "who are you?");
@@ -111,7 +124,7 @@ test("a refused handshake says why, with its code", async () => {
 });
 
 test("the client reconnects after the server restarts, and carries on", async () => {
-  const c = await connect(url("durable"));
+  const c = await open("durable");
   assert.equal(await c.call("add", [1]), 1);
   const closed = next(c, "close");
   const reopened = next(c, "open");
@@ -124,5 +137,12 @@ test("the client reconnects after the server restarts, and carries on", async ()
   const event = next(c, "event");
   await c.call("shout", ["again"]);
   assert.deepEqual(await event, { said: "again" });
+  c.close();
+});
+
+test("what on_connect sends reaches the first event listener, however late", async () => {
+  const c = await open("greeted");
+  await new Promise((resolve) => setTimeout(resolve, 200));
+  assert.deepEqual(await next(c, "event"), { said: "welcome" });
   c.close();
 });
