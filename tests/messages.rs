@@ -83,3 +83,56 @@ async fn a_message_arrives_the_same_on_every_protocol() {
         .unwrap();
     assert_eq!(text(&mut pc).await, r#"Postcard Binary([104, 105]) None"#);
 }
+
+/// Records, in `on_connect`, what it sees of its connections right after changing its own.
+#[derive(Default)]
+pub struct Census;
+
+impl Agent for Census {
+    async fn on_connect(&mut self, ctx: &mut Ctx<Self>, conn: &Conn<Self>) -> Result<(), AppError> {
+        conn.set_state(&format!("member {}", conn.id()))?;
+        conn.set_tags(&["counted"]);
+        let states: Vec<String> = ctx
+            .connections()?
+            .iter()
+            .filter_map(|c| c.state().ok().flatten())
+            .collect();
+        let tagged = ctx.connections_tagged("counted")?.len();
+        let own = ctx
+            .connection(conn.id())?
+            .and_then(|c| c.state().ok().flatten());
+        ctx.kv().put("seen", &(states, tagged, own))?;
+        Ok(())
+    }
+}
+
+#[agent(conn_state = "String")]
+impl Census {
+    #[callable]
+    pub async fn seen(
+        &mut self,
+        ctx: &mut Ctx<Self>,
+    ) -> Result<Option<(Vec<String>, usize, Option<String>)>, AppError> {
+        Ok(ctx.kv().get("seen")?)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_sees_the_connection_changes_it_made() {
+    let (rt, addr) = serve(Runtime::builder().agent::<Census>()).await;
+    let mut ws = ws_connect(addr, "/agents/census/c", Some("agents.v1.json"))
+        .await
+        .unwrap();
+    let identity = next_json(&mut ws).await;
+    let id = identity["conn"].as_str().unwrap().to_owned();
+    let mut seen = None;
+    for _ in 0..400 {
+        seen = rt.agent::<Census>("c").seen().await.unwrap();
+        if seen.is_some() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let member = format!("member {id}");
+    assert_eq!(seen, Some((vec![member.clone()], 1, Some(member))));
+}

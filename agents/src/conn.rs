@@ -398,6 +398,20 @@ pub(crate) fn tagged(sql: &Connection, tag: &str) -> Result<Vec<ConnId>, Error> 
     Ok(ids)
 }
 
+/// Stores the connection writes (state, tags) the current event made so far, and takes them out
+/// of its effects: what it reads of its connections afterwards sees them.
+pub(crate) fn flush_writes(sql: &Connection, effects: &Effects) -> Result<(), Error> {
+    let mut effects = effects.lock().unwrap_or_else(|e| e.into_inner());
+    if effects.iter().all(Effect::is_delivery) {
+        return Ok(());
+    }
+    let (deliveries, writes) = std::mem::take(&mut *effects)
+        .into_iter()
+        .partition(Effect::is_delivery);
+    *effects = deliveries;
+    apply_writes(sql, &writes)
+}
+
 /// Stores an event's connection writes (state, tags).
 pub(crate) fn apply_writes(sql: &Connection, effects: &[Effect]) -> Result<(), Error> {
     for effect in effects {

@@ -403,6 +403,7 @@ impl<A: AgentClass> Ctx<A> {
 
     /// The agent's open connections.
     pub fn connections(&self) -> Result<Vec<Conn<A>>, Error> {
+        conn::flush_writes(self.sql(), &self.turn.effects)?;
         let open = self.shared.sockets.ids(self.key());
         self.load_conns(&open)
     }
@@ -414,6 +415,7 @@ impl<A: AgentClass> Ctx<A> {
 
     /// The open connections tagged `tag` (see [`Conn::set_tags`]).
     pub fn connections_tagged(&self, tag: &str) -> Result<Vec<Conn<A>>, Error> {
+        conn::flush_writes(self.sql(), &self.turn.effects)?;
         let sockets = &self.shared.sockets;
         let ids: Vec<ConnId> = conn::tagged(self.sql(), tag)?
             .into_iter()
@@ -427,6 +429,7 @@ impl<A: AgentClass> Ctx<A> {
         if !self.shared.sockets.is_open(self.key(), id) {
             return Ok(None);
         }
+        conn::flush_writes(self.sql(), &self.turn.effects)?;
         conn::load(self.sql(), id, &self.turn.effects)
     }
 
