@@ -267,15 +267,7 @@ async fn upgrade(
         .max_message_size(runtime.config().max_message_bytes);
     let principal = match (class.before_connect)(key.name(), &parts).await {
         Ok(principal) => principal,
-        Err(refusal) => match refusal.extensions().get::<Refusal>().cloned() {
-            // Accepted, to be closed with a code a browser can read.
-            Some(Refusal { code, reason }) => {
-                return ws.on_upgrade(move |mut socket| async move {
-                    let _ = socket.send(close(code, &reason)).await;
-                })
-            }
-            None => return refusal,
-        },
+        Err(refusal) => return refused(ws, refusal),
     };
     let wire = match ws.selected_protocol().map(|p| p.as_bytes()) {
         Some(p) if p == protocol::JSON_PROTOCOL.as_bytes() => Wire::Json,
@@ -288,6 +280,29 @@ async fn upgrade(
         tokio::spawn(serve(runtime, key, socket, wire, principal));
         std::future::ready(())
     })
+}
+
+/// Answers an upgrade with `refusal`: a refusal of `agents::refuse` is accepted, to be closed at
+/// once with its code and reason (a browser can read them, not an HTTP status); any other
+/// response is given as it is.
+fn refused(ws: WebSocketUpgrade, refusal: Response) -> Response {
+    match refusal.extensions().get::<Refusal>().cloned() {
+        Some(Refusal { code, reason }) => ws
+            .protocols([protocol::JSON_PROTOCOL, protocol::POSTCARD_PROTOCOL])
+            .on_upgrade(move |mut socket| async move {
+                let _ = socket.send(close(code, &reason)).await;
+            }),
+        None => refusal,
+    }
+}
+
+/// Answers `request` with `refusal` (see [`refused`]), whether or not it is an upgrade.
+pub(crate) async fn refuse(runtime: &Runtime, request: Request, refusal: Response) -> Response {
+    let (mut parts, _) = request.into_parts();
+    match WebSocketUpgrade::from_request_parts(&mut parts, runtime).await {
+        Ok(ws) => refused(ws, refusal),
+        Err(_) => refusal,
+    }
 }
 
 /// The frame encoding a connection chose.

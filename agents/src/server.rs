@@ -269,6 +269,14 @@ impl Runtime {
         }
     }
 
+    /// Answers `request` with `refusal` (a response of [`refuse`](crate::refuse)) as an
+    /// admission hook's refusal is answered: a WebSocket upgrade is accepted and closed at once
+    /// with the code and reason, which a browser can read; an HTTP request gets the response.
+    /// For a gateway that refuses before it would [`fetch`](Runtime::fetch).
+    pub async fn refuse(&self, request: Request, refusal: Response) -> Response {
+        connection::refuse(self, request, refusal).await
+    }
+
     /// Serves [`router`] on `addr` until the process ends.
     pub async fn serve(&self, addr: SocketAddr) -> Result<(), Error> {
         let listener = tokio::net::TcpListener::bind(addr)
