@@ -287,6 +287,18 @@ impl<A> Clone for MethodCall<A> {
     }
 }
 
+/// Implemented by the client `#[interface]` generates: the types its agent's connections carry,
+/// and its methods.
+#[doc(hidden)]
+pub trait Interface {
+    /// The shared state.
+    type State;
+    /// What the agent sends to connections.
+    type Event;
+    /// Every method, by wire name.
+    const METHODS: &'static [MethodInfo];
+}
+
 /// A static description of one callable, for introspection and tooling.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MethodInfo {

@@ -115,6 +115,13 @@ impl AgentImpl {
                 continue;
             };
             match take_marker(&mut f.attrs) {
+                // In the impl of an interface trait every method is a callable.
+                Ok(None) if item.trait_.is_some() => {
+                    match Callable::parse(f, syn::parse_quote!(#[callable])) {
+                        Ok(c) => callables.push(c),
+                        Err(e) => combine(&mut errors, e),
+                    }
+                }
                 Ok(None) => other_names.push(f.sig.ident.clone()),
                 Ok(Some(attr)) => match Callable::parse(f, attr) {
                     Ok(c) => callables.push(c),
@@ -176,7 +183,8 @@ fn take_marker(attrs: &mut Vec<Attribute>) -> syn::Result<Option<Attribute>> {
 }
 
 /// Re-emits an item with the `#[callable]`/`#[schedule]` markers removed (used when expansion
-/// fails, so that they do not report themselves as misplaced).
+/// fails, so that they do not report themselves as misplaced), and the impl of an interface
+/// trait with its `Ctx` (so that its absence is not reported too).
 pub fn strip_callable_attrs(item: TokenStream) -> TokenStream {
     match syn::parse2::<ItemImpl>(item.clone()) {
         Ok(mut imp) => {
@@ -185,9 +193,35 @@ pub fn strip_callable_attrs(item: TokenStream) -> TokenStream {
                     f.attrs.retain(|a| !is_marker(a));
                 }
             }
+            add_ctx(&mut imp, &syn::parse_quote!(::agents));
             imp.into_token_stream()
         }
         Err(_) => item,
+    }
+}
+
+/// Whether `path` names one of the framework's traits (`Agent`, `AgentClass`), which `#[agent]`
+/// does not go on.
+pub fn is_agent_trait(path: &syn::Path) -> bool {
+    path.segments
+        .last()
+        .is_some_and(|s| s.ident == "Agent" || s.ident == "AgentClass")
+}
+
+/// Gives the impl of an interface trait its `type Ctx = <krate>::Ctx<Self>;`, unless it has one
+/// (or implements something else: `Agent`, or nothing).
+pub fn add_ctx(imp: &mut ItemImpl, krate: &syn::Path) {
+    let interface = imp
+        .trait_
+        .as_ref()
+        .is_some_and(|(bang, path, _)| bang.is_none() && !is_agent_trait(path));
+    let has_ctx = imp
+        .items
+        .iter()
+        .any(|i| matches!(i, ImplItem::Type(t) if t.ident == "Ctx"));
+    if interface && !has_ctx {
+        imp.items
+            .push(syn::parse_quote!(type Ctx = #krate::Ctx<Self>;));
     }
 }
 
@@ -288,7 +322,14 @@ impl Callable {
     }
 
     pub fn ret(&self) -> Ret {
-        let ty = match &self.output {
+        ret_of(&self.output)
+    }
+}
+
+/// What a method returns, as the client sees it.
+pub fn ret_of(output: &ReturnType) -> Ret {
+    {
+        let ty = match output {
             ReturnType::Default => return Ret::Unit,
             ReturnType::Type(_, ty) => ty,
         };

@@ -15,9 +15,11 @@ pub fn agent(args: TokenStream, item: TokenStream) -> syn::Result<TokenStream> {
             "#[agent] goes on an inherent impl block: `#[agent] impl Counter { .. }`",
         )
     })?;
-    let parsed = AgentImpl::parse(args, item)?;
+    let mut parsed = AgentImpl::parse(args, item)?;
     let agent = validate(&parsed)?;
     let generated = generate(&agent);
+    // The interface's methods take `ctx: &mut Self::Ctx`: here it is the agent's `Ctx`.
+    crate::ast::add_ctx(&mut parsed.item, &agent.krate);
     let item = parsed.item.into_token_stream();
     Ok(quote! { #item #generated })
 }
@@ -33,39 +35,128 @@ fn generate(a: &Agent) -> TokenStream {
         conn_state,
         event,
         internal,
+        interface,
     } = a;
+    let interface = interface.as_ref();
     let p = quote!(#krate::__private);
     let vis = widest(methods);
-    let client = format_ident!("{}Client", ident);
     let calls = format_ident!("{}Calls", ident);
-    let client_doc = format!(
-        "Typed client of the [`{ident}`] agent: one method per callable. Get one in-process with \
-         `runtime.agent::<{ident}>(name)` or `ctx.agent::<{ident}>(name)`."
-    );
     let calls_doc =
         format!("Describes calls of [`{ident}`] without making them (for schedules and queues).");
 
     let callables: Vec<&Method> = methods.iter().filter(|m| m.schedule.is_none()).collect();
-    let client_methods = callables.iter().map(|m| client_method(m, &p));
+    let (client, client_items, types) = match interface {
+        // The interface's own client, and its types.
+        Some(path) => {
+            let client = interface_client(path);
+            let types = quote! {
+                type State = <#client as #p::Interface>::State;
+                type Event = <#client as #p::Interface>::Event;
+            };
+            (client, quote!(), types)
+        }
+        None => {
+            let name = format_ident!("{}Client", ident);
+            let doc = format!(
+                "Typed client of the [`{ident}`] agent: one method per callable. Get one in-process with \
+                 `runtime.agent::<{ident}>(name)` or `ctx.agent::<{ident}>(name)`."
+            );
+            let items = client(&name, &doc, &vis, &p, &callables, state, event);
+            let types = quote! {
+                type State = #state;
+                type Event = #event;
+            };
+            (quote!(#name), items, types)
+        }
+    };
     // A stored call has nobody to receive chunks: streams get no descriptor.
     let call_methods = callables
         .iter()
         .filter(|m| m.stream.is_none())
         .map(|m| call_method(m, &p, self_ty));
-    let arms = methods.iter().map(|m| dispatch_arm(m, self_ty, &p));
+    let target = match interface {
+        Some(path) => quote!(<#self_ty as #path>),
+        None => quote!(#self_ty),
+    };
+    let arms = methods.iter().map(|m| dispatch_arm(m, &target, &p));
     let infos = callables.iter().map(|m| method_info(m, &p));
     let schedules = methods.iter().filter_map(|m| static_schedule(m, &p));
 
     quote! {
-        #[doc = #client_doc]
-        #[derive(Clone, Debug)]
-        #vis struct #client {
-            core: #p::ClientCore,
-        }
+        #client_items
 
         #[doc = #calls_doc]
         #[derive(Clone, Copy, Debug, Default)]
         #vis struct #calls;
+
+        const _: () = {
+            impl #self_ty {
+                /// Describes calls of this agent without making them.
+                #[allow(dead_code)]
+                #vis fn calls() -> #calls {
+                    #calls
+                }
+            }
+
+            impl #calls {
+                #(#call_methods)*
+            }
+
+            impl #p::AgentClass for #self_ty {
+                const CLASS: &'static str = #class;
+                const INTERNAL: bool = #internal;
+                const METHODS: &'static [#p::MethodInfo] = &[#(#infos),*];
+                const SCHEDULES: &'static [#p::StaticSchedule] = &[#(#schedules),*];
+                #types
+                type ConnState = #conn_state;
+                type Client = #client;
+
+                fn dispatch<'a>(
+                    &'a mut self,
+                    ctx: &'a mut #p::Ctx<Self>,
+                    call: &'a #p::Invocation,
+                ) -> #p::BoxFuture<'a, ::core::result::Result<#p::Payload, #p::RawError>> {
+                    #p::Box::pin(async move {
+                        match call.method() {
+                            #(#arms)*
+                            other => ::core::result::Result::Err(#p::RawError::unknown_method(other)),
+                        }
+                    })
+                }
+            }
+        };
+    }
+}
+
+/// The client of the interface trait `path`: `CounterApi` → `CounterApiClient`, beside it.
+pub fn interface_client(path: &syn::Path) -> TokenStream {
+    let mut path = path.clone();
+    if let Some(last) = path.segments.last_mut() {
+        last.ident = format_ident!("{}Client", last.ident);
+        last.arguments = syn::PathArguments::None;
+    }
+    quote!(#path)
+}
+
+/// A typed client `name` with one method per callable of `methods`, over the `__private` items
+/// at `p`: what `#[agent]` generates for an agent, and `#[interface]` for a trait.
+pub fn client(
+    name: &syn::Ident,
+    doc: &str,
+    vis: &syn::Visibility,
+    p: &TokenStream,
+    methods: &[&Method],
+    state: &syn::Type,
+    event: &syn::Type,
+) -> TokenStream {
+    let client = name;
+    let client_methods = methods.iter().map(|m| client_method(m, p));
+    quote! {
+        #[doc = #doc]
+        #[derive(Clone, Debug)]
+        #vis struct #client {
+            core: #p::ClientCore,
+        }
 
         const _: () = {
             impl ::core::convert::From<#p::ClientCore> for #client {
@@ -133,42 +224,6 @@ fn generate(a: &Agent) -> TokenStream {
 
                 #(#client_methods)*
             }
-
-            impl #self_ty {
-                /// Describes calls of this agent without making them.
-                #[allow(dead_code)]
-                #vis fn calls() -> #calls {
-                    #calls
-                }
-            }
-
-            impl #calls {
-                #(#call_methods)*
-            }
-
-            impl #p::AgentClass for #self_ty {
-                const CLASS: &'static str = #class;
-                const INTERNAL: bool = #internal;
-                const METHODS: &'static [#p::MethodInfo] = &[#(#infos),*];
-                const SCHEDULES: &'static [#p::StaticSchedule] = &[#(#schedules),*];
-                type State = #state;
-                type ConnState = #conn_state;
-                type Event = #event;
-                type Client = #client;
-
-                fn dispatch<'a>(
-                    &'a mut self,
-                    ctx: &'a mut #p::Ctx<Self>,
-                    call: &'a #p::Invocation,
-                ) -> #p::BoxFuture<'a, ::core::result::Result<#p::Payload, #p::RawError>> {
-                    #p::Box::pin(async move {
-                        match call.method() {
-                            #(#arms)*
-                            other => ::core::result::Result::Err(#p::RawError::unknown_method(other)),
-                        }
-                    })
-                }
-            }
         };
     }
 }
@@ -187,7 +242,7 @@ fn params_and_tuple(args: &[(syn::Ident, syn::Type)]) -> (Vec<TokenStream>, Toke
     (params, quote!((#(#names,)*)))
 }
 
-fn client_method(m: &Method, p: &TokenStream) -> TokenStream {
+pub fn client_method(m: &Method, p: &TokenStream) -> TokenStream {
     let Method {
         ident,
         wire,
@@ -251,7 +306,7 @@ fn static_schedule(m: &Method, p: &TokenStream) -> Option<TokenStream> {
     Some(quote!(#p::StaticSchedule { method: #wire, cron: #cron, tz: #tz, every_ms: #every }))
 }
 
-fn dispatch_arm(m: &Method, self_ty: &syn::Type, p: &TokenStream) -> TokenStream {
+fn dispatch_arm(m: &Method, target: &TokenStream, p: &TokenStream) -> TokenStream {
     let Method {
         ident, wire, args, ..
     } = m;
@@ -262,7 +317,7 @@ fn dispatch_arm(m: &Method, self_ty: &syn::Type, p: &TokenStream) -> TokenStream
     } else {
         quote!(let (#(#names,)*): (#(#types,)*) = call.args()?;)
     };
-    let invoke = quote!(#self_ty::#ident(self, ctx, #(#names),*).await);
+    let invoke = quote!(#target::#ident(self, ctx, #(#names),*).await);
     let reply = match (&m.stream, &m.err) {
         (Some(_), Some(_)) => quote!(call.stream(#invoke)),
         (Some(_), None) => {
@@ -297,7 +352,7 @@ fn dispatch_arm(m: &Method, self_ty: &syn::Type, p: &TokenStream) -> TokenStream
     }
 }
 
-fn method_info(m: &Method, p: &TokenStream) -> TokenStream {
+pub fn method_info(m: &Method, p: &TokenStream) -> TokenStream {
     let wire = &m.wire;
     let internal = m.internal;
     let params = m.args.iter().map(|(n, t)| format!("{n}: {}", tokens(t)));

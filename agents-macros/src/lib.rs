@@ -10,6 +10,7 @@ use proc_macro::TokenStream;
 mod ast;
 mod attr;
 mod expand;
+mod interface;
 mod validate;
 
 /// Turns an inherent `impl` block into an agent class. See `agents::agent`.
@@ -19,6 +20,37 @@ pub fn agent(args: TokenStream, item: TokenStream) -> TokenStream {
     expand::agent(args.into(), item.clone())
         .unwrap_or_else(|e| {
             let mut out = ast::strip_callable_attrs(item);
+            out.extend(e.into_compile_error());
+            out
+        })
+        .into()
+}
+
+/// Declares an agent's API as a trait, in a crate that needs only `agents-client`: generates
+/// the typed client `<Trait>Client`, and the trait an agent implements with `#[agent] impl
+/// Trait for MyAgent`. See `agents_client::interface`.
+#[proc_macro_attribute]
+pub fn interface(args: TokenStream, item: TokenStream) -> TokenStream {
+    interface_with(args, item, quote::quote!(::agents_client))
+}
+
+/// `#[interface]` as the `agents` crate re-exports it (its generated code names
+/// `::agents::client`).
+#[doc(hidden)]
+#[proc_macro_attribute]
+pub fn interface_in_agents(args: TokenStream, item: TokenStream) -> TokenStream {
+    interface_with(args, item, quote::quote!(::agents::client))
+}
+
+fn interface_with(
+    args: TokenStream,
+    item: TokenStream,
+    krate: proc_macro2::TokenStream,
+) -> TokenStream {
+    let item = proc_macro2::TokenStream::from(item);
+    interface::interface(args.into(), item.clone(), krate)
+        .unwrap_or_else(|e| {
+            let mut out = item;
             out.extend(e.into_compile_error());
             out
         })

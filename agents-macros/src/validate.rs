@@ -6,7 +6,7 @@ use heck::ToKebabCase;
 use quote::ToTokens;
 use syn::{Ident, LitStr, Pat, Path, Type, Visibility};
 
-use crate::ast::{combine, streaming_args, AgentImpl, Callable, Receiver, Ret};
+use crate::ast::{combine, is_agent_trait, streaming_args, AgentImpl, Callable, Receiver, Ret};
 
 /// Methods of the generated client (inherent, or from the traits it implements): a callable of
 /// the same name would clash with them.
@@ -39,6 +39,9 @@ pub struct Agent {
     pub event: Type,
     /// `#[agent(internal)]`: not served to the network.
     pub internal: bool,
+    /// `impl SomeInterface for Type`: the `#[agents::interface]` trait it implements, whose
+    /// client and types the agent takes.
+    pub interface: Option<Path>,
 }
 
 /// A callable ready to expand.
@@ -70,11 +73,29 @@ pub struct ScheduleSpec {
 pub fn validate(a: &AgentImpl) -> syn::Result<Agent> {
     let mut errors: Option<syn::Error> = None;
     let item = &a.item;
-    if let Some((_, path, _)) = &item.trait_ {
-        return Err(syn::Error::new_spanned(
-            path,
-            "#[agent] goes on the type's inherent impl block (`impl Counter { .. }`); implement `Agent` in a block of its own",
-        ));
+    let interface = match &item.trait_ {
+        None => None,
+        Some((Some(bang), _, _)) => {
+            return Err(syn::Error::new_spanned(bang, "#[agent] cannot go on a negative impl"))
+        }
+        Some((None, path, _)) if is_agent_trait(path) => {
+            return Err(syn::Error::new_spanned(
+                path,
+                "#[agent] goes on the type's inherent impl block (`impl Counter { .. }`), or on the impl of an `#[agents::interface]` trait; implement `Agent` in a block of its own",
+            ))
+        }
+        Some((None, path, _)) => Some(path.clone()),
+    };
+    if interface.is_some() {
+        if let Some((key, _)) = a.types.iter().find(|(k, _)| k != "conn_state") {
+            combine(
+                &mut errors,
+                syn::Error::new(
+                    key.span(),
+                    format!("the interface trait names the `{key}` type: give it there, in `#[agents::interface({key} = \"..\")]`"),
+                ),
+            );
+        }
     }
     if !item.generics.params.is_empty() {
         combine(
@@ -192,6 +213,7 @@ pub fn validate(a: &AgentImpl) -> syn::Result<Agent> {
             conn_state,
             event,
             internal: a.internal,
+            interface,
         }),
     }
 }

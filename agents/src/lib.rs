@@ -149,6 +149,9 @@ pub use agents_client::{
 pub use agents_macros::agent;
 /// Marks a method of an [`#[agent]`](macro@agent) impl block as callable by clients.
 pub use agents_macros::callable;
+/// Declares an agent's API as a trait: see [`agents_client::interface`]. (In a crate that
+/// depends on `agents`; a client-only crate uses `agents_client::interface`.)
+pub use agents_macros::interface_in_agents as interface;
 /// Runs a method of an [`#[agent]`](macro@agent) impl block on a schedule:
 /// `#[schedule(cron = "*/30 * * * *")]`, `#[schedule(cron = "0 9 * * *", tz = "Europe/Paris")]`
 /// or `#[schedule(every = "30s")]` (units `ms`, `s`, `m`, `h`, `d`). The method takes only
