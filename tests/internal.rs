@@ -89,3 +89,19 @@ async fn an_internal_callable_is_unknown_to_the_network() {
         .await;
     assert_eq!(reply, Ok(agents::Payload::Json(json!("reset"))));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_class_describes_what_it_serves() {
+    let (_rt, addr) = serve(builder()).await;
+    let (status, body) = http_request(addr, "GET", "/agents/api", "").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body,
+        json!({"class": "api", "methods": [
+            {"name": "request", "params": [], "returns": "u32", "error": "AppError"}
+        ]}),
+        "the internal `reset` is left out"
+    );
+    let (status, _) = http_request(addr, "GET", "/agents/limiter", "").await;
+    assert_eq!(status, 404, "an internal class is not described");
+}

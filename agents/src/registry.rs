@@ -75,6 +75,8 @@ pub(crate) struct Class {
     pub spawn: Spawner,
     /// `#[agent(internal)]`: not reachable from the network.
     pub internal: bool,
+    /// Its callables.
+    pub methods: &'static [agents_client::MethodInfo],
     pub before_connect: Admit,
     pub before_request: Admit,
 }

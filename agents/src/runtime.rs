@@ -166,6 +166,7 @@ impl Builder {
             type_name: type_name::<A>(),
             spawn: instance::spawn::<A>,
             internal: A::INTERNAL,
+            methods: A::METHODS,
             before_connect: |name, request| Box::pin(A::on_before_connect(name, request)),
             before_request: |name, request| Box::pin(A::on_before_request(name, request)),
         };

@@ -49,6 +49,7 @@ use crate::{
 pub fn router(runtime: Runtime) -> Router {
     Router::new()
         .route("/agents.js", get(js_client))
+        .route("/agents/{class}", get(describe))
         .route("/agents/{class}/{name}", any(connection::agent_root))
         .route("/agents/{class}/{name}/call/{method}", post(call))
         .route("/agents/{class}/{name}/{*rest}", any(other))
@@ -68,6 +69,32 @@ async fn js_client() -> Response {
         JS_CLIENT,
     )
         .into_response()
+}
+
+/// `GET /agents/{class}`: what the class offers the network, for tools and generated clients:
+/// `{"class":"counter","methods":[{"name":"add","params":["by: i64"],"returns":"i64",
+/// "error":"AppError"}]}` (types as written in Rust; `error` is null for a callable that cannot
+/// fail). `#[callable(internal)]` methods are left out; an internal class is 404.
+async fn describe(State(runtime): State<Runtime>, Path(class): Path<String>) -> Response {
+    let served = runtime.shared().class(&class).filter(|c| !c.internal);
+    let Some(served) = served else {
+        let e = RawError::bad_args(format!("no agent class `{class}` is served here"));
+        return with_status(StatusCode::NOT_FOUND, e);
+    };
+    let methods: Vec<_> = served
+        .methods
+        .iter()
+        .filter(|m| !m.internal)
+        .map(|m| {
+            serde_json::json!({
+                "name": m.name, "params": m.params, "returns": m.returns, "error": m.error,
+            })
+        })
+        .collect();
+    json(
+        StatusCode::OK,
+        &serde_json::json!({ "class": class, "methods": methods }),
+    )
 }
 
 /// Checks the address and runs the class's `on_before_request`; then reads the body (up to the
