@@ -1,7 +1,8 @@
 //! Runtime-core benchmarks, printed as JSON lines, each next to a raw rusqlite baseline doing
 //! the same durable writes in the same run.
 //!
-//! `cargo bench -p agents --bench core` (add `-- --quick` for a smoke run).
+//! `cargo bench -p agents --bench core` (add `-- --quick` for a smoke run, `-- sequential` to run
+//! only the benches whose name has that word).
 //!
 //! Every call does one durable SQLite write (an UPSERT on the agent's counter row). Baselines:
 //! - `raw_commit_each`: one transaction per write (what a sequential caller can get at best);
@@ -196,7 +197,11 @@ async fn spread(d: Durability, agents: usize, callers: usize) {
 }
 
 fn main() {
-    let quick = std::env::args().any(|a| a == "--quick");
+    let args: Vec<String> = std::env::args().collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    // `-- sequential` (any word of a bench's name) runs only the benches whose name has it.
+    let filter = args.iter().skip(1).find(|a| !a.starts_with("--")).cloned();
+    let run = |name: &str| filter.as_deref().is_none_or(|f| name.contains(f));
     let scale = if quick { 10 } else { 1 };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -204,9 +209,15 @@ fn main() {
         .unwrap();
     rt.block_on(async {
         for d in [Durability::Full, Durability::Normal] {
-            sequential(d, 2_000 / scale).await;
-            concurrent(d, 16, 32_000 / scale).await;
-            spread(d, 10_000 / scale, 16).await;
+            if run("sequential_one_agent") {
+                sequential(d, 2_000 / scale).await;
+            }
+            if run("concurrent_16_one_agent") {
+                concurrent(d, 16, 32_000 / scale).await;
+            }
+            if run("spread_activation") {
+                spread(d, 10_000 / scale, 16).await;
+            }
         }
     });
 }
