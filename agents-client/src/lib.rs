@@ -16,6 +16,8 @@ mod payload;
 pub mod protocol;
 mod stream;
 mod transport;
+#[cfg(feature = "typescript")]
+pub mod typescript;
 mod ws;
 
 pub use error::{ErrorKind, FrameworkError, NoError, RawError, RpcError};
@@ -63,8 +65,9 @@ pub use ws::{ConnectError, ConnectOptions, WsTransport, DEFAULT_TIMEOUT};
 /// ```
 ///
 /// Options: `#[interface(state = "T", event = "T")]`, the types the agent's connections
-/// receive (its client's `state()` and `events()`). Streaming methods are declared on an
-/// inherent `#[agent]` impl for now.
+/// receive (its client's `state()` and `events()`); `#[interface(typescript)]` (feature
+/// `typescript`), TypeScript declarations for `agents.js` (see the `typescript` module). Streaming
+/// methods are declared on an inherent `#[agent]` impl for now.
 pub use agents_macros::interface;
 
 #[doc(hidden)]
@@ -78,4 +81,6 @@ pub mod __private {
     pub use crate::{Payload, RawError, Transport};
     pub use serde;
     pub use std::{boxed::Box, sync::Arc};
+    #[cfg(feature = "typescript")]
+    pub use {crate::typescript, ts_rs};
 }

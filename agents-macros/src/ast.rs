@@ -11,8 +11,10 @@ use crate::attr::{self, string_args};
 
 /// `#[agent(..)]` options.
 pub const AGENT_OPTIONS: &[&str] = &["class", "crate", "state", "conn_state", "event"];
-/// `#[agent(..)]` and `#[callable(..)]` flags.
-pub const FLAGS: &[&str] = &["internal"];
+/// `#[agent(..)]` flags.
+pub const AGENT_FLAGS: &[&str] = &["internal", "typescript"];
+/// `#[callable(..)]` flags.
+pub const CALLABLE_FLAGS: &[&str] = &["internal"];
 /// `#[callable(..)]` options.
 pub const CALLABLE_OPTIONS: &[&str] = &["name"];
 /// `#[schedule(..)]` options.
@@ -30,6 +32,8 @@ pub struct AgentImpl {
     pub types: Vec<(Ident, LitStr)>,
     /// `#[agent(internal)]`: reachable in-process only.
     pub internal: bool,
+    /// `#[agent(typescript)]`: the client declares its TypeScript types.
+    pub typescript: bool,
     /// The methods marked `#[callable]` or `#[schedule]`, in order.
     pub callables: Vec<Callable>,
     /// Every other associated item's name (they share the type's namespace).
@@ -92,8 +96,9 @@ impl AgentImpl {
         let mut class = None;
         let mut krate = None;
         let mut types = Vec::new();
-        let parsed = attr::args(args, AGENT_OPTIONS, FLAGS, "#[agent]")?;
-        let internal = !parsed.flags.is_empty();
+        let parsed = attr::args(args, AGENT_OPTIONS, AGENT_FLAGS, "#[agent]")?;
+        let internal = parsed.flags.iter().any(|f| f == "internal");
+        let typescript = parsed.flags.iter().any(|f| f == "typescript");
         for (key, value) in parsed.values {
             match key.to_string().as_str() {
                 "class" => class = Some(value),
@@ -138,6 +143,7 @@ impl AgentImpl {
                 krate,
                 types,
                 internal,
+                typescript,
                 callables,
                 other_names,
             }),
@@ -250,9 +256,12 @@ impl Callable {
             match &attr.meta {
                 _ if is_schedule => attr::Args::default(),
                 syn::Meta::Path(_) => attr::Args::default(),
-                syn::Meta::List(list) => {
-                    attr::args(list.tokens.clone(), CALLABLE_OPTIONS, FLAGS, "#[callable]")?
-                }
+                syn::Meta::List(list) => attr::args(
+                    list.tokens.clone(),
+                    CALLABLE_OPTIONS,
+                    CALLABLE_FLAGS,
+                    "#[callable]",
+                )?,
                 syn::Meta::NameValue(nv) => return Err(syn::Error::new_spanned(
                     nv,
                     "write `#[callable]`, `#[callable(name = \"...\")]` or `#[callable(internal)]`",

@@ -35,6 +35,7 @@ fn generate(a: &Agent) -> TokenStream {
         conn_state,
         event,
         internal,
+        typescript,
         interface,
     } = a;
     let interface = interface.as_ref();
@@ -61,7 +62,8 @@ fn generate(a: &Agent) -> TokenStream {
                 "Typed client of the [`{ident}`] agent: one method per callable. Get one in-process with \
                  `runtime.agent::<{ident}>(name)` or `ctx.agent::<{ident}>(name)`."
             );
-            let items = client(&name, &doc, &vis, &p, &callables, state, event);
+            let ts = typescript.then_some(class.as_str());
+            let items = client(&name, &doc, &vis, &p, &callables, state, event, ts);
             let types = quote! {
                 type State = #state;
                 type Event = #event;
@@ -139,7 +141,9 @@ pub fn interface_client(path: &syn::Path) -> TokenStream {
 }
 
 /// A typed client `name` with one method per callable of `methods`, over the `__private` items
-/// at `p`: what `#[agent]` generates for an agent, and `#[interface]` for a trait.
+/// at `p`: what `#[agent]` generates for an agent, and `#[interface]` for a trait. With
+/// `typescript` (the agent's or interface's name), also its TypeScript declarations.
+#[allow(clippy::too_many_arguments)] // the parts of a client
 pub fn client(
     name: &syn::Ident,
     doc: &str,
@@ -148,9 +152,12 @@ pub fn client(
     methods: &[&Method],
     state: &syn::Type,
     event: &syn::Type,
+    typescript: Option<&str>,
 ) -> TokenStream {
     let client = name;
     let client_methods = methods.iter().map(|m| client_method(m, p));
+    let typescript =
+        typescript.map(|ts_name| typescript_fn(ts_name, vis, p, methods, state, event));
     quote! {
         #[doc = #doc]
         #[derive(Clone, Debug)]
@@ -223,8 +230,58 @@ pub fn client(
                 }
 
                 #(#client_methods)*
+                #typescript
             }
         };
+    }
+}
+
+/// `typescript()`: the client's TypeScript declarations (see `agents_client::typescript`).
+fn typescript_fn(
+    name: &str,
+    vis: &syn::Visibility,
+    p: &TokenStream,
+    methods: &[&Method],
+    state: &syn::Type,
+    event: &syn::Type,
+) -> TokenStream {
+    let ts = |ty: &dyn ToTokens| quote!(d.ty::<#ty>());
+    let methods = methods.iter().map(|m| {
+        let wire = &m.wire;
+        let params = m.args.iter().map(|(n, t)| {
+            let n = n.to_string();
+            let t = ts(t);
+            quote!((#n, #t))
+        });
+        // A stream's result is the type of its chunks.
+        let result = match &m.stream {
+            Some(item) => ts(item),
+            None => ts(&m.ok),
+        };
+        let error = match &m.err {
+            Some(e) => ts(e),
+            None => quote!(::std::string::String::from("never")),
+        };
+        quote! {
+            #p::typescript::Method {
+                name: #wire,
+                params: ::std::vec![#(#params),*],
+                result: #result,
+                error: #error,
+            }
+        }
+    });
+    let (state, event) = (ts(state), ts(event));
+    quote! {
+        /// The TypeScript declarations of this client, for `agents.js`: its `Methods`,
+        /// `Event`, `State` and `Client` (see `agents_client::typescript`).
+        #[allow(dead_code)]
+        #vis fn typescript() -> ::std::string::String {
+            let mut d = #p::typescript::Declarations::new();
+            let methods = [#(#methods),*];
+            let (event, state) = (#event, #state);
+            d.module(#name, &methods, &event, &state)
+        }
     }
 }
 

@@ -17,6 +17,8 @@ use crate::{
 
 /// `#[interface(..)]` options.
 const OPTIONS: &[&str] = &["crate", "state", "event"];
+/// `#[interface(..)]` flags.
+const FLAGS: &[&str] = &["typescript"];
 
 /// Expands `#[interface(args)]` on `item`; `default_crate` is the path of `agents-client`
 /// unless `crate = ".."` says otherwise.
@@ -31,7 +33,8 @@ pub fn interface(
             "#[interface] goes on a trait: `#[agents::interface] pub trait CounterApi { async fn add(&self, by: i64) -> i64; }`",
         )
     })?;
-    let options = attr::args(args, OPTIONS, &[], "#[interface]")?;
+    let options = attr::args(args, OPTIONS, FLAGS, "#[interface]")?;
+    let typescript = !options.flags.is_empty();
     let mut errors: Option<syn::Error> = None;
     let (mut krate, mut state, mut event): (Path, Type, Type) = (
         syn::parse2(default_crate)?,
@@ -80,7 +83,9 @@ pub fn interface(
     if let Some(e) = errors {
         return Err(e);
     }
-    Ok(generate(&item, &krate, &state, &event, &methods))
+    Ok(generate(
+        &item, &krate, &state, &event, &methods, typescript,
+    ))
 }
 
 /// One method, as its client sees it: `async fn name(&self, arg: Type, ..) -> Return;`.
@@ -191,6 +196,7 @@ fn generate(
     state: &Type,
     event: &Type,
     methods: &[(Method, &TraitItemFn)],
+    typescript: bool,
 ) -> TokenStream {
     let p = quote!(#krate::__private);
     let vis = &item.vis;
@@ -203,7 +209,9 @@ fn generate(
          agent `A` that implements it)."
     );
     let refs: Vec<&Method> = methods.iter().map(|(m, _)| m).collect();
-    let client_items = client(&client_name, &doc, vis, &p, &refs, state, event);
+    let ts_name = name.to_string();
+    let ts = typescript.then_some(ts_name.as_str());
+    let client_items = client(&client_name, &doc, vis, &p, &refs, state, event, ts);
     let infos = refs.iter().map(|m| method_info(m, &p));
     // The agent's side: `&mut self`, the agent's context, the arguments; a `Send` future.
     let agent_methods = methods.iter().map(|(m, f)| {

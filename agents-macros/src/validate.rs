@@ -39,6 +39,8 @@ pub struct Agent {
     pub event: Type,
     /// `#[agent(internal)]`: not served to the network.
     pub internal: bool,
+    /// `#[agent(typescript)]`.
+    pub typescript: bool,
     /// `impl SomeInterface for Type`: the `#[agents::interface]` trait it implements, whose
     /// client and types the agent takes.
     pub interface: Option<Path>,
@@ -213,6 +215,7 @@ pub fn validate(a: &AgentImpl) -> syn::Result<Agent> {
             conn_state,
             event,
             internal: a.internal,
+            typescript: a.typescript,
             interface,
         }),
     }

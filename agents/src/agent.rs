@@ -390,6 +390,7 @@ impl Invocation {
 /// assert_eq!(passed.unwrap_err().kind(), ErrorKind::Timeout);
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "typescript", derive(ts_rs::TS))]
 pub struct AppError {
     /// What went wrong, for people.
     pub message: String,

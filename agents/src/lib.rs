@@ -125,6 +125,9 @@ pub use agents_client::{
 ///   connection's state and the events clients receive (`()` by default);
 /// - `#[agent(internal)]` serves the class in-process only: over HTTP and WebSockets it does
 ///   not exist (404), while `runtime.agent::<A>(..)` and `ctx.agent::<A>(..)` reach it;
+/// - `#[agent(typescript)]` (feature `typescript`) gives the client a `typescript()` function:
+///   TypeScript declarations of its methods, event and state for `agents.js`, from types that
+///   derive `ts_rs::TS` (see `agents_client::typescript`);
 /// - `#[callable(name = "wire-name")]` overrides a method's wire name;
 /// - `#[callable(internal)]` makes a method callable in-process only (`unknown_method` to
 ///   callers over the network).
@@ -170,7 +173,7 @@ pub use context::Ctx;
 pub use error::{Error, Result};
 pub use runtime::{Builder, Runtime};
 pub use schedule::{AlarmInfo, DeadLetter, Schedule, ScheduleKind, When, RETRIES, RETRY_BASE};
-pub use server::{router, JS_CLIENT};
+pub use server::{router, JS_CLIENT, JS_TYPES};
 pub use storage::{Durability, Kv};
 pub use stream::{StreamClosed, StreamSender, Streaming};
 

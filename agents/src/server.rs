@@ -49,6 +49,7 @@ use crate::{
 pub fn router(runtime: Runtime) -> Router {
     Router::new()
         .route("/agents.js", get(js_client))
+        .route("/agents.d.ts", get(js_types))
         .route("/agents/{class}", get(describe))
         .route("/agents/{class}/{name}", any(connection::agent_root))
         .route("/agents/{class}/{name}/call/{method}", post(call))
@@ -95,6 +96,21 @@ async fn describe(State(runtime): State<Runtime>, Path(class): Path<String>) -> 
         StatusCode::OK,
         &serde_json::json!({ "class": class, "methods": methods }),
     )
+}
+
+/// The JavaScript client's type declarations, `agents/js/agents.d.ts`.
+pub const JS_TYPES: &str = include_str!("../js/agents.d.ts");
+
+/// `GET /agents.d.ts`: the JavaScript client's type declarations.
+async fn js_types() -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/typescript; charset=utf-8",
+        )],
+        JS_TYPES,
+    )
+        .into_response()
 }
 
 /// Checks the address and runs the class's `on_before_request`; then reads the body (up to the
