@@ -12,6 +12,7 @@
 
 mod error;
 mod framing;
+mod lock;
 mod payload;
 pub mod protocol;
 mod stream;

@@ -1,6 +1,7 @@
 //! Values as calls carry them: arguments, results and error data, encoded in one of the two
 //! codecs, or passed as they are between a caller and an agent of the same process.
 
+use crate::lock::lock;
 use std::{
     any::{type_name, Any},
     fmt,
@@ -58,8 +59,7 @@ impl Passed {
 
     /// Whether it holds a `T` (not taken yet).
     pub fn is<T: 'static>(&self) -> bool {
-        self.slot::<T>()
-            .is_some_and(|slot| slot.lock().unwrap_or_else(|e| e.into_inner()).is_some())
+        self.slot::<T>().is_some_and(|slot| lock(slot).is_some())
     }
 
     /// Takes the value out as a `T`.
@@ -70,7 +70,7 @@ impl Passed {
                 type_name::<T>()
             )));
         };
-        let taken = slot.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let taken = lock(slot).take();
         taken.ok_or_else(|| CodecError("the value passed in-process was taken already".into()))
     }
 }

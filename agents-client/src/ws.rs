@@ -17,6 +17,7 @@
 //! over the new connection. Calls made while it is reconnecting wait for it, within their
 //! timeout. Dropping the transport closes the connection for good (close code 1000).
 
+use crate::lock::lock;
 use std::{
     collections::HashMap,
     sync::{
@@ -206,7 +207,7 @@ struct Inner {
 
 impl Inner {
     fn pending(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Waiter>> {
-        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.pending)
     }
 }
 
@@ -332,11 +333,7 @@ impl WsTransport {
     /// The agent's class, its name and this connection's id, as the server last announced
     /// them (the id changes when the transport reconnects).
     pub fn identity(&self) -> (String, String, String) {
-        self.inner
-            .identity
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        lock(&self.inner.identity).clone()
     }
 
     /// Whether the transport is connected right now (it may be reconnecting).
@@ -375,7 +372,7 @@ async fn supervise(inner: Arc<Inner>, mut socket: Socket, mut stopped: oneshot::
             }
             match open(&inner.url, &inner.options).await {
                 Ok((socket, identity)) => {
-                    *inner.identity.lock().unwrap_or_else(|e| e.into_inner()) = identity;
+                    *lock(&inner.identity) = identity;
                     tracing::debug!(url = %redact(&inner.url), "reconnected");
                     break socket;
                 }
@@ -703,13 +700,8 @@ impl Transport for WsTransport {
     }
 
     fn events(&self) -> Option<broadcast::Receiver<Payload>> {
-        let first = self.inner.first_events.lock().map(|mut f| f.take());
-        Some(
-            first
-                .ok()
-                .flatten()
-                .unwrap_or_else(|| self.inner.events.subscribe()),
-        )
+        let first = lock(&self.inner.first_events).take();
+        Some(first.unwrap_or_else(|| self.inner.events.subscribe()))
     }
 
     fn state(&self) -> Option<watch::Receiver<Option<Payload>>> {

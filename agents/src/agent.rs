@@ -1,6 +1,7 @@
 //! What an agent is: the [`Agent`] trait a user implements, the [`AgentClass`] trait that
 //! `#[agent]` implements, and the convenient [`AppError`].
 
+use crate::lock::lock;
 use std::{borrow::Cow, fmt, future::Future};
 
 use agents_client::{
@@ -358,13 +359,13 @@ impl Invocation {
     {
         let stream = r.map_err(|e| self.error(e))?;
         let stream = stream.encode(self.codec(), self.method.clone().into_owned());
-        *self.stream.lock().unwrap_or_else(|e| e.into_inner()) = Some(stream);
+        *lock(&self.stream) = Some(stream);
         Ok(Payload::Postcard(Vec::new()))
     }
 
     /// The stream a streaming callable returned, if this was one.
     pub(crate) fn take_stream(&self) -> Option<RawStream> {
-        self.stream.lock().unwrap_or_else(|e| e.into_inner()).take()
+        lock(&self.stream).take()
     }
 }
 

@@ -16,6 +16,7 @@ use std::{
 use rusqlite::Connection;
 use tokio::sync::{oneshot, Notify};
 
+use crate::lock::lock;
 use crate::{
     address::AgentKey,
     error::Error,
@@ -81,7 +82,7 @@ impl AlarmIndex {
     }
 
     fn mem(&self) -> std::sync::MutexGuard<'_, Queue> {
-        self.mem.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.mem)
     }
 
     /// The entry of `key` as the timer sees it.
@@ -94,7 +95,7 @@ impl AlarmIndex {
     /// lose it, which leaves the older, earlier entry: early, never late.
     pub fn set(&self, key: &AgentKey, at: Option<u64>, durable: bool) -> Result<(), Error> {
         {
-            let db = self.db.lock().unwrap_or_else(|e| e.into_inner());
+            let db = lock(&self.db);
             db.pragma_update(None, "synchronous", if durable { "FULL" } else { "OFF" })?;
             match at {
                 Some(at) => db

@@ -2,6 +2,7 @@
 //! receives ([`WsMessage`]), and the effects an event has on connections (sends, broadcasts,
 //! closes, state), which leave only once the event's writes are durable (the output gate).
 
+use crate::lock::lock;
 use std::{
     fmt,
     marker::PhantomData,
@@ -156,10 +157,7 @@ impl Effect {
 pub(crate) type Effects = Arc<Mutex<Vec<Effect>>>;
 
 pub(crate) fn push(effects: &Effects, effect: Effect) {
-    effects
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .push(effect);
+    lock(effects).push(effect);
 }
 
 /// The reason of a close frame is limited to 123 bytes: cut at a character boundary.
@@ -206,10 +204,7 @@ impl<A> fmt::Debug for Conn<A> {
         f.debug_struct("Conn")
             .field("id", &self.id)
             .field("principal", &self.principal)
-            .field(
-                "tags",
-                &*self.tags.lock().unwrap_or_else(|e| e.into_inner()),
-            )
+            .field("tags", &*lock(&self.tags))
             .finish_non_exhaustive()
     }
 }
@@ -233,7 +228,7 @@ impl<A> Conn<A> {
 
     /// The connection's tags.
     pub fn tags(&self) -> Vec<String> {
-        self.tags.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        lock(&self.tags).clone()
     }
 
     /// Replaces the connection's tags (stored with the event's writes); find connections by tag
@@ -242,7 +237,7 @@ impl<A> Conn<A> {
         let mut tags: Vec<String> = tags.iter().map(|t| t.as_ref().to_owned()).collect();
         tags.sort();
         tags.dedup();
-        *self.tags.lock().unwrap_or_else(|e| e.into_inner()) = tags.clone();
+        *lock(&self.tags) = tags.clone();
         push(&self.effects, Effect::SetTags(self.id.clone(), tags));
     }
 
@@ -268,7 +263,7 @@ impl<A> Conn<A> {
 impl<A: AgentClass> Conn<A> {
     /// The connection's state, if it was ever set.
     pub fn state(&self) -> Result<Option<A::ConnState>, Error> {
-        let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let state = lock(&self.state);
         let what = format!("the state of connection {}", self.id);
         state.as_ref().map(|s| s.decode(&what)).transpose()
     }
@@ -276,7 +271,7 @@ impl<A: AgentClass> Conn<A> {
     /// Replaces the connection's state; it is stored with the event's writes.
     pub fn set_state(&self, state: &A::ConnState) -> Result<(), Error> {
         let stored = Stored::encode(state, &format!("the state of connection {}", self.id))?;
-        *self.state.lock().unwrap_or_else(|e| e.into_inner()) = Some(stored.clone());
+        *lock(&self.state) = Some(stored.clone());
         push(&self.effects, Effect::SetState(self.id.clone(), stored));
         Ok(())
     }
@@ -401,7 +396,7 @@ pub(crate) fn tagged(sql: &Connection, tag: &str) -> Result<Vec<ConnId>, Error> 
 /// Stores the connection writes (state, tags) the current event made so far, and takes them out
 /// of its effects: what it reads of its connections afterwards sees them.
 pub(crate) fn flush_writes(sql: &Connection, effects: &Effects) -> Result<(), Error> {
-    let mut effects = effects.lock().unwrap_or_else(|e| e.into_inner());
+    let mut effects = lock(effects);
     if effects.iter().all(Effect::is_delivery) {
         return Ok(());
     }

@@ -11,6 +11,7 @@
 //! not yet run never run). Everything the agent sends goes through a bounded queue per
 //! connection: a client that does not read is disconnected, never waited for.
 
+use crate::lock::lock;
 use std::{
     collections::{HashMap, HashSet},
     future::Future,
@@ -81,10 +82,6 @@ struct Socket {
     out: Outbound,
     wire: Wire,
     admitted: bool,
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Sockets {

@@ -1,5 +1,6 @@
 //! [`Ctx`]: what a handler can reach besides `self`.
 
+use crate::lock::lock;
 use std::{
     fmt,
     future::Future,
@@ -86,7 +87,7 @@ impl Turn {
     /// Ends the event; returns what it did: to connections, the work it spawned, and whether
     /// it destroyed the agent.
     pub fn end(self) -> Ended {
-        let effects = std::mem::take(&mut *self.effects.lock().unwrap_or_else(|e| e.into_inner()));
+        let effects = std::mem::take(&mut *lock(&self.effects));
         // A `Conn` kept past the event still holds the list: it must not see the next event's.
         let reusable = (Arc::strong_count(&self.effects) == 1).then_some(self.effects);
         Ended {
@@ -363,11 +364,7 @@ impl<A> Ctx<A> {
                 tracing::warn!(%key, "delivering the result of spawned work to `{method}` failed: {e}");
             }
         };
-        self.turn
-            .spawned
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(Box::pin(task));
+        lock(&self.turn.spawned).push(Box::pin(task));
     }
 
     /// A typed client for another agent (or another instance of this class). While this

@@ -14,6 +14,7 @@ use std::{
 use agents_client::{Codec, Payload, RawError, RawStream};
 use tokio::{sync::Notify, task::AbortHandle, time::Instant};
 
+use crate::lock::lock;
 use crate::{connection::Wire, outbound::Outbound, registry::CallReply, stream::Returned};
 
 /// The table of one connection's calls in flight.
@@ -47,7 +48,7 @@ struct Entry {
 
 impl InFlight {
     fn table(&self) -> MutexGuard<'_, Table> {
-        self.table.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.table)
     }
 
     /// Enters call `id`, due by `deadline`; `None` if a call with that id is in flight.

@@ -11,6 +11,7 @@
 //! alarm index is kept early, never late: an earlier time is written (and synced) before the
 //! commit, a later one only once the commit is durable.
 
+use crate::lock::lock;
 use std::{
     any::Any,
     fs::File,
@@ -22,7 +23,7 @@ use std::{
     },
 };
 
-use agents_client::{BoxFuture, ErrorKind, OutgoingCall, Payload, RawError, RawStream};
+use agents_client::{BoxFuture, ErrorKind, OutgoingCall, Payload, RawError};
 use futures_util::FutureExt;
 use rusqlite::Connection;
 use tokio::{
@@ -38,11 +39,11 @@ use crate::{
     conn::{self, ConnId, Effect, Encoded, Outgoing, Protocol, WsMessage},
     context::{Ctx, Ended, Turn},
     error::Error,
-    registry::{CallEvent, Event, Reply, ReplyTo, Shared},
+    gate::{fail, release, AfterDurable, Outbox, Responder, Syncer, WalSync},
+    registry::{CallEvent, Event, Shared},
     runtime::{call_value, Caller},
     schedule::{self, AlarmInfo},
-    storage::{self, Durability, Stored},
-    stream::Returned,
+    storage::{self, blocking, Durability, Stored},
 };
 
 /// How many due rows one alarm event runs; the rest run on the next (immediate) alarm.
@@ -133,7 +134,7 @@ struct Raise {
 impl Raise {
     /// Applies the raise unless a lowering came after it. Blocking.
     fn apply(self) {
-        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut state = lock(&self.state);
         if state.seq != self.seq {
             return;
         }
@@ -141,110 +142,6 @@ impl Raise {
             Ok(()) => state.at = self.at,
             Err(e) => tracing::warn!("could not update the alarm index (it stays early): {e}"),
         }
-    }
-}
-
-/// Who waits for an event's outcome.
-enum Responder {
-    /// A call, and the stream it returned if it was a streaming callable.
-    Call(ReplyTo, Option<RawStream>),
-    /// A hook whose caller waits for its outcome (`on_connect`).
-    Hook(oneshot::Sender<Reply>),
-    Done(Option<oneshot::Sender<()>>),
-    /// Frames for the agent's connections.
-    Frames(Arc<Shared>, AgentKey, Vec<Effect>),
-    /// Work `ctx.spawn` started, to run once the event is durable.
-    Spawn(Vec<BoxFuture<'static, ()>>),
-    /// An HTTP request and the response `on_request` made.
-    Request(
-        oneshot::Sender<Result<HttpResponse, RawError>>,
-        Option<HttpResponse>,
-    ),
-}
-
-type Outbox = Vec<(Responder, Reply)>;
-
-fn release(outbox: Outbox) {
-    for (to, reply) in outbox {
-        match to {
-            Responder::Call(to, stream) => to.send(reply.map(|value| match stream {
-                Some(stream) => Returned::Stream(stream),
-                None => Returned::Value(value),
-            })),
-            Responder::Hook(tx) => {
-                let _ = tx.send(reply);
-            }
-            Responder::Done(Some(tx)) => {
-                let _ = tx.send(());
-            }
-            Responder::Done(None) => {}
-            Responder::Frames(shared, key, effects) => {
-                if reply.is_ok() {
-                    shared.sockets.deliver(&key, effects);
-                }
-            }
-            Responder::Spawn(work) => {
-                if reply.is_ok() {
-                    work.into_iter().for_each(|w| drop(tokio::spawn(w)));
-                }
-            }
-            Responder::Request(tx, response) => {
-                let response = reply.and_then(|_| {
-                    response.ok_or_else(|| RawError::internal("on_request made no response"))
-                });
-                let _ = tx.send(response);
-            }
-        }
-    }
-}
-
-fn fail(outbox: Outbox, error: &RawError) {
-    release(
-        outbox
-            .into_iter()
-            .map(|(to, _)| (to, Err(error.clone())))
-            .collect(),
-    );
-}
-
-/// The syncer of one open database: a task that fsyncs the WAL and then releases the replies
-/// (and applies the index raises) of every commit that the sync covers.
-struct Syncer {
-    tx: mpsc::UnboundedSender<(Outbox, Option<Raise>)>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Syncer {
-    fn start(wal: Arc<File>) -> Self {
-        let (tx, mut rx) = mpsc::unbounded_channel::<(Outbox, Option<Raise>)>();
-        let task = tokio::spawn(async move {
-            while let Some(first) = rx.recv().await {
-                let mut covered = vec![first];
-                while let Ok(more) = rx.try_recv() {
-                    covered.push(more);
-                }
-                let raises: Vec<Raise> = covered.iter_mut().filter_map(|(_, r)| r.take()).collect();
-                let wal = wal.clone();
-                let synced = blocking(move || {
-                    wal.sync_data()
-                        .map_err(|e| Error::Internal(format!("fsync failed: {e}")))?;
-                    raises.into_iter().for_each(Raise::apply);
-                    Ok(())
-                })
-                .await;
-                for (outbox, _) in covered {
-                    match &synced {
-                        Ok(()) => release(outbox),
-                        Err(e) => {
-                            tracing::error!("syncing the WAL: {e}");
-                            let e = format!("the write may not be durable: {e}");
-                            fail(outbox, &RawError::internal(e));
-                        }
-                    }
-                }
-            }
-        });
-        Syncer { tx, task }
     }
 }
 
@@ -520,11 +417,8 @@ impl<A: AgentClass> Instance<A> {
             }
             Ok(()) => match &self.syncer {
                 Some(syncer) => {
-                    if let Err(mpsc::error::SendError((outbox, _))) =
-                        syncer.tx.send((outbox, raise))
-                    {
-                        fail(outbox, &RawError::internal("the syncer stopped"));
-                    }
+                    let after = raise.map(|r| Box::new(move || r.apply()) as AfterDurable);
+                    syncer.send(outbox, after);
                 }
                 None => {
                     if let Some(raise) = raise {
@@ -569,7 +463,7 @@ impl<A: AgentClass> Instance<A> {
         }
         let refresh = std::mem::take(&mut self.refresh_index);
         let (seq, indexed) = {
-            let state = self.index.lock().unwrap_or_else(|e| e.into_inner());
+            let state = lock(&self.index);
             (state.seq, state.at)
         };
         let earlier = match (earliest, indexed) {
@@ -584,7 +478,7 @@ impl<A: AgentClass> Instance<A> {
                 self.ctx.key().clone(),
             );
             blocking(move || {
-                let mut state = state.lock().unwrap_or_else(|e| e.into_inner());
+                let mut state = lock(&state);
                 state.seq += 1;
                 shared.alarms.set(&key, earliest, true)?;
                 state.at = earliest;
@@ -970,7 +864,7 @@ impl<A: AgentClass> Instance<A> {
         .await?;
         let wal = Arc::new(wal);
         if self.ctx.shared.config.durability == Durability::Full {
-            self.syncer = Some(Syncer::start(wal.clone()));
+            self.syncer = Some(Syncer::start(Arc::new(WalSync(wal.clone()))));
         }
         storage::guard_transaction(&conn, self.in_handler.clone());
         self.wal = Some(wal);
@@ -1041,8 +935,7 @@ impl<A: AgentClass> Instance<A> {
     /// Waits for the syncer to release every reply, then closes the database on a blocking thread.
     async fn close_db(&mut self) {
         if let Some(syncer) = self.syncer.take() {
-            drop(syncer.tx);
-            let _ = syncer.task.await;
+            syncer.finish().await;
         }
         self.wal = None;
         if let Some(conn) = self.ctx.conn.take() {
@@ -1051,18 +944,6 @@ impl<A: AgentClass> Instance<A> {
             }
         }
     }
-}
-
-/// Runs blocking storage work (file I/O, fsync) off the async workers; a panic in it becomes
-/// an error.
-async fn blocking<T: Send + 'static>(
-    work: impl FnOnce() -> Result<T, Error> + Send + 'static,
-) -> Result<T, Error> {
-    tokio::task::spawn_blocking(work).await.unwrap_or_else(|e| {
-        Err(Error::Internal(format!(
-            "a blocking storage task failed: {e}"
-        )))
-    })
 }
 
 /// Passes events that reached a detached mailbox on to the next instance of `key`.

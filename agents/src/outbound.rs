@@ -7,6 +7,7 @@
 //! disconnected (`overflow` is cancelled), never waited for; only the chunks of a stream wait
 //! for room (the stream slows down to the client's pace).
 
+use crate::lock::lock;
 use std::{
     collections::VecDeque,
     sync::{
@@ -64,7 +65,7 @@ struct State {
 
 impl Shared {
     fn state(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.state)
     }
 }
 

@@ -1,6 +1,7 @@
 //! The registry: address → mailbox of the live instance, activation on first event, and the
 //! hand-over that keeps exactly one live instance per address across hibernation.
 
+use crate::lock::lock;
 use std::{
     any::TypeId,
     collections::HashMap,
@@ -336,7 +337,7 @@ impl Shared {
 
     fn agents(&self) -> MutexGuard<'_, Agents> {
         // No code panics while holding this lock; recover the data if it ever does.
-        self.agents.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.agents)
     }
 
     /// The registered class `class`.

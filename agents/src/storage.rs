@@ -210,6 +210,18 @@ pub(crate) fn remove(data_dir: &Path, key: &AgentKey) -> Result<(), Error> {
         .map_err(io(dir))
 }
 
+/// Runs blocking storage work (file I/O, fsync) off the async workers; a panic in it becomes
+/// an error.
+pub(crate) async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, Error> + Send + 'static,
+) -> Result<T, Error> {
+    tokio::task::spawn_blocking(work).await.unwrap_or_else(|e| {
+        Err(Error::Internal(format!(
+            "a blocking storage task failed: {e}"
+        )))
+    })
+}
+
 /// Copies the WAL into the database and empties it, syncing both. Blocking.
 pub(crate) fn checkpoint(conn: &Connection) -> Result<(), Error> {
     conn.pragma_update(None, "synchronous", "FULL")?;

@@ -1,0 +1,259 @@
+//! The output gate: what a batch of events answers and sends (its *outbox*) is released only
+//! once the batch is durable, and what "durable" means is a [`CommitGate`].
+//!
+//! Under `Durability::Full` each open database has a [`Syncer`]: a task that takes the outboxes
+//! of the batches committed so far, makes them durable with one [`CommitGate::make_durable`] (on
+//! a blocking thread: group commit, while the agent goes on), and then releases them, or fails
+//! every reply they hold if that failed. `Durability::Normal` has no syncer: the instance releases
+//! an outbox as soon as its batch committed. (As workerd's actor-sqlite lets the output gate wait
+//! on a commit callback.)
+
+use std::{fs::File, sync::Arc};
+
+use agents_client::{BoxFuture, RawError, RawStream};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::{
+    address::AgentKey,
+    agent::HttpResponse,
+    conn::Effect,
+    error::Error,
+    registry::{Reply, ReplyTo, Shared},
+    storage::blocking,
+    stream::Returned,
+};
+
+/// What makes the batches an agent committed to its database durable. Blocking: it runs on a
+/// blocking thread, and covers every batch committed before it was called.
+///
+/// The local WAL's fsync is one ([`WalSync`]); a replicator that ships the committed WAL frames
+/// elsewhere is the next, and gets the batches' frames through this seam.
+pub(crate) trait CommitGate: Send + Sync + 'static {
+    fn make_durable(&self) -> Result<(), Error>;
+}
+
+/// Durable once the database's WAL is fsynced (`Durability::Full`).
+pub(crate) struct WalSync(pub Arc<File>);
+
+impl CommitGate for WalSync {
+    fn make_durable(&self) -> Result<(), Error> {
+        self.0
+            .sync_data()
+            .map_err(|e| Error::Internal(format!("fsync failed: {e}")))
+    }
+}
+
+/// Who waits for an event's outcome.
+pub(crate) enum Responder {
+    /// A call, and the stream it returned if it was a streaming callable.
+    Call(ReplyTo, Option<RawStream>),
+    /// A hook whose caller waits for its outcome (`on_connect`).
+    Hook(oneshot::Sender<Reply>),
+    Done(Option<oneshot::Sender<()>>),
+    /// Frames for the agent's connections.
+    Frames(Arc<Shared>, AgentKey, Vec<Effect>),
+    /// Work `ctx.spawn` started, to run once the event is durable.
+    Spawn(Vec<BoxFuture<'static, ()>>),
+    /// An HTTP request and the response `on_request` made.
+    Request(
+        oneshot::Sender<Result<HttpResponse, RawError>>,
+        Option<HttpResponse>,
+    ),
+}
+
+/// What a batch answers and sends, each with its event's outcome.
+pub(crate) type Outbox = Vec<(Responder, Reply)>;
+
+/// What to do once a batch is durable, before its outbox is released (blocking).
+pub(crate) type AfterDurable = Box<dyn FnOnce() + Send>;
+
+/// Releases an outbox: replies go to their callers, frames to their sockets (if their event
+/// succeeded), spawned work starts.
+pub(crate) fn release(outbox: Outbox) {
+    for (to, reply) in outbox {
+        match to {
+            Responder::Call(to, stream) => to.send(reply.map(|value| match stream {
+                Some(stream) => Returned::Stream(stream),
+                None => Returned::Value(value),
+            })),
+            Responder::Hook(tx) => {
+                let _ = tx.send(reply);
+            }
+            Responder::Done(Some(tx)) => {
+                let _ = tx.send(());
+            }
+            Responder::Done(None) => {}
+            Responder::Frames(shared, key, effects) => {
+                if reply.is_ok() {
+                    shared.sockets.deliver(&key, effects);
+                }
+            }
+            Responder::Spawn(work) => {
+                if reply.is_ok() {
+                    work.into_iter().for_each(|w| drop(tokio::spawn(w)));
+                }
+            }
+            Responder::Request(tx, response) => {
+                let response = reply.and_then(|_| {
+                    response.ok_or_else(|| RawError::internal("on_request made no response"))
+                });
+                let _ = tx.send(response);
+            }
+        }
+    }
+}
+
+/// Releases an outbox with `error` as every event's outcome: nothing of it is sent.
+pub(crate) fn fail(outbox: Outbox, error: &RawError) {
+    release(
+        outbox
+            .into_iter()
+            .map(|(to, _)| (to, Err(error.clone())))
+            .collect(),
+    );
+}
+
+/// The syncer of one open database: releases each committed batch's outbox once its
+/// [`CommitGate`] made it durable; one `make_durable` covers every batch committed meanwhile.
+pub(crate) struct Syncer {
+    tx: mpsc::UnboundedSender<(Outbox, Option<AfterDurable>)>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Syncer {
+    pub fn start(gate: Arc<dyn CommitGate>) -> Self {
+        let (tx, mut rx) = mpsc::unbounded_channel::<(Outbox, Option<AfterDurable>)>();
+        let task = tokio::spawn(async move {
+            while let Some(first) = rx.recv().await {
+                let mut covered = vec![first];
+                while let Ok(more) = rx.try_recv() {
+                    covered.push(more);
+                }
+                let after: Vec<AfterDurable> =
+                    covered.iter_mut().filter_map(|(_, a)| a.take()).collect();
+                let gate = gate.clone();
+                let durable = blocking(move || {
+                    gate.make_durable()?;
+                    after.into_iter().for_each(|a| a());
+                    Ok(())
+                })
+                .await;
+                for (outbox, _) in covered {
+                    match &durable {
+                        Ok(()) => release(outbox),
+                        Err(e) => {
+                            tracing::error!("making a commit durable: {e}");
+                            let e = format!("the write may not be durable: {e}");
+                            fail(outbox, &RawError::internal(e));
+                        }
+                    }
+                }
+            }
+        });
+        Syncer { tx, task }
+    }
+
+    /// Hands over the outbox of a batch that just committed (and what to do once it is durable).
+    pub fn send(&self, outbox: Outbox, after: Option<AfterDurable>) {
+        if let Err(mpsc::error::SendError((outbox, _))) = self.tx.send((outbox, after)) {
+            fail(outbox, &RawError::internal("the syncer stopped"));
+        }
+    }
+
+    /// Waits until every outbox handed over is released.
+    pub async fn finish(self) {
+        drop(self.tx);
+        let _ = self.task.await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{
+        atomic::{AtomicUsize, Ordering},
+        Mutex,
+    };
+
+    use agents_client::Payload;
+
+    use super::*;
+
+    /// A gate the test opens: `make_durable` waits for a permit, then answers as told.
+    struct Held {
+        permits: Mutex<std::sync::mpsc::Receiver<Result<(), Error>>>,
+        calls: AtomicUsize,
+    }
+
+    impl CommitGate for Held {
+        fn make_durable(&self) -> Result<(), Error> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            let permits = self.permits.lock().unwrap();
+            permits.recv().unwrap_or(Err(Error::Shutdown))
+        }
+    }
+
+    fn held() -> (Arc<Held>, std::sync::mpsc::Sender<Result<(), Error>>) {
+        let (open, permits) = std::sync::mpsc::channel();
+        let gate = Held {
+            permits: Mutex::new(permits),
+            calls: AtomicUsize::new(0),
+        };
+        (Arc::new(gate), open)
+    }
+
+    /// A batch of one hook event that succeeded, and its caller's end.
+    fn batch() -> (Outbox, oneshot::Receiver<Reply>) {
+        let (tx, rx) = oneshot::channel();
+        let ok = Ok(Payload::Json(serde_json::json!("ok")));
+        (vec![(Responder::Hook(tx), ok)], rx)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_reply_leaves_only_once_its_batch_is_durable() {
+        let (gate, open) = held();
+        let syncer = Syncer::start(gate.clone());
+        let (outbox, mut reply) = batch();
+        let (after_ran, after) = std::sync::mpsc::channel();
+        syncer.send(outbox, Some(Box::new(move || after_ran.send(()).unwrap())));
+        while gate.calls.load(Ordering::SeqCst) == 0 {
+            tokio::task::yield_now().await;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(reply.try_recv().is_err(), "released before it was durable");
+        assert!(after.try_recv().is_err());
+        open.send(Ok(())).unwrap();
+        assert!(reply.await.unwrap().is_ok());
+        assert!(
+            after.try_recv().is_ok(),
+            "what follows durability ran before the release"
+        );
+        syncer.finish().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn batches_committed_meanwhile_share_one_sync_and_its_failure() {
+        let (gate, open) = held();
+        let syncer = Syncer::start(gate.clone());
+        let (first, first_reply) = batch();
+        syncer.send(first, None);
+        while gate.calls.load(Ordering::SeqCst) == 0 {
+            tokio::task::yield_now().await;
+        }
+        // While the first sync runs, two more batches commit: the next sync covers both.
+        let (second, second_reply) = batch();
+        let (third, third_reply) = batch();
+        syncer.send(second, None);
+        syncer.send(third, None);
+        open.send(Ok(())).unwrap();
+        assert!(first_reply.await.unwrap().is_ok());
+        open.send(Err(Error::Internal("the disk is gone".into())))
+            .unwrap();
+        for reply in [second_reply, third_reply] {
+            let e = reply.await.unwrap().unwrap_err();
+            assert!(e.message.contains("may not be durable"), "{e}");
+            assert!(e.message.contains("the disk is gone"), "{e}");
+        }
+        assert_eq!(gate.calls.load(Ordering::SeqCst), 2, "one sync for the two");
+        syncer.finish().await;
+    }
+}
