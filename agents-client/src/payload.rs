@@ -1,7 +1,6 @@
 //! Values as calls carry them: arguments, results and error data, encoded in one of the two
 //! codecs, or passed as they are between a caller and an agent of the same process.
 
-use crate::lock::lock;
 use std::{
     any::{type_name, Any},
     fmt,
@@ -9,6 +8,8 @@ use std::{
 };
 
 use serde::{de::DeserializeOwned, Serialize};
+
+use crate::lock::lock;
 
 /// How values travel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -17,7 +17,6 @@
 //! over the new connection. Calls made while it is reconnecting wait for it, within their
 //! timeout. Dropping the transport closes the connection for good (close code 1000).
 
-use crate::lock::lock;
 use std::{
     collections::HashMap,
     sync::{
@@ -40,6 +39,7 @@ use tokio_tungstenite::tungstenite::{
 
 use crate::{
     framing::{self, Received},
+    lock::lock,
     transport::{deadline_in, BoxFuture, OutgoingCall, RawStream, Transport},
     Codec, ErrorKind, Payload, RawError,
 };

@@ -1,7 +1,6 @@
 //! What an agent is: the [`Agent`] trait a user implements, the [`AgentClass`] trait that
 //! `#[agent]` implements, and the convenient [`AppError`].
 
-use crate::lock::lock;
 use std::{borrow::Cow, fmt, future::Future};
 
 use agents_client::{
@@ -12,6 +11,7 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use crate::{
     conn::{Conn, WsMessage},
     context::Ctx,
+    lock::lock,
     schedule::{AlarmInfo, StaticSchedule},
     stream::Streaming,
 };

@@ -16,10 +16,10 @@ use std::{
 use rusqlite::Connection;
 use tokio::sync::{oneshot, Notify};
 
-use crate::lock::lock;
 use crate::{
     address::AgentKey,
     error::Error,
+    lock::lock,
     registry::{Event, Shared},
 };
 

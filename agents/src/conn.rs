@@ -2,7 +2,6 @@
 //! receives ([`WsMessage`]), and the effects an event has on connections (sends, broadcasts,
 //! closes, state), which leave only once the event's writes are durable (the output gate).
 
-use crate::lock::lock;
 use std::{
     fmt,
     marker::PhantomData,
@@ -12,7 +11,10 @@ use std::{
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
-use crate::{agent::AgentClass, error::Error, storage::Stored};
+use crate::{
+    lock::lock,
+    {agent::AgentClass, error::Error, storage::Stored},
+};
 
 /// A connection's id: stable for the connection's lifetime (across the agent's hibernation),
 /// never reused, and the same string the client received in its `identity` frame.

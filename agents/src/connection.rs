@@ -11,7 +11,6 @@
 //! not yet run never run). Everything the agent sends goes through a bounded queue per
 //! connection: a client that does not read is disconnected, never waited for.
 
-use crate::lock::lock;
 use std::{
     collections::{HashMap, HashSet},
     future::Future,
@@ -47,6 +46,7 @@ use crate::{
     agent::{Invocation, Refusal},
     conn::{close_reason, ConnId, Effect, Outgoing, Protocol, WsMessage},
     inflight::InFlight,
+    lock::lock,
     outbound::{self, Outbound},
     registry::{CallEvent, Chain, Class, Event, ReplyTo},
     runtime::Runtime,

@@ -1,6 +1,5 @@
 //! [`Ctx`]: what a handler can reach besides `self`.
 
-use crate::lock::lock;
 use std::{
     fmt,
     future::Future,
@@ -22,6 +21,7 @@ use crate::{
     clock::{from_ms, to_ms},
     conn::{self, Conn, ConnId, Effect, Effects, Encoded, Outgoing},
     error::Error,
+    lock::lock,
     registry::{Chain, Shared},
     runtime::{call_value, client_for, Caller, Runtime},
     schedule::{self, DeadLetter, Schedule, When},

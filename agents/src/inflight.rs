@@ -14,8 +14,10 @@ use std::{
 use agents_client::{Codec, Payload, RawError, RawStream};
 use tokio::{sync::Notify, task::AbortHandle, time::Instant};
 
-use crate::lock::lock;
-use crate::{connection::Wire, outbound::Outbound, registry::CallReply, stream::Returned};
+use crate::{
+    lock::lock,
+    {connection::Wire, outbound::Outbound, registry::CallReply, stream::Returned},
+};
 
 /// The table of one connection's calls in flight.
 #[derive(Default)]
@@ -234,5 +236,109 @@ impl SocketReply {
         if self.holds(&table) {
             self.answer(&mut table, &end);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio_util::sync::CancellationToken;
+
+    use super::*;
+    use crate::outbound::{self, Frames};
+
+    fn socket() -> (Arc<InFlight>, Outbound, Frames) {
+        let (out, frames) = outbound::queue(16, CancellationToken::new());
+        (Arc::default(), out, frames)
+    }
+
+    fn value(v: i64) -> CallReply {
+        Ok(Returned::Value(Payload::Json(serde_json::json!(v))))
+    }
+
+    fn sent(frames: &Frames) -> Vec<String> {
+        std::iter::from_fn(|| frames.try_recv())
+            .map(|m| m.to_text().unwrap().to_owned())
+            .collect()
+    }
+
+    fn later() -> Instant {
+        Instant::now() + Duration::from_secs(3600)
+    }
+
+    #[tokio::test]
+    async fn a_call_is_answered_once_by_whoever_takes_it_first() {
+        let (calls, out, frames) = socket();
+        let reply = calls
+            .start(1, later(), &out, Wire::Json, Codec::Json)
+            .unwrap();
+        assert!(
+            calls
+                .start(1, later(), &out, Wire::Json, Codec::Json)
+                .is_none(),
+            "id 1 is in flight"
+        );
+        assert!(calls.cancel(1));
+        assert!(!calls.cancel(1), "taken once");
+        assert!(reply.is_gone(), "the agent skips a call taken out");
+        reply.send(value(5));
+        assert!(
+            sent(&frames).is_empty(),
+            "nothing answers a cancelled call twice"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_reused_id_is_not_answered_by_the_call_that_had_it() {
+        let (calls, out, frames) = socket();
+        let old = calls
+            .start(7, later(), &out, Wire::Json, Codec::Json)
+            .unwrap();
+        calls.cancel(7);
+        let new = calls
+            .start(7, later(), &out, Wire::Json, Codec::Json)
+            .unwrap();
+        old.send(value(1));
+        assert!(
+            sent(&frames).is_empty(),
+            "the old call's reply finds a newer call under its id"
+        );
+        new.send(value(2));
+        assert_eq!(sent(&frames), [r#"{"type":"reply","id":7,"ok":2}"#]);
+        assert!(!calls.cancel(7), "answered: no longer in flight");
+    }
+
+    #[tokio::test]
+    async fn deadlines_take_out_only_the_calls_due() {
+        let (calls, out, _frames) = socket();
+        let now = Instant::now();
+        let _due = calls.start(1, now, &out, Wire::Json, Codec::Json).unwrap();
+        let _later = calls
+            .start(2, later(), &out, Wire::Json, Codec::Json)
+            .unwrap();
+        let mut expired = Vec::new();
+        let next = calls.expire(now, |id| expired.push(id));
+        assert_eq!(expired, [1]);
+        assert!(
+            next.is_some_and(|at| at > now),
+            "call 2's deadline is the next one"
+        );
+        assert!(calls.cancel(2), "call 2 is still in flight");
+    }
+
+    #[tokio::test]
+    async fn credit_may_come_before_its_call_for_a_bounded_number_of_ids() {
+        let (calls, _out, _frames) = socket();
+        for id in 0..(EARLY_CREDITS as u64 + 10) {
+            calls.credit(id, 1);
+        }
+        let table = calls.table();
+        assert_eq!(
+            table.early.len(),
+            EARLY_CREDITS,
+            "credit for more ids is ignored"
+        );
+        assert_eq!(table.early.get(&0), Some(&1));
     }
 }

@@ -11,7 +11,6 @@
 //! alarm index is kept early, never late: an earlier time is written (and synced) before the
 //! commit, a later one only once the commit is durable.
 
-use crate::lock::lock;
 use std::{
     any::Any,
     fs::File,
@@ -40,6 +39,7 @@ use crate::{
     context::{Ctx, Ended, Turn},
     error::Error,
     gate::{fail, release, AfterDurable, Outbox, Responder, Syncer, WalSync},
+    lock::lock,
     registry::{CallEvent, Event, Shared},
     runtime::{call_value, Caller},
     schedule::{self, AlarmInfo},

@@ -7,7 +7,6 @@
 //! disconnected (`overflow` is cancelled), never waited for; only the chunks of a stream wait
 //! for room (the stream slows down to the client's pace).
 
-use crate::lock::lock;
 use std::{
     collections::VecDeque,
     sync::{
@@ -19,6 +18,8 @@ use std::{
 use axum::extract::ws::Message;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
+
+use crate::lock::lock;
 
 /// A queue of `capacity` frames; `overflow` is cancelled when a frame finds it full.
 pub(crate) fn queue(capacity: usize, overflow: CancellationToken) -> (Outbound, Frames) {
@@ -180,5 +181,78 @@ impl Drop for Frames {
         };
         drop(frames);
         self.shared.taken.notify_waiters();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn text(s: &str) -> Message {
+        Message::Text(s.into())
+    }
+
+    fn taken(frames: &Frames) -> Vec<String> {
+        std::iter::from_fn(|| frames.try_recv())
+            .map(|m| m.to_text().unwrap().to_owned())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn frames_leave_in_order_and_the_writer_ends_with_the_last_sender() {
+        let (out, frames) = queue(8, CancellationToken::new());
+        let other = out.clone();
+        out.send(text("a"));
+        other.send(text("b"));
+        assert_eq!(frames.recv().await.unwrap().to_text().unwrap(), "a");
+        drop(out);
+        other.send(text("c"));
+        drop(other);
+        assert_eq!(taken(&frames), ["b", "c"]);
+        assert!(frames.recv().await.is_none(), "every sender is gone");
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_closes_the_connection_instead_of_waiting() {
+        let overflow = CancellationToken::new();
+        let (out, frames) = queue(3, overflow.clone());
+        for f in ["1", "2", "3"] {
+            out.send(text(f));
+        }
+        assert!(!overflow.is_cancelled());
+        out.send(text("4"));
+        assert!(
+            overflow.is_cancelled(),
+            "a client that does not read is disconnected"
+        );
+        assert_eq!(
+            taken(&frames),
+            ["1", "2", "3"],
+            "the frame past the limit is not queued"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_stream_waits_for_half_the_queue_and_stops_when_the_writer_is_gone() {
+        let (out, frames) = queue(4, CancellationToken::new());
+        for f in ["1", "2", "3"] {
+            out.send(text(f));
+        }
+        // Room is kept for frames that cannot wait: a chunk waits until two are left.
+        let waiting = tokio::spawn({
+            let out = out.clone();
+            async move { out.wait_for_room().await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished());
+        frames.try_recv();
+        assert!(
+            waiting.await.unwrap(),
+            "room again once the queue is down to half"
+        );
+        assert!(out.wait_for_room().await);
+        drop(frames);
+        assert!(!out.wait_for_room().await, "the connection is gone");
+        out.send(text("dropped")); // no panic, no overflow: nobody reads any more
     }
 }

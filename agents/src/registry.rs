@@ -1,7 +1,6 @@
 //! The registry: address → mailbox of the live instance, activation on first event, and the
 //! hand-over that keeps exactly one live instance per address across hibernation.
 
-use crate::lock::lock;
 use std::{
     any::TypeId,
     collections::HashMap,
@@ -33,6 +32,7 @@ use crate::{
     connection::Sockets,
     error::Error,
     inflight::SocketReply,
+    lock::lock,
     storage::Durability,
     stream::Returned,
 };
