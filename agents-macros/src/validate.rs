@@ -239,97 +239,166 @@ fn valid_class(class: &str) -> bool {
         && !class.contains("--")
 }
 
+/// Checks one `#[callable]` (or `#[schedule]`) method against every rule below, reporting all
+/// the rules it breaks at once.
 fn method(c: &Callable, agent: &Ident) -> syn::Result<Method> {
     let mut errors: Option<syn::Error> = None;
     let mut err = |e: syn::Error| combine(&mut errors, e);
+    let rules = [
+        is_async(c),
+        takes_mut_self(c),
+        not_generic(c),
+        no_clash_with_calls(c),
+        no_clash_with_client(c, agent),
+        wire_name_is_valid(c),
+        ctx_comes_first(c),
+    ];
+    rules.into_iter().filter_map(Result::err).for_each(&mut err);
+    let schedule = c
+        .schedule
+        .as_ref()
+        .and_then(|(attr, options)| schedule_spec(attr, options).map_err(&mut err).ok());
+    let args = arguments(c, &mut err);
+    if let Err(e) = schedule_takes_no_arguments(c, &args) {
+        err(e);
+    }
+    let (ok, err_ty) = returns(c).unwrap_or_else(|e| {
+        err(e);
+        (syn::parse_quote!(()), None)
+    });
+    let stream = stream_item(c, &ok, err_ty.as_ref()).unwrap_or_else(|e| {
+        err(e);
+        None
+    });
+    match errors {
+        Some(e) => Err(e),
+        None => Ok(Method {
+            ident: c.ident.clone(),
+            wire: c.wire_name(),
+            vis: c.vis.clone(),
+            docs: c.docs.clone(),
+            args,
+            ok,
+            err: err_ty,
+            stream,
+            schedule,
+            internal: c.internal,
+        }),
+    }
+}
+
+// Rule: a callable is an `async fn` (a call is awaited).
+fn is_async(c: &Callable) -> syn::Result<()> {
+    match c.is_async {
+        true => Ok(()),
+        false => Err(syn::Error::new(
+            c.sig_span,
+            format!("callable `{}` must be an `async fn`", c.ident),
+        )),
+    }
+}
+
+// Rule: a callable takes `&mut self`: it runs on the agent, which it has to itself.
+fn takes_mut_self(c: &Callable) -> syn::Result<()> {
     let name = &c.ident;
-    if !c.is_async {
-        err(syn::Error::new(
-            c.sig_span,
-            format!("callable `{name}` must be an `async fn`"),
-        ));
-    }
-    match c.receiver {
-        Receiver::RefMut => {}
-        Receiver::None => err(syn::Error::new(
-            c.sig_span,
-            format!("callable `{name}` must take `&mut self` first (it runs on the agent)"),
-        )),
-        Receiver::Value => err(syn::Error::new(
-            c.sig_span,
-            format!("callable `{name}` takes `self` by value; callables take `&mut self`"),
-        )),
-        Receiver::Ref => err(syn::Error::new(
-            c.sig_span,
-            format!("callable `{name}` takes `&self`; callables take `&mut self` (a handler has the agent to itself)"),
-        )),
-    }
-    if !c.generics.params.is_empty() || c.generics.where_clause.is_some() {
-        err(syn::Error::new_spanned(
-            &c.generics,
-            "callables cannot be generic: the wire needs concrete types",
-        ));
-    }
-    if AGENT_FUNCTIONS.contains(&name.to_string().as_str()) {
-        err(clash_with_calls(name));
-    }
-    let schedule = match &c.schedule {
-        Some((attr, options)) => match schedule_spec(attr, options) {
-            Ok(spec) => Some(spec),
-            Err(e) => {
-                err(e);
-                None
-            }
-        },
-        None => None,
+    let message = match c.receiver {
+        Receiver::RefMut => return Ok(()),
+        Receiver::None => {
+            format!("callable `{name}` must take `&mut self` first (it runs on the agent)")
+        }
+        Receiver::Value => {
+            format!("callable `{name}` takes `self` by value; callables take `&mut self`")
+        }
+        Receiver::Ref => format!(
+            "callable `{name}` takes `&self`; callables take `&mut self` (a handler has the agent to itself)"
+        ),
     };
-    if c.schedule.is_none() && CLIENT_METHODS.contains(&name.to_string().as_str()) {
-        err(syn::Error::new(
-            name.span(),
-            format!(
-                "`{name}` clashes with a method of the generated `{agent}Client`; rename the method \
-                 (keep `{name}` on the wire with #[callable(name = \"{name}\")])"
-            ),
-        ));
+    Err(syn::Error::new(c.sig_span, message))
+}
+
+// Rule: no generics: the wire needs concrete types.
+fn not_generic(c: &Callable) -> syn::Result<()> {
+    if c.generics.params.is_empty() && c.generics.where_clause.is_none() {
+        return Ok(());
     }
+    Err(syn::Error::new_spanned(
+        &c.generics,
+        "callables cannot be generic: the wire needs concrete types",
+    ))
+}
+
+// Rule: `calls()` is the agent's generated function.
+fn no_clash_with_calls(c: &Callable) -> syn::Result<()> {
+    match AGENT_FUNCTIONS.contains(&c.ident.to_string().as_str()) {
+        true => Err(clash_with_calls(&c.ident)),
+        false => Ok(()),
+    }
+}
+
+// Rule: a callable is a method of the generated client: the client's own names are taken.
+fn no_clash_with_client(c: &Callable, agent: &Ident) -> syn::Result<()> {
+    let name = &c.ident;
+    if c.schedule.is_some() || !CLIENT_METHODS.contains(&name.to_string().as_str()) {
+        return Ok(());
+    }
+    Err(syn::Error::new(
+        name.span(),
+        format!(
+            "`{name}` clashes with a method of the generated `{agent}Client`; rename the method \
+             (keep `{name}` on the wire with #[callable(name = \"{name}\")])"
+        ),
+    ))
+}
+
+// Rule: a wire name is 1 or more of A-Z, a-z, 0-9, `_`, `-` and `.`.
+fn wire_name_is_valid(c: &Callable) -> syn::Result<()> {
     let wire = c.wire_name();
-    if wire.is_empty()
-        || !wire
+    let valid = !wire.is_empty()
+        && wire
             .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b))
-    {
-        err(syn::Error::new(
+            .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b));
+    match valid {
+        true => Ok(()),
+        false => Err(syn::Error::new(
             c.wire_span(),
             "a wire name is 1 or more of A-Z, a-z, 0-9, `_`, `-` and `.`",
-        ));
+        )),
     }
+}
 
+// Rule: `ctx: &mut Ctx<Self>` comes right after `&mut self`, once.
+fn ctx_comes_first(c: &Callable) -> syn::Result<()> {
     match c.params.first() {
-        Some(p) if p.is_ctx => {
-            if !matches!(&p.ty, Type::Reference(r) if r.mutability.is_some()) {
-                err(syn::Error::new_spanned(
-                    &p.ty,
-                    "the context is taken as `ctx: &mut Ctx<Self>`",
-                ));
-            }
-        }
+        Some(p) if p.is_ctx => match &p.ty {
+            Type::Reference(r) if r.mutability.is_some() => Ok(()),
+            _ => Err(syn::Error::new_spanned(
+                &p.ty,
+                "the context is taken as `ctx: &mut Ctx<Self>`",
+            )),
+        },
         _ => match c.params.iter().find(|p| p.is_ctx) {
-            Some(p) => err(syn::Error::new_spanned(
+            Some(p) => Err(syn::Error::new_spanned(
                 &p.pat,
                 "`ctx: &mut Ctx<Self>` must come right after `&mut self`",
             )),
-            None => err(syn::Error::new(
+            None => Err(syn::Error::new(
                 c.sig_span,
                 format!(
-                    "callable `{name}` is missing `ctx: &mut Ctx<Self>` right after `&mut self`"
+                    "callable `{}` is missing `ctx: &mut Ctx<Self>` right after `&mut self`",
+                    c.ident
                 ),
             )),
         },
     }
+}
+
+// Rule: the client's arguments (all after `ctx`) have plain names and owned, concrete types,
+// and the context is taken once.
+fn arguments(c: &Callable, err: &mut impl FnMut(syn::Error)) -> Vec<(Ident, Type)> {
     let mut args = Vec::new();
     for p in c.args() {
         if p.is_ctx {
-            // Reported above when misplaced; a second context is an error of its own.
+            // Reported by `ctx_comes_first` when misplaced; a second context is an error of its own.
             if c.params.first().is_some_and(|f| f.is_ctx) {
                 err(syn::Error::new_spanned(&p.pat, "the context is taken once"));
             }
@@ -355,67 +424,70 @@ fn method(c: &Callable, agent: &Ident) -> syn::Result<Method> {
         }
         args.push((ident, p.ty.clone()));
     }
-    if c.schedule.is_some() && !args.is_empty() {
-        err(syn::Error::new(
-            c.sig_span,
-            format!("#[schedule] method `{name}` takes only `&mut self` and `ctx`: the runtime calls it with no arguments"),
-        ));
+    args
+}
+
+// Rule: the runtime calls a `#[schedule]` method with no arguments.
+fn schedule_takes_no_arguments(c: &Callable, args: &[(Ident, Type)]) -> syn::Result<()> {
+    if c.schedule.is_none() || args.is_empty() {
+        return Ok(());
     }
-    let (ok, err_ty) = match c.ret() {
-        Ret::Unit => (syn::parse_quote!(()), None),
-        Ret::Plain(t) => (t, None),
-        Ret::Result { ok, err } => (ok, Some(err)),
-        Ret::AliasedResult(t) => {
-            err(syn::Error::new_spanned(
-                &t,
-                "name the error type of a callable: `Result<T, E>` (E: Serialize + Display reaches the caller typed)",
-            ));
-            (syn::parse_quote!(()), None)
-        }
+    Err(syn::Error::new(
+        c.sig_span,
+        format!("#[schedule] method `{}` takes only `&mut self` and `ctx`: the runtime calls it with no arguments", c.ident),
+    ))
+}
+
+// Rule: a fallible callable names its error type: `Result<T, E>`, not an alias.
+fn returns(c: &Callable) -> syn::Result<(Type, Option<Type>)> {
+    match c.ret() {
+        Ret::Unit => Ok((syn::parse_quote!(()), None)),
+        Ret::Plain(t) => Ok((t, None)),
+        Ret::Result { ok, err } => Ok((ok, Some(err))),
+        Ret::AliasedResult(t) => Err(syn::Error::new_spanned(
+            &t,
+            "name the error type of a callable: `Result<T, E>` (E: Serialize + Display reaches the caller typed)",
+        )),
+    }
+}
+
+// Rule: a stream is `Streaming<T>` or `Result<Streaming<T, E>, E>` (one error type), and a
+// `#[schedule]` method does not stream (nobody would receive its chunks).
+fn stream_item(c: &Callable, ok: &Type, err_ty: Option<&Type>) -> syn::Result<Option<Type>> {
+    let Some(types) = streaming_args(ok) else {
+        return Ok(None);
     };
-    let stream = streaming_args(&ok).and_then(|types| match types.as_slice() {
-        [item] => Some((*item).clone()),
+    let item = match types.as_slice() {
+        [item] => (*item).clone(),
         [item, stream_err] => {
-            let same = err_ty.as_ref().is_some_and(|e| {
+            let same = err_ty.is_some_and(|e| {
                 e.to_token_stream().to_string() == stream_err.to_token_stream().to_string()
             });
             if !same {
-                err(syn::Error::new_spanned(
+                return Err(syn::Error::new_spanned(
                     stream_err,
                     "a stream fails with its callable's error type: `Result<Streaming<T, E>, E>` (or `Streaming<T>` for a stream that cannot fail)",
                 ));
             }
-            Some((*item).clone())
+            (*item).clone()
         }
         _ => {
-            err(syn::Error::new_spanned(
-                &ok,
+            return Err(syn::Error::new_spanned(
+                ok,
                 "a streaming callable returns `Streaming<T>` or `Result<Streaming<T, E>, E>`",
-            ));
-            None
+            ))
         }
-    });
-    if stream.is_some() && c.schedule.is_some() {
-        err(syn::Error::new_spanned(
-            &ok,
-            format!("#[schedule] method `{name}` cannot stream: nobody receives its chunks"),
+    };
+    if c.schedule.is_some() {
+        return Err(syn::Error::new_spanned(
+            ok,
+            format!(
+                "#[schedule] method `{}` cannot stream: nobody receives its chunks",
+                c.ident
+            ),
         ));
     }
-    match errors {
-        Some(e) => Err(e),
-        None => Ok(Method {
-            ident: name.clone(),
-            wire,
-            vis: c.vis.clone(),
-            docs: c.docs.clone(),
-            args,
-            ok,
-            err: err_ty,
-            stream,
-            schedule,
-            internal: c.internal,
-        }),
-    }
+    Ok(Some(item))
 }
 
 /// The visibility of the generated types: that of the most visible callable.
