@@ -11,10 +11,7 @@ use std::{
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
-use crate::{
-    lock::lock,
-    {agent::AgentClass, error::Error, storage::Stored},
-};
+use crate::{agent::AgentClass, error::Error, lock::lock, storage::Stored};
 
 /// A connection's id: stable for the connection's lifetime (across the agent's hibernation),
 /// never reused, and the same string the client received in its `identity` frame.

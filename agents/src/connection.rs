@@ -48,6 +48,7 @@ use crate::{
     inflight::InFlight,
     lock::lock,
     outbound::{self, Outbound},
+    port::Connections,
     registry::{CallEvent, Chain, Class, Event, ReplyTo},
     runtime::Runtime,
 };
@@ -118,10 +119,11 @@ impl Sockets {
         }
         was
     }
+}
 
-    /// Closes every socket of `key` with `code` and `reason` and forgets them: their `on_close`
-    /// does not run (the agent is gone).
-    pub fn close_agent(&self, key: &AgentKey, code: u16, reason: &str) {
+/// The sockets as the core reaches them (the delivery port).
+impl Connections for Sockets {
+    fn close_agent(&self, key: &AgentKey, code: u16, reason: &str) {
         let Some(conns) = lock(&self.by_agent).remove(key) else {
             return;
         };
@@ -131,25 +133,25 @@ impl Sockets {
     }
 
     /// The ids of `key`'s open sockets.
-    pub fn ids(&self, key: &AgentKey) -> Vec<ConnId> {
+    fn ids(&self, key: &AgentKey) -> Vec<ConnId> {
         self.of(key)
             .map(|conns| lock(&conns).keys().cloned().collect())
             .unwrap_or_default()
     }
 
     /// Whether `key`'s socket `id` is open.
-    pub fn is_open(&self, key: &AgentKey, id: &ConnId) -> bool {
+    fn is_open(&self, key: &AgentKey, id: &ConnId) -> bool {
         self.of(key)
             .is_some_and(|conns| lock(&conns).contains_key(id))
     }
 
     /// How many sockets `key` has open.
-    pub fn count_of(&self, key: &AgentKey) -> usize {
+    fn count_of(&self, key: &AgentKey) -> usize {
         self.of(key).map_or(0, |conns| lock(&conns).len())
     }
 
     /// How many sockets are open, over all agents.
-    pub fn count(&self) -> usize {
+    fn count(&self) -> usize {
         lock(&self.by_agent)
             .values()
             .map(|conns| lock(conns).len())
@@ -157,7 +159,7 @@ impl Sockets {
     }
 
     /// Sends what an event produced (once it is durable) to `key`'s sockets.
-    pub fn deliver(&self, key: &AgentKey, effects: Vec<Effect>) {
+    fn deliver(&self, key: &AgentKey, effects: Vec<Effect>) {
         let Some(conns) = self.of(key) else {
             return;
         };
@@ -203,7 +205,7 @@ impl Sockets {
     }
 
     /// Closes every socket (the runtime is shutting down).
-    pub fn close_all(&self) {
+    fn close_all(&self) {
         for conns in lock(&self.by_agent).values() {
             for socket in lock(conns).values() {
                 socket
@@ -612,9 +614,8 @@ impl Connection {
             }
         });
         let shared = self.runtime.shared().clone();
-        shared
-            .sockets
-            .add(&self.key, self.conn.clone(), out.clone(), self.wire);
+        let sockets = self.runtime.sockets();
+        sockets.add(&self.key, self.conn.clone(), out.clone(), self.wire);
         if self.wire != Wire::Raw {
             out.send(self.wire.identity(&self.key, self.conn.as_str()));
         }
@@ -639,7 +640,7 @@ impl Connection {
                 None
             }
         };
-        let registered = shared.sockets.remove(&self.key, &self.conn);
+        let registered = sockets.remove(&self.key, &self.conn);
         if let Some(Ending {
             code,
             reason,
@@ -761,7 +762,7 @@ impl Connection {
                     timer.call_due(deadline);
                     let event = Event::Call(CallEvent {
                         inv: Invocation::remote(method, args),
-                        reply: ReplyTo::Socket(reply),
+                        reply: ReplyTo::Port(Box::new(reply)),
                         chain: Chain::default(),
                         deadline: Some(deadline),
                         conn: Some(self.conn.clone()),

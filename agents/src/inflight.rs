@@ -15,8 +15,8 @@ use agents_client::{Codec, Payload, RawError, RawStream};
 use tokio::{sync::Notify, task::AbortHandle, time::Instant};
 
 use crate::{
-    lock::lock,
-    {connection::Wire, outbound::Outbound, registry::CallReply, stream::Returned},
+    connection::Wire, lock::lock, outbound::Outbound, port::ReplyPort, registry::CallReply,
+    stream::Returned,
 };
 
 /// The table of one connection's calls in flight.
@@ -137,6 +137,18 @@ impl Entry {
     }
 }
 
+/// The reply port of a call that arrived on a connection.
+impl ReplyPort for SocketReply {
+    /// Whether the call is no longer in flight (cancelled, timed out, or the connection ended).
+    fn is_gone(&self) -> bool {
+        !self.holds_call()
+    }
+
+    fn send(self: Box<Self>, reply: CallReply) {
+        self.answer_with(reply)
+    }
+}
+
 /// Where the reply to a call that arrived on a connection goes.
 pub(crate) struct SocketReply {
     id: u64,
@@ -149,9 +161,8 @@ pub(crate) struct SocketReply {
 }
 
 impl SocketReply {
-    /// Whether the call is no longer in flight (cancelled, timed out, or the connection ended).
-    pub fn is_gone(&self) -> bool {
-        !self.holds(&self.calls.table())
+    fn holds_call(&self) -> bool {
+        self.holds(&self.calls.table())
     }
 
     fn holds(&self, table: &Table) -> bool {
@@ -165,7 +176,7 @@ impl SocketReply {
 
     /// Answers the call, unless it is no longer in flight. A stream is sent by a task of its
     /// own, chunk after chunk, then the `()` reply.
-    pub fn send(self, reply: CallReply) {
+    pub fn answer_with(self, reply: CallReply) {
         let calls = self.calls.clone();
         let mut table = calls.table();
         let Some(entry) = self.entry(&mut table) else {
@@ -281,8 +292,8 @@ mod tests {
         );
         assert!(calls.cancel(1));
         assert!(!calls.cancel(1), "taken once");
-        assert!(reply.is_gone(), "the agent skips a call taken out");
-        reply.send(value(5));
+        assert!(!reply.holds_call(), "the agent skips a call taken out");
+        reply.answer_with(value(5));
         assert!(
             sent(&frames).is_empty(),
             "nothing answers a cancelled call twice"
@@ -299,12 +310,12 @@ mod tests {
         let new = calls
             .start(7, later(), &out, Wire::Json, Codec::Json)
             .unwrap();
-        old.send(value(1));
+        old.answer_with(value(1));
         assert!(
             sent(&frames).is_empty(),
             "the old call's reply finds a newer call under its id"
         );
-        new.send(value(2));
+        new.answer_with(value(2));
         assert_eq!(sent(&frames), [r#"{"type":"reply","id":7,"ok":2}"#]);
         assert!(!calls.cancel(7), "answered: no longer in flight");
     }

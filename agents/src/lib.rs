@@ -86,6 +86,7 @@ mod inflight;
 mod instance;
 mod lock;
 mod outbound;
+mod port;
 mod registry;
 mod runtime;
 mod schedule;

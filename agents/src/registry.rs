@@ -29,10 +29,9 @@ use crate::{
     alarms::AlarmIndex,
     clock::Clock,
     conn::{ConnId, Protocol, WsMessage},
-    connection::Sockets,
     error::Error,
-    inflight::SocketReply,
     lock::lock,
+    port::{Connections, ReplyPort},
     storage::Durability,
     stream::Returned,
 };
@@ -140,8 +139,8 @@ pub(crate) struct CallEvent {
 pub(crate) enum ReplyTo {
     /// To a caller in this process, waiting for it.
     Caller(oneshot::Sender<CallReply>),
-    /// Straight into the queue of the socket the call arrived on.
-    Socket(SocketReply),
+    /// To the front end the call came from (straight into a socket's queue, say).
+    Port(Box<dyn ReplyPort>),
 }
 
 impl ReplyTo {
@@ -149,7 +148,7 @@ impl ReplyTo {
     pub fn is_gone(&self) -> bool {
         match self {
             ReplyTo::Caller(tx) => tx.is_closed(),
-            ReplyTo::Socket(socket) => socket.is_gone(),
+            ReplyTo::Port(port) => port.is_gone(),
         }
     }
 
@@ -157,7 +156,7 @@ impl ReplyTo {
     pub fn send(self, reply: CallReply) {
         match self {
             ReplyTo::Caller(tx) => drop(tx.send(reply)),
-            ReplyTo::Socket(socket) => socket.send(reply),
+            ReplyTo::Port(port) => port.send(reply),
         }
     }
 }
@@ -315,14 +314,19 @@ pub(crate) struct Shared {
     /// the async workers off the CPU with blocking threads.
     pub opening: Semaphore,
     /// The open WebSockets of every agent, live or hibernating.
-    pub sockets: Sockets,
+    pub sockets: Arc<dyn Connections>,
     /// The runtime's handle, for code that runs inside it (`ctx.runtime()`); weak, so that
     /// dropping the last `Runtime` still shuts it down.
     pub handle: std::sync::OnceLock<std::sync::Weak<crate::runtime::Handle>>,
 }
 
 impl Shared {
-    pub fn new(config: Config, alarms: AlarmIndex, classes: HashMap<&'static str, Class>) -> Self {
+    pub fn new(
+        config: Config,
+        alarms: AlarmIndex,
+        classes: HashMap<&'static str, Class>,
+        sockets: Arc<dyn Connections>,
+    ) -> Self {
         Shared {
             config,
             alarms,
@@ -330,7 +334,7 @@ impl Shared {
             agents: Mutex::default(),
             tracker: TaskTracker::new(),
             opening: Semaphore::new(opening_at_once()),
-            sockets: Sockets::default(),
+            sockets,
             handle: Default::default(),
         }
     }

@@ -21,6 +21,7 @@ use crate::{
     agent::{AgentClass, Invocation, Origin},
     alarms::{self, AlarmIndex},
     clock::Clock,
+    connection::Sockets,
     error::Error,
     instance,
     registry::{CallEvent, CallReply, Chain, Class, Config, Event, ReplyTo, Shared},
@@ -222,13 +223,15 @@ impl Builder {
             ));
         }
         let alarms = AlarmIndex::open(&config.data_dir)?;
-        let shared = Arc::new(Shared::new(config, alarms, self.classes));
+        let sockets = Arc::new(Sockets::default());
+        let shared = Arc::new(Shared::new(config, alarms, self.classes, sockets.clone()));
         if timer {
             // Overdue alarms (say, from before a restart) fire as soon as the timer starts.
             shared.tracker.spawn(alarms::run_timer(shared.clone()));
         }
         let handle = Arc::new(Handle {
             shared: shared.clone(),
+            sockets,
         });
         let _ = shared.handle.set(Arc::downgrade(&handle));
         Ok(Runtime { handle })
@@ -251,6 +254,9 @@ pub struct Runtime {
 
 pub(crate) struct Handle {
     shared: Arc<Shared>,
+    /// The WebSocket wing's table of sockets: the core reaches it as `shared.sockets`, through
+    /// the delivery port; the wing, here.
+    sockets: Arc<Sockets>,
 }
 
 impl Runtime {
@@ -277,6 +283,11 @@ impl Runtime {
 
     pub(crate) fn shared(&self) -> &Arc<Shared> {
         &self.handle.shared
+    }
+
+    /// The sockets, as the WebSocket wing holds them.
+    pub(crate) fn sockets(&self) -> &Sockets {
+        &self.handle.sockets
     }
 
     /// A typed client for the agent `name` of type `A`. An invalid name is reported by each

@@ -1,0 +1,57 @@
+//! The house's layering, checked over the source: the core of the runtime (activation,
+//! instances, `Ctx`, storage, schedules, the output gate) names nothing of the WebSocket wing
+//! (the sockets, their frames, calls in flight, the outbound queues, the HTTP routes): it reaches
+//! connections only through the delivery port (`port.rs`). `runtime.rs` is where both are put
+//! together. Run it alone with `cargo test --test layering`.
+
+use std::path::Path;
+
+/// The core's modules.
+const CORE: &[&str] = &[
+    "address", "agent", "alarms", "clock", "conn", "context", "error", "gate", "instance", "lock",
+    "port", "registry", "schedule", "storage", "stream",
+];
+/// The wing's modules.
+const WING: &[&str] = &["connection", "inflight", "outbound", "server"];
+
+#[test]
+fn the_core_names_nothing_of_the_websocket_wing() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("agents/src");
+    let mut offenses = Vec::new();
+    for module in CORE {
+        let text = std::fs::read_to_string(src.join(format!("{module}.rs")))
+            .unwrap_or_else(|e| panic!("{module}.rs: {e}"));
+        for (n, line) in text.lines().enumerate() {
+            let code = line.split("//").next().unwrap_or_default();
+            for wing in WING {
+                let named = code.match_indices(&format!("{wing}::")).any(|(at, _)| {
+                    // `crate::connection::`, or `connection::` in a `use crate::{..}` list; not
+                    // `some_connection::`.
+                    at == 0 || !code[..at].ends_with(|c: char| c.is_alphanumeric() || c == '_')
+                });
+                if named {
+                    offenses.push(format!("{module}.rs:{}: {}", n + 1, line.trim()));
+                }
+            }
+        }
+    }
+    assert!(
+        offenses.is_empty(),
+        "the core names the WebSocket wing (use the delivery port):\n{}",
+        offenses.join("\n")
+    );
+    // And every module is in one of the two, or is the composition root.
+    for entry in std::fs::read_dir(&src).unwrap() {
+        let name = entry.unwrap().file_name().into_string().unwrap();
+        let Some(module) = name.strip_suffix(".rs") else {
+            continue;
+        };
+        let known = CORE.contains(&module)
+            || WING.contains(&module)
+            || ["lib", "runtime", "testing"].contains(&module);
+        assert!(
+            known,
+            "{name}: say whether it is core or wing in tests/layering.rs"
+        );
+    }
+}
