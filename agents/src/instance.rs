@@ -40,6 +40,7 @@ use crate::{
     error::Error,
     gate::{fail, release, AfterDurable, Outbox, Responder, Syncer, WalSync},
     lock::lock,
+    port::NORMAL_CLOSURE,
     registry::{CallEvent, Event, Shared},
     runtime::{call_value, Caller},
     schedule::{self, AlarmInfo},
@@ -256,9 +257,7 @@ impl<A: AgentClass> Instance<A> {
         self.close_db().await;
         let (shared, key) = (self.ctx.shared.clone(), self.ctx.key().clone());
         let reason = "the agent was destroyed";
-        shared
-            .sockets
-            .close_agent(&key, axum::extract::ws::close_code::NORMAL, reason);
+        shared.sockets.close_agent(&key, NORMAL_CLOSURE, reason);
         blocking(move || {
             shared.alarms.set(&key, None, true)?;
             storage::remove(&shared.config.data_dir, &key)

@@ -78,14 +78,11 @@ mod agent;
 mod alarms;
 mod clock;
 mod conn;
-mod connection;
 mod context;
 mod error;
 mod gate;
-mod inflight;
 mod instance;
 mod lock;
-mod outbound;
 mod port;
 mod registry;
 mod runtime;
@@ -94,6 +91,7 @@ mod server;
 mod storage;
 mod stream;
 pub mod testing;
+mod ws;
 
 pub use address::{AgentKey, MAX_CLASS_LEN, MAX_NAME_LEN};
 pub use agent::{

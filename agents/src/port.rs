@@ -8,6 +8,9 @@ use crate::{
     registry::CallReply,
 };
 
+/// The close code of a normal closure.
+pub(crate) const NORMAL_CLOSURE: u16 = 1000;
+
 /// The connections of every agent, live or hibernating.
 pub(crate) trait Connections: Send + Sync + 'static {
     /// Sends what an event produced (once it is durable) to `key`'s connections.

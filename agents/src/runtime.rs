@@ -21,12 +21,12 @@ use crate::{
     agent::{AgentClass, Invocation, Origin},
     alarms::{self, AlarmIndex},
     clock::Clock,
-    connection::Sockets,
     error::Error,
     instance,
     registry::{CallEvent, CallReply, Chain, Class, Config, Event, ReplyTo, Shared},
     storage::Durability,
     stream::{collect, Returned},
+    ws::Sockets,
 };
 
 /// Configures and builds a [`Runtime`].

@@ -38,10 +38,10 @@ use tokio::sync::oneshot;
 use crate::{
     address::AgentKey,
     agent::{AgentClass, Principal},
-    connection,
     error::Error,
     registry::Event,
     runtime::{call_value, Caller, Runtime},
+    ws,
 };
 
 /// The HTTP routes of `runtime`, as an `axum::Router` to serve as is or to mount (`.merge`,
@@ -51,7 +51,7 @@ pub fn router(runtime: Runtime) -> Router {
         .route("/agents.js", get(js_client))
         .route("/agents.d.ts", get(js_types))
         .route("/agents/{class}", get(describe))
-        .route("/agents/{class}/{name}", any(connection::agent_root))
+        .route("/agents/{class}/{name}", any(ws::agent_root))
         .route("/agents/{class}/{name}/call/{method}", post(call))
         .route("/agents/{class}/{name}/{*rest}", any(other))
         .with_state(runtime)
@@ -301,7 +301,7 @@ impl Runtime {
         };
         let path = request.uri().path().trim_start_matches('/');
         if path.is_empty() {
-            return connection::root(self.clone(), key, request).await;
+            return ws::root(self.clone(), key, request).await;
         }
         match path.strip_prefix("call/") {
             Some(method) if request.method() == Method::POST && !method.contains('/') => {
@@ -317,7 +317,7 @@ impl Runtime {
     /// with the code and reason, which a browser can read; an HTTP request gets the response.
     /// For a gateway that refuses before it would [`fetch`](Runtime::fetch).
     pub async fn refuse(&self, request: Request, refusal: Response) -> Response {
-        connection::refuse(self, request, refusal).await
+        ws::refuse(self, request, refusal).await
     }
 
     /// Serves [`router`] on `addr` until the process ends.

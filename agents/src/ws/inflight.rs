@@ -14,10 +14,8 @@ use std::{
 use agents_client::{Codec, Payload, RawError, RawStream};
 use tokio::{sync::Notify, task::AbortHandle, time::Instant};
 
-use crate::{
-    connection::Wire, lock::lock, outbound::Outbound, port::ReplyPort, registry::CallReply,
-    stream::Returned,
-};
+use super::{connection::Wire, outbound::Outbound};
+use crate::{lock::lock, port::ReplyPort, registry::CallReply, stream::Returned};
 
 /// The table of one connection's calls in flight.
 #[derive(Default)]
@@ -256,8 +254,8 @@ mod tests {
 
     use tokio_util::sync::CancellationToken;
 
+    use super::super::outbound::{self, Frames};
     use super::*;
-    use crate::outbound::{self, Frames};
 
     fn socket() -> (Arc<InFlight>, Outbound, Frames) {
         let (out, frames) = outbound::queue(16, CancellationToken::new());

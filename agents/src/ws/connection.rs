@@ -45,12 +45,15 @@ use crate::{
     address::AgentKey,
     agent::{Invocation, Refusal},
     conn::{close_reason, ConnId, Effect, Outgoing, Protocol, WsMessage},
-    inflight::InFlight,
     lock::lock,
-    outbound::{self, Outbound},
     port::Connections,
     registry::{CallEvent, Chain, Class, Event, ReplyTo},
     runtime::Runtime,
+};
+
+use super::{
+    inflight::InFlight,
+    outbound::{self, Outbound},
 };
 
 /// Connection ids: a per-process random-ish base (so that ids differ across restarts) plus a
