@@ -123,6 +123,33 @@ struct IndexState {
     at: Option<u64>,
 }
 
+/// What a batch does to the agent's alarm index entry, so that the index is early, never late:
+/// the timer must never sleep past a row a durable commit made due.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum IndexPlan {
+    /// The schedule's earliest time is earlier than the entry: write it (synced) before the
+    /// commit, so that no commit is durable while the index is late for it.
+    LowerNow,
+    /// Later, or gone (or the timer took the entry): write it only once the commit is durable,
+    /// so that a batch that is lost never leaves the index late.
+    RaiseWhenDurable,
+    /// The entry is right.
+    Keep,
+}
+
+impl IndexPlan {
+    /// The plan for a schedule whose earliest time is `earliest`, given the entry `indexed`;
+    /// `refresh`: write it even if it looks right (the timer took it).
+    fn of(earliest: Option<u64>, indexed: Option<u64>, refresh: bool) -> Self {
+        match (earliest, indexed) {
+            (Some(new), Some(old)) if new < old => IndexPlan::LowerNow,
+            (Some(_), None) => IndexPlan::LowerNow,
+            (new, old) if new == old && !refresh => IndexPlan::Keep,
+            _ => IndexPlan::RaiseWhenDurable,
+        }
+    }
+}
+
 /// A raise of the index entry, to apply once the batch that computed it is durable.
 struct Raise {
     key: AgentKey,
@@ -143,6 +170,38 @@ impl Raise {
             Ok(()) => state.at = self.at,
             Err(e) => tracing::warn!("could not update the alarm index (it stays early): {e}"),
         }
+    }
+}
+
+/// How a batch grows: whatever is queued joins it, up to `max` events; when nothing is, it
+/// waits one scheduler round, once, for callers that the last sync released and that are
+/// sending again right now (to join this commit rather than the next one).
+struct Batching {
+    max: usize,
+    yielded: bool,
+}
+
+impl Batching {
+    fn new(max: usize) -> Self {
+        Batching {
+            max,
+            yielded: false,
+        }
+    }
+
+    /// The next event of a batch that holds `len` outcomes; `None`: commit now.
+    async fn next(&mut self, len: usize, rx: &mut mpsc::Receiver<Event>) -> Option<Event> {
+        if len >= self.max {
+            return None;
+        }
+        if let Ok(event) = rx.try_recv() {
+            return Some(event);
+        }
+        if std::mem::replace(&mut self.yielded, true) {
+            return None;
+        }
+        tokio::task::yield_now().await;
+        rx.try_recv().ok()
     }
 }
 
@@ -268,11 +327,10 @@ impl<A: AgentClass> Instance<A> {
     /// Runs `first` and whatever else is queued, commits once, then releases the replies.
     /// Returns why the instance leaves after this batch, if it does.
     async fn run_batch(&mut self, first: Event, rx: &mut mpsc::Receiver<Event>) -> Option<Leave> {
-        let max_batch = self.ctx.shared.config.max_batch;
+        let mut batch = Batching::new(self.ctx.shared.config.max_batch);
         let mut outbox = Outbox::new();
         let mut next = Some(first);
         let mut leave = None;
-        let mut yielded = false;
         while let Some(event) = next.take() {
             match event {
                 Event::Call(call) => self.call(call, &mut outbox).await,
@@ -376,17 +434,7 @@ impl<A: AgentClass> Instance<A> {
                 leave = Some(Leave::Destroy(None));
                 break;
             }
-            if outbox.len() >= max_batch {
-                break;
-            }
-            next = rx.try_recv().ok();
-            if next.is_none() && !yielded {
-                // Callers released by the last sync are re-sending right now: give them one
-                // scheduler round to join this commit rather than the next one.
-                yielded = true;
-                tokio::task::yield_now().await;
-                next = rx.try_recv().ok();
-            }
+            next = batch.next(outbox.len(), rx).await;
         }
         if !self.in_txn {
             release(outbox); // nothing ran, nothing to make durable
@@ -465,12 +513,8 @@ impl<A: AgentClass> Instance<A> {
             let state = lock(&self.index);
             (state.seq, state.at)
         };
-        let earlier = match (earliest, indexed) {
-            (Some(new), Some(old)) => new < old,
-            (Some(_), None) => true,
-            (None, _) => false,
-        };
-        if earlier {
+        let plan = IndexPlan::of(earliest, indexed, refresh);
+        if plan == IndexPlan::LowerNow {
             let (state, shared, key) = (
                 self.index.clone(),
                 self.ctx.shared.clone(),
@@ -486,7 +530,7 @@ impl<A: AgentClass> Instance<A> {
             .await?;
             return Ok(None);
         }
-        if earliest == indexed && !refresh {
+        if plan == IndexPlan::Keep {
             return Ok(None);
         }
         Ok(Some(Raise {
@@ -1001,5 +1045,58 @@ fn panic_message(panic: &(dyn Any + Send)) -> String {
         s.clone()
     } else {
         "(non-string panic payload)".to_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{
+        Batching, Event,
+        IndexPlan::{self, *},
+    };
+    use tokio::sync::mpsc;
+
+    #[tokio::test]
+    async fn a_batch_takes_what_is_queued_up_to_its_limit_and_waits_one_round_once() {
+        let (tx, mut rx) = mpsc::channel(16);
+        for _ in 0..3 {
+            tx.send(Event::Warm).await.unwrap();
+        }
+        let mut batch = Batching::new(3);
+        assert!(batch.next(1, &mut rx).await.is_some());
+        assert!(batch.next(2, &mut rx).await.is_some());
+        assert!(batch.next(3, &mut rx).await.is_none(), "full: commit now");
+        // Empty: one scheduler round for a sender that is about to send...
+        let late = tokio::spawn({
+            let tx = tx.clone();
+            async move { tx.send(Event::Warm).await.unwrap() }
+        });
+        let mut batch = Batching::new(256);
+        assert!(batch.next(1, &mut rx).await.is_some(), "the queued one");
+        assert!(
+            batch.next(2, &mut rx).await.is_some(),
+            "the late one joined"
+        );
+        late.await.unwrap();
+        // ...but only once per batch.
+        assert!(batch.next(3, &mut rx).await.is_none());
+    }
+
+    #[test]
+    fn the_alarm_index_is_early_never_late() {
+        // Earlier than the index, or new: written before the commit.
+        assert_eq!(IndexPlan::of(Some(5), Some(9), false), LowerNow);
+        assert_eq!(IndexPlan::of(Some(5), None, false), LowerNow);
+        // Later, or gone: only once the commit is durable (until then the index stays early).
+        assert_eq!(IndexPlan::of(Some(9), Some(5), false), RaiseWhenDurable);
+        assert_eq!(IndexPlan::of(None, Some(5), false), RaiseWhenDurable);
+        // Unchanged: nothing, unless the timer took the entry.
+        assert_eq!(IndexPlan::of(Some(5), Some(5), false), Keep);
+        assert_eq!(IndexPlan::of(None, None, false), Keep);
+        assert_eq!(IndexPlan::of(Some(5), Some(5), true), RaiseWhenDurable);
+        // Never lowered late: whatever the entry, an earlier time is written at once.
+        for old in [None, Some(6), Some(u64::MAX)] {
+            assert_eq!(IndexPlan::of(Some(5), old, true), LowerNow, "{old:?}");
+        }
     }
 }
