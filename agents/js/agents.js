@@ -353,7 +353,8 @@ export class AgentClient {
       if (error || this.closed || !this.reconnect) {
         // Refused (no use trying again), never connected, or closed for good.
         this.closed = true;
-        this._failAll(error ?? new AgentError("internal", "the connection closed"));
+        error ??= new AgentError("internal", "the connection closed");
+        this._failAll(error);
         reject?.(error);
         reject = undefined;
         return;
