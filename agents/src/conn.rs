@@ -79,36 +79,95 @@ impl WsMessage {
     }
 }
 
-/// A value encoded for both protocols at once: it is sent to connections of either kind.
-/// Some types have no postcard form (`serde_json::Value`, tagged enums): postcard connections
-/// then get an error frame that says so.
-#[derive(Debug)]
-pub(crate) struct Encoded {
-    pub json: String,
-    pub postcard: Result<Vec<u8>, String>,
+/// Which encodings the connections a value goes to speak: a value is encoded only in those.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Speaks {
+    /// JSON text: `agents.v1.json`, and raw connections (which get an event's JSON).
+    pub json: bool,
+    /// `agents.v1.postcard`.
+    pub postcard: bool,
 }
 
-impl Encoded {
-    /// The JSON as a value.
-    pub fn json_value(&self) -> serde_json::Value {
-        serde_json::from_str(&self.json).unwrap_or(serde_json::Value::Null)
+impl Speaks {
+    /// Both.
+    pub const ALL: Speaks = Speaks {
+        json: true,
+        postcard: true,
+    };
+
+    /// What a connection of `protocol` speaks.
+    pub fn of(protocol: Protocol) -> Self {
+        match protocol {
+            Protocol::Postcard => Speaks {
+                json: false,
+                postcard: true,
+            },
+            Protocol::Json | Protocol::Raw => Speaks {
+                json: true,
+                postcard: false,
+            },
+        }
     }
 }
 
+/// A value encoded for the protocols the connections it goes to speak (see [`Speaks`]). Some
+/// types have no postcard form (`serde_json::Value`, tagged enums): postcard connections then
+/// get an error frame that says so.
+#[derive(Debug)]
+pub(crate) struct Encoded {
+    json: Option<String>,
+    postcard: Option<Result<Vec<u8>, String>>,
+}
+
 impl Encoded {
-    pub fn new<T: Serialize + ?Sized>(value: &T, what: &str) -> Result<Self, Error> {
-        Ok(Encoded {
-            json: serde_json::to_string(value)
-                .map_err(|e| Error::Codec(format!("{what} as JSON: {e}")))?,
-            postcard: agents_client::Codec::Postcard
+    /// `value` in what `speaks` says; `what` names it in errors.
+    pub fn new<T: Serialize + ?Sized>(
+        value: &T,
+        what: &str,
+        speaks: Speaks,
+    ) -> Result<Self, Error> {
+        let json = speaks
+            .json
+            .then(|| serde_json::to_string(value))
+            .transpose()
+            .map_err(|e| Error::Codec(format!("{what} as JSON: {e}")))?;
+        let postcard = speaks.postcard.then(|| {
+            agents_client::Codec::Postcard
                 .encode(value)
                 .map(|p| match p {
                     agents_client::Payload::Postcard(bytes) => bytes,
                     _ => unreachable!("postcard encodes to postcard"),
                 })
-                .map_err(|e| format!("{what} cannot be sent in postcard: {e}")),
-        })
+                .map_err(|e| format!("{what} cannot be sent in postcard: {e}"))
+        });
+        Ok(Encoded { json, postcard })
     }
+
+    /// The JSON text, or why there is none.
+    pub fn json(&self) -> Result<&str, String> {
+        self.json.as_deref().ok_or_else(not_encoded)
+    }
+
+    /// The JSON as a value (`null` if there is none).
+    pub fn json_value(&self) -> serde_json::Value {
+        self.json
+            .as_deref()
+            .and_then(|j| serde_json::from_str(j).ok())
+            .unwrap_or(serde_json::Value::Null)
+    }
+
+    /// The postcard bytes, or why there are none.
+    pub fn postcard(&self) -> Result<&[u8], String> {
+        match &self.postcard {
+            Some(Ok(bytes)) => Ok(bytes),
+            Some(Err(why)) => Err(why.clone()),
+            None => Err(not_encoded()),
+        }
+    }
+}
+
+fn not_encoded() -> String {
+    "the value was not encoded for this protocol (no connection spoke it when it was sent)".into()
 }
 
 /// Something an event sends.
@@ -278,7 +337,8 @@ impl<A: AgentClass> Conn<A> {
     /// Sends `event` to this connection: an `event` frame, or its JSON as a text frame on a
     /// connection without a subprotocol.
     pub fn send(&self, event: &A::Event) -> Result<(), Error> {
-        self.deliver(Outgoing::Event(Encoded::new(event, "the event")?));
+        let speaks = Speaks::of(self.protocol);
+        self.deliver(Outgoing::Event(Encoded::new(event, "the event", speaks)?));
         Ok(())
     }
 }
@@ -490,6 +550,18 @@ mod tests {
     impl Agent for RoomV2 {}
     #[agent(conn_state = "MemberV2")]
     impl RoomV2 {}
+
+    #[test]
+    fn a_value_is_encoded_only_for_the_protocols_its_connections_speak() {
+        let json_only = Encoded::new(&5u8, "five", Speaks::of(Protocol::Raw)).unwrap();
+        assert_eq!(json_only.json(), Ok("5"));
+        assert!(json_only.postcard().unwrap_err().contains("not encoded"));
+        let postcard_only = Encoded::new(&5u8, "five", Speaks::of(Protocol::Postcard)).unwrap();
+        assert_eq!(postcard_only.postcard(), Ok(&[5u8][..]));
+        assert!(postcard_only.json().is_err());
+        let both = Encoded::new(&5u8, "five", Speaks::ALL).unwrap();
+        assert_eq!((both.json(), both.postcard()), (Ok("5"), Ok(&[5u8][..])));
+    }
 
     #[test]
     fn connection_state_written_by_one_version_reads_in_the_next() {

@@ -19,7 +19,7 @@ use crate::{
     address::AgentKey,
     agent::AgentClass,
     clock::{from_ms, to_ms},
-    conn::{self, Conn, ConnId, Effect, Effects, Encoded, Outgoing},
+    conn::{self, Conn, ConnId, Effect, Effects, Encoded, Outgoing, Speaks},
     error::Error,
     lock::lock,
     registry::{Chain, Shared},
@@ -442,10 +442,12 @@ impl<A: AgentClass> Ctx<A> {
     }
 
     /// Sends `event` to every open connection except those in `except` (and those whose
-    /// `on_connect` has not succeeded yet), once this event's writes are durable (and not at all if it fails). A connection whose client does not
-    /// keep up is closed; it never slows the others or the agent.
+    /// `on_connect` has not succeeded yet), once this event's writes are durable (and not at
+    /// all if it fails). A connection whose client does not keep up is closed; it never slows
+    /// the others or the agent. The event is encoded only for the protocols they speak.
     pub fn broadcast(&self, event: &A::Event, except: &[ConnId]) -> Result<(), Error> {
-        let outgoing = Arc::new(Outgoing::Event(Encoded::new(event, "the event")?));
+        let speaks = self.shared.sockets.speaks(self.key());
+        let outgoing = Arc::new(Outgoing::Event(Encoded::new(event, "the event", speaks)?));
         conn::push(
             &self.turn.effects,
             Effect::Broadcast(outgoing, except.to_vec()),
@@ -456,7 +458,8 @@ impl<A: AgentClass> Ctx<A> {
     /// Sends `event` to the connection `to` (if it is still open then), after this event's
     /// writes are durable.
     pub fn send(&self, to: &ConnId, event: &A::Event) -> Result<(), Error> {
-        let outgoing = Arc::new(Outgoing::Event(Encoded::new(event, "the event")?));
+        let speaks = self.shared.sockets.speaks(self.key());
+        let outgoing = Arc::new(Outgoing::Event(Encoded::new(event, "the event", speaks)?));
         conn::push(&self.turn.effects, Effect::Send(to.clone(), outgoing));
         Ok(())
     }
@@ -471,8 +474,14 @@ impl<A: AgentClass> Ctx<A> {
     /// Stores the shared state (in this event's transaction) and pushes it to every
     /// connection as a `state` frame once the write is durable.
     pub fn set_state(&self, state: &A::State) -> Result<(), Error> {
-        let encoded = Encoded::new(state, "the shared state")?;
-        conn::store_state(self.sql(), &Stored::Json(encoded.json.clone()))?;
+        // JSON always: it is what is stored.
+        let speaks = Speaks {
+            json: true,
+            ..self.shared.sockets.speaks(self.key())
+        };
+        let encoded = Encoded::new(state, "the shared state", speaks)?;
+        let json = encoded.json().map_err(Error::Codec)?.to_owned();
+        conn::store_state(self.sql(), &Stored::Json(json))?;
         conn::push(
             &self.turn.effects,
             Effect::Broadcast(Arc::new(Outgoing::State(encoded)), Vec::new()),

@@ -35,7 +35,7 @@ use crate::{
     address::AgentKey,
     agent::{AgentClass, AppError, HttpRequest, HttpResponse, Invocation},
     clock::from_ms,
-    conn::{self, ConnId, Effect, Encoded, Outgoing, Protocol, WsMessage},
+    conn::{self, ConnId, Effect, Encoded, Outgoing, Protocol, Speaks, WsMessage},
     context::{Ctx, Ended, Turn},
     error::Error,
     gate::{fail, release, AfterDurable, Outbox, Responder, Syncer, WalSync},
@@ -388,7 +388,8 @@ impl<A: AgentClass> Instance<A> {
                         tracing::debug!("on_message failed: {e}");
                         // The application's error goes in both encodings, as a call's would.
                         let data = e.data.take().and_then(|d| d.decode::<AppError>().ok());
-                        let data = data.and_then(|d| Encoded::new(&d, "the error").ok());
+                        let data =
+                            data.and_then(|d| Encoded::new(&d, "the error", Speaks::ALL).ok());
                         let error = Outgoing::Error(e, data);
                         self.frames(&mut outbox, vec![Effect::Send(conn, Arc::new(error))]);
                     }
@@ -850,8 +851,8 @@ impl<A: AgentClass> Instance<A> {
                 let state: A::State = stored
                     .decode("the shared state")
                     .map_err(RawError::internal)?;
-                let encoded =
-                    Encoded::new(&state, "the shared state").map_err(RawError::internal)?;
+                let encoded = Encoded::new(&state, "the shared state", Speaks::of(*protocol))
+                    .map_err(RawError::internal)?;
                 conn::push(
                     &self.ctx.turn.effects,
                     Effect::Send(id.clone(), Arc::new(Outgoing::State(encoded))),

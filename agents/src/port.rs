@@ -4,7 +4,7 @@
 
 use crate::{
     address::AgentKey,
-    conn::{ConnId, Effect},
+    conn::{ConnId, Effect, Speaks},
     registry::CallReply,
 };
 
@@ -19,6 +19,8 @@ pub(crate) trait Connections: Send + Sync + 'static {
     fn ids(&self, key: &AgentKey) -> Vec<ConnId>;
     /// Whether `key`'s connection `id` is open.
     fn is_open(&self, key: &AgentKey, id: &ConnId) -> bool;
+    /// What `key`'s open connections speak (a value they are sent is encoded in that only).
+    fn speaks(&self, key: &AgentKey) -> Speaks;
     /// How many connections `key` has open.
     fn count_of(&self, key: &AgentKey) -> usize;
     /// How many connections are open, over all agents.

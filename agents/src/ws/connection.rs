@@ -44,7 +44,7 @@ use tracing::Instrument;
 use crate::{
     address::AgentKey,
     agent::{Invocation, Refusal},
-    conn::{close_reason, ConnId, Effect, Outgoing, Protocol, WsMessage},
+    conn::{close_reason, ConnId, Effect, Outgoing, Protocol, Speaks, WsMessage},
     lock::lock,
     port::Connections,
     registry::{CallEvent, Chain, Class, Event, ReplyTo},
@@ -149,6 +149,19 @@ impl Connections for Sockets {
     }
 
     /// How many sockets `key` has open.
+    fn speaks(&self, key: &AgentKey) -> Speaks {
+        let mut speaks = Speaks::default();
+        if let Some(conns) = self.of(key) {
+            for socket in lock(&conns).values() {
+                match socket.wire {
+                    Wire::Postcard => speaks.postcard = true,
+                    Wire::Json | Wire::Raw => speaks.json = true,
+                }
+            }
+        }
+        speaks
+    }
+
     fn count_of(&self, key: &AgentKey) -> usize {
         self.of(key).map_or(0, |conns| lock(&conns).len())
     }
@@ -358,22 +371,30 @@ impl Wire {
             (Outgoing::Raw(WsMessage::Text(t)), _) => Message::Text(t.clone().into()),
             (Outgoing::Raw(WsMessage::Binary(b)), _) => Message::Binary(b.clone().into()),
             (Outgoing::Close(code, reason), _) => close(*code, reason),
-            (Outgoing::Event(e), Wire::Raw) => Message::Text(e.json.clone().into()),
+            (Outgoing::Event(e), Wire::Raw) => Message::Text(e.json().ok()?.to_owned().into()),
             (Outgoing::State(_) | Outgoing::Error(..), Wire::Raw) => return None,
             (Outgoing::Event(e), wire) => wire.frame(
-                || protocol::event_frame(&e.json),
-                || match &e.postcard {
-                    Ok(data) => protocol::PostcardServerFrame::Event { data: data.clone() },
-                    Err(why) => protocol::PostcardServerFrame::failed(why),
+                || match e.json() {
+                    Ok(json) => protocol::event_frame(json),
+                    Err(why) => protocol::error_frame(&RawError::internal(why)),
+                },
+                || match e.postcard() {
+                    Ok(data) => protocol::PostcardServerFrame::Event {
+                        data: data.to_vec(),
+                    },
+                    Err(why) => protocol::PostcardServerFrame::failed(&why),
                 },
             ),
             (Outgoing::State(s), wire) => wire.frame(
-                || protocol::state_frame(&s.json),
-                || match &s.postcard {
+                || match s.json() {
+                    Ok(json) => protocol::state_frame(json),
+                    Err(why) => protocol::error_frame(&RawError::internal(why)),
+                },
+                || match s.postcard() {
                     Ok(state) => protocol::PostcardServerFrame::State {
-                        state: state.clone(),
+                        state: state.to_vec(),
                     },
-                    Err(why) => protocol::PostcardServerFrame::failed(why),
+                    Err(why) => protocol::PostcardServerFrame::failed(&why),
                 },
             ),
             (Outgoing::Error(error, data), wire) => wire.frame(
@@ -386,7 +407,9 @@ impl Wire {
                 },
                 || protocol::PostcardServerFrame::Failed {
                     error: protocol::WireError {
-                        data: data.as_ref().and_then(|d| d.postcard.clone().ok()),
+                        data: data
+                            .as_ref()
+                            .and_then(|d| d.postcard().ok().map(<[u8]>::to_vec)),
                         ..protocol::WireError::from(error)
                     },
                 },
