@@ -294,12 +294,7 @@ impl Callable {
             internal,
             schedule,
             vis: f.vis.clone(),
-            docs: f
-                .attrs
-                .iter()
-                .filter(|a| a.path().is_ident("doc"))
-                .cloned()
-                .collect(),
+            docs: docs(&f.attrs),
             is_async: sig.asyncness.is_some(),
             receiver,
             params,
@@ -362,6 +357,15 @@ pub fn ret_of(output: &ReturnType) -> Ret {
         }
         Ret::Plain((**ty).clone())
     }
+}
+
+/// The doc comments among `attrs` (copied onto the generated client).
+pub fn docs(attrs: &[Attribute]) -> Vec<Attribute> {
+    attrs
+        .iter()
+        .filter(|a| a.path().is_ident("doc"))
+        .cloned()
+        .collect()
 }
 
 /// The type arguments of a path segment: `T, E` of `Result<T, E>`.

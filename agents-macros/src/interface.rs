@@ -9,7 +9,7 @@ use quote::{format_ident, quote, ToTokens};
 use syn::{FnArg, ItemTrait, Pat, Path, ReturnType, TraitItem, TraitItemFn, Type};
 
 use crate::{
-    ast::{combine, ret_of, streaming_args, Ret},
+    ast::{combine, docs, ret_of, streaming_args, Ret},
     attr,
     expand::{client, method_info},
     validate::{Method, CLIENT_METHODS},
@@ -174,12 +174,7 @@ fn method(f: &TraitItemFn, vis: &syn::Visibility) -> syn::Result<Method> {
             ident: name.clone(),
             wire: name.to_string(),
             vis: vis.clone(),
-            docs: f
-                .attrs
-                .iter()
-                .filter(|a| a.path().is_ident("doc"))
-                .cloned()
-                .collect(),
+            docs: docs(&f.attrs),
             args,
             ok,
             err: err_ty,
