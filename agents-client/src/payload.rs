@@ -93,9 +93,7 @@ impl Codec {
     /// [`pass`](Codec::pass)).
     pub fn encode<T: Serialize + ?Sized>(self, value: &T) -> Result<Payload, CodecError> {
         match self {
-            Codec::Postcard => postcard::to_stdvec(value)
-                .map(Payload::Postcard)
-                .map_err(postcard_error),
+            Codec::Postcard => Self::postcard_bytes(value).map(Payload::Postcard),
             Codec::Json => serde_json::to_value(value)
                 .map(Payload::Json)
                 .map_err(|e| CodecError(e.to_string())),
@@ -104,6 +102,11 @@ impl Codec {
                 type_name::<T>()
             ))),
         }
+    }
+
+    /// `value` in postcard; a type postcard cannot carry is refused with what to do instead.
+    pub fn postcard_bytes<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, CodecError> {
+        postcard::to_stdvec(value).map_err(postcard_error)
     }
 
     /// Encodes `value`, or passes it as it is under the `Value` codec.

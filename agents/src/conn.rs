@@ -132,12 +132,7 @@ impl Encoded {
             .transpose()
             .map_err(|e| Error::Codec(format!("{what} as JSON: {e}")))?;
         let postcard = speaks.postcard.then(|| {
-            agents_client::Codec::Postcard
-                .encode(value)
-                .map(|p| match p {
-                    agents_client::Payload::Postcard(bytes) => bytes,
-                    _ => unreachable!("postcard encodes to postcard"),
-                })
+            agents_client::Codec::postcard_bytes(value)
                 .map_err(|e| format!("{what} cannot be sent in postcard: {e}"))
         });
         Ok(Encoded { json, postcard })
@@ -237,6 +232,25 @@ pub enum Protocol {
     Postcard,
     /// No subprotocol: raw frames to and from `on_message`.
     Raw,
+}
+
+impl Protocol {
+    /// As stored with the connection.
+    fn name(self) -> &'static str {
+        match self {
+            Protocol::Json => "json",
+            Protocol::Postcard => "postcard",
+            Protocol::Raw => "raw",
+        }
+    }
+
+    /// The protocol stored as `name` (raw for anything else).
+    fn named(name: &str) -> Self {
+        [Protocol::Json, Protocol::Postcard]
+            .into_iter()
+            .find(|p| p.name() == name)
+            .unwrap_or(Protocol::Raw)
+    }
 }
 
 /// One WebSocket connection of an agent, as handlers see it.
@@ -371,15 +385,10 @@ pub(crate) fn insert(
     protocol: Protocol,
     principal: Option<&str>,
 ) -> Result<(), Error> {
-    let protocol = match protocol {
-        Protocol::Json => "json",
-        Protocol::Postcard => "postcard",
-        Protocol::Raw => "raw",
-    };
     sql.prepare_cached(
         "INSERT OR REPLACE INTO _agents_connections(id, principal, state, protocol) VALUES (?1, ?2, NULL, ?3)",
     )?
-    .execute(params![id.as_str(), principal, protocol])?;
+    .execute(params![id.as_str(), principal, protocol.name()])?;
     Ok(())
 }
 
@@ -423,11 +432,7 @@ pub(crate) fn load<A>(
     let Some((principal, state, protocol)) = row else {
         return Ok(None);
     };
-    let protocol = match protocol.as_deref() {
-        Some("json") => Protocol::Json,
-        Some("postcard") => Protocol::Postcard,
-        _ => Protocol::Raw,
-    };
+    let protocol = Protocol::named(protocol.as_deref().unwrap_or_default());
     let tags: Vec<String> = sql
         .prepare_cached("SELECT tag FROM _agents_conn_tags WHERE conn = ?1 ORDER BY tag")?
         .query_map([id.as_str()], |r| r.get(0))?
@@ -504,20 +509,6 @@ pub(crate) fn store_state(sql: &Connection, state: &Stored) -> Result<(), Error>
         "INSERT INTO _agents_state(id, state) VALUES (0, ?1) ON CONFLICT(id) DO UPDATE SET state = excluded.state",
     )?
     .execute([state])?;
-    Ok(())
-}
-
-/// Brings the runtime's connection tables of a database from before schema 4 up to date (the
-/// tables themselves are created by [`TABLES`]).
-pub(crate) fn upgrade(sql: &Connection) -> Result<(), Error> {
-    let has_protocol: bool = sql.query_row(
-        "SELECT count(*) > 0 FROM pragma_table_info('_agents_connections') WHERE name = 'protocol'",
-        [],
-        |r| r.get(0),
-    )?;
-    if !has_protocol {
-        sql.execute_batch("ALTER TABLE _agents_connections ADD COLUMN protocol TEXT")?;
-    }
     Ok(())
 }
 

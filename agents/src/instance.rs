@@ -831,7 +831,6 @@ impl<A: AgentClass> Instance<A> {
         }
     }
 
-    /// The turn of an event nobody waits on (a hook, a schedule): its calls carry only this agent.
     /// An empty effects list for the next event (the last one's, when nothing holds it).
     fn effects(&mut self) -> conn::Effects {
         self.spare_effects.take().unwrap_or_default()

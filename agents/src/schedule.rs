@@ -232,25 +232,6 @@ pub(crate) const TABLES: &str = "
         kind TEXT NOT NULL, spec TEXT, tz TEXT, attempts INTEGER NOT NULL, error TEXT NOT NULL,
         failed_ms INTEGER NOT NULL, created_ms INTEGER NOT NULL, target_class TEXT, target_name TEXT);";
 
-/// Brings the schedule tables of a database from before schema 4 up to date (the tables
-/// themselves are created by [`TABLES`]).
-pub(crate) fn upgrade(conn: &Connection) -> Result<(), Error> {
-    for table in ["_agents_schedules", "_agents_dead_letters"] {
-        let has_target: bool = conn.query_row(
-            "SELECT count(*) > 0 FROM pragma_table_info(?1) WHERE name = 'target_class'",
-            [table],
-            |r| r.get(0),
-        )?;
-        if !has_target {
-            conn.execute_batch(&format!(
-                "ALTER TABLE {table} ADD COLUMN target_class TEXT;
-                 ALTER TABLE {table} ADD COLUMN target_name TEXT;"
-            ))?;
-        }
-    }
-    Ok(())
-}
-
 /// The agent a row's call goes to, from its two columns.
 fn target(class: Option<String>, name: Option<String>) -> Option<AgentKey> {
     AgentKey::new(&class?, &name?).ok()

@@ -53,6 +53,31 @@ const RUNTIME_SCHEMA: i64 = 0x4167_0004;
 /// Checkpoint once the WAL is larger than this.
 pub(crate) const CHECKPOINT_WAL_BYTES: u64 = 8 << 20;
 
+/// The columns that runtime schema 4 added to tables that existed before it.
+const ADDED_IN_4: &[(&str, &str)] = &[
+    ("_agents_connections", "protocol"),
+    ("_agents_schedules", "target_class"),
+    ("_agents_schedules", "target_name"),
+    ("_agents_dead_letters", "target_class"),
+    ("_agents_dead_letters", "target_name"),
+];
+
+/// Adds to the runtime's tables of an older database the columns it lacks (all TEXT, NULL for
+/// the rows there are).
+fn upgrade(conn: &Connection) -> Result<(), Error> {
+    for (table, column) in ADDED_IN_4 {
+        let has: bool = conn.query_row(
+            "SELECT count(*) > 0 FROM pragma_table_info(?1) WHERE name = ?2",
+            [table, column],
+            |r| r.get(0),
+        )?;
+        if !has {
+            conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} TEXT"))?;
+        }
+    }
+    Ok(())
+}
+
 /// Where the database of `key` lives under `data_dir`.
 pub(crate) fn db_path(data_dir: &Path, key: &AgentKey) -> PathBuf {
     let id = key.id();
@@ -105,8 +130,7 @@ pub(crate) fn open(
         conn.execute_batch(crate::conn::TABLES)?;
         if schema != 0 {
             // Tables from an older runtime: add what they lack (new files have it all).
-            crate::conn::upgrade(&conn)?;
-            crate::schedule::upgrade(&conn)?;
+            upgrade(&conn)?;
         }
         conn.execute(
             "INSERT OR IGNORE INTO _agents_meta(k, v) VALUES ('class', ?1), ('name', ?2)",
@@ -433,6 +457,70 @@ mod tests {
             2
         );
         assert!(matches!(migrate(&conn, &m[..1]), Err(Error::Migration(_))));
+    }
+
+    #[test]
+    fn a_file_of_runtime_schema_3_is_brought_up_to_date_and_keeps_its_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = AgentKey::new("t", "old").unwrap();
+        let path = db_path(dir.path(), &key);
+        fs::create_dir_all(path.parent().unwrap()).unwrap();
+        {
+            // The runtime's tables as schema 3 made them (c454cb6), with a row in each.
+            let old = Connection::open(&path).unwrap();
+            old.execute_batch(
+                "PRAGMA journal_mode = WAL;
+                 CREATE TABLE _agents_meta(k TEXT PRIMARY KEY, v TEXT NOT NULL) WITHOUT ROWID;
+                 CREATE TABLE _agents_kv(k BLOB PRIMARY KEY, v BLOB NOT NULL) WITHOUT ROWID;
+                 CREATE TABLE _agents_schedules(
+                     id INTEGER PRIMARY KEY AUTOINCREMENT, key TEXT UNIQUE, method TEXT NOT NULL, args BLOB NOT NULL,
+                     kind TEXT NOT NULL, spec TEXT, tz TEXT, next_ms INTEGER NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
+                     created_ms INTEGER NOT NULL, last_error TEXT);
+                 CREATE TABLE _agents_dead_letters(
+                     id INTEGER PRIMARY KEY AUTOINCREMENT, key TEXT, method TEXT NOT NULL, args BLOB NOT NULL,
+                     kind TEXT NOT NULL, spec TEXT, tz TEXT, attempts INTEGER NOT NULL, error TEXT NOT NULL,
+                     failed_ms INTEGER NOT NULL, created_ms INTEGER NOT NULL);
+                 CREATE TABLE _agents_connections(id TEXT PRIMARY KEY, principal TEXT, state BLOB) WITHOUT ROWID;
+                 INSERT INTO _agents_meta VALUES ('class', 't'), ('name', 'old');
+                 INSERT INTO _agents_schedules(method, args, kind, next_ms, created_ms) VALUES ('tick', x'', 'once', 5, 1);
+                 INSERT INTO _agents_dead_letters(method, args, kind, attempts, error, failed_ms, created_ms)
+                     VALUES ('gone', x'', 'once', 7, 'no', 3, 1);
+                 INSERT INTO _agents_connections VALUES ('c1', 'ann', NULL);
+                 PRAGMA application_id = 1097269251;", // 0x4167_0003
+            )
+            .unwrap();
+        }
+        let (conn, _) = open(dir.path(), &key, Durability::Normal).unwrap();
+        let rows = crate::schedule::list(&conn).unwrap();
+        assert_eq!(
+            (rows[0].method.as_str(), rows[0].target.as_ref()),
+            ("tick", None)
+        );
+        let dead = crate::schedule::dead_letters(&conn).unwrap();
+        assert_eq!(
+            (dead[0].method.as_str(), dead[0].target.as_ref()),
+            ("gone", None)
+        );
+        let id = crate::conn::ConnId::new("c1".into());
+        let old: crate::conn::Conn<()> = crate::conn::load(&conn, &id, &Default::default())
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (old.principal(), old.protocol()),
+            (Some("ann"), crate::conn::Protocol::Raw),
+            "a connection from before records no protocol"
+        );
+        // New rows use the new columns.
+        let new = crate::conn::ConnId::new("c2".into());
+        crate::conn::insert(&conn, &new, crate::conn::Protocol::Json, None).unwrap();
+        let new: crate::conn::Conn<()> = crate::conn::load(&conn, &new, &Default::default())
+            .unwrap()
+            .unwrap();
+        assert_eq!(new.protocol(), crate::conn::Protocol::Json);
+        let version: i64 = conn
+            .query_row("PRAGMA application_id", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, RUNTIME_SCHEMA);
     }
 
     #[test]
