@@ -93,6 +93,8 @@ fn runtime() -> TestRuntime {
 #[tokio::test]
 async fn calls_to_other_agents_are_delivered_from_the_queue() {
     let rt = runtime();
+    let start = rt.now();
+    assert_eq!(rt.clock().now(), start, "the manual clock stands still");
     let out = rt.agent::<Outbox>("out");
     out.send("ann".into(), "now".into(), 0).await.unwrap();
     out.send("ann".into(), "later".into(), 3600).await.unwrap();
@@ -104,6 +106,7 @@ async fn calls_to_other_agents_are_delivered_from_the_queue() {
         ["now", "later"]
     );
     assert_eq!(out.queued().await.unwrap(), 0);
+    assert_eq!(rt.now(), start + Duration::from_secs(3600));
 }
 
 #[tokio::test]

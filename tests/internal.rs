@@ -104,4 +104,12 @@ async fn a_class_describes_what_it_serves() {
     );
     let (status, _) = http_request(addr, "GET", "/agents/limiter", "").await;
     assert_eq!(status, 404, "an internal class is not described");
+    // The JavaScript client and its types are served as they are in the repository.
+    for (path, file) in [
+        ("/agents.js", agents::JS_CLIENT),
+        ("/agents.d.ts", agents::JS_TYPES),
+    ] {
+        let (status, body) = http_request(addr, "GET", path, "").await;
+        assert_eq!((status, body.as_str()), (200, Some(file)), "{path}");
+    }
 }

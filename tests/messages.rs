@@ -102,12 +102,18 @@ impl Agent for Census {
             .connection(conn.id())?
             .and_then(|c| c.state().ok().flatten());
         ctx.kv().put("seen", &(states, tagged, own))?;
+        ctx.kv().put("count", &ctx.connection_count())?;
         Ok(())
     }
 }
 
 #[agent(conn_state = "String")]
 impl Census {
+    #[callable]
+    pub async fn count(&mut self, ctx: &mut Ctx<Self>) -> Result<Option<usize>, AppError> {
+        Ok(ctx.kv().get("count")?)
+    }
+
     #[callable]
     pub async fn seen(
         &mut self,
@@ -135,4 +141,5 @@ async fn an_event_sees_the_connection_changes_it_made() {
     }
     let member = format!("member {id}");
     assert_eq!(seen, Some((vec![member.clone()], 1, Some(member))));
+    assert_eq!(rt.agent::<Census>("c").count().await, Ok(Some(1)));
 }

@@ -39,7 +39,7 @@ use crate::{
     address::AgentKey,
     agent::{AgentClass, Principal},
     error::Error,
-    registry::Event,
+    registry::{Class, Event},
     runtime::{call_value, Caller, Runtime},
     ws,
 };
@@ -48,8 +48,14 @@ use crate::{
 /// `.nest`) in an application of your own.
 pub fn router(runtime: Runtime) -> Router {
     Router::new()
-        .route("/agents.js", get(js_client))
-        .route("/agents.d.ts", get(js_types))
+        .route(
+            "/agents.js",
+            get(|| async { file("text/javascript; charset=utf-8", JS_CLIENT) }),
+        )
+        .route(
+            "/agents.d.ts",
+            get(|| async { file("application/typescript; charset=utf-8", JS_TYPES) }),
+        )
         .route("/agents/{class}", get(describe))
         .route("/agents/{class}/{name}", any(ws::agent_root))
         .route("/agents/{class}/{name}/call/{method}", post(call))
@@ -60,16 +66,14 @@ pub fn router(runtime: Runtime) -> Router {
 /// The JavaScript client, `agents/js/agents.js`: one dependency-free ES module.
 pub const JS_CLIENT: &str = include_str!("../js/agents.js");
 
-/// `GET /agents.js`: the JavaScript client, so that a page needs no build step.
-async fn js_client() -> Response {
-    (
-        [
-            (header::CONTENT_TYPE, "text/javascript; charset=utf-8"),
-            (header::CACHE_CONTROL, "no-cache"),
-        ],
-        JS_CLIENT,
-    )
-        .into_response()
+/// `GET /agents.js` and `/agents.d.ts`: the JavaScript client and its types, so that a page
+/// needs no build step.
+fn file(content_type: &'static str, body: &'static str) -> Response {
+    let headers = [
+        (header::CONTENT_TYPE, content_type),
+        (header::CACHE_CONTROL, "no-cache"),
+    ];
+    (headers, body).into_response()
 }
 
 /// `GET /agents/{class}`: what the class offers the network, for tools and generated clients:
@@ -77,10 +81,9 @@ async fn js_client() -> Response {
 /// "error":"AppError"}]}` (types as written in Rust; `error` is null for a callable that cannot
 /// fail). `#[callable(internal)]` methods are left out; an internal class is 404.
 async fn describe(State(runtime): State<Runtime>, Path(class): Path<String>) -> Response {
-    let served = runtime.shared().class(&class).filter(|c| !c.internal);
-    let Some(served) = served else {
-        let e = RawError::bad_args(format!("no agent class `{class}` is served here"));
-        return with_status(StatusCode::NOT_FOUND, e);
+    let served = match served(&runtime, &class) {
+        Ok(served) => served,
+        Err(refused) => return refused.into_response(),
     };
     let methods: Vec<_> = served
         .methods
@@ -100,18 +103,6 @@ async fn describe(State(runtime): State<Runtime>, Path(class): Path<String>) -> 
 
 /// The JavaScript client's type declarations, `agents/js/agents.d.ts`.
 pub const JS_TYPES: &str = include_str!("../js/agents.d.ts");
-
-/// `GET /agents.d.ts`: the JavaScript client's type declarations.
-async fn js_types() -> Response {
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/typescript; charset=utf-8",
-        )],
-        JS_TYPES,
-    )
-        .into_response()
-}
 
 /// Checks the address and runs the class's `on_before_request`; then reads the body (up to the
 /// message-size limit). On failure, the response to give.
@@ -155,13 +146,21 @@ impl IntoResponse for NotServed {
 /// that is not `#[agent(internal)]`; else why not (400 for an invalid name, 404 for a class
 /// that is not served, the same whether it is unknown or internal).
 pub(crate) fn address(runtime: &Runtime, class: &str, name: &str) -> Result<AgentKey, NotServed> {
-    let served = runtime.shared().class(class).is_some_and(|c| !c.internal);
-    if !served {
-        let e = RawError::bad_args(format!("no agent class `{class}` is served here"));
-        return Err(NotServed(StatusCode::NOT_FOUND, e));
-    }
+    served(runtime, class)?;
     AgentKey::new(class, name)
         .map_err(|e| NotServed(StatusCode::BAD_REQUEST, RawError::bad_args(e)))
+}
+
+/// The registered class `class` if the network may reach it (not `#[agent(internal)]`); 404
+/// otherwise, the same whether it is unknown or internal.
+fn served(runtime: &Runtime, class: &str) -> Result<Class, NotServed> {
+    match runtime.shared().class(class) {
+        Some(c) if !c.internal => Ok(c),
+        _ => {
+            let e = RawError::bad_args(format!("no agent class `{class}` is served here"));
+            Err(NotServed(StatusCode::NOT_FOUND, e))
+        }
+    }
 }
 
 /// Hands a request to the agent's `on_request`, after its `on_before_request`.
