@@ -84,7 +84,7 @@ type AgentSockets = Mutex<HashMap<ConnId, Socket>>;
 /// admitted it (until then it gets only what is sent to it by id, never a broadcast).
 struct Socket {
     out: Outbound,
-    wire: Wire,
+    wire: Protocol,
     admitted: bool,
 }
 
@@ -96,7 +96,7 @@ impl Sockets {
 
     // Adding and removing hold the outer lock too, so that an agent's map is never dropped
     // from it while a socket is being added to that map.
-    fn add(&self, key: &AgentKey, id: ConnId, out: Outbound, wire: Wire) {
+    fn add(&self, key: &AgentKey, id: ConnId, out: Outbound, wire: Protocol) {
         let mut all = lock(&self.by_agent);
         let conns = all.entry(key.clone()).or_default();
         let socket = Socket {
@@ -153,10 +153,9 @@ impl Connections for Sockets {
         let mut speaks = Speaks::default();
         if let Some(conns) = self.of(key) {
             for socket in lock(&conns).values() {
-                match socket.wire {
-                    Wire::Postcard => speaks.postcard = true,
-                    Wire::Json | Wire::Raw => speaks.json = true,
-                }
+                let one = Speaks::of(socket.wire);
+                speaks.json |= one.json;
+                speaks.postcard |= one.postcard;
             }
         }
         speaks
@@ -285,9 +284,9 @@ async fn upgrade(
         Err(refusal) => return refused(ws, refusal),
     };
     let wire = match ws.selected_protocol().map(|p| p.as_bytes()) {
-        Some(p) if p == protocol::JSON_PROTOCOL.as_bytes() => Wire::Json,
-        Some(p) if p == protocol::POSTCARD_PROTOCOL.as_bytes() => Wire::Postcard,
-        _ => Wire::Raw,
+        Some(p) if p == protocol::JSON_PROTOCOL.as_bytes() => Protocol::Json,
+        Some(p) if p == protocol::POSTCARD_PROTOCOL.as_bytes() => Protocol::Postcard,
+        _ => Protocol::Raw,
     };
     // Served by a task of its own, not inside axum's upgrade task: that one ends at once and
     // frees what it holds, instead of living as long as the connection.
@@ -320,27 +319,6 @@ pub(crate) async fn refuse(runtime: &Runtime, request: Request, refusal: Respons
     }
 }
 
-/// The frame encoding a connection chose.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub(crate) enum Wire {
-    /// Text frames of JSON.
-    Json = 0,
-    /// Binary frames of postcard.
-    Postcard = 1,
-    /// No subprotocol: frames as they are.
-    Raw = 2,
-}
-
-impl From<Wire> for Protocol {
-    fn from(wire: Wire) -> Self {
-        match wire {
-            Wire::Json => Protocol::Json,
-            Wire::Postcard => Protocol::Postcard,
-            Wire::Raw => Protocol::Raw,
-        }
-    }
-}
-
 /// A frame from the client, whatever its encoding.
 enum Incoming {
     Call {
@@ -364,15 +342,15 @@ enum Incoming {
     },
 }
 
-impl Wire {
+impl Protocol {
     /// What the agent sends, as a frame of this protocol (`None`: not for this protocol).
     fn outgoing(self, outgoing: &Outgoing) -> Option<Message> {
         Some(match (outgoing, self) {
             (Outgoing::Raw(WsMessage::Text(t)), _) => Message::Text(t.clone().into()),
             (Outgoing::Raw(WsMessage::Binary(b)), _) => Message::Binary(b.clone().into()),
             (Outgoing::Close(code, reason), _) => close(*code, reason),
-            (Outgoing::Event(e), Wire::Raw) => Message::Text(e.json().ok()?.to_owned().into()),
-            (Outgoing::State(_) | Outgoing::Error(..), Wire::Raw) => return None,
+            (Outgoing::Event(e), Protocol::Raw) => Message::Text(e.json().ok()?.to_owned().into()),
+            (Outgoing::State(_) | Outgoing::Error(..), Protocol::Raw) => return None,
             (Outgoing::Event(e), wire) => wire.frame(
                 || match e.json() {
                     Ok(json) => protocol::event_frame(json),
@@ -424,8 +402,8 @@ impl Wire {
         postcard: impl FnOnce() -> protocol::PostcardServerFrame,
     ) -> Message {
         match self {
-            Wire::Json | Wire::Raw => Message::Text(json().into()),
-            Wire::Postcard => Message::Binary(protocol::to_postcard(&postcard()).into()),
+            Protocol::Json | Protocol::Raw => Message::Text(json().into()),
+            Protocol::Postcard => Message::Binary(protocol::to_postcard(&postcard()).into()),
         }
     }
 
@@ -469,13 +447,13 @@ impl Wire {
     /// Reads one data frame.
     fn parse(self, frame: &Message) -> Result<Incoming, String> {
         match (self, frame) {
-            (Wire::Raw, Message::Text(text)) => {
+            (Protocol::Raw, Message::Text(text)) => {
                 Ok(Incoming::Message(WsMessage::Text(text.as_str().to_owned())))
             }
-            (Wire::Raw, Message::Binary(bytes)) => {
+            (Protocol::Raw, Message::Binary(bytes)) => {
                 Ok(Incoming::Message(WsMessage::Binary(bytes.to_vec())))
             }
-            (Wire::Json, Message::Text(text)) => {
+            (Protocol::Json, Message::Text(text)) => {
                 match protocol::ClientFrame::from_json(text.as_str())? {
                     protocol::ClientFrame::Call {
                         id,
@@ -504,7 +482,7 @@ impl Wire {
                     }
                 }
             }
-            (Wire::Postcard, Message::Binary(bytes)) => match postcard::from_bytes(bytes) {
+            (Protocol::Postcard, Message::Binary(bytes)) => match postcard::from_bytes(bytes) {
                 Ok(protocol::PostcardClientFrame::Call {
                     id,
                     method,
@@ -528,13 +506,13 @@ impl Wire {
                     protocol::POSTCARD_PROTOCOL
                 )),
             },
-            (Wire::Json, _) => {
+            (Protocol::Json, _) => {
                 Err("binary frames are not part of agents.v1.json; send JSON text frames".into())
             }
-            (Wire::Postcard, _) => {
+            (Protocol::Postcard, _) => {
                 Err("text frames are not part of agents.v1.postcard; send binary frames".into())
             }
-            (Wire::Raw, _) => Err("not a data frame".into()),
+            (Protocol::Raw, _) => Err("not a data frame".into()),
         }
     }
 }
@@ -545,7 +523,7 @@ fn serve(
     runtime: Runtime,
     key: AgentKey,
     socket: WebSocket,
-    wire: Wire,
+    wire: Protocol,
     principal: Option<String>,
 ) -> impl Future<Output = ()> {
     let conn = next_conn_id();
@@ -585,7 +563,7 @@ struct Connection {
     runtime: Runtime,
     key: AgentKey,
     conn: ConnId,
-    wire: Wire,
+    wire: Protocol,
     /// What `on_before_connect` passed on: the principal of every call on this connection.
     principal: Option<Arc<str>>,
 }
@@ -642,13 +620,13 @@ impl Connection {
         let shared = self.runtime.shared().clone();
         let sockets = self.runtime.sockets();
         sockets.add(&self.key, self.conn.clone(), out.clone(), self.wire);
-        if self.wire != Wire::Raw {
+        if self.wire != Protocol::Raw {
             out.send(self.wire.identity(&self.key, self.conn.as_str()));
         }
         let (done, connected) = oneshot::channel();
         let event = Event::Connect {
             conn: self.conn.clone(),
-            protocol: self.wire.into(),
+            protocol: self.wire,
             principal: self.principal.as_deref().map(str::to_owned),
             done,
         };

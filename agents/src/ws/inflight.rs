@@ -14,8 +14,8 @@ use std::{
 use agents_client::{Codec, Payload, RawError, RawStream};
 use tokio::{sync::Notify, task::AbortHandle, time::Instant};
 
-use super::{connection::Wire, outbound::Outbound};
-use crate::{lock::lock, port::ReplyPort, registry::CallReply, stream::Returned};
+use super::outbound::Outbound;
+use crate::{conn::Protocol, lock::lock, port::ReplyPort, registry::CallReply, stream::Returned};
 
 /// The table of one connection's calls in flight.
 #[derive(Default)]
@@ -57,7 +57,7 @@ impl InFlight {
         id: u64,
         deadline: Instant,
         out: &Outbound,
-        wire: Wire,
+        wire: Protocol,
         codec: Codec,
     ) -> Option<SocketReply> {
         let mut table = self.table();
@@ -153,7 +153,7 @@ pub(crate) struct SocketReply {
     seq: u64,
     calls: Arc<InFlight>,
     out: Outbound,
-    wire: Wire,
+    wire: Protocol,
     /// The codec of the call's arguments (and so of the `()` that ends a stream).
     codec: Codec,
 }
@@ -280,11 +280,11 @@ mod tests {
     async fn a_call_is_answered_once_by_whoever_takes_it_first() {
         let (calls, out, frames) = socket();
         let reply = calls
-            .start(1, later(), &out, Wire::Json, Codec::Json)
+            .start(1, later(), &out, Protocol::Json, Codec::Json)
             .unwrap();
         assert!(
             calls
-                .start(1, later(), &out, Wire::Json, Codec::Json)
+                .start(1, later(), &out, Protocol::Json, Codec::Json)
                 .is_none(),
             "id 1 is in flight"
         );
@@ -302,11 +302,11 @@ mod tests {
     async fn a_reused_id_is_not_answered_by_the_call_that_had_it() {
         let (calls, out, frames) = socket();
         let old = calls
-            .start(7, later(), &out, Wire::Json, Codec::Json)
+            .start(7, later(), &out, Protocol::Json, Codec::Json)
             .unwrap();
         calls.cancel(7);
         let new = calls
-            .start(7, later(), &out, Wire::Json, Codec::Json)
+            .start(7, later(), &out, Protocol::Json, Codec::Json)
             .unwrap();
         old.answer_with(value(1));
         assert!(
@@ -322,9 +322,11 @@ mod tests {
     async fn deadlines_take_out_only_the_calls_due() {
         let (calls, out, _frames) = socket();
         let now = Instant::now();
-        let _due = calls.start(1, now, &out, Wire::Json, Codec::Json).unwrap();
+        let _due = calls
+            .start(1, now, &out, Protocol::Json, Codec::Json)
+            .unwrap();
         let _later = calls
-            .start(2, later(), &out, Wire::Json, Codec::Json)
+            .start(2, later(), &out, Protocol::Json, Codec::Json)
             .unwrap();
         let mut expired = Vec::new();
         let next = calls.expire(now, |id| expired.push(id));
