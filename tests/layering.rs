@@ -1,8 +1,10 @@
 //! The house's layering, checked over the source: the core of the runtime (activation,
 //! instances, `Ctx`, storage, schedules, the output gate) names nothing of the WebSocket wing
 //! (the sockets, their frames, calls in flight, the outbound queues, the HTTP routes): it reaches
-//! connections only through the delivery port (`port.rs`). `runtime.rs` is where both are put
-//! together. Run it alone with `cargo test --test layering`.
+//! connections only through the delivery port (`port.rs`); the wing reaches the core only
+//! through the same module (its `Door`, and the vocabulary both share). `runtime.rs` is where
+//! both are put together, and `server.rs` (the router) hands the wing its upgrades. Run it alone
+//! with `cargo test --test layering`.
 
 use std::path::Path;
 
@@ -55,4 +57,50 @@ fn the_core_names_nothing_of_the_websocket_wing() {
             "{name}: say whether it is core or wing in tests/layering.rs"
         );
     }
+}
+
+/// What the wing (`ws/`) may name of the rest of the crate: the port, and the lock helper.
+const WING_MAY_NAME: &[&str] = &["port", "lock"];
+
+#[test]
+fn the_websocket_wing_reaches_the_core_only_through_the_port() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("agents/src/ws");
+    let mut offenses = Vec::new();
+    let mut files = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let text = std::fs::read_to_string(&path).unwrap();
+        files += 1;
+        for (n, line) in text.lines().enumerate() {
+            let code = line.split("//").next().unwrap_or_default();
+            // `crate::x::..` names module `x`; a `crate::{..}` list is written per module instead,
+            // so that this stays a check over single lines.
+            for (at, _) in code.match_indices("crate::") {
+                let after = &code[at + "crate::".len()..];
+                let module: String = after
+                    .chars()
+                    .take_while(|c| c.is_alphanumeric() || *c == '_')
+                    .collect();
+                if !WING_MAY_NAME.contains(&module.as_str()) {
+                    offenses.push(format!(
+                        "ws/{}:{}: {}",
+                        path.file_name().unwrap().to_string_lossy(),
+                        n + 1,
+                        line.trim()
+                    ));
+                }
+            }
+            // Nor may it climb out of `ws/` by `super::super::..` (tests inside a module of the
+            // wing reach its siblings that way: two levels, not three).
+            if code.contains("super::super::super::") {
+                offenses.push(format!("ws: {}", line.trim()));
+            }
+        }
+    }
+    assert!(files >= 5, "the wing's files were not found in {dir:?}");
+    assert!(
+        offenses.is_empty(),
+        "the WebSocket wing names the core other than through crate::port:\n{}",
+        offenses.join("\n")
+    );
 }

@@ -1,12 +1,27 @@
-//! The delivery port: what the core (registry, instances, `Ctx`) needs of the front ends that
-//! hold connections, and nothing more. The WebSocket wing implements it; the core names no type
-//! of the wing (`tests/layering.rs` checks the imports).
+//! The ports between the core and its front ends: what the core (registry, instances, `Ctx`)
+//! needs of the front ends that hold connections (`Connections`, `ReplyPort`), and the one way
+//! in a front end has (`Door`), with the vocabulary both sides share. The WebSocket wing
+//! implements the first and uses the second; it names nothing else of the core, and the core
+//! names nothing of it (`tests/layering.rs` checks both).
 
-use crate::{
+use std::{sync::Arc, time::Duration};
+
+use tokio::{sync::oneshot, time::Instant};
+
+pub(crate) use crate::{
     address::AgentKey,
-    conn::{ConnId, Effect, Speaks},
+    agent::{Admission, Refusal, RequestHead},
+    conn::{close_reason, ConnId, Effect, Outgoing, Protocol, Speaks, WsMessage},
     registry::CallReply,
+    stream::Returned,
 };
+use crate::{
+    agent::Invocation,
+    error::Error,
+    registry::{CallEvent, Chain, Event, ReplyTo, Shared},
+};
+use agents_client::{Payload, RawError};
+use axum::{http::StatusCode, response::IntoResponse};
 
 /// The close code of a normal closure.
 pub(crate) const NORMAL_CLOSURE: u16 = 1000;
@@ -38,4 +53,132 @@ pub(crate) trait ReplyPort: Send + 'static {
     fn is_gone(&self) -> bool;
     /// Delivers the reply (dropped if nobody waits for it).
     fn send(self: Box<Self>, reply: CallReply);
+}
+
+/// A call a connection made.
+pub(crate) struct ConnCall {
+    pub method: String,
+    pub args: Payload,
+    /// Where the reply goes.
+    pub reply: Box<dyn ReplyPort>,
+    pub deadline: Instant,
+    pub conn: ConnId,
+    /// Who made it, as the admission hook said.
+    pub principal: Option<Arc<str>>,
+}
+
+/// The limits a front end keeps for its connections.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Limits {
+    /// The largest message a client may send.
+    pub max_message_bytes: usize,
+    /// How many frames may wait for a connection's writer.
+    pub outbound_queue: usize,
+    /// A connection that sends nothing for this long is closed.
+    pub connection_idle: Option<Duration>,
+    /// A call without a deadline of its own has this one.
+    pub call_timeout: Duration,
+}
+
+/// The core's way in for a front end: what a connection's frames become, routed to its agent
+/// (waking it) in the order they are handed over. Each method waits while the agent's mailbox
+/// is full, which slows the connection's reader (and so its client) down. Cheap to clone.
+#[derive(Clone)]
+pub(crate) struct Door(Arc<Shared>);
+
+impl Door {
+    pub(crate) fn new(shared: Arc<Shared>) -> Self {
+        Door(shared)
+    }
+
+    /// The limits of the runtime's configuration.
+    pub(crate) fn limits(&self) -> Limits {
+        let config = &self.0.config;
+        Limits {
+            max_message_bytes: config.max_message_bytes,
+            outbound_queue: config.outbound_queue,
+            connection_idle: config.connection_idle,
+            call_timeout: config.call_timeout,
+        }
+    }
+
+    /// Runs the class's `on_before_connect` for a connection to `key` (before anything is
+    /// woken).
+    pub(crate) async fn admit(&self, key: &AgentKey, head: &RequestHead) -> Admission {
+        let Some(class) = self.0.class(key.class()) else {
+            let e = Error::UnknownClass(key.class().to_owned());
+            return Err((StatusCode::NOT_FOUND, e.to_string()).into_response());
+        };
+        (class.before_connect)(key.name(), head).await
+    }
+
+    /// Connection `conn` to `key` opened: records it and runs `on_connect`; done once that is
+    /// durable (an error: the agent refused it, or cannot run).
+    pub(crate) async fn connect(
+        &self,
+        key: &AgentKey,
+        conn: ConnId,
+        protocol: Protocol,
+        principal: Option<String>,
+    ) -> Result<(), RawError> {
+        let (done, connected) = oneshot::channel();
+        let event = Event::Connect {
+            conn,
+            protocol,
+            principal,
+            done,
+        };
+        match self.0.route(key, event).await {
+            Ok(()) => match connected.await {
+                Ok(result) => result.map(drop),
+                Err(_) => Err(RawError::internal("the agent stopped")),
+            },
+            Err((e, _)) => Err(RawError::internal(e)),
+        }
+    }
+
+    /// A call: its reply goes to `call.reply`, which is answered with the error if the call
+    /// cannot be routed.
+    pub(crate) async fn call(&self, key: &AgentKey, call: ConnCall) {
+        let event = Event::Call(CallEvent {
+            inv: Invocation::remote(call.method, call.args),
+            reply: ReplyTo::Port(call.reply),
+            chain: Chain::default(),
+            deadline: Some(call.deadline),
+            conn: Some(call.conn),
+            principal: call.principal,
+        });
+        if let Err((e, event)) = self.0.route(key, event).await {
+            event.abandon(RawError::internal(e));
+        }
+    }
+
+    /// A message for `on_message`.
+    pub(crate) async fn message(
+        &self,
+        key: &AgentKey,
+        conn: ConnId,
+        message: WsMessage,
+    ) -> Result<(), Error> {
+        let event = Event::Message { conn, message };
+        self.0.route(key, event).await.map_err(|(e, _)| e)
+    }
+
+    /// Connection `conn` closed (after failing, if `error`): `on_error`, `on_close`.
+    pub(crate) async fn close(
+        &self,
+        key: &AgentKey,
+        conn: ConnId,
+        code: u16,
+        reason: String,
+        error: Option<String>,
+    ) -> Result<(), Error> {
+        let event = Event::Close {
+            conn,
+            code,
+            reason,
+            error,
+        };
+        self.0.route(key, event).await.map_err(|(e, _)| e)
+    }
 }

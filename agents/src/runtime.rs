@@ -23,10 +23,11 @@ use crate::{
     clock::Clock,
     error::Error,
     instance,
+    port::Door,
     registry::{CallEvent, CallReply, Chain, Class, Config, Event, ReplyTo, Shared},
     storage::Durability,
     stream::{collect, Returned},
-    ws::Sockets,
+    ws::{Sockets, Wing},
 };
 
 /// Configures and builds a [`Runtime`].
@@ -229,9 +230,10 @@ impl Builder {
             // Overdue alarms (say, from before a restart) fire as soon as the timer starts.
             shared.tracker.spawn(alarms::run_timer(shared.clone()));
         }
+        let wing = Wing::new(Door::new(shared.clone()), sockets);
         let handle = Arc::new(Handle {
             shared: shared.clone(),
-            sockets,
+            wing,
         });
         let _ = shared.handle.set(Arc::downgrade(&handle));
         Ok(Runtime { handle })
@@ -254,9 +256,9 @@ pub struct Runtime {
 
 pub(crate) struct Handle {
     shared: Arc<Shared>,
-    /// The WebSocket wing's table of sockets: the core reaches it as `shared.sockets`, through
-    /// the delivery port; the wing, here.
-    sockets: Arc<Sockets>,
+    /// The WebSocket wing: the core reaches its sockets as `shared.sockets`, through the
+    /// delivery port; the router hands it upgrades.
+    wing: Wing,
 }
 
 impl Runtime {
@@ -285,9 +287,9 @@ impl Runtime {
         &self.handle.shared
     }
 
-    /// The sockets, as the WebSocket wing holds them.
-    pub(crate) fn sockets(&self) -> &Sockets {
-        &self.handle.sockets
+    /// The WebSocket wing, for the router.
+    pub(crate) fn wing(&self) -> &Wing {
+        &self.handle.wing
     }
 
     /// A typed client for the agent `name` of type `A`. An invalid name is reported by each

@@ -27,7 +27,7 @@ use std::net::SocketAddr;
 use agents_client::{protocol, ErrorKind, OutgoingCall, Payload, RawError};
 use axum::{
     body::Bytes,
-    extract::{Path, Request, State},
+    extract::{ws::WebSocketUpgrade, FromRequestParts, Path, Request, State},
     http::{header, Method, StatusCode},
     response::{IntoResponse, Response},
     routing::{any, get, post},
@@ -57,7 +57,7 @@ pub fn router(runtime: Runtime) -> Router {
             get(|| async { file("application/typescript; charset=utf-8", JS_TYPES) }),
         )
         .route("/agents/{class}", get(describe))
-        .route("/agents/{class}/{name}", any(ws::agent_root))
+        .route("/agents/{class}/{name}", any(agent_root))
         .route("/agents/{class}/{name}/call/{method}", post(call))
         .route("/agents/{class}/{name}/{*rest}", any(other))
         .with_state(runtime)
@@ -120,6 +120,29 @@ async fn admit(
         (StatusCode::PAYLOAD_TOO_LARGE, message).into_response()
     })?;
     Ok((principal, parts, body))
+}
+
+/// `GET /agents/{class}/{name}`: a WebSocket upgrade, or else a request for `on_request`.
+/// The address and the admission hook are checked before anything is woken.
+async fn agent_root(
+    State(runtime): State<Runtime>,
+    Path((class, name)): Path<(String, String)>,
+    request: Request,
+) -> Response {
+    match address(&runtime, &class, &name) {
+        Ok(key) => root(runtime, key, request).await,
+        Err(refused) => refused.into_response(),
+    }
+}
+
+/// A request to the root of the agent `key` (registered): a WebSocket upgrade, handed to the
+/// WebSocket wing, or else a request for `on_request`.
+async fn root(runtime: Runtime, key: AgentKey, request: Request) -> Response {
+    let (mut parts, body) = request.into_parts();
+    match WebSocketUpgrade::from_request_parts(&mut parts, &runtime).await {
+        Ok(upgrade) => ws::upgrade(runtime.wing().clone(), key, parts, upgrade).await,
+        Err(_) => to_agent(runtime, key, Request::from_parts(parts, body)).await,
+    }
 }
 
 async fn other(
@@ -300,7 +323,7 @@ impl Runtime {
         };
         let path = request.uri().path().trim_start_matches('/');
         if path.is_empty() {
-            return ws::root(self.clone(), key, request).await;
+            return root(self.clone(), key, request).await;
         }
         match path.strip_prefix("call/") {
             Some(method) if request.method() == Method::POST && !method.contains('/') => {
@@ -316,7 +339,11 @@ impl Runtime {
     /// with the code and reason, which a browser can read; an HTTP request gets the response.
     /// For a gateway that refuses before it would [`fetch`](Runtime::fetch).
     pub async fn refuse(&self, request: Request, refusal: Response) -> Response {
-        ws::refuse(self, request, refusal).await
+        let (mut parts, _) = request.into_parts();
+        match WebSocketUpgrade::from_request_parts(&mut parts, self).await {
+            Ok(upgrade) => ws::refused(upgrade, refusal),
+            Err(_) => refusal,
+        }
     }
 
     /// Serves [`router`] on `addr` until the process ends.

@@ -15,7 +15,8 @@ use agents_client::{Codec, Payload, RawError, RawStream};
 use tokio::{sync::Notify, task::AbortHandle, time::Instant};
 
 use super::outbound::Outbound;
-use crate::{conn::Protocol, lock::lock, port::ReplyPort, registry::CallReply, stream::Returned};
+use crate::lock::lock;
+use crate::port::{CallReply, Protocol, ReplyPort, Returned};
 
 /// The table of one connection's calls in flight.
 #[derive(Default)]

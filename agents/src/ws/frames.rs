@@ -1,0 +1,214 @@
+//! The subprotocols' frames, parsed and encoded in one place: what a client's frame asks for
+//! (`Incoming`), and each thing the server sends as a frame of the connection's protocol
+//! (`agents.v1.json`, `agents.v1.postcard`, or raw; see `agents_client::protocol`).
+
+use agents_client::{protocol, Payload, RawError};
+use axum::extract::ws::{CloseFrame, Message};
+
+use crate::port::{close_reason, AgentKey, Outgoing, Protocol, WsMessage};
+
+/// A close frame with `code` and `reason` (cut to what a close frame can hold).
+pub(super) fn close(code: u16, reason: &str) -> Message {
+    Message::Close(Some(CloseFrame {
+        code,
+        reason: close_reason(reason).into(),
+    }))
+}
+
+/// A frame from the client, whatever its encoding.
+pub(super) enum Incoming {
+    Call {
+        id: u64,
+        method: String,
+        args: Payload,
+        deadline_ms: Option<u64>,
+    },
+    Cancel {
+        id: u64,
+    },
+    Credit {
+        id: u64,
+        chunks: u32,
+    },
+    Message(WsMessage),
+    /// A call that is refused before it is made (its id is known, so it gets a reply).
+    Refused {
+        id: u64,
+        error: RawError,
+    },
+}
+
+impl Protocol {
+    /// What the agent sends, as a frame of this protocol (`None`: not for this protocol).
+    pub(super) fn outgoing(self, outgoing: &Outgoing) -> Option<Message> {
+        Some(match (outgoing, self) {
+            (Outgoing::Raw(WsMessage::Text(t)), _) => Message::Text(t.clone().into()),
+            (Outgoing::Raw(WsMessage::Binary(b)), _) => Message::Binary(b.clone().into()),
+            (Outgoing::Close(code, reason), _) => close(*code, reason),
+            (Outgoing::Event(e), Protocol::Raw) => Message::Text(e.json().ok()?.to_owned().into()),
+            (Outgoing::State(_) | Outgoing::Error(..), Protocol::Raw) => return None,
+            (Outgoing::Event(e), wire) => wire.frame(
+                || match e.json() {
+                    Ok(json) => protocol::event_frame(json),
+                    Err(why) => protocol::error_frame(&RawError::internal(why)),
+                },
+                || match e.postcard() {
+                    Ok(data) => protocol::PostcardServerFrame::Event {
+                        data: data.to_vec(),
+                    },
+                    Err(why) => protocol::PostcardServerFrame::failed(&why),
+                },
+            ),
+            (Outgoing::State(s), wire) => wire.frame(
+                || match s.json() {
+                    Ok(json) => protocol::state_frame(json),
+                    Err(why) => protocol::error_frame(&RawError::internal(why)),
+                },
+                || match s.postcard() {
+                    Ok(state) => protocol::PostcardServerFrame::State {
+                        state: state.to_vec(),
+                    },
+                    Err(why) => protocol::PostcardServerFrame::failed(&why),
+                },
+            ),
+            (Outgoing::Error(error, data), wire) => wire.frame(
+                || {
+                    let data = data.as_ref().map(|d| Payload::Json(d.json_value()));
+                    protocol::error_frame(&RawError {
+                        data,
+                        ..error.clone()
+                    })
+                },
+                || protocol::PostcardServerFrame::Failed {
+                    error: protocol::WireError {
+                        data: data
+                            .as_ref()
+                            .and_then(|d| d.postcard().ok().map(<[u8]>::to_vec)),
+                        ..protocol::WireError::from(error)
+                    },
+                },
+            ),
+        })
+    }
+
+    /// The frame in this protocol's encoding (only the one needed is built).
+    fn frame(
+        self,
+        json: impl FnOnce() -> String,
+        postcard: impl FnOnce() -> protocol::PostcardServerFrame,
+    ) -> Message {
+        match self {
+            Protocol::Json | Protocol::Raw => Message::Text(json().into()),
+            Protocol::Postcard => Message::Binary(protocol::to_postcard(&postcard()).into()),
+        }
+    }
+
+    pub(super) fn identity(self, key: &AgentKey, conn: &str) -> Message {
+        let (class, name) = (key.class(), key.name());
+        self.frame(
+            || protocol::identity_frame(class, name, conn),
+            || protocol::PostcardServerFrame::Identity {
+                class: class.to_owned(),
+                name: name.to_owned(),
+                conn: conn.to_owned(),
+            },
+        )
+    }
+
+    pub(super) fn reply(self, id: u64, result: &Result<Payload, RawError>) -> Message {
+        self.frame(
+            || protocol::reply_frame(id, result),
+            || protocol::PostcardServerFrame::reply(id, result),
+        )
+    }
+
+    pub(super) fn chunk(self, id: u64, data: &Payload) -> Message {
+        self.frame(
+            || protocol::chunk_frame(id, data),
+            || protocol::PostcardServerFrame::chunk(id, data),
+        )
+    }
+
+    /// An `error` frame: a frame that could not be read (`bad_args`), a message that could not
+    /// be delivered.
+    pub(super) fn error(self, error: &RawError) -> Message {
+        self.frame(
+            || protocol::error_frame(error),
+            || protocol::PostcardServerFrame::Failed {
+                error: protocol::WireError::from(error),
+            },
+        )
+    }
+
+    /// Reads one data frame.
+    pub(super) fn parse(self, frame: &Message) -> Result<Incoming, String> {
+        match (self, frame) {
+            (Protocol::Raw, Message::Text(text)) => {
+                Ok(Incoming::Message(WsMessage::Text(text.as_str().to_owned())))
+            }
+            (Protocol::Raw, Message::Binary(bytes)) => {
+                Ok(Incoming::Message(WsMessage::Binary(bytes.to_vec())))
+            }
+            (Protocol::Json, Message::Text(text)) => {
+                match protocol::ClientFrame::from_json(text.as_str())? {
+                    protocol::ClientFrame::Call {
+                        id,
+                        method,
+                        args,
+                        deadline_ms,
+                    } if args.is_array() => Ok(Incoming::Call {
+                        id,
+                        method,
+                        args: Payload::Json(args),
+                        deadline_ms,
+                    }),
+                    protocol::ClientFrame::Call { id, args, .. } => Ok(Incoming::Refused {
+                        id,
+                        error: RawError::bad_args(format!("`args` must be an array, not {args}")),
+                    }),
+                    protocol::ClientFrame::Cancel { id } => Ok(Incoming::Cancel { id }),
+                    protocol::ClientFrame::Credit { id, chunks } => {
+                        Ok(Incoming::Credit { id, chunks })
+                    }
+                    protocol::ClientFrame::Message { data } => {
+                        Ok(Incoming::Message(WsMessage::Text(match data {
+                            serde_json::Value::String(text) => text,
+                            other => other.to_string(),
+                        })))
+                    }
+                }
+            }
+            (Protocol::Postcard, Message::Binary(bytes)) => match postcard::from_bytes(bytes) {
+                Ok(protocol::PostcardClientFrame::Call {
+                    id,
+                    method,
+                    args,
+                    deadline_ms,
+                }) => Ok(Incoming::Call {
+                    id,
+                    method,
+                    args: Payload::Postcard(args),
+                    deadline_ms,
+                }),
+                Ok(protocol::PostcardClientFrame::Cancel { id }) => Ok(Incoming::Cancel { id }),
+                Ok(protocol::PostcardClientFrame::Credit { id, chunks }) => {
+                    Ok(Incoming::Credit { id, chunks })
+                }
+                Ok(protocol::PostcardClientFrame::Message { data }) => {
+                    Ok(Incoming::Message(WsMessage::Binary(data)))
+                }
+                Err(e) => Err(format!(
+                    "not a frame of {}: {e}",
+                    protocol::POSTCARD_PROTOCOL
+                )),
+            },
+            (Protocol::Json, _) => {
+                Err("binary frames are not part of agents.v1.json; send JSON text frames".into())
+            }
+            (Protocol::Postcard, _) => {
+                Err("text frames are not part of agents.v1.postcard; send binary frames".into())
+            }
+            (Protocol::Raw, _) => Err("not a data frame".into()),
+        }
+    }
+}
