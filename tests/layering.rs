@@ -16,26 +16,45 @@ const CORE: &[&str] = &[
 /// The wing (`ws/`: sockets, frames, calls in flight, outbound queues) and the HTTP routes.
 const WING: &[&str] = &["ws", "connection", "inflight", "outbound", "server"];
 
+/// The files of `module`: `module.rs`, or every file of the folder `module/`.
+fn sources(src: &Path, module: &str) -> Vec<(String, String)> {
+    let file = src.join(format!("{module}.rs"));
+    if file.exists() {
+        let text = std::fs::read_to_string(&file).unwrap();
+        return vec![(format!("{module}.rs"), text)];
+    }
+    let dir = std::fs::read_dir(src.join(module)).unwrap_or_else(|e| panic!("{module}: {e}"));
+    dir.map(|entry| {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy();
+        (
+            format!("{module}/{name}"),
+            std::fs::read_to_string(&path).unwrap(),
+        )
+    })
+    .collect()
+}
+
 #[test]
 fn the_core_names_nothing_of_the_websocket_wing() {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("agents/src");
     let mut offenses = Vec::new();
     for module in CORE {
-        let text = std::fs::read_to_string(src.join(format!("{module}.rs")))
-            .unwrap_or_else(|e| panic!("{module}.rs: {e}"));
-        for (n, line) in text.lines().enumerate() {
-            let code = line.split("//").next().unwrap_or_default();
-            for wing in WING {
-                let named = code.match_indices(&format!("{wing}::")).any(|(at, _)| {
-                    // `crate::ws::`, or `ws::` in a `use crate::{..}` list; not `some_ws::` nor
-                    // another crate's `axum::extract::ws::`.
-                    let before = &code[..at];
-                    before.ends_with("crate::")
-                        || !(before.ends_with("::")
-                            || before.ends_with(|c: char| c.is_alphanumeric() || c == '_'))
-                });
-                if named {
-                    offenses.push(format!("{module}.rs:{}: {}", n + 1, line.trim()));
+        for (file, text) in sources(&src, module) {
+            for (n, line) in text.lines().enumerate() {
+                let code = line.split("//").next().unwrap_or_default();
+                for wing in WING {
+                    let named = code.match_indices(&format!("{wing}::")).any(|(at, _)| {
+                        // `crate::ws::`, or `ws::` in a `use crate::{..}` list; not `some_ws::` nor
+                        // another crate's `axum::extract::ws::`.
+                        let before = &code[..at];
+                        before.ends_with("crate::")
+                            || !(before.ends_with("::")
+                                || before.ends_with(|c: char| c.is_alphanumeric() || c == '_'))
+                    });
+                    if named {
+                        offenses.push(format!("{file}:{}: {}", n + 1, line.trim()));
+                    }
                 }
             }
         }

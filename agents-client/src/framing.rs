@@ -1,15 +1,12 @@
 //! The client side of both subprotocols in one shape: the frames a client sends, made in the
 //! connection's codec, and the frames it receives, read into [`Received`].
 
-use serde::Deserialize;
-use serde_json::{json, Value};
+use serde_json::Value;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::{
-    protocol::{
-        to_postcard, PostcardClientFrame, PostcardServerFrame, JSON_PROTOCOL, POSTCARD_PROTOCOL,
-    },
-    Codec, ErrorKind, Payload, RawError,
+    protocol::{to_postcard, Body, ClientFrame, ServerFrame, JSON_PROTOCOL, POSTCARD_PROTOCOL},
+    Codec, Payload, RawError,
 };
 
 /// A frame from the server, whatever the codec.
@@ -35,59 +32,6 @@ pub(crate) enum Received {
     Unknown(String),
 }
 
-/// A frame from server to client as `agents.v1.json` writes it.
-#[derive(Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
-enum JsonServerFrame {
-    Identity {
-        class: String,
-        name: String,
-        conn: String,
-    },
-    Reply {
-        id: u64,
-        #[serde(default)]
-        ok: Value,
-        #[serde(default)]
-        err: Option<JsonError>,
-    },
-    Chunk {
-        id: u64,
-        data: Value,
-    },
-    Event {
-        data: Value,
-    },
-    State {
-        state: Value,
-    },
-    Error(JsonError),
-}
-
-/// The error object of `agents.v1.json`.
-#[derive(Deserialize)]
-struct JsonError {
-    #[serde(default = "internal")]
-    kind: ErrorKind,
-    message: String,
-    #[serde(default)]
-    data: Option<Value>,
-}
-
-fn internal() -> ErrorKind {
-    ErrorKind::Internal
-}
-
-impl From<JsonError> for RawError {
-    fn from(e: JsonError) -> Self {
-        RawError {
-            kind: e.kind,
-            message: e.message,
-            data: e.data.map(Payload::Json),
-        }
-    }
-}
-
 /// The subprotocol of `codec` (only postcard and JSON travel).
 pub(crate) fn subprotocol(codec: Codec) -> Option<&'static str> {
     match codec {
@@ -105,16 +49,20 @@ pub(crate) fn call(
     args: Payload,
     deadline_ms: u64,
 ) -> Result<Message, RawError> {
+    let deadline_ms = Some(deadline_ms);
     match (codec, args) {
-        (Codec::Postcard, Payload::Postcard(args)) => Ok(postcard(&PostcardClientFrame::Call {
+        (Codec::Postcard, Payload::Postcard(args)) => Ok(binary(ClientFrame::Call {
             id,
             method,
             args,
-            deadline_ms: Some(deadline_ms),
+            deadline_ms,
         })),
-        (Codec::Json, Payload::Json(args)) => Ok(text(json!({
-            "type": "call", "id": id, "method": method, "args": args, "deadline_ms": deadline_ms
-        }))),
+        (Codec::Json, Payload::Json(args)) => Ok(text(ClientFrame::Call {
+            id,
+            method,
+            args,
+            deadline_ms,
+        })),
         (codec, args) => Err(RawError::bad_args(format!(
             "this connection speaks {codec:?}, not {:?}",
             args.codec()
@@ -125,25 +73,25 @@ pub(crate) fn call(
 /// `cancel` in `codec`.
 pub(crate) fn cancel(codec: Codec, id: u64) -> Message {
     match codec {
-        Codec::Postcard => postcard(&PostcardClientFrame::Cancel { id }),
-        _ => text(json!({ "type": "cancel", "id": id })),
+        Codec::Postcard => binary(ClientFrame::Cancel { id }),
+        _ => text(ClientFrame::Cancel { id }),
     }
 }
 
 /// `credit` in `codec`.
 pub(crate) fn credit(codec: Codec, id: u64, chunks: u32) -> Message {
     match codec {
-        Codec::Postcard => postcard(&PostcardClientFrame::Credit { id, chunks }),
-        _ => text(json!({ "type": "credit", "id": id, "chunks": chunks })),
+        Codec::Postcard => binary(ClientFrame::Credit { id, chunks }),
+        _ => text(ClientFrame::Credit { id, chunks }),
     }
 }
 
-fn postcard(frame: &PostcardClientFrame) -> Message {
-    Message::Binary(to_postcard(frame).into())
+fn binary(frame: ClientFrame<Vec<u8>>) -> Message {
+    Message::Binary(to_postcard(&frame).into())
 }
 
-fn text(frame: Value) -> Message {
-    Message::Text(frame.to_string().into())
+fn text(frame: ClientFrame<Value>) -> Message {
+    Message::Text(frame.to_json().into())
 }
 
 /// Reads a data frame; `None` for frames that carry nothing for the client (pings, pongs,
@@ -160,46 +108,35 @@ pub(crate) fn read(codec: Codec, message: &Message) -> Option<Received> {
 }
 
 fn read_postcard(bytes: &[u8]) -> Received {
-    match postcard::from_bytes::<PostcardServerFrame>(bytes) {
-        Ok(PostcardServerFrame::Identity { class, name, conn }) => {
-            Received::Identity { class, name, conn }
-        }
-        Ok(PostcardServerFrame::Reply { id, result }) => Received::Reply {
-            id,
-            result: result.map(Payload::Postcard).map_err(RawError::from),
-        },
-        Ok(PostcardServerFrame::Chunk { id, data }) => Received::Chunk {
-            id,
-            data: Payload::Postcard(data),
-        },
-        Ok(PostcardServerFrame::Event { data }) => Received::Event(Payload::Postcard(data)),
-        Ok(PostcardServerFrame::State { state }) => Received::State(Payload::Postcard(state)),
-        Ok(PostcardServerFrame::Error { message }) => Received::Error(RawError::internal(message)),
-        Ok(PostcardServerFrame::Failed { error }) => Received::Error(error.into()),
+    match postcard::from_bytes::<ServerFrame<Vec<u8>>>(bytes) {
+        Ok(frame) => received(frame),
         Err(e) => Received::Unknown(format!("a frame that did not decode: {e}")),
     }
 }
 
 fn read_json(text: &str) -> Received {
-    match serde_json::from_str::<JsonServerFrame>(text) {
-        Ok(JsonServerFrame::Identity { class, name, conn }) => {
-            Received::Identity { class, name, conn }
-        }
-        Ok(JsonServerFrame::Reply { id, ok, err }) => Received::Reply {
-            id,
-            result: match err {
-                Some(e) => Err(e.into()),
-                None => Ok(Payload::Json(ok)),
-            },
-        },
-        Ok(JsonServerFrame::Chunk { id, data }) => Received::Chunk {
-            id,
-            data: Payload::Json(data),
-        },
-        Ok(JsonServerFrame::Event { data }) => Received::Event(Payload::Json(data)),
-        Ok(JsonServerFrame::State { state }) => Received::State(Payload::Json(state)),
-        Ok(JsonServerFrame::Error(e)) => Received::Error(e.into()),
+    match ServerFrame::<Value>::from_json(text) {
+        Ok(frame) => received(frame),
         Err(e) => Received::Unknown(format!("a frame that did not parse: {e}")),
+    }
+}
+
+/// What a frame of either subprotocol says.
+fn received<B: Body>(frame: ServerFrame<B>) -> Received {
+    match frame {
+        ServerFrame::Identity { class, name, conn } => Received::Identity { class, name, conn },
+        ServerFrame::Reply { id, result } => Received::Reply {
+            id,
+            result: result.map(B::into_payload).map_err(RawError::from),
+        },
+        ServerFrame::Chunk { id, data } => Received::Chunk {
+            id,
+            data: data.into_payload(),
+        },
+        ServerFrame::Event { data } => Received::Event(data.into_payload()),
+        ServerFrame::State { state } => Received::State(state.into_payload()),
+        ServerFrame::Error { message } => Received::Error(RawError::internal(message)),
+        ServerFrame::Failed { error } => Received::Error(error.into()),
     }
 }
 
@@ -215,6 +152,7 @@ pub(crate) fn is_end(result: &Payload) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn json_frames_read_as_the_server_writes_them() {

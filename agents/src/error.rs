@@ -47,3 +47,53 @@ pub enum Error {
 
 /// `Result` with the runtime's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Why an event failed, inside the runtime. What its caller is told (the wire's
+/// [`RawError`](agents_client::RawError)) is made of it in one place, [`Failure::told`]: the
+/// call's own outcome as it is; the runtime's own failures as `internal`, while the typed error
+/// stays here for the log.
+#[derive(Debug)]
+pub(crate) enum Failure {
+    /// What the call itself came to (the handler's error, an unknown method, bad arguments, a
+    /// deadline, a call it made that failed): told as it is.
+    Told(agents_client::RawError),
+    /// The runtime could not run or keep the event; `doing` says what failed.
+    Runtime { doing: &'static str, error: Error },
+    /// The handler panicked, saying this.
+    Panic(String),
+}
+
+impl Failure {
+    /// `error` happened while `doing`.
+    pub(crate) fn runtime(doing: &'static str, error: impl Into<Error>) -> Self {
+        Failure::Runtime {
+            doing,
+            error: error.into(),
+        }
+    }
+
+    /// What the caller is told.
+    pub(crate) fn told(&self) -> agents_client::RawError {
+        match self {
+            Failure::Told(e) => e.clone(),
+            Failure::Runtime { doing, error } => {
+                agents_client::RawError::internal(format!("{doing}: {error}"))
+            }
+            Failure::Panic(message) => {
+                agents_client::RawError::internal(format!("the handler panicked: {message}"))
+            }
+        }
+    }
+}
+
+impl From<agents_client::RawError> for Failure {
+    fn from(e: agents_client::RawError) -> Self {
+        Failure::Told(e)
+    }
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.told().fmt(f)
+    }
+}

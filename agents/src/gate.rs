@@ -1,14 +1,15 @@
 //! The output gate: what a batch of events answers and sends (its *outbox*) is released only
 //! once the batch is durable, and what "durable" means is a [`CommitGate`].
 //!
-//! Under `Durability::Full` each open database has a [`Syncer`]: a task that takes the outboxes
-//! of the batches committed so far, makes them durable with one [`CommitGate::make_durable`] (on
-//! a blocking thread: group commit, while the agent goes on), and then releases them, or fails
-//! every reply they hold if that failed. `Durability::Normal` has no syncer: the instance releases
-//! an outbox as soon as its batch committed. (As workerd's actor-sqlite lets the output gate wait
-//! on a commit callback.)
+//! A gate that must be waited for (the WAL's fsync under `Durability::Full`) gets a [`Syncer`]
+//! per open database: a task that takes the outboxes of the batches committed so far, makes them
+//! durable with one [`CommitGate::make_durable`] (on a blocking thread: group commit, while the
+//! agent goes on), and then releases them, or fails every reply they hold if that failed. A gate
+//! that is open as soon as a batch committed (`Durability::Normal`: [`NoSync`]) has no syncer:
+//! the instance releases the outbox at once. (As workerd's actor-sqlite lets the output gate
+//! wait on a commit callback.)
 
-use std::{fs::File, sync::Arc};
+use std::{fs::File, ops::Range, sync::Arc};
 
 use agents_client::{BoxFuture, RawError, RawStream};
 use tokio::sync::{mpsc, oneshot};
@@ -23,23 +24,66 @@ use crate::{
     stream::Returned,
 };
 
+/// What batches committed to an agent's database: the WAL frames they appended, by SQLite's
+/// frame numbers in the current WAL (frame `n` is at byte `32 + (n - 1) × (24 + page size)`
+/// of the `-wal` file). The WAL is emptied only by a checkpoint, which waits until every batch
+/// before it was made durable: the frames a gate is told of are in the file while it runs.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub(crate) struct Committed {
+    /// Frames `start + 1 ..= end` (empty when the batches wrote nothing).
+    pub frames: Range<u32>,
+}
+
+impl Committed {
+    /// What this and the `later` batches committed together.
+    fn and(&mut self, later: &Committed) {
+        if self.frames.is_empty() {
+            self.frames = later.frames.clone();
+        } else if !later.frames.is_empty() {
+            self.frames.end = later.frames.end;
+        }
+    }
+}
+
 /// What makes the batches an agent committed to its database durable. Blocking: it runs on a
-/// blocking thread, and covers every batch committed before it was called.
+/// blocking thread, and is told what the batches it covers committed.
 ///
-/// The local WAL's fsync is one ([`WalSync`]); a replicator that ships the committed WAL frames
-/// elsewhere is the next, and gets the batches' frames through this seam.
+/// The local WAL's fsync is one ([`WalSync`]), and no wait at all is the other ([`NoSync`]); a
+/// replicator that ships the committed WAL frames elsewhere is the next: it reads `committed`'s
+/// frames from the WAL and returns once they are stored there.
 pub(crate) trait CommitGate: Send + Sync + 'static {
-    fn make_durable(&self) -> Result<(), Error>;
+    /// Whether a batch is durable as soon as it committed: its outbox is released at once, by
+    /// the agent (no syncer, no thread hop).
+    fn is_open(&self) -> bool {
+        false
+    }
+
+    /// Makes what `committed` describes durable (and every batch before it).
+    fn make_durable(&self, committed: &Committed) -> Result<(), Error>;
 }
 
 /// Durable once the database's WAL is fsynced (`Durability::Full`).
-pub(crate) struct WalSync(pub Arc<File>);
+pub(crate) struct WalSync(pub File);
 
 impl CommitGate for WalSync {
-    fn make_durable(&self) -> Result<(), Error> {
+    fn make_durable(&self, _: &Committed) -> Result<(), Error> {
         self.0
             .sync_data()
             .map_err(|e| Error::Internal(format!("fsync failed: {e}")))
+    }
+}
+
+/// Durable enough once committed: the write reached the operating system
+/// (`Durability::Normal`).
+pub(crate) struct NoSync;
+
+impl CommitGate for NoSync {
+    fn is_open(&self) -> bool {
+        true
+    }
+
+    fn make_durable(&self, _: &Committed) -> Result<(), Error> {
+        Ok(())
     }
 }
 
@@ -116,29 +160,38 @@ pub(crate) fn fail(outbox: Outbox, error: &RawError) {
 /// The syncer of one open database: releases each committed batch's outbox once its
 /// [`CommitGate`] made it durable; one `make_durable` covers every batch committed meanwhile.
 pub(crate) struct Syncer {
-    tx: mpsc::UnboundedSender<(Outbox, Option<AfterDurable>)>,
+    tx: mpsc::UnboundedSender<Sealed>,
     task: tokio::task::JoinHandle<()>,
+}
+
+/// A committed batch as the syncer takes it.
+struct Sealed {
+    outbox: Outbox,
+    committed: Committed,
+    after: Option<AfterDurable>,
 }
 
 impl Syncer {
     pub fn start(gate: Arc<dyn CommitGate>) -> Self {
-        let (tx, mut rx) = mpsc::unbounded_channel::<(Outbox, Option<AfterDurable>)>();
+        let (tx, mut rx) = mpsc::unbounded_channel::<Sealed>();
         let task = tokio::spawn(async move {
             while let Some(first) = rx.recv().await {
+                let mut committed = first.committed.clone();
                 let mut covered = vec![first];
                 while let Ok(more) = rx.try_recv() {
+                    committed.and(&more.committed);
                     covered.push(more);
                 }
                 let after: Vec<AfterDurable> =
-                    covered.iter_mut().filter_map(|(_, a)| a.take()).collect();
+                    covered.iter_mut().filter_map(|b| b.after.take()).collect();
                 let gate = gate.clone();
                 let durable = blocking(move || {
-                    gate.make_durable()?;
+                    gate.make_durable(&committed)?;
                     after.into_iter().for_each(|a| a());
                     Ok(())
                 })
                 .await;
-                for (outbox, _) in covered {
+                for Sealed { outbox, .. } in covered {
                     match &durable {
                         Ok(()) => release(outbox),
                         Err(e) => {
@@ -153,11 +206,28 @@ impl Syncer {
         Syncer { tx, task }
     }
 
-    /// Hands over the outbox of a batch that just committed (and what to do once it is durable).
-    pub fn send(&self, outbox: Outbox, after: Option<AfterDurable>) {
-        if let Err(mpsc::error::SendError((outbox, _))) = self.tx.send((outbox, after)) {
-            fail(outbox, &RawError::internal("the syncer stopped"));
+    /// Hands over the outbox of a batch that just committed what `committed` says (and what to
+    /// do once it is durable).
+    pub fn send(&self, outbox: Outbox, committed: Committed, after: Option<AfterDurable>) {
+        let sealed = Sealed {
+            outbox,
+            committed,
+            after,
+        };
+        if let Err(mpsc::error::SendError(sealed)) = self.tx.send(sealed) {
+            fail(sealed.outbox, &RawError::internal("the syncer stopped"));
         }
+    }
+
+    /// Waits until every batch handed over so far is durable (or failed to be).
+    pub async fn drain(&self) {
+        let (done, drained) = oneshot::channel();
+        let after: AfterDurable = Box::new(move || {
+            let _ = done.send(());
+        });
+        let committed = Committed::default();
+        self.send(Outbox::new(), committed, Some(after));
+        let _ = drained.await;
     }
 
     /// Waits until every outbox handed over is released.
@@ -182,11 +252,13 @@ mod tests {
     struct Held {
         permits: Mutex<std::sync::mpsc::Receiver<Result<(), Error>>>,
         calls: AtomicUsize,
+        told: Mutex<Vec<Range<u32>>>,
     }
 
     impl CommitGate for Held {
-        fn make_durable(&self) -> Result<(), Error> {
+        fn make_durable(&self, committed: &Committed) -> Result<(), Error> {
             self.calls.fetch_add(1, Ordering::SeqCst);
+            self.told.lock().unwrap().push(committed.frames.clone());
             let permits = self.permits.lock().unwrap();
             permits.recv().unwrap_or(Err(Error::Shutdown))
         }
@@ -197,8 +269,13 @@ mod tests {
         let gate = Held {
             permits: Mutex::new(permits),
             calls: AtomicUsize::new(0),
+            told: Mutex::default(),
         };
         (Arc::new(gate), open)
+    }
+
+    fn frames(frames: Range<u32>) -> Committed {
+        Committed { frames }
     }
 
     /// A batch of one hook event that succeeded, and its caller's end.
@@ -214,7 +291,8 @@ mod tests {
         let syncer = Syncer::start(gate.clone());
         let (outbox, mut reply) = batch();
         let (after_ran, after) = std::sync::mpsc::channel();
-        syncer.send(outbox, Some(Box::new(move || after_ran.send(()).unwrap())));
+        let then: AfterDurable = Box::new(move || after_ran.send(()).unwrap());
+        syncer.send(outbox, frames(0..2), Some(then));
         while gate.calls.load(Ordering::SeqCst) == 0 {
             tokio::task::yield_now().await;
         }
@@ -235,15 +313,15 @@ mod tests {
         let (gate, open) = held();
         let syncer = Syncer::start(gate.clone());
         let (first, first_reply) = batch();
-        syncer.send(first, None);
+        syncer.send(first, frames(0..3), None);
         while gate.calls.load(Ordering::SeqCst) == 0 {
             tokio::task::yield_now().await;
         }
         // While the first sync runs, two more batches commit: the next sync covers both.
         let (second, second_reply) = batch();
         let (third, third_reply) = batch();
-        syncer.send(second, None);
-        syncer.send(third, None);
+        syncer.send(second, frames(3..5), None);
+        syncer.send(third, frames(5..9), None);
         open.send(Ok(())).unwrap();
         assert!(first_reply.await.unwrap().is_ok());
         open.send(Err(Error::Internal("the disk is gone".into())))
@@ -254,6 +332,29 @@ mod tests {
             assert!(e.message.contains("the disk is gone"), "{e}");
         }
         assert_eq!(gate.calls.load(Ordering::SeqCst), 2, "one sync for the two");
+        // The gate was told which WAL frames each sync covers.
+        assert_eq!(*gate.told.lock().unwrap(), [0..3, 3..9]);
+        syncer.finish().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn drain_waits_for_every_batch_handed_over() {
+        let (gate, open) = held();
+        let syncer = Syncer::start(gate.clone());
+        let (outbox, reply) = batch();
+        syncer.send(outbox, frames(0..4), None);
+        {
+            let drain = syncer.drain();
+            tokio::pin!(drain);
+            let early = tokio::time::timeout(std::time::Duration::from_millis(50), &mut drain);
+            assert!(early.await.is_err(), "drained before the batch was durable");
+            open.send(Ok(())).unwrap();
+            open.send(Ok(())).unwrap(); // the drain's own turn, if it got one
+            drain.await;
+        }
+        // Durable when the drain returned (its release follows at once).
+        assert_eq!(gate.told.lock().unwrap().first(), Some(&(0..4)));
+        assert!(reply.await.unwrap().is_ok());
         syncer.finish().await;
     }
 }

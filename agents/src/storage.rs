@@ -114,6 +114,7 @@ pub(crate) fn open(
     conn.pragma_update(None, "synchronous", "OFF")?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+    conn.wal_hook(Some(record_wal_frames));
     conn.set_prepared_statement_cache_capacity(64);
     // The runtime's tables, created once: the header's application_id records their version,
     // so reopening a database (after every hibernation) costs one pragma, not the DDL.
@@ -244,6 +245,38 @@ pub(crate) async fn blocking<T: Send + 'static>(
             "a blocking storage task failed: {e}"
         )))
     })
+}
+
+thread_local! {
+    /// How many frames the WAL held after the last commit made on this thread: SQLite's WAL
+    /// hook runs inside the commit, on the committing thread (no file is asked).
+    static WAL_FRAMES: std::cell::Cell<Option<u32>> = const { std::cell::Cell::new(None) };
+}
+
+fn record_wal_frames(_: &rusqlite::hooks::Wal, frames: std::ffi::c_int) -> rusqlite::Result<()> {
+    WAL_FRAMES.set(u32::try_from(frames).ok());
+    Ok(())
+}
+
+/// Commits the open transaction (rolled back if the commit fails), and says how many frames
+/// the WAL holds after it (`None`: the transaction wrote nothing). SQLite does not sync here
+/// (see `Durability`): this is a write into the WAL.
+pub(crate) fn commit(conn: &Connection) -> Result<Option<u32>, Error> {
+    WAL_FRAMES.set(None);
+    let result = conn
+        .prepare_cached("COMMIT")
+        .and_then(|mut s| s.execute([]));
+    if result.is_err() && !conn.is_autocommit() {
+        let _ = conn.execute_batch("ROLLBACK");
+    }
+    result?;
+    Ok(WAL_FRAMES.take())
+}
+
+/// How many WAL frames hold `bytes` of a database with pages of `page_size` bytes.
+pub(crate) fn wal_frames_for(bytes: u64, page_size: u64) -> u32 {
+    // A frame is a 24-byte header and a page.
+    u32::try_from(bytes / (page_size + 24)).unwrap_or(u32::MAX)
 }
 
 /// Copies the WAL into the database and empties it, syncing both. Blocking.
@@ -412,6 +445,46 @@ pub(crate) fn migrate(conn: &Connection, migrations: &[&str]) -> Result<(), Erro
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_commit_says_how_far_the_wal_reaches_and_a_checkpoint_empties_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = AgentKey::new("t", "wal").unwrap();
+        let (conn, wal) = open(dir.path(), &key, Durability::Normal).unwrap();
+        conn.execute_batch("CREATE TABLE t(x)").unwrap();
+        let write = |n: i64| {
+            conn.execute_batch("BEGIN").unwrap();
+            conn.execute("INSERT INTO t VALUES (?1)", [n]).unwrap();
+            commit(&conn).unwrap()
+        };
+        let first = write(1).expect("a write appends frames");
+        let second = write(2).expect("a write appends frames");
+        assert!(second > first, "{first} then {second}");
+        // The frames are what the file holds: a 32-byte header, then 24 + page bytes a frame.
+        let page: u64 = conn
+            .query_row("PRAGMA page_size", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(
+            wal.metadata().unwrap().len(),
+            32 + u64::from(second) * (24 + page)
+        );
+        assert_eq!(
+            wal_frames_for(32 + u64::from(second) * (24 + page), page),
+            second
+        );
+        // A transaction that writes nothing appends nothing.
+        conn.execute_batch("BEGIN").unwrap();
+        conn.query_row("SELECT count(*) FROM t", [], |r| r.get::<_, i64>(0))
+            .unwrap();
+        assert_eq!(commit(&conn).unwrap(), None);
+        // After a checkpoint the WAL starts again from its first frame.
+        checkpoint(&conn).unwrap();
+        let again = write(3).unwrap();
+        assert!(
+            again < second,
+            "{again} frames after the checkpoint, {second} before"
+        );
+    }
 
     #[test]
     fn kv_round_trips_and_lists_by_prefix() {

@@ -2,8 +2,12 @@
 //! (`Incoming`), and each thing the server sends as a frame of the connection's protocol
 //! (`agents.v1.json`, `agents.v1.postcard`, or raw; see `agents_client::protocol`).
 
-use agents_client::{protocol, Payload, RawError};
+use agents_client::{
+    protocol::{self, Body, ClientFrame, ServerFrame, WireError},
+    Payload, RawError,
+};
 use axum::extract::ws::{CloseFrame, Message};
+use serde_json::Value;
 
 use crate::port::{close_reason, AgentKey, Outgoing, Protocol, WsMessage};
 
@@ -53,10 +57,10 @@ impl Protocol {
                     Err(why) => protocol::error_frame(&RawError::internal(why)),
                 },
                 || match e.postcard() {
-                    Ok(data) => protocol::PostcardServerFrame::Event {
+                    Ok(data) => ServerFrame::Event {
                         data: data.to_vec(),
                     },
-                    Err(why) => protocol::PostcardServerFrame::failed(&why),
+                    Err(why) => ServerFrame::failed(&why),
                 },
             ),
             (Outgoing::State(s), wire) => wire.frame(
@@ -65,10 +69,10 @@ impl Protocol {
                     Err(why) => protocol::error_frame(&RawError::internal(why)),
                 },
                 || match s.postcard() {
-                    Ok(state) => protocol::PostcardServerFrame::State {
+                    Ok(state) => ServerFrame::State {
                         state: state.to_vec(),
                     },
-                    Err(why) => protocol::PostcardServerFrame::failed(&why),
+                    Err(why) => ServerFrame::failed(&why),
                 },
             ),
             (Outgoing::Error(error, data), wire) => wire.frame(
@@ -79,12 +83,12 @@ impl Protocol {
                         ..error.clone()
                     })
                 },
-                || protocol::PostcardServerFrame::Failed {
-                    error: protocol::WireError {
+                || ServerFrame::Failed {
+                    error: WireError {
                         data: data
                             .as_ref()
                             .and_then(|d| d.postcard().ok().map(<[u8]>::to_vec)),
-                        ..protocol::WireError::from(error)
+                        ..WireError::from(error)
                     },
                 },
             ),
@@ -95,7 +99,7 @@ impl Protocol {
     fn frame(
         self,
         json: impl FnOnce() -> String,
-        postcard: impl FnOnce() -> protocol::PostcardServerFrame,
+        postcard: impl FnOnce() -> ServerFrame<Vec<u8>>,
     ) -> Message {
         match self {
             Protocol::Json | Protocol::Raw => Message::Text(json().into()),
@@ -107,7 +111,7 @@ impl Protocol {
         let (class, name) = (key.class(), key.name());
         self.frame(
             || protocol::identity_frame(class, name, conn),
-            || protocol::PostcardServerFrame::Identity {
+            || ServerFrame::Identity {
                 class: class.to_owned(),
                 name: name.to_owned(),
                 conn: conn.to_owned(),
@@ -118,14 +122,14 @@ impl Protocol {
     pub(super) fn reply(self, id: u64, result: &Result<Payload, RawError>) -> Message {
         self.frame(
             || protocol::reply_frame(id, result),
-            || protocol::PostcardServerFrame::reply(id, result),
+            || ServerFrame::reply(id, result),
         )
     }
 
     pub(super) fn chunk(self, id: u64, data: &Payload) -> Message {
         self.frame(
             || protocol::chunk_frame(id, data),
-            || protocol::PostcardServerFrame::chunk(id, data),
+            || ServerFrame::chunk(id, data),
         )
     }
 
@@ -134,8 +138,8 @@ impl Protocol {
     pub(super) fn error(self, error: &RawError) -> Message {
         self.frame(
             || protocol::error_frame(error),
-            || protocol::PostcardServerFrame::Failed {
-                error: protocol::WireError::from(error),
+            || ServerFrame::Failed {
+                error: WireError::from(error),
             },
         )
     }
@@ -150,58 +154,32 @@ impl Protocol {
                 Ok(Incoming::Message(WsMessage::Binary(bytes.to_vec())))
             }
             (Protocol::Json, Message::Text(text)) => {
-                match protocol::ClientFrame::from_json(text.as_str())? {
-                    protocol::ClientFrame::Call {
-                        id,
-                        method,
-                        args,
-                        deadline_ms,
-                    } if args.is_array() => Ok(Incoming::Call {
-                        id,
-                        method,
-                        args: Payload::Json(args),
-                        deadline_ms,
-                    }),
-                    protocol::ClientFrame::Call { id, args, .. } => Ok(Incoming::Refused {
-                        id,
-                        error: RawError::bad_args(format!("`args` must be an array, not {args}")),
-                    }),
-                    protocol::ClientFrame::Cancel { id } => Ok(Incoming::Cancel { id }),
-                    protocol::ClientFrame::Credit { id, chunks } => {
-                        Ok(Incoming::Credit { id, chunks })
+                match ClientFrame::<Value>::from_json(text.as_str())? {
+                    ClientFrame::Call { id, args, .. } if !args.is_array() => {
+                        Ok(Incoming::Refused {
+                            id,
+                            error: RawError::bad_args(format!(
+                                "`args` must be an array, not {args}"
+                            )),
+                        })
                     }
-                    protocol::ClientFrame::Message { data } => {
-                        Ok(Incoming::Message(WsMessage::Text(match data {
-                            serde_json::Value::String(text) => text,
+                    frame => incoming(frame, |data| {
+                        WsMessage::Text(match data {
+                            Value::String(text) => text,
                             other => other.to_string(),
-                        })))
-                    }
+                        })
+                    }),
                 }
             }
-            (Protocol::Postcard, Message::Binary(bytes)) => match postcard::from_bytes(bytes) {
-                Ok(protocol::PostcardClientFrame::Call {
-                    id,
-                    method,
-                    args,
-                    deadline_ms,
-                }) => Ok(Incoming::Call {
-                    id,
-                    method,
-                    args: Payload::Postcard(args),
-                    deadline_ms,
-                }),
-                Ok(protocol::PostcardClientFrame::Cancel { id }) => Ok(Incoming::Cancel { id }),
-                Ok(protocol::PostcardClientFrame::Credit { id, chunks }) => {
-                    Ok(Incoming::Credit { id, chunks })
+            (Protocol::Postcard, Message::Binary(bytes)) => {
+                match postcard::from_bytes::<ClientFrame<Vec<u8>>>(bytes) {
+                    Ok(frame) => incoming(frame, WsMessage::Binary),
+                    Err(e) => Err(format!(
+                        "not a frame of {}: {e}",
+                        protocol::POSTCARD_PROTOCOL
+                    )),
                 }
-                Ok(protocol::PostcardClientFrame::Message { data }) => {
-                    Ok(Incoming::Message(WsMessage::Binary(data)))
-                }
-                Err(e) => Err(format!(
-                    "not a frame of {}: {e}",
-                    protocol::POSTCARD_PROTOCOL
-                )),
-            },
+            }
             (Protocol::Json, _) => {
                 Err("binary frames are not part of agents.v1.json; send JSON text frames".into())
             }
@@ -211,4 +189,29 @@ impl Protocol {
             (Protocol::Raw, _) => Err("not a data frame".into()),
         }
     }
+}
+
+/// What a client's frame of either subprotocol asks for; `message`: what a message's data is
+/// for `on_message`.
+fn incoming<B: Body>(
+    frame: ClientFrame<B>,
+    message: impl FnOnce(B) -> WsMessage,
+) -> Result<Incoming, String> {
+    Ok(match frame {
+        ClientFrame::Call {
+            id,
+            method,
+            args,
+            deadline_ms,
+        } => Incoming::Call {
+            id,
+            method,
+            args: args.into_payload(),
+            deadline_ms,
+        },
+        ClientFrame::Cancel { id } => Incoming::Cancel { id },
+        ClientFrame::Credit { id, chunks } => Incoming::Credit { id, chunks },
+        ClientFrame::Message { data } => Incoming::Message(message(data)),
+        _ => return Err("a kind of frame this server does not know".into()),
+    })
 }

@@ -1,5 +1,13 @@
 //! One live agent: the task that owns the struct and its database and drains its mailbox.
 //!
+//! - this module: the mailbox loop (batches, hibernation, hand-over) and each event's run
+//!   (dispatch to the handler in its turn);
+//! - `batching`: how a batch grows;
+//! - `store`: the database (open, transaction and savepoints, commit and its gate, checkpoint,
+//!   close);
+//! - `index`: the agent's entry in the alarm index (early, never late);
+//! - `panics`: a handler's panic as an error.
+//!
 //! The task takes a *batch* of events (whatever is queued, up to `max_batch`), runs each in
 //! its own savepoint inside one transaction, and commits once. Under `Durability::Full` the
 //! replies then go to the instance's syncer, which fsyncs the WAL on a blocking thread and
@@ -11,20 +19,14 @@
 //! alarm index is kept early, never late: an earlier time is written (and synced) before the
 //! commit, a later one only once the commit is durable.
 
-use std::{
-    any::Any,
-    fs::File,
-    future::Future,
-    panic::AssertUnwindSafe,
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        Arc, Mutex,
-    },
-};
+mod batching;
+mod index;
+mod panics;
+mod store;
+
+use std::sync::Arc;
 
 use agents_client::{BoxFuture, ErrorKind, OutgoingCall, Payload, RawError};
-use futures_util::FutureExt;
-use rusqlite::Connection;
 use tokio::{
     sync::{mpsc, oneshot},
     time::Instant,
@@ -37,15 +39,18 @@ use crate::{
     clock::from_ms,
     conn::{self, ConnId, Effect, Encoded, Outgoing, Protocol, Speaks, WsMessage},
     context::{Ctx, Ended, Turn},
-    error::Error,
-    gate::{fail, release, AfterDurable, Outbox, Responder, Syncer, WalSync},
-    lock::lock,
+    error::{Error, Failure},
+    gate::{fail, release, AfterDurable, Outbox, Responder},
     port::NORMAL_CLOSURE,
     registry::{CallEvent, Event, Shared},
     runtime::{call_value, Caller},
     schedule::{self, AlarmInfo},
-    storage::{self, blocking, Durability, Stored},
+    storage::{self, blocking, Stored},
 };
+use batching::Batching;
+use index::{AlarmEntry, Raise};
+use panics::catch_panic;
+use store::{end_savepoint, savepoint, Store};
 
 /// How many due rows one alarm event runs; the rest run on the next (immediate) alarm.
 const DUE_PER_BATCH: usize = 256;
@@ -58,20 +63,12 @@ pub(crate) fn spawn<A: AgentClass>(
     rx: mpsc::Receiver<Event>,
 ) {
     let span = tracing::debug_span!("agent", class = key.class(), name = key.name());
-    let index = Arc::new(Mutex::new(IndexState {
-        seq: 0,
-        at: shared.alarms.get(&key),
-    }));
     let instance = Instance::<A> {
         agent: None,
+        index: AlarmEntry::new(shared.clone(), key.clone()),
         ctx: Ctx::new(shared.clone(), key),
         generation,
-        in_txn: false,
-        wal: None,
-        syncer: None,
-        in_handler: Arc::default(),
-        index,
-        refresh_index: false,
+        store: Store::new(),
         statics_synced: false,
         conns_checked: false,
         destroying: false,
@@ -85,18 +82,10 @@ struct Instance<A> {
     agent: Option<A>,
     ctx: Ctx<A>,
     generation: u64,
-    /// Whether the batch transaction is open.
-    in_txn: bool,
-    /// The open database's WAL file (to sync, and to watch its size).
-    wal: Option<Arc<File>>,
-    /// Releases replies once their commit is synced (`Durability::Full` only).
-    syncer: Option<Syncer>,
-    /// Set while user code runs: the database then refuses transaction control.
-    in_handler: Arc<AtomicBool>,
-    /// This agent's entry in the runtime's alarm index, as last written.
-    index: Arc<Mutex<IndexState>>,
-    /// Write the index entry after this batch even if it looks unchanged (the timer took it).
-    refresh_index: bool,
+    /// The database's side: transaction, commit and its gate, checkpoints.
+    store: Store,
+    /// This agent's entry in the runtime's alarm index.
+    index: AlarmEntry,
     /// Whether the `#[schedule]` rows were registered by this instance.
     statics_synced: bool,
     /// Whether this instance forgot the connections that closed while nobody listened.
@@ -114,95 +103,6 @@ enum Leave {
     /// The agent was destroyed (by `runtime.destroy`, answered once its files are gone, or by
     /// `ctx.destroy()`).
     Destroy(Option<oneshot::Sender<Result<(), RawError>>>),
-}
-
-/// What this agent last wrote to the alarm index, and a sequence number that every lowering
-/// bumps, so that a raise computed before a lowering is not applied after it.
-struct IndexState {
-    seq: u64,
-    at: Option<u64>,
-}
-
-/// What a batch does to the agent's alarm index entry, so that the index is early, never late:
-/// the timer must never sleep past a row a durable commit made due.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum IndexPlan {
-    /// The schedule's earliest time is earlier than the entry: write it (synced) before the
-    /// commit, so that no commit is durable while the index is late for it.
-    LowerNow,
-    /// Later, or gone (or the timer took the entry): write it only once the commit is durable,
-    /// so that a batch that is lost never leaves the index late.
-    RaiseWhenDurable,
-    /// The entry is right.
-    Keep,
-}
-
-impl IndexPlan {
-    /// The plan for a schedule whose earliest time is `earliest`, given the entry `indexed`;
-    /// `refresh`: write it even if it looks right (the timer took it).
-    fn of(earliest: Option<u64>, indexed: Option<u64>, refresh: bool) -> Self {
-        match (earliest, indexed) {
-            (Some(new), Some(old)) if new < old => IndexPlan::LowerNow,
-            (Some(_), None) => IndexPlan::LowerNow,
-            (new, old) if new == old && !refresh => IndexPlan::Keep,
-            _ => IndexPlan::RaiseWhenDurable,
-        }
-    }
-}
-
-/// A raise of the index entry, to apply once the batch that computed it is durable.
-struct Raise {
-    key: AgentKey,
-    shared: Arc<Shared>,
-    state: Arc<Mutex<IndexState>>,
-    seq: u64,
-    at: Option<u64>,
-}
-
-impl Raise {
-    /// Applies the raise unless a lowering came after it. Blocking.
-    fn apply(self) {
-        let mut state = lock(&self.state);
-        if state.seq != self.seq {
-            return;
-        }
-        match self.shared.alarms.set(&self.key, self.at, false) {
-            Ok(()) => state.at = self.at,
-            Err(e) => tracing::warn!("could not update the alarm index (it stays early): {e}"),
-        }
-    }
-}
-
-/// How a batch grows: whatever is queued joins it, up to `max` events; when nothing is, it
-/// waits one scheduler round, once, for callers that the last sync released and that are
-/// sending again right now (to join this commit rather than the next one).
-struct Batching {
-    max: usize,
-    yielded: bool,
-}
-
-impl Batching {
-    fn new(max: usize) -> Self {
-        Batching {
-            max,
-            yielded: false,
-        }
-    }
-
-    /// The next event of a batch that holds `len` outcomes; `None`: commit now.
-    async fn next(&mut self, len: usize, rx: &mut mpsc::Receiver<Event>) -> Option<Event> {
-        if len >= self.max {
-            return None;
-        }
-        if let Ok(event) = rx.try_recv() {
-            return Some(event);
-        }
-        if std::mem::replace(&mut self.yielded, true) {
-            return None;
-        }
-        tokio::task::yield_now().await;
-        rx.try_recv().ok()
-    }
 }
 
 /// What an event comes from: the agents waiting on it (its callers, for a call), the
@@ -248,6 +148,11 @@ fn app_error(e: AppError) -> RawError {
 /// The outcome of a lifecycle hook, as an event's result.
 fn hook(result: Result<(), crate::AppError>) -> Result<Payload, RawError> {
     result.map(|()| empty()).map_err(app_error)
+}
+
+/// What the caller of an event that came to `result` is told.
+fn told<T>(result: Result<T, Failure>) -> Result<T, RawError> {
+    result.map_err(|failure| failure.told())
 }
 
 fn empty() -> Payload {
@@ -376,7 +281,7 @@ impl<A: AgentClass> Instance<A> {
                     if result.is_ok() {
                         self.frames(&mut outbox, vec![Effect::Admit(conn)]);
                     }
-                    outbox.push((Responder::Hook(done), result));
+                    outbox.push((Responder::Hook(done), told(result)));
                 }
                 Event::Message { conn, message } => {
                     let span = tracing::debug_span!("message", conn = %conn);
@@ -384,8 +289,9 @@ impl<A: AgentClass> Instance<A> {
                         .run_handler(Work::Message(&conn, message), Cause::default(), &mut outbox)
                         .instrument(span)
                         .await;
-                    if let Err(mut e) = result {
-                        tracing::debug!("on_message failed: {e}");
+                    if let Err(failure) = result {
+                        tracing::debug!("on_message failed: {failure}");
+                        let mut e = failure.told();
                         // The application's error goes in both encodings, as a call's would.
                         let data = e.data.take().and_then(|d| d.decode::<AppError>().ok());
                         let data =
@@ -415,19 +321,23 @@ impl<A: AgentClass> Instance<A> {
                         )
                         .instrument(span)
                         .await;
-                    outbox.push((Responder::Request(reply, response), result));
+                    outbox.push((Responder::Request(reply, response), told(result)));
                 }
             }
-            if self.in_txn && self.ctx.sql().is_autocommit() {
-                // SQLite rolled the whole transaction back by itself (an I/O error, a full disk,
-                // `INSERT OR ROLLBACK`): every event of the batch so far lost its writes.
-                // (Handlers cannot end it: see `storage::guard_transaction`.)
-                self.in_txn = false;
+            if self
+                .ctx
+                .conn
+                .as_ref()
+                .is_some_and(|c| self.store.lost_txn(c))
+            {
+                // SQLite rolled the whole transaction back by itself: every event of the batch
+                // so far lost its writes.
                 self.agent = None;
-                let lost = RawError::internal(
-                    "SQLite rolled the transaction back (an I/O error or an ON CONFLICT ROLLBACK clause); nothing of this call was written",
+                let lost = Error::Internal(
+                    "SQLite rolled the transaction back (an I/O error or an ON CONFLICT ROLLBACK clause)".into(),
                 );
-                fail(std::mem::take(&mut outbox), &lost);
+                let lost = Failure::runtime("nothing of this call was written", lost);
+                fail(std::mem::take(&mut outbox), &lost.told());
                 self.destroying = false;
             }
             if self.destroying {
@@ -437,7 +347,7 @@ impl<A: AgentClass> Instance<A> {
             }
             next = batch.next(outbox.len(), rx).await;
         }
-        if !self.in_txn {
+        if !self.store.in_txn() {
             release(outbox); // nothing ran, nothing to make durable
             return leave;
         }
@@ -446,41 +356,28 @@ impl<A: AgentClass> Instance<A> {
             Err(e) => {
                 // Committing could leave a schedule the timer does not know about.
                 tracing::error!("the alarm index cannot be written, the batch is rolled back: {e}");
-                let _ = self.ctx.sql().execute_batch("ROLLBACK");
-                self.in_txn = false;
+                self.store.rollback(self.ctx.sql());
                 self.agent = None;
-                let e = RawError::internal(format!("the alarm index cannot be written: {e}"));
+                let e = Failure::runtime("the alarm index cannot be written", e).told();
                 fail(outbox, &e);
                 return self.not_committed(leave, &e);
             }
         };
-        match self.commit() {
+        match self.store.commit(self.ctx.sql()) {
             Err(e) => {
                 tracing::error!("commit failed, the batch is rolled back: {e}");
                 // Memory may hold what storage lost: re-create the agent from storage.
                 self.agent = None;
-                let e = RawError::internal(format!("the commit failed, nothing was written: {e}"));
+                let e = Failure::runtime("the commit failed, nothing was written", e).told();
                 fail(outbox, &e);
                 leave = self.not_committed(leave, &e);
             }
-            Ok(()) => match &self.syncer {
-                Some(syncer) => {
-                    let after = raise.map(|r| Box::new(move || r.apply()) as AfterDurable);
-                    syncer.send(outbox, after);
-                }
-                None => {
-                    if let Some(raise) = raise {
-                        let _ = blocking(move || {
-                            raise.apply();
-                            Ok(())
-                        })
-                        .await;
-                    }
-                    release(outbox)
-                }
-            },
+            Ok(committed) => {
+                let after = raise.map(|r| Box::new(move || r.apply()) as AfterDurable);
+                self.store.seal(outbox, committed, after).await;
+            }
         }
-        self.checkpoint_if_large().await;
+        self.store.checkpoint_if_large(&mut self.ctx.conn).await;
         leave
     }
 
@@ -509,38 +406,7 @@ impl<A: AgentClass> Instance<A> {
             // now, after this commit, rather than on the test's next `advance`.
             self.alarm_self();
         }
-        let refresh = std::mem::take(&mut self.refresh_index);
-        let (seq, indexed) = {
-            let state = lock(&self.index);
-            (state.seq, state.at)
-        };
-        let plan = IndexPlan::of(earliest, indexed, refresh);
-        if plan == IndexPlan::LowerNow {
-            let (state, shared, key) = (
-                self.index.clone(),
-                self.ctx.shared.clone(),
-                self.ctx.key().clone(),
-            );
-            blocking(move || {
-                let mut state = lock(&state);
-                state.seq += 1;
-                shared.alarms.set(&key, earliest, true)?;
-                state.at = earliest;
-                Ok(())
-            })
-            .await?;
-            return Ok(None);
-        }
-        if plan == IndexPlan::Keep {
-            return Ok(None);
-        }
-        Ok(Some(Raise {
-            key: self.ctx.key().clone(),
-            shared: self.ctx.shared.clone(),
-            state: self.index.clone(),
-            seq,
-            at: earliest,
-        }))
+        self.index.before_commit(earliest).await
     }
 
     /// Queues frames for the agent's connections, released with the batch.
@@ -574,7 +440,7 @@ impl<A: AgentClass> Instance<A> {
         {
             tracing::debug!("on_close failed: {e}");
         }
-        if self.in_txn {
+        if self.store.in_txn() {
             if let Err(e) = conn::remove(self.ctx.sql(), &conn) {
                 tracing::warn!("forgetting connection {conn}: {e}");
             }
@@ -611,16 +477,16 @@ impl<A: AgentClass> Instance<A> {
             .run_handler(Work::Call(&inv), cause, outbox)
             .instrument(span)
             .await;
-        if let Err(e) = &result {
-            tracing::debug!(kind = %e.kind, "call failed: {}", e.message);
+        if let Err(failure) = &result {
+            tracing::debug!("call failed: {failure}");
         }
         let stream = inv.take_stream().filter(|_| result.is_ok());
-        outbox.push((Responder::Call(reply, stream), result));
+        outbox.push((Responder::Call(reply, stream), told(result)));
     }
 
     /// Runs every due row, each as its own event, and records its outcome in the same batch.
     async fn alarm(&mut self, done: Option<oneshot::Sender<()>>, outbox: &mut Outbox) {
-        self.refresh_index = true;
+        self.index.refresh();
         let result = self.run_due(outbox).await;
         if let Err(e) = &result {
             tracing::error!("running due schedules: {e}");
@@ -628,8 +494,8 @@ impl<A: AgentClass> Instance<A> {
         outbox.push((
             Responder::Done(done),
             result
-                .map(|()| Payload::Postcard(Vec::new()))
-                .map_err(RawError::internal),
+                .map(|()| empty())
+                .map_err(|e| Failure::runtime("running due schedules", e).told()),
         ));
     }
 
@@ -730,8 +596,10 @@ impl<A: AgentClass> Instance<A> {
         work: Work<'_>,
         cause: Cause,
         outbox: &mut Outbox,
-    ) -> Result<Payload, RawError> {
-        self.begin().await.map_err(RawError::internal)?;
+    ) -> Result<Payload, Failure> {
+        self.begin()
+            .await
+            .map_err(|e| Failure::runtime("the database cannot be used", e))?;
         let effects = self.effects();
         let Cause {
             waiting,
@@ -758,7 +626,7 @@ impl<A: AgentClass> Instance<A> {
         let result = result.and_then(|payload| {
             conn::apply_writes(self.ctx.sql(), &effects)
                 .map(|()| payload)
-                .map_err(RawError::internal)
+                .map_err(|e| Failure::runtime("the connections' changes cannot be stored", e))
         });
         let result = end_savepoint(self.ctx.sql(), result);
         if result.is_ok() {
@@ -773,7 +641,7 @@ impl<A: AgentClass> Instance<A> {
     }
 
     /// The handler of `work`, inside its event's savepoint (a panic becomes an error).
-    async fn run_in_turn(&mut self, work: Work<'_>) -> Result<Payload, RawError> {
+    async fn run_in_turn(&mut self, work: Work<'_>) -> Result<Payload, Failure> {
         match self.prepare(&work) {
             Err(e) => Err(e),
             // A connection that closed before the agent got to its event: nothing to run.
@@ -820,10 +688,10 @@ impl<A: AgentClass> Instance<A> {
                         })
                     }
                 };
-                self.in_handler.store(true, Ordering::Relaxed);
-                let (result, panicked) = catch_panic(chain.scope(handler)).await;
-                self.in_handler.store(false, Ordering::Relaxed);
-                if panicked {
+                let handler =
+                    catch_panic(chain.scope(async { handler.await.map_err(Failure::Told) }));
+                let result = self.store.user_code(handler).await;
+                if matches!(result, Err(Failure::Panic(_))) {
                     self.agent = None;
                 }
                 result
@@ -839,26 +707,25 @@ impl<A: AgentClass> Instance<A> {
     /// Before a connection's hook: records a new connection (and queues the shared state for
     /// it), and loads the connection; `None` if it is no longer recorded (it closed before the
     /// agent got to its event), and for events that are not about a connection.
-    fn prepare(&mut self, work: &Work<'_>) -> Result<Option<conn::Conn<A>>, RawError> {
+    fn prepare(&mut self, work: &Work<'_>) -> Result<Option<conn::Conn<A>>, Failure> {
         let Some(id) = work.conn() else {
             return Ok(None);
         };
         let sql = self.ctx.sql();
+        let failed = |e| Failure::runtime("the connection cannot be loaded", e);
         if let Work::Connect(_, protocol, principal) = work {
-            conn::insert(sql, id, *protocol, principal.as_deref()).map_err(RawError::internal)?;
-            if let Some(stored) = conn::load_state(sql).map_err(RawError::internal)? {
-                let state: A::State = stored
-                    .decode("the shared state")
-                    .map_err(RawError::internal)?;
+            conn::insert(sql, id, *protocol, principal.as_deref()).map_err(failed)?;
+            if let Some(stored) = conn::load_state(sql).map_err(failed)? {
+                let state: A::State = stored.decode("the shared state").map_err(failed)?;
                 let encoded = Encoded::new(&state, "the shared state", Speaks::of(*protocol))
-                    .map_err(RawError::internal)?;
+                    .map_err(failed)?;
                 conn::push(
                     &self.ctx.turn.effects,
                     Effect::Send(id.clone(), Arc::new(Outgoing::State(encoded))),
                 );
             }
         }
-        let conn = conn::load(sql, id, &self.ctx.turn.effects).map_err(RawError::internal)?;
+        let conn = conn::load(sql, id, &self.ctx.turn.effects).map_err(failed)?;
         if conn.is_none() {
             tracing::debug!("connection {id} is gone: its event is skipped");
         }
@@ -866,7 +733,7 @@ impl<A: AgentClass> Instance<A> {
     }
 
     /// Creates the agent and runs `on_start`, if it is not live.
-    async fn ensure_started(&mut self) -> Result<(), RawError> {
+    async fn ensure_started(&mut self) -> Result<(), Failure> {
         if self.agent.is_some() {
             return Ok(());
         }
@@ -877,11 +744,9 @@ impl<A: AgentClass> Instance<A> {
             agent
                 .on_start(&mut self.ctx)
                 .await
-                .map_err(|e| RawError::internal(format!("on_start failed: {e}")))
+                .map_err(|e| Failure::Told(RawError::internal(format!("on_start failed: {e}"))))
         };
-        self.in_handler.store(true, Ordering::Relaxed);
-        let (result, _) = catch_panic(chain.scope(start)).await;
-        self.in_handler.store(false, Ordering::Relaxed);
+        let result = self.store.user_code(catch_panic(chain.scope(start))).await;
         end_savepoint(self.ctx.sql(), result)?;
         self.agent = Some(agent);
         Ok(())
@@ -889,40 +754,16 @@ impl<A: AgentClass> Instance<A> {
 
     /// Opens the database if it is not open.
     async fn open(&mut self) -> Result<(), Error> {
-        if self.ctx.conn.is_some() {
-            return Ok(());
-        }
         let shared = self.ctx.shared.clone();
         let key = self.ctx.key().clone();
-        let _permit = self
-            .ctx
-            .shared
-            .opening
-            .acquire()
-            .await
-            .map_err(|_| Error::Shutdown)?;
-        let (conn, wal) = blocking(move || {
-            storage::open(&shared.config.data_dir, &key, shared.config.durability)
-        })
-        .await?;
-        let wal = Arc::new(wal);
-        if self.ctx.shared.config.durability == Durability::Full {
-            self.syncer = Some(Syncer::start(Arc::new(WalSync(wal.clone()))));
-        }
-        storage::guard_transaction(&conn, self.in_handler.clone());
-        self.wal = Some(wal);
-        self.ctx.conn = Some(conn);
-        Ok(())
+        self.store.open(&mut self.ctx.conn, &shared, &key).await
     }
 
     /// Opens the database and the batch transaction if needed; the first transaction of an
     /// instance also registers its `#[schedule]` rows.
     async fn begin(&mut self) -> Result<(), Error> {
         self.open().await?;
-        if !self.in_txn {
-            self.ctx.sql().prepare_cached("BEGIN")?.execute([])?;
-            self.in_txn = true;
-        }
+        self.store.begin(self.ctx.sql())?;
         if !self.statics_synced {
             let now = self.ctx.shared.config.clock.now_ms();
             schedule::sync_static(self.ctx.sql(), A::SCHEDULES, now)?;
@@ -936,56 +777,9 @@ impl<A: AgentClass> Instance<A> {
         Ok(())
     }
 
-    /// Commits the batch transaction. SQLite does not sync here (see `Durability`): this is a
-    /// write into the WAL, cheap enough for the async worker.
-    fn commit(&mut self) -> Result<(), Error> {
-        self.in_txn = false;
-        let conn = self.ctx.sql();
-        let result = conn
-            .prepare_cached("COMMIT")
-            .and_then(|mut s| s.execute([]));
-        if result.is_err() && !conn.is_autocommit() {
-            let _ = conn.execute_batch("ROLLBACK");
-        }
-        result.map(drop).map_err(Error::from)
-    }
-
-    /// Checkpoints on a blocking thread once the WAL has grown past its limit.
-    async fn checkpoint_if_large(&mut self) {
-        let size = self
-            .wal
-            .as_ref()
-            .and_then(|w| w.metadata().ok())
-            .map_or(0, |m| m.len());
-        if size < storage::CHECKPOINT_WAL_BYTES {
-            return;
-        }
-        let Some(conn) = self.ctx.conn.take() else {
-            return;
-        };
-        // On a panic the connection is lost with the task: the next event reopens the database.
-        match blocking(move || Ok((storage::checkpoint(&conn), conn))).await {
-            Ok((result, conn)) => {
-                if let Err(e) = result {
-                    tracing::warn!("checkpoint failed (the WAL keeps growing): {e}");
-                }
-                self.ctx.conn = Some(conn);
-            }
-            Err(e) => tracing::error!("{e}"),
-        }
-    }
-
-    /// Waits for the syncer to release every reply, then closes the database on a blocking thread.
+    /// Waits for every reply to be released, then closes the database.
     async fn close_db(&mut self) {
-        if let Some(syncer) = self.syncer.take() {
-            syncer.finish().await;
-        }
-        self.wal = None;
-        if let Some(conn) = self.ctx.conn.take() {
-            if let Err(e) = blocking(move || storage::close(conn)).await {
-                tracing::warn!("closing the database: {e}");
-            }
-        }
+        self.store.close(&mut self.ctx.conn).await;
     }
 }
 
@@ -994,109 +788,6 @@ async fn hand_over(shared: &Arc<Shared>, key: &AgentKey, mut rx: mpsc::Receiver<
     while let Some(event) = rx.recv().await {
         if let Err((e, event)) = shared.route(key, event).await {
             event.abandon(RawError::internal(e));
-        }
-    }
-}
-
-/// Opens the savepoint of one event (see `storage::RUNTIME_SAVEPOINTS`).
-fn savepoint(conn: &Connection) -> Result<(), RawError> {
-    conn.prepare_cached("SAVEPOINT agents_event")
-        .and_then(|mut s| s.execute([]))
-        .map(drop)
-        .map_err(|e| RawError::internal(format!("could not open a savepoint: {e}")))
-}
-
-/// Ends the savepoint of one event: `Ok` releases it, `Err` rolls it back first.
-fn end_savepoint<T>(conn: &Connection, result: Result<T, RawError>) -> Result<T, RawError> {
-    let end = if result.is_ok() {
-        conn.prepare_cached("RELEASE agents_event")
-            .and_then(|mut s| s.execute([]))
-            .map(drop)
-    } else {
-        conn.execute_batch("ROLLBACK TO agents_event; RELEASE agents_event")
-    };
-    end.map_err(|e| RawError::internal(format!("could not end the event's savepoint: {e}")))?;
-    result
-}
-
-/// Runs a handler, turning a panic into an `internal` error. Returns whether it panicked.
-async fn catch_panic<T>(
-    handler: impl Future<Output = Result<T, RawError>>,
-) -> (Result<T, RawError>, bool) {
-    match AssertUnwindSafe(handler).catch_unwind().await {
-        Ok(result) => (result, false),
-        Err(panic) => {
-            let message = panic_message(&*panic);
-            tracing::error!("handler panicked: {message}");
-            (
-                Err(RawError::internal(format!(
-                    "the handler panicked: {message}"
-                ))),
-                true,
-            )
-        }
-    }
-}
-
-fn panic_message(panic: &(dyn Any + Send)) -> String {
-    if let Some(s) = panic.downcast_ref::<&str>() {
-        (*s).to_owned()
-    } else if let Some(s) = panic.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        "(non-string panic payload)".to_owned()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::{
-        Batching, Event,
-        IndexPlan::{self, *},
-    };
-    use tokio::sync::mpsc;
-
-    #[tokio::test]
-    async fn a_batch_takes_what_is_queued_up_to_its_limit_and_waits_one_round_once() {
-        let (tx, mut rx) = mpsc::channel(16);
-        for _ in 0..3 {
-            tx.send(Event::Warm).await.unwrap();
-        }
-        let mut batch = Batching::new(3);
-        assert!(batch.next(1, &mut rx).await.is_some());
-        assert!(batch.next(2, &mut rx).await.is_some());
-        assert!(batch.next(3, &mut rx).await.is_none(), "full: commit now");
-        // Empty: one scheduler round for a sender that is about to send...
-        let late = tokio::spawn({
-            let tx = tx.clone();
-            async move { tx.send(Event::Warm).await.unwrap() }
-        });
-        let mut batch = Batching::new(256);
-        assert!(batch.next(1, &mut rx).await.is_some(), "the queued one");
-        assert!(
-            batch.next(2, &mut rx).await.is_some(),
-            "the late one joined"
-        );
-        late.await.unwrap();
-        // ...but only once per batch.
-        assert!(batch.next(3, &mut rx).await.is_none());
-    }
-
-    #[test]
-    fn the_alarm_index_is_early_never_late() {
-        // Earlier than the index, or new: written before the commit.
-        assert_eq!(IndexPlan::of(Some(5), Some(9), false), LowerNow);
-        assert_eq!(IndexPlan::of(Some(5), None, false), LowerNow);
-        // Later, or gone: only once the commit is durable (until then the index stays early).
-        assert_eq!(IndexPlan::of(Some(9), Some(5), false), RaiseWhenDurable);
-        assert_eq!(IndexPlan::of(None, Some(5), false), RaiseWhenDurable);
-        // Unchanged: nothing, unless the timer took the entry.
-        assert_eq!(IndexPlan::of(Some(5), Some(5), false), Keep);
-        assert_eq!(IndexPlan::of(None, None, false), Keep);
-        assert_eq!(IndexPlan::of(Some(5), Some(5), true), RaiseWhenDurable);
-        // Never lowered late: whatever the entry, an earlier time is written at once.
-        for old in [None, Some(6), Some(u64::MAX)] {
-            assert_eq!(IndexPlan::of(Some(5), old, true), LowerNow, "{old:?}");
         }
     }
 }

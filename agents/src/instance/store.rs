@@ -1,0 +1,218 @@
+//! The agent's database as its instance uses it: opened on the first event that needs it (a
+//! few at a time, see `Shared::opening`), one transaction per batch with a savepoint per event,
+//! the commit and what makes it durable (its `CommitGate`: the output gate waits on it),
+//! checkpoints once the WAL is large, and the close.
+
+use std::sync::{
+    atomic::{AtomicBool, Ordering},
+    Arc,
+};
+
+use rusqlite::Connection;
+
+use crate::{
+    address::AgentKey,
+    error::{Error, Failure},
+    gate::{release, AfterDurable, CommitGate, Committed, NoSync, Outbox, Syncer, WalSync},
+    registry::Shared,
+    storage::{self, blocking, Durability},
+};
+
+/// The open database's side of an instance (the connection itself is the `Ctx`'s, which
+/// handlers query).
+pub(super) struct Store {
+    /// Whether the batch transaction is open.
+    in_txn: bool,
+    /// Set while user code runs: the database then refuses transaction control.
+    in_handler: Arc<AtomicBool>,
+    /// Releases replies once their commit is durable (`None`: released at once).
+    syncer: Option<Syncer>,
+    /// How many frames the WAL held after the last commit.
+    wal_frames: u32,
+    /// Checkpoint once the WAL holds this many frames.
+    checkpoint_at: u32,
+}
+
+impl Store {
+    pub(super) fn new() -> Self {
+        Store {
+            in_txn: false,
+            in_handler: Arc::default(),
+            syncer: None,
+            wal_frames: 0,
+            checkpoint_at: u32::MAX,
+        }
+    }
+
+    /// Opens the database of `key` into `slot`, if it is not open.
+    pub(super) async fn open(
+        &mut self,
+        slot: &mut Option<Connection>,
+        shared: &Arc<Shared>,
+        key: &AgentKey,
+    ) -> Result<(), Error> {
+        if slot.is_some() {
+            return Ok(());
+        }
+        let _permit = shared
+            .opening
+            .acquire()
+            .await
+            .map_err(|_| Error::Shutdown)?;
+        let (config, key) = (shared.clone(), key.clone());
+        let (conn, wal) = blocking(move || {
+            let config = &config.config;
+            storage::open(&config.data_dir, &key, config.durability)
+        })
+        .await?;
+        let gate: Arc<dyn CommitGate> = match shared.config.durability {
+            Durability::Full => Arc::new(WalSync(wal)),
+            Durability::Normal => Arc::new(NoSync),
+        };
+        if !gate.is_open() {
+            self.syncer = Some(Syncer::start(gate));
+        }
+        let page_size: u64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+        self.checkpoint_at = storage::wal_frames_for(storage::CHECKPOINT_WAL_BYTES, page_size);
+        self.wal_frames = 0; // opening checkpointed whatever an earlier close left
+        storage::guard_transaction(&conn, self.in_handler.clone());
+        *slot = Some(conn);
+        Ok(())
+    }
+
+    /// Opens the batch transaction if it is not open.
+    pub(super) fn begin(&mut self, conn: &Connection) -> Result<(), Error> {
+        if !self.in_txn {
+            conn.prepare_cached("BEGIN")?.execute([])?;
+            self.in_txn = true;
+        }
+        Ok(())
+    }
+
+    /// Whether the batch transaction is open.
+    pub(super) fn in_txn(&self) -> bool {
+        self.in_txn
+    }
+
+    /// Whether SQLite ended the batch transaction by itself (an I/O error, a full disk,
+    /// `INSERT OR ROLLBACK`): every event of the batch so far lost its writes. (Handlers cannot
+    /// end it: see `storage::guard_transaction`.)
+    pub(super) fn lost_txn(&mut self, conn: &Connection) -> bool {
+        let lost = self.in_txn && conn.is_autocommit();
+        if lost {
+            self.in_txn = false;
+        }
+        lost
+    }
+
+    /// Rolls the batch transaction back.
+    pub(super) fn rollback(&mut self, conn: &Connection) {
+        self.in_txn = false;
+        let _ = conn.execute_batch("ROLLBACK");
+    }
+
+    /// Commits the batch transaction (a write into the WAL: cheap enough for the async worker).
+    pub(super) fn commit(&mut self, conn: &Connection) -> Result<Committed, Error> {
+        self.in_txn = false;
+        let start = self.wal_frames;
+        if let Some(end) = storage::commit(conn)? {
+            self.wal_frames = end;
+        }
+        Ok(Committed {
+            frames: start..self.wal_frames,
+        })
+    }
+
+    /// Releases `outbox` once what `committed` says is durable, and runs `after` (blocking)
+    /// just before.
+    pub(super) async fn seal(
+        &self,
+        outbox: Outbox,
+        committed: Committed,
+        after: Option<AfterDurable>,
+    ) {
+        match &self.syncer {
+            Some(syncer) => syncer.send(outbox, committed, after),
+            None => {
+                if let Some(after) = after {
+                    let _ = blocking(move || {
+                        after();
+                        Ok(())
+                    })
+                    .await;
+                }
+                release(outbox)
+            }
+        }
+    }
+
+    /// Runs user code: the database refuses transaction control meanwhile.
+    pub(super) async fn user_code<T>(&self, code: impl std::future::Future<Output = T>) -> T {
+        self.in_handler.store(true, Ordering::Relaxed);
+        let result = code.await;
+        self.in_handler.store(false, Ordering::Relaxed);
+        result
+    }
+
+    /// Checkpoints on a blocking thread once the WAL has grown past its limit, after every
+    /// batch before it is durable (a gate may read their frames until then).
+    pub(super) async fn checkpoint_if_large(&mut self, slot: &mut Option<Connection>) {
+        if self.wal_frames < self.checkpoint_at {
+            return;
+        }
+        if let Some(syncer) = &self.syncer {
+            syncer.drain().await;
+        }
+        let Some(conn) = slot.take() else {
+            return;
+        };
+        // On a panic the connection is lost with the task: the next event reopens the database.
+        match blocking(move || Ok((storage::checkpoint(&conn), conn))).await {
+            Ok((result, conn)) => {
+                match result {
+                    Ok(()) => self.wal_frames = 0,
+                    Err(e) => tracing::warn!("checkpoint failed (the WAL keeps growing): {e}"),
+                }
+                *slot = Some(conn);
+            }
+            Err(e) => tracing::error!("{e}"),
+        }
+    }
+
+    /// Waits for every reply to be released, then closes the database on a blocking thread.
+    pub(super) async fn close(&mut self, slot: &mut Option<Connection>) {
+        if let Some(syncer) = self.syncer.take() {
+            syncer.finish().await;
+        }
+        self.in_txn = false;
+        if let Some(conn) = slot.take() {
+            if let Err(e) = blocking(move || storage::close(conn)).await {
+                tracing::warn!("closing the database: {e}");
+            }
+        }
+    }
+}
+
+/// Opens the savepoint of one event (see `storage::RUNTIME_SAVEPOINTS`).
+pub(super) fn savepoint(conn: &Connection) -> Result<(), Failure> {
+    conn.prepare_cached("SAVEPOINT agents_event")
+        .and_then(|mut s| s.execute([]))
+        .map(drop)
+        .map_err(|e| Failure::runtime("could not open a savepoint", e))
+}
+
+/// Ends the savepoint of one event: `Ok` releases it, `Err` rolls it back first.
+pub(super) fn end_savepoint<T>(
+    conn: &Connection,
+    result: Result<T, Failure>,
+) -> Result<T, Failure> {
+    let end = if result.is_ok() {
+        conn.prepare_cached("RELEASE agents_event")
+            .and_then(|mut s| s.execute([]))
+            .map(drop)
+    } else {
+        conn.execute_batch("ROLLBACK TO agents_event; RELEASE agents_event")
+    };
+    end.map_err(|e| Failure::runtime("could not end the event's savepoint", e))?;
+    result
+}
