@@ -368,7 +368,8 @@ async fn wait_for_log(rt: &TestRuntime, room: &str, prefix: &str) -> Vec<String>
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hooks_run_in_order_connect_message_close() {
-    let (rt, addr) = serve(Runtime::builder()).await;
+    // Its database is read while it is live.
+    let (rt, addr) = serve(Runtime::builder().readable_while_live(true)).await;
     // No subprotocol: frames go as they are to on_message.
     let mut raw = ws_connect(addr, "/agents/room/order?user=ann", None)
         .await
@@ -505,7 +506,8 @@ async fn broadcast_reaches_exactly_the_right_sockets() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connection_state_and_tags_survive_hibernation_and_a_wake_by_message() {
-    let (rt, addr) = serve(Runtime::builder()).await;
+    // Its database is read while it is live.
+    let (rt, addr) = serve(Runtime::builder().readable_while_live(true)).await;
     let (mut ann, _) = member(addr, "hib", "ann").await;
     let (_bob, _) = member(addr, "hib", "bob").await;
     let send =
@@ -580,7 +582,8 @@ async fn connection_state_and_tags_survive_hibernation_and_a_wake_by_message() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn output_gate_frames_leave_after_the_commit_and_never_for_a_failed_event() {
-    let (rt, addr) = serve(Runtime::builder()).await;
+    // What is committed is read by another connection while the agent is live.
+    let (rt, addr) = serve(Runtime::builder().readable_while_live(true)).await;
     let (mut listener, _) = member(addr, "gate", "listener").await;
     let (mut speaker, _) = member(addr, "gate", "speaker").await;
     let db_path = rt.runtime().database_path::<Room>("gate").unwrap();

@@ -134,7 +134,9 @@ fn builder_v1() -> agents::Builder {
 }
 
 fn builder_v2() -> agents::Builder {
+    // Its databases are read with SQLite while the agents are live.
     Runtime::builder()
+        .readable_while_live(true)
         .clock(Clock::manual(start()))
         .agent::<v2::Account>()
 }

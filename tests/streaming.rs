@@ -204,7 +204,8 @@ impl Feed {
 }
 
 async fn serve() -> (TestRuntime, std::net::SocketAddr) {
-    common::serve(Runtime::builder().agent::<Feed>()).await
+    // What is committed is read by another connection while the agent is live.
+    common::serve(Runtime::builder().readable_while_live(true).agent::<Feed>()).await
 }
 
 /// Checks `count`, `start`, `fail_after` and `panic_after` through `feed`, whatever carries it.

@@ -7,7 +7,13 @@ use common::{Counter, CounterError};
 use serde_json::json;
 
 fn runtime() -> TestRuntime {
-    TestRuntime::start(Runtime::builder().agent::<Counter>()).unwrap()
+    // What is committed is read by another connection while the agent is live.
+    TestRuntime::start(
+        Runtime::builder()
+            .readable_while_live(true)
+            .agent::<Counter>(),
+    )
+    .unwrap()
 }
 
 #[tokio::test]

@@ -8,7 +8,9 @@
 //! - `raw_commit_each`: one transaction per write (what a sequential caller can get at best);
 //! - `raw_batch_16`: 16 writes per commit (the best any system can batch with 16 callers that
 //!   each wait for their reply);
-//! - `raw_files`: open a new database, create the table, write, close (activation cost).
+//! - `raw_files`: open a new database, create the table, write, close (activation cost);
+//! - `raw_connections`: open databases kept open, each with the table and one row, in a child
+//!   process (what a live agent's database costs in memory at least).
 
 use std::time::{Duration, Instant};
 
@@ -196,8 +198,75 @@ async fn spread(d: Durability, agents: usize, callers: usize) {
     );
 }
 
+/// This process's resident set, in bytes.
+fn rss_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0);
+    kib * 1024
+}
+
+/// The child process of `rss_per_live_agent`: opens `n` databases (the table and one row each),
+/// keeps them open, and prints its RSS growth per database.
+fn raw_connections(n: usize) {
+    let dir = tempfile::tempdir().unwrap();
+    let before = rss_bytes();
+    let conns: Vec<_> = (0..n)
+        .map(|i| {
+            let conn = common::raw_open(&dir.path().join(format!("{i}.sqlite")), "FULL");
+            let _: i64 = conn
+                .prepare_cached(UPSERT)
+                .unwrap()
+                .query_row([1], |r| r.get(0))
+                .unwrap();
+            conn
+        })
+        .collect();
+    let per = (rss_bytes().saturating_sub(before)) as f64 / n as f64;
+    println!("{per:.0}");
+    drop(conns);
+}
+
+/// RSS growth per live agent: `n` agents, each woken by one durable write (its table and one
+/// row), all kept live; next to `n` open raw connections in a child process.
+async fn rss_per_live_agent(n: usize) {
+    let rt = TestRuntime::start(
+        Runtime::builder()
+            .max_live_agents(n + 16)
+            .idle_timeout(Duration::from_secs(3600))
+            .agent::<Counter>(),
+    )
+    .unwrap();
+    // Warm up what every runtime has once (threads, the first database's code paths).
+    rt.agent::<Counter>("warm").add(1).await.unwrap();
+    let before = rss_bytes();
+    for i in 0..n {
+        rt.agent::<Counter>(&format!("a{i}")).add(1).await.unwrap();
+    }
+    let per = (rss_bytes().saturating_sub(before)) as f64 / n as f64;
+    let live = rt.runtime().live_count();
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--raw-connections", &n.to_string()])
+        .output()
+        .unwrap();
+    let raw: f64 = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(f64::NAN);
+    println!(
+        "{{\"bench\":\"rss_per_live_agent\",\"agents\":{n},\"live\":{live},\"bytes_per_agent\":{per:.0},\"baseline\":\"raw_connections\",\"baseline_bytes_per_connection\":{raw:.0},\"ratio\":{:.3}}}",
+        per / raw
+    );
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
+    if let Some(i) = args.iter().position(|a| a == "--raw-connections") {
+        return raw_connections(args[i + 1].parse().unwrap());
+    }
     let quick = args.iter().any(|a| a == "--quick");
     // `-- sequential` (any word of a bench's name) runs only the benches whose name has it.
     let filter = args.iter().skip(1).find(|a| !a.starts_with("--")).cloned();
@@ -218,6 +287,9 @@ fn main() {
             if run("spread_activation") {
                 spread(d, 10_000 / scale, 16).await;
             }
+        }
+        if run("rss_per_live_agent") {
+            rss_per_live_agent(2_000 / scale).await;
         }
     });
 }

@@ -40,6 +40,15 @@ pub enum Error {
     /// A bug in the runtime surfaced as an error instead of a crash (a panicked storage task).
     #[error("internal: {0}")]
     Internal(String),
+    /// Another runtime (in this process or another) has the data dir open: one data dir serves
+    /// one runtime at a time.
+    #[error("the data dir {path} is in use by another runtime{holder}")]
+    DataDirInUse {
+        /// The data dir.
+        path: std::path::PathBuf,
+        /// Who holds it, as its lock file says (` (pid 123)`), if it says.
+        holder: String,
+    },
     /// The runtime is shutting down or gone.
     #[error("the runtime has shut down")]
     Shutdown,

@@ -140,14 +140,14 @@ impl Door {
     /// A call: its reply goes to `call.reply`, which is answered with the error if the call
     /// cannot be routed.
     pub(crate) async fn call(&self, key: &AgentKey, call: ConnCall) {
-        let event = Event::Call(CallEvent {
+        let event = Event::Call(Box::new(CallEvent {
             inv: Invocation::remote(call.method, call.args),
             reply: ReplyTo::Port(call.reply),
             chain: Chain::default(),
             deadline: Some(call.deadline),
             conn: Some(call.conn),
             principal: call.principal,
-        });
+        }));
         if let Err((e, event)) = self.0.route(key, event).await {
             event.abandon(RawError::internal(e));
         }

@@ -47,6 +47,7 @@ fn opening_at_once() -> usize {
 pub(crate) struct Config {
     pub data_dir: PathBuf,
     pub durability: Durability,
+    pub locking: crate::storage::Locking,
     pub idle_timeout: Duration,
     pub mailbox_capacity: usize,
     pub call_timeout: Duration,
@@ -83,7 +84,8 @@ pub(crate) struct Class {
 
 /// What an instance's mailbox carries.
 pub(crate) enum Event {
-    Call(CallEvent),
+    /// A call (boxed, as the largest variant: a mailbox's slots are the size of its events).
+    Call(Box<CallEvent>),
     /// Drop the instance now (testing and operations); answered once its database is closed.
     Hibernate(oneshot::Sender<()>),
     /// Destroy the agent (`runtime.destroy`); answered once its files are gone.
@@ -100,10 +102,7 @@ pub(crate) enum Event {
         done: oneshot::Sender<Reply>,
     },
     /// A message for `on_message`.
-    Message {
-        conn: ConnId,
-        message: WsMessage,
-    },
+    Message { conn: ConnId, message: WsMessage },
     /// A connection closed (after failing, if `error`): `on_error`, `on_close`, forget it.
     Close {
         conn: ConnId,
@@ -113,7 +112,7 @@ pub(crate) enum Event {
     },
     /// An HTTP request for `on_request`.
     Request {
-        request: HttpRequest,
+        request: Box<HttpRequest>,
         reply: oneshot::Sender<Result<HttpResponse, RawError>>,
     },
 }
@@ -315,6 +314,8 @@ pub(crate) struct Shared {
     pub opening: Semaphore,
     /// The open WebSockets of every agent, live or hibernating.
     pub sockets: Arc<dyn Connections>,
+    /// The data dir's lock, held until the runtime has shut down (see `storage::lock_data_dir`).
+    pub dir_lock: Mutex<Option<std::fs::File>>,
     /// The runtime's handle, for code that runs inside it (`ctx.runtime()`); weak, so that
     /// dropping the last `Runtime` still shuts it down.
     pub handle: std::sync::OnceLock<std::sync::Weak<crate::runtime::Handle>>,
@@ -326,8 +327,10 @@ impl Shared {
         alarms: AlarmIndex,
         classes: HashMap<&'static str, Class>,
         sockets: Arc<dyn Connections>,
+        dir_lock: std::fs::File,
     ) -> Self {
         Shared {
+            dir_lock: Mutex::new(Some(dir_lock)),
             config,
             alarms,
             classes,

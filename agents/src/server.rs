@@ -197,7 +197,10 @@ pub(crate) async fn to_agent(runtime: Runtime, key: AgentKey, request: Request) 
         request.extensions_mut().insert(Principal(p));
     }
     let (reply, response) = oneshot::channel();
-    let event = Event::Request { request, reply };
+    let event = Event::Request {
+        request: Box::new(request),
+        reply,
+    };
     if let Err((e, _)) = runtime.shared().route(&key, event).await {
         return error(RawError::internal(e));
     }

@@ -179,7 +179,9 @@ impl<A: AgentClass> Instance<A> {
                     continue;
                 }
             };
-            match self.run_batch(first, &mut rx).await {
+            // Boxed: a batch's state lives as long as the batch, so a quiet agent's task stays
+            // small.
+            match Box::pin(self.run_batch(first, &mut rx)).await {
                 None => {}
                 Some(Leave::Hibernate(done)) => {
                     tracing::debug!("hibernating on request");
@@ -238,7 +240,7 @@ impl<A: AgentClass> Instance<A> {
         let mut leave = None;
         while let Some(event) = next.take() {
             match event {
-                Event::Call(call) => self.call(call, &mut outbox).await,
+                Event::Call(call) => self.call(*call, &mut outbox).await,
                 Event::Alarm(done) => self.alarm(done, &mut outbox).await,
                 Event::Warm => {
                     if let Err(e) = self.open().await {
@@ -315,7 +317,7 @@ impl<A: AgentClass> Instance<A> {
                     let mut response = None;
                     let result = self
                         .run_handler(
-                            Work::Request(request, &mut response),
+                            Work::Request(*request, &mut response),
                             Cause::default(),
                             &mut outbox,
                         )

@@ -62,7 +62,7 @@ impl Store {
         let (config, key) = (shared.clone(), key.clone());
         let (conn, wal) = blocking(move || {
             let config = &config.config;
-            storage::open(&config.data_dir, &key, config.durability)
+            storage::open(&config.data_dir, &key, config.durability, config.locking)
         })
         .await?;
         let gate: Arc<dyn CommitGate> = match shared.config.durability {
