@@ -1,6 +1,7 @@
 //! Scheduling benchmarks in real time, printed as JSON lines.
 //!
-//! `cargo bench -p agents --bench schedules` (add `-- --quick` for a smoke run).
+//! `cargo bench -p agents --bench schedules` (add `-- --quick` for a smoke run, a word of a
+//! bench's name to run only that one).
 //!
 //! - `fire_lateness`: 10,000 one-shot schedules over 1,000 agents, all due within a 5 s
 //!   window; every agent is hibernated (idle timeout 2 s) when the window opens and is woken by
@@ -9,6 +10,10 @@
 //!   same due times in the same run.
 //! - `schedule_rows`: the cost of creating rows (durable, 10 per call).
 //! - `idle_100k`: RSS and CPU of a runtime holding 100,000 future schedules while nothing is due.
+//! - `agents_100k`: 100,000 agents, each with a schedule an hour ahead, created and hibernated;
+//!   then a new runtime on that data dir: its start-up time and RSS at rest, the wake latency of
+//!   random hibernated agents (a call each; p50 / p99) next to opening one of their databases
+//!   with raw rusqlite and reading a row, and how late a schedule fires among them.
 
 use std::{
     sync::Mutex,
@@ -40,6 +45,12 @@ impl Planner {
             ctx.schedule(When::at(at), Planner::calls().fire(due))?;
         }
         Ok(())
+    }
+
+    /// Reads the agent's next schedule (a call that wakes it and reads its database).
+    #[callable]
+    async fn next_due(&mut self, ctx: &mut Ctx<Self>) -> Result<Option<u64>, AppError> {
+        Ok(ctx.schedules()?.first().map(|s| s.id as u64))
     }
 
     #[callable]
@@ -194,15 +205,108 @@ async fn idle(agents: usize, per_agent: usize) {
     );
 }
 
+async fn agents_at_scale(agents: usize) {
+    let dir = tempfile::tempdir().unwrap();
+    let builder = || {
+        Runtime::builder()
+            .data_dir(dir.path())
+            .durability(Durability::Normal) // creating them is not what is measured
+            .idle_timeout(Duration::from_millis(200))
+            .agent::<Planner>()
+    };
+    let rt = builder().build().unwrap();
+    let plans = due_times(agents, 1, now_ms() + 3_600_000, 3_600_000);
+    let created = Instant::now();
+    plan_all(&rt, plans).await;
+    let create_secs = created.elapsed().as_secs_f64();
+    rt.shutdown().await;
+
+    let (rss_before, _) = rss_and_cpu();
+    let started = Instant::now();
+    let rt = builder().durability(Durability::Full).build().unwrap();
+    let start_ms = started.elapsed().as_secs_f64() * 1e3;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (rss_at_rest, _) = rss_and_cpu();
+    let pending = rt.pending_alarms();
+
+    // Wake random hibernated agents, one at a time.
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    let mut pick = || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed as usize % agents
+    };
+    let sample = 1_000.min(agents / 2);
+    let mut wakes = Vec::with_capacity(sample);
+    for _ in 0..sample {
+        let client = rt.agent::<Planner>(&format!("agent-{}", pick()));
+        let t = Instant::now();
+        client.next_due().await.unwrap();
+        wakes.push(t.elapsed().as_micros() as i64);
+    }
+    // Raw: open one of those databases (hibernated) and read a row, as the wake must at least.
+    let mut opens = Vec::with_capacity(sample);
+    for _ in 0..sample {
+        let name = format!("agent-{}", pick());
+        if rt.is_live::<Planner>(&name) {
+            continue;
+        }
+        let path = rt.database_path::<Planner>(&name).unwrap();
+        let t = Instant::now();
+        let db = rusqlite::Connection::open(&path).unwrap();
+        let _: i64 = db
+            .query_row("SELECT count(*) FROM _agents_schedules", [], |r| r.get(0))
+            .unwrap_or(0);
+        drop(db);
+        opens.push(t.elapsed().as_micros() as i64);
+    }
+
+    // A schedule due in 2 s among them all.
+    LATENESS_US.lock().unwrap().clear();
+    let due = now_ms() + 2_000;
+    rt.agent::<Planner>("agent-0")
+        .plan(vec![due])
+        .await
+        .unwrap();
+    let waited = Instant::now();
+    while LATENESS_US.lock().unwrap().is_empty() && waited.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let late_ms = LATENESS_US
+        .lock()
+        .unwrap()
+        .first()
+        .map_or(f64::NAN, |us| *us as f64 / 1000.0);
+    let (wake_p50, wake_p99, _) = percentiles(wakes);
+    let (open_p50, open_p99, _) = percentiles(opens);
+    println!(
+        "{{\"bench\":\"agents_100k\",\"agents\":{agents},\"create_secs\":{create_secs:.1},\"start_ms\":{start_ms:.1},\"pending_alarms\":{pending},\"rss_at_rest_kib\":{rss_at_rest},\"rss_growth_kib\":{},\"wake_p50_ms\":{wake_p50:.3},\"wake_p99_ms\":{wake_p99:.3},\"baseline\":\"raw_open_and_read\",\"baseline_p50_ms\":{open_p50:.3},\"baseline_p99_ms\":{open_p99:.3},\"wake_over_open_p50_ms\":{:.3},\"schedule_late_ms\":{late_ms:.1}}}",
+        rss_at_rest.saturating_sub(rss_before),
+        wake_p50 - open_p50
+    );
+    rt.shutdown().await;
+}
+
 fn main() {
-    let quick = std::env::args().any(|a| a == "--quick");
+    let args: Vec<String> = std::env::args().collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let filter = args.iter().skip(1).find(|a| !a.starts_with("--")).cloned();
+    let run = |name: &str| filter.as_deref().is_none_or(|f| name.contains(f));
     let scale = if quick { 10 } else { 1 };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .unwrap();
     rt.block_on(async {
-        fire_lateness(1_000 / scale, 10).await;
-        idle(1_000 / scale, 100).await;
+        if run("fire_lateness") {
+            fire_lateness(1_000 / scale, 10).await;
+        }
+        if run("idle_100k") {
+            idle(1_000 / scale, 100).await;
+        }
+        if run("agents_100k") {
+            agents_at_scale(100_000 / scale).await;
+        }
     });
 }

@@ -558,13 +558,14 @@ mod tests {
     fn connection_state_written_by_one_version_reads_in_the_next() {
         let dir = tempfile::tempdir().unwrap();
         let key = AgentKey::new("room", "r").unwrap();
-        let (sql, _) = storage::open(
+        let sql = storage::open(
             dir.path(),
             &key,
             storage::Durability::Normal,
             storage::Locking::Exclusive,
         )
-        .unwrap();
+        .unwrap()
+        .conn;
         let id = ConnId::new("c1".into());
         insert(&sql, &id, Protocol::Json, Some("ann")).unwrap();
         let effects = Effects::default();

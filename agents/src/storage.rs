@@ -116,6 +116,60 @@ fn no_lookaside(conn: &Connection) {
     }
 }
 
+/// Opens `path` for the runtime alone (Linux): without SQLite's own POSIX file locks (its
+/// `unix-none` VFS), as those keep a process-wide list of open files that every open walks: with
+/// thousands of live agents, most of an activation's CPU. Other processes are kept out by the
+/// lock SQLite itself checks, taken here: an open-file-description lock on SQLite's lock bytes,
+/// which conflicts with the lock any other SQLite takes to read or write the file (in this
+/// process too). The returned file holds it: keep it as long as the connection. Elsewhere,
+/// SQLite's own locks.
+#[cfg(target_os = "linux")]
+fn open_unlocked(path: &Path, key: &AgentKey) -> Result<(Connection, Option<fs::File>), Error> {
+    use std::os::fd::AsRawFd;
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(io(path))?;
+    // SAFETY: an all-zero `flock` is a valid value; the fields that matter are set below.
+    let mut lock: libc::flock = unsafe { std::mem::zeroed() };
+    lock.l_type = libc::F_WRLCK as _;
+    lock.l_whence = libc::SEEK_SET as _;
+    // SQLite's PENDING_BYTE, then its RESERVED byte and its 510 SHARED bytes.
+    lock.l_start = 0x4000_0000;
+    lock.l_len = 512;
+    // The instance before this one may still be closing the file (a hand-over): wait for it as
+    // SQLite's busy timeout would.
+    let waiting = std::time::Instant::now();
+    // SAFETY: `file` is open, and F_OFD_SETLK only reads the `flock` it is given.
+    while unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &lock) } == -1 {
+        let e = std::io::Error::last_os_error();
+        if e.kind() == std::io::ErrorKind::WouldBlock && waiting.elapsed() < LOCK_WAIT {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+            continue;
+        }
+        return Err(Error::Io {
+            path: path.to_owned(),
+            source: std::io::Error::new(
+                e.kind(),
+                format!("the database of {key} is open in another process ({e})"),
+            ),
+        });
+    }
+    let flags = rusqlite::OpenFlags::default();
+    let conn = Connection::open_with_flags_and_vfs(path, flags, c"unix-none")?;
+    Ok((conn, Some(file)))
+}
+
+/// How long opening a database waits for another holder to let it go.
+#[cfg(target_os = "linux")]
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+#[cfg(not(target_os = "linux"))]
+fn open_unlocked(path: &Path, _: &AgentKey) -> Result<(Connection, Option<fs::File>), Error> {
+    Ok((Connection::open(path)?, None))
+}
+
 /// How an agent's database is locked while it is open.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub(crate) enum Locking {
@@ -175,7 +229,7 @@ pub(crate) fn open(
     key: &AgentKey,
     durability: Durability,
     locking: Locking,
-) -> Result<(Connection, fs::File), Error> {
+) -> Result<Opened, Error> {
     let path = db_path(data_dir, key);
     let dir = path.parent().expect("db_path has a parent");
     let created = !path.exists();
@@ -183,7 +237,13 @@ pub(crate) fn open(
     if created_dir {
         fs::create_dir_all(dir).map_err(io(dir))?;
     }
-    let conn = Connection::open(&path)?;
+    if created {
+        from_template(data_dir, &path, durability)?;
+    }
+    let (conn, guard) = match locking {
+        Locking::Exclusive => open_unlocked(&path, key)?,
+        Locking::Shared => (Connection::open(&path)?, None),
+    };
     no_lookaside(&conn);
     if locking == Locking::Exclusive {
         // Only this runtime opens the file (it holds the data dir's lock, see `lock_data_dir`):
@@ -198,39 +258,34 @@ pub(crate) fn open(
     conn.pragma_update(None, "wal_autocheckpoint", 0)?;
     conn.wal_hook(Some(record_wal_frames));
     conn.set_prepared_statement_cache_capacity(64);
-    // The runtime's tables, created once: the header's application_id records their version,
-    // so reopening a database (after every hibernation) costs one pragma, not the DDL.
+    // The runtime's tables: the header's application_id records their version, so reopening a
+    // database (after every hibernation) costs one pragma, not the DDL. A new file is a copy of
+    // the template, which has them.
     let schema: i64 = conn.query_row("PRAGMA application_id", [], |r| r.get(0))?;
     if schema != RUNTIME_SCHEMA {
-        // Record the address on first open, and check it on every later one: two addresses
-        // whose ids collide must never share a file.
-        conn.execute_batch(
-            "BEGIN;
-             CREATE TABLE IF NOT EXISTS _agents_meta(k TEXT PRIMARY KEY, v TEXT NOT NULL) WITHOUT ROWID;
-             CREATE TABLE IF NOT EXISTS _agents_kv(k BLOB PRIMARY KEY, v BLOB NOT NULL) WITHOUT ROWID;",
-        )?;
-        conn.execute_batch(crate::schedule::TABLES)?;
-        conn.execute_batch(crate::conn::TABLES)?;
-        if schema != 0 {
-            // Tables from an older runtime: add what they lack (new files have it all).
-            upgrade(&conn)?;
-        }
-        conn.execute(
-            "INSERT OR IGNORE INTO _agents_meta(k, v) VALUES ('class', ?1), ('name', ?2)",
-            [key.class(), key.name()],
-        )?;
-        conn.pragma_update(None, "application_id", RUNTIME_SCHEMA)?;
-        conn.execute_batch("COMMIT")?;
+        create_tables(&conn, schema)?;
     }
-    let (class, name, destroyed): (String, String, bool) = conn.query_row(
-        "SELECT (SELECT v FROM _agents_meta WHERE k = 'class'), (SELECT v FROM _agents_meta WHERE k = 'name'),
-                EXISTS (SELECT 1 FROM _agents_meta WHERE k = 'destroyed')",
-        [],
-        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-    )?;
+    // Record the address on first open, and check it on every later one: two addresses whose
+    // ids collide must never share a file.
+    let address = "SELECT (SELECT v FROM _agents_meta WHERE k = 'class'), (SELECT v FROM _agents_meta WHERE k = 'name'),
+                EXISTS (SELECT 1 FROM _agents_meta WHERE k = 'destroyed')";
+    let read = |r: &rusqlite::Row<'_>| -> rusqlite::Result<(Option<String>, Option<String>, bool)> {
+        Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+    };
+    let (class, name, destroyed) = match conn.query_row(address, [], read)? {
+        (Some(class), Some(name), destroyed) => (class, name, destroyed),
+        _ => {
+            conn.execute(
+                "INSERT OR IGNORE INTO _agents_meta(k, v) VALUES ('class', ?1), ('name', ?2)",
+                [key.class(), key.name()],
+            )?;
+            (key.class().to_owned(), key.name().to_owned(), false)
+        }
+    };
     if destroyed && class == key.class() && name == key.name() {
         // Destroyed, and the process stopped before the files went: finish the job.
         drop(conn);
+        drop(guard);
         remove(data_dir, key)?;
         return open(data_dir, key, durability, locking);
     }
@@ -247,8 +302,8 @@ pub(crate) fn open(
         .open(&wal_path)
         .map_err(io(&wal_path))?;
     if created && durability == Durability::Full {
-        // Make the new files' directory entries durable too.
-        wal.sync_data().map_err(io(&wal_path))?;
+        // Make the new files' directory entries durable too (their bytes are: the database's
+        // by `from_template`, the WAL's by the gate, before any reply that needs them).
         let mut dirs = vec![dir];
         if created_dir {
             dirs.push(dir.parent().expect("agents dir"));
@@ -265,7 +320,78 @@ pub(crate) fn open(
     if let Err(e) = conn.release_memory() {
         tracing::debug!("releasing SQLite's memory: {e}");
     }
-    Ok((conn, wal))
+    Ok(Opened { conn, wal, guard })
+}
+
+/// An agent's open database.
+pub(crate) struct Opened {
+    pub conn: Connection,
+    /// Its WAL file (for the gate to sync).
+    pub wal: fs::File,
+    /// What keeps other processes out (see `open_unlocked`): drop it after the connection.
+    pub guard: Option<fs::File>,
+}
+
+/// Creates the runtime's tables in `conn`, a new file or one of an older runtime `schema` (which
+/// gets what it lacks), and records their version.
+fn create_tables(conn: &Connection, schema: i64) -> Result<(), Error> {
+    conn.execute_batch(
+        "BEGIN;
+         CREATE TABLE IF NOT EXISTS _agents_meta(k TEXT PRIMARY KEY, v TEXT NOT NULL) WITHOUT ROWID;
+         CREATE TABLE IF NOT EXISTS _agents_kv(k BLOB PRIMARY KEY, v BLOB NOT NULL) WITHOUT ROWID;",
+    )?;
+    conn.execute_batch(crate::schedule::TABLES)?;
+    conn.execute_batch(crate::conn::TABLES)?;
+    if schema != 0 {
+        upgrade(conn)?;
+    }
+    conn.pragma_update(None, "application_id", RUNTIME_SCHEMA)?;
+    conn.execute_batch("COMMIT")?;
+    Ok(())
+}
+
+/// Where new databases are copied from: a file with the runtime's tables and nothing else
+/// (in WAL mode, checkpointed), one per runtime schema, made when first needed.
+fn template_path(data_dir: &Path) -> PathBuf {
+    data_dir
+        .join("agents")
+        .join(format!(".template-{RUNTIME_SCHEMA:x}.sqlite"))
+}
+
+/// Creates the database file `path` as a copy of the template: a copy of a few pages instead
+/// of parsing and writing the runtime's tables for every new agent. The copy is made under
+/// another name and renamed into place (synced first under `Durability::Full`), so a crash never
+/// leaves half a file under an agent's name.
+fn from_template(data_dir: &Path, path: &Path, durability: Durability) -> Result<(), Error> {
+    let template = template_path(data_dir);
+    if !template.exists() {
+        make_template(&template)?;
+    }
+    let copy = path.with_extension("sqlite-new");
+    fs::copy(&template, &copy).map_err(io(&copy))?;
+    if durability == Durability::Full {
+        fs::File::open(&copy)
+            .and_then(|f| f.sync_data())
+            .map_err(io(&copy))?;
+    }
+    fs::rename(&copy, path).map_err(io(path))
+}
+
+/// Makes the template (see [`template_path`]) under a name of its own, then renames it into
+/// place: runtimes making it at once each make a whole one.
+fn make_template(template: &Path) -> Result<(), Error> {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let making = template.with_extension(format!("making-{}-{n}", std::process::id()));
+    let conn = Connection::open(&making)?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    create_tables(&conn, 0)?;
+    // Closing the last connection checkpoints the WAL into the file and removes it.
+    conn.close().map_err(|(_, e)| Error::Storage(e))?;
+    fs::File::open(&making)
+        .and_then(|f| f.sync_all())
+        .map_err(io(&making))?;
+    fs::rename(&making, template).map_err(io(template))
 }
 
 /// The prefix of the runtime's savepoints (`agents_event` around each event, `agents_row`
@@ -538,7 +664,8 @@ mod tests {
     fn a_commit_says_how_far_the_wal_reaches_and_a_checkpoint_empties_it() {
         let dir = tempfile::tempdir().unwrap();
         let key = AgentKey::new("t", "wal").unwrap();
-        let (conn, wal) = open(dir.path(), &key, Durability::Normal, Locking::Exclusive).unwrap();
+        let Opened { conn, wal, .. } =
+            open(dir.path(), &key, Durability::Normal, Locking::Exclusive).unwrap();
         conn.execute_batch("CREATE TABLE t(x)").unwrap();
         let write = |n: i64| {
             conn.execute_batch("BEGIN").unwrap();
@@ -578,7 +705,9 @@ mod tests {
     fn kv_round_trips_and_lists_by_prefix() {
         let dir = tempfile::tempdir().unwrap();
         let key = AgentKey::new("t", "x").unwrap();
-        let (conn, _) = open(dir.path(), &key, Durability::Normal, Locking::Exclusive).unwrap();
+        let conn = open(dir.path(), &key, Durability::Normal, Locking::Exclusive)
+            .unwrap()
+            .conn;
         let kv = Kv::new(&conn);
         kv.put("a/1", &1u32).unwrap();
         kv.put("a/2", &2u32).unwrap();
@@ -607,7 +736,9 @@ mod tests {
     fn migrations_run_once_and_refuse_downgrades() {
         let dir = tempfile::tempdir().unwrap();
         let key = AgentKey::new("t", "m").unwrap();
-        let (conn, _) = open(dir.path(), &key, Durability::Normal, Locking::Exclusive).unwrap();
+        let conn = open(dir.path(), &key, Durability::Normal, Locking::Exclusive)
+            .unwrap()
+            .conn;
         let m = ["CREATE TABLE a(x)", "ALTER TABLE a ADD COLUMN y"];
         migrate(&conn, &m[..1]).unwrap();
         migrate(&conn, &m).unwrap();
@@ -651,7 +782,9 @@ mod tests {
             )
             .unwrap();
         }
-        let (conn, _) = open(dir.path(), &key, Durability::Normal, Locking::Exclusive).unwrap();
+        let conn = open(dir.path(), &key, Durability::Normal, Locking::Exclusive)
+            .unwrap()
+            .conn;
         let rows = crate::schedule::list(&conn).unwrap();
         assert_eq!(
             (rows[0].method.as_str(), rows[0].target.as_ref()),
@@ -685,13 +818,43 @@ mod tests {
     }
 
     #[test]
+    fn new_files_are_copies_of_the_template_and_a_torn_copy_is_no_harm() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = AgentKey::new("t", "new").unwrap();
+        // A copy a crash left half made, under the name copies are made under.
+        let path = db_path(dir.path(), &key);
+        fs::create_dir_all(path.parent().unwrap()).unwrap();
+        fs::write(path.with_extension("sqlite-new"), b"torn").unwrap();
+        let conn = open(dir.path(), &key, Durability::Full, Locking::Exclusive)
+            .unwrap()
+            .conn;
+        assert!(template_path(dir.path()).exists());
+        let (class, name, tables): (String, String, i64) = conn
+            .query_row(
+                "SELECT (SELECT v FROM _agents_meta WHERE k = 'class'),
+                        (SELECT v FROM _agents_meta WHERE k = 'name'),
+                        (SELECT count(*) FROM sqlite_schema WHERE name LIKE '\\_agents%' ESCAPE '\\')",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .unwrap();
+        assert_eq!((class.as_str(), name.as_str()), ("t", "new"));
+        assert!(tables >= 5, "{tables} runtime tables");
+        let schema: i64 = conn
+            .query_row("PRAGMA application_id", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(schema, RUNTIME_SCHEMA);
+        assert!(!path.with_extension("sqlite-new").exists());
+    }
+
+    #[test]
     fn a_file_remembers_its_address() {
         let dir = tempfile::tempdir().unwrap();
         let key = AgentKey::new("t", "a\0b/../c").unwrap();
         close(
             open(dir.path(), &key, Durability::Full, Locking::Exclusive)
                 .unwrap()
-                .0,
+                .conn,
         )
         .unwrap();
         let path = db_path(dir.path(), &key);

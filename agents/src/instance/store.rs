@@ -31,6 +31,8 @@ pub(super) struct Store {
     wal_frames: u32,
     /// Checkpoint once the WAL holds this many frames.
     checkpoint_at: u32,
+    /// Keeps other processes out of the open database (see `storage::Opened`).
+    guard: Option<std::fs::File>,
 }
 
 impl Store {
@@ -41,6 +43,7 @@ impl Store {
             syncer: None,
             wal_frames: 0,
             checkpoint_at: u32::MAX,
+            guard: None,
         }
     }
 
@@ -60,7 +63,7 @@ impl Store {
             .await
             .map_err(|_| Error::Shutdown)?;
         let (config, key) = (shared.clone(), key.clone());
-        let (conn, wal) = blocking(move || {
+        let storage::Opened { conn, wal, guard } = blocking(move || {
             let config = &config.config;
             storage::open(&config.data_dir, &key, config.durability, config.locking)
         })
@@ -77,6 +80,7 @@ impl Store {
         self.wal_frames = 0; // opening checkpointed whatever an earlier close left
         storage::guard_transaction(&conn, self.in_handler.clone());
         *slot = Some(conn);
+        self.guard = guard;
         Ok(())
     }
 
@@ -190,6 +194,7 @@ impl Store {
                 tracing::warn!("closing the database: {e}");
             }
         }
+        self.guard = None; // only once the connection is closed
     }
 }
 
