@@ -230,35 +230,50 @@ fn raw_connections(n: usize) {
     drop(conns);
 }
 
-/// RSS growth per live agent: `n` agents, each woken by one durable write (its table and one
-/// row), all kept live; next to `n` open raw connections in a child process.
-async fn rss_per_live_agent(n: usize) {
-    let rt = TestRuntime::start(
-        Runtime::builder()
-            .max_live_agents(n + 16)
-            .idle_timeout(Duration::from_secs(3600))
-            .agent::<Counter>(),
-    )
-    .unwrap();
-    // Warm up what every runtime has once (threads, the first database's code paths).
-    rt.agent::<Counter>("warm").add(1).await.unwrap();
-    let before = rss_bytes();
-    for i in 0..n {
-        rt.agent::<Counter>(&format!("a{i}")).add(1).await.unwrap();
-    }
-    let per = (rss_bytes().saturating_sub(before)) as f64 / n as f64;
-    let live = rt.runtime().live_count();
-    let out = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--raw-connections", &n.to_string()])
-        .output()
+/// The child process of `rss_per_live_agent` that measures ours, on a fresh heap whatever ran
+/// before: `n` agents, each woken by one durable write (its table and one row), all kept live;
+/// prints the RSS growth per agent.
+fn live_agents(n: usize) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
         .unwrap();
-    let raw: f64 = String::from_utf8_lossy(&out.stdout)
-        .trim()
-        .parse()
-        .unwrap_or(f64::NAN);
+    let per = rt.block_on(async {
+        let rt = TestRuntime::start(
+            Runtime::builder()
+                .max_live_agents(n + 16)
+                .idle_timeout(Duration::from_secs(3600))
+                .agent::<Counter>(),
+        )
+        .unwrap();
+        // Warm up what every runtime has once (threads, the first database's code paths).
+        rt.agent::<Counter>("warm").add(1).await.unwrap();
+        let before = rss_bytes();
+        for i in 0..n {
+            rt.agent::<Counter>(&format!("a{i}")).add(1).await.unwrap();
+        }
+        assert_eq!(rt.runtime().live_count(), n + 1, "every agent stays live");
+        (rss_bytes().saturating_sub(before)) as f64 / n as f64
+    });
+    println!("{per:.0}");
+}
+
+/// RSS per live agent next to open raw connections, each measured in a child process.
+fn rss_per_live_agent(n: usize) {
+    let child = |flag: &str| -> f64 {
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([flag, &n.to_string()])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .unwrap_or(f64::NAN)
+    };
+    let (ours, raw) = (child("--live-agents"), child("--raw-connections"));
     println!(
-        "{{\"bench\":\"rss_per_live_agent\",\"agents\":{n},\"live\":{live},\"bytes_per_agent\":{per:.0},\"baseline\":\"raw_connections\",\"baseline_bytes_per_connection\":{raw:.0},\"ratio\":{:.3}}}",
-        per / raw
+        "{{\"bench\":\"rss_per_live_agent\",\"agents\":{n},\"bytes_per_agent\":{ours:.0},\"baseline\":\"raw_connections\",\"baseline_bytes_per_connection\":{raw:.0},\"ratio\":{:.3}}}",
+        ours / raw
     );
 }
 
@@ -266,6 +281,9 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     if let Some(i) = args.iter().position(|a| a == "--raw-connections") {
         return raw_connections(args[i + 1].parse().unwrap());
+    }
+    if let Some(i) = args.iter().position(|a| a == "--live-agents") {
+        return live_agents(args[i + 1].parse().unwrap());
     }
     let quick = args.iter().any(|a| a == "--quick");
     // `-- sequential` (any word of a bench's name) runs only the benches whose name has it.
@@ -289,7 +307,7 @@ fn main() {
             }
         }
         if run("rss_per_live_agent") {
-            rss_per_live_agent(2_000 / scale).await;
+            rss_per_live_agent(2_000 / scale);
         }
     });
 }

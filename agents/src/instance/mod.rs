@@ -179,9 +179,7 @@ impl<A: AgentClass> Instance<A> {
                     continue;
                 }
             };
-            // Boxed: a batch's state lives as long as the batch, so a quiet agent's task stays
-            // small.
-            match Box::pin(self.run_batch(first, &mut rx)).await {
+            match self.run_batch(first, &mut rx).await {
                 None => {}
                 Some(Leave::Hibernate(done)) => {
                     tracing::debug!("hibernating on request");
