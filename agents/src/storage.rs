@@ -314,8 +314,8 @@ pub(crate) fn open(
                 .map_err(io(d))?;
         }
     }
-    // What opening read (every page of a new file: its tables were just created) need not
-    // stay cached: a small agent's cache holds only what its events read.
+    // What opening read (the schema, the address) need not stay cached: a small agent's cache
+    // holds only what its events read.
     conn.flush_prepared_statement_cache();
     if let Err(e) = conn.release_memory() {
         tracing::debug!("releasing SQLite's memory: {e}");
