@@ -1,0 +1,48 @@
+//! The workload whose system calls `scripts/syscalls` counts (with `strace -c`): `N` sequential
+//! durable calls to one agent (`ours`), or the same `N` UPSERTs on raw rusqlite, each its own
+//! transaction with `synchronous=FULL` (`raw`). Run twice with different `N`, the difference
+//! divided by the difference in `N` is the count per call, start-up excluded.
+//!
+//! `cargo bench -p agents --bench syscalls -- ours 2000` runs it without counting.
+
+mod common;
+
+use agents::{prelude::*, testing::TestRuntime};
+use common::{Counter, UPSERT};
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let mode = args.iter().skip(1).find(|a| !a.starts_with("--")).cloned();
+    let n: i64 = args
+        .iter()
+        .skip(1)
+        .filter_map(|a| a.parse().ok())
+        .next()
+        .unwrap_or(2_000);
+    match mode.as_deref() {
+        Some("raw") => {
+            let dir = tempfile::tempdir().unwrap();
+            let conn = common::raw_open(&dir.path().join("raw.sqlite"), "FULL");
+            for i in 0..n {
+                let _: i64 = conn
+                    .prepare_cached(UPSERT)
+                    .unwrap()
+                    .query_row([i], |r| r.get(0))
+                    .unwrap();
+            }
+        }
+        _ => {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let rt = TestRuntime::start(Runtime::builder().agent::<Counter>()).unwrap();
+                let counter = rt.agent::<Counter>("one");
+                for i in 0..n {
+                    counter.add(i).await.unwrap();
+                }
+            });
+        }
+    }
+}
