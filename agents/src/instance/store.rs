@@ -62,9 +62,9 @@ impl Store {
             .acquire()
             .await
             .map_err(|_| Error::Shutdown)?;
-        let (config, key) = (shared.clone(), key.clone());
+        let (opener, key) = (shared.clone(), key.clone());
         let storage::Opened { conn, wal, guard } = blocking(move || {
-            let config = &config.config;
+            let config = &opener.config;
             storage::open(&config.data_dir, &key, config.durability, config.locking)
         })
         .await?;
@@ -77,7 +77,9 @@ impl Store {
         }
         let page_size: u64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
         self.checkpoint_at = storage::wal_frames_for(storage::CHECKPOINT_WAL_BYTES, page_size);
-        self.wal_frames = 0; // opening checkpointed whatever an earlier close left
+        // Counted from the WAL's start: a WAL a crash left behind is covered by the first range
+        // a gate is told of (a clean close leaves none).
+        self.wal_frames = 0;
         storage::guard_transaction(&conn, self.in_handler.clone());
         *slot = Some(conn);
         self.guard = guard;
