@@ -509,7 +509,8 @@ pub(crate) fn close(conn: Connection) -> Result<(), Error> {
 
 /// A typed key-value store in the agent's database (`ctx.kv()`).
 ///
-/// Values are stored as JSON text (readable with the `sqlite3` shell:
+/// Values are stored as JSON text (readable with the `sqlite3` shell once the agent hibernates,
+/// see [`Builder::readable_while_live`](crate::Builder::readable_while_live):
 /// `SELECT k, v FROM _agents_kv`), so they evolve as serde allows: a field added with
 /// `#[serde(default)]` or removed, `serde_json::Value`, tagged and untagged enums all read back
 /// after a deploy. Writes are part of the current event's transaction, like any other SQL.
