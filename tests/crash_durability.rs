@@ -102,3 +102,94 @@ async fn sigkill_mid_load(durability: &[&str]) {
     drop(stdin);
     let _ = child.wait().await;
 }
+
+/// New agents are made from a template copy (renamed into place): a SIGKILL while hundreds are
+/// being created leaves every acknowledged one with its write, and every file whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_created_when_the_process_is_killed_are_whole() {
+    let exe = common::example_binary("counter");
+    let dir = tempfile::tempdir().unwrap();
+    const SENT: usize = 5_000;
+    let (mut child, mut stdin, mut lines) = common::start_server(&exe, dir.path(), &[]).await;
+    let writer = tokio::spawn(async move {
+        for i in 0..SENT {
+            // Every line a new agent.
+            if stdin
+                .write_all(format!("add new{i} 1 {i}\n").as_bytes())
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+        stdin
+    });
+    let mut acked = Vec::new();
+    while acked.len() < 300 {
+        let line = lines
+            .next_line()
+            .await
+            .unwrap()
+            .expect("the server answers");
+        let words: Vec<&str> = line.split(' ').collect();
+        assert_eq!(words[0], "ack", "{line}");
+        acked.push(words[1].parse::<usize>().unwrap());
+    }
+    child.start_kill().unwrap(); // SIGKILL, mid-creation
+    child.wait().await.unwrap();
+    let _ = writer.await;
+
+    let (mut child, mut stdin, mut lines) = common::start_server(&exe, dir.path(), &[]).await;
+    for &i in &acked {
+        stdin
+            .write_all(format!("get new{i} {i}\n").as_bytes())
+            .await
+            .unwrap();
+    }
+    for _ in &acked {
+        let line = lines.next_line().await.unwrap().unwrap();
+        let words: Vec<&str> = line.split(' ').collect();
+        assert_eq!(words[0], "val", "{line}");
+        assert_eq!(
+            words[2], "1",
+            "new{}: its acknowledged add is gone",
+            words[1]
+        );
+    }
+    drop(stdin);
+    let _ = child.wait().await;
+
+    // Every database file there is whole (the runtime has stopped: nobody holds them).
+    let mut files = 0;
+    for sub in std::fs::read_dir(dir.path().join("agents")).unwrap() {
+        let sub = sub.unwrap().path();
+        if !sub.is_dir() {
+            continue;
+        }
+        for file in std::fs::read_dir(&sub).unwrap() {
+            let path = file.unwrap().path();
+            if path.extension().is_none_or(|e| e != "sqlite") {
+                continue;
+            }
+            let db = rusqlite::Connection::open(&path).unwrap();
+            let ok: String = db
+                .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+                .unwrap();
+            assert_eq!(ok, "ok", "{}", path.display());
+            files += 1;
+        }
+    }
+    assert!(
+        files >= acked.len(),
+        "{files} files for {} agents",
+        acked.len()
+    );
+    assert!(
+        files < SENT,
+        "the kill landed mid-creation (all {SENT} were made)"
+    );
+    eprintln!(
+        "{} acknowledged, {files} files whole after SIGKILL",
+        acked.len()
+    );
+}
