@@ -269,6 +269,43 @@ async fn oversize_frames_close_with_1009_and_bad_addresses_are_refused_before_up
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_text_frame_that_is_not_utf8_closes_with_1007_and_loses_nothing() {
+    use tokio_tungstenite::tungstenite::protocol::frame::{
+        coding::{Data, OpCode},
+        Frame,
+    };
+    let (rt, addr) = serve().await;
+    let mut ws = open(addr, "ws-utf8").await;
+    send_json(
+        &mut ws,
+        json!({"type": "call", "id": 1, "method": "add", "args": [2]}),
+    )
+    .await;
+    assert_eq!(
+        next_json(&mut ws).await,
+        json!({"type": "reply", "id": 1, "ok": 2})
+    );
+    // A text frame whose bytes are not UTF-8, written as a raw frame.
+    let bad = Frame::message(vec![0x7b, 0xff, 0xfe, 0x7d], OpCode::Data(Data::Text), true);
+    ws.send(Message::Frame(bad)).await.unwrap();
+    let close = loop {
+        match tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .unwrap()
+        {
+            Some(Ok(Message::Close(frame))) => break frame,
+            Some(Ok(_)) => continue,
+            other => panic!("expected a close frame, got {other:?}"),
+        }
+    };
+    let close = close.expect("a close frame with a code");
+    assert_eq!(close.code, CloseCode::Invalid, "{close:?}");
+    assert!(close.reason.contains("UTF-8"), "{close:?}");
+    // What the connection did before stays.
+    assert_eq!(rt.agent::<Counter>("ws-utf8").get().await.unwrap(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_does_not_read_is_disconnected_and_holds_up_nobody() {
     let (_rt, addr) = serve_with(Runtime::builder().agent::<Counter>().outbound_queue(8)).await;
     let mut slow = open(addr, "ws-slow").await;

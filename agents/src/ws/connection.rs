@@ -300,14 +300,10 @@ impl Connection {
                 Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue, // answered by the socket
                 Some(Ok(frame)) => frame,
                 Some(Err(e)) => {
-                    if is_too_big(&e) {
-                        let reason = format!(
-                            "a message exceeded the limit of {} bytes",
-                            limits.max_message_bytes
-                        );
-                        out.send(close(close_code::SIZE, &reason));
+                    if let Some((code, reason)) = refused_frame(&e, &limits) {
+                        out.send(close(code, &reason));
                         break Ending {
-                            code: close_code::SIZE,
+                            code,
                             reason: reason.clone(),
                             error: Some(reason),
                         };
@@ -413,14 +409,23 @@ impl Connection {
         timer.arm();
     }
 }
-/// Whether a receive error is a message over the size limit.
-fn is_too_big(e: &axum::Error) -> bool {
+/// The close code and reason for a receive error that is the client's doing: a message over the
+/// size limit (1009), a text frame that is not UTF-8 (1007). `None`: the connection broke.
+fn refused_frame(e: &axum::Error, limits: &Limits) -> Option<(u16, String)> {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(err) = source {
-        if let Some(tungstenite::Error::Capacity(_)) = err.downcast_ref::<tungstenite::Error>() {
-            return true;
+        match err.downcast_ref::<tungstenite::Error>() {
+            Some(tungstenite::Error::Capacity(_)) => {
+                let limit = limits.max_message_bytes;
+                let reason = format!("a message exceeded the limit of {limit} bytes");
+                return Some((close_code::SIZE, reason));
+            }
+            Some(tungstenite::Error::Utf8(_)) => {
+                let reason = "a text frame was not valid UTF-8".to_owned();
+                return Some((close_code::INVALID, reason));
+            }
+            _ => source = err.source(),
         }
-        source = err.source();
     }
-    false
+    None
 }
