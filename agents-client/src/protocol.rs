@@ -68,9 +68,8 @@
 //!
 //! Close codes the server uses: 1008 when the client does not read its frames fast enough (or
 //! `on_connect` refused it, with the reason), 1009 for a message over the size limit, 1007 for a
-//! text frame that is not UTF-8, 1000
-//! after the idle limit, 1001 when the server shuts down, and whatever the agent chose with
-//! `conn.close(code, reason)`.
+//! text frame that is not UTF-8, 1000 after the idle limit, 1001 when the server shuts down, and
+//! whatever the agent chose with `conn.close(code, reason)`.
 
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use serde_json::{json, Map, Value};
