@@ -11,7 +11,7 @@ use tokio::{sync::oneshot, time::Instant};
 pub(crate) use crate::{
     address::AgentKey,
     agent::{Admission, Refusal, RequestHead},
-    conn::{close_reason, ConnId, Effect, Outgoing, Protocol, Speaks, WsMessage},
+    conn::{close_reason, ConnId, Effect, Encoded, Outgoing, Protocol, Speaks, WsMessage},
     registry::CallReply,
     stream::Returned,
 };

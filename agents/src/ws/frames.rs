@@ -9,7 +9,7 @@ use agents_client::{
 use axum::extract::ws::{CloseFrame, Message};
 use serde_json::Value;
 
-use crate::port::{close_reason, AgentKey, Outgoing, Protocol, WsMessage};
+use crate::port::{close_reason, AgentKey, Encoded, Outgoing, Protocol, WsMessage};
 
 /// A close frame with `code` and `reason` (cut to what a close frame can hold).
 pub(super) fn close(code: u16, reason: &str) -> Message {
@@ -51,30 +51,12 @@ impl Protocol {
             (Outgoing::Close(code, reason), _) => close(*code, reason),
             (Outgoing::Event(e), Protocol::Raw) => Message::Text(e.json().ok()?.to_owned().into()),
             (Outgoing::State(_) | Outgoing::Error(..), Protocol::Raw) => return None,
-            (Outgoing::Event(e), wire) => wire.frame(
-                || match e.json() {
-                    Ok(json) => protocol::event_frame(json),
-                    Err(why) => protocol::error_frame(&RawError::internal(why)),
-                },
-                || match e.postcard() {
-                    Ok(data) => ServerFrame::Event {
-                        data: data.to_vec(),
-                    },
-                    Err(why) => ServerFrame::failed(&why),
-                },
-            ),
-            (Outgoing::State(s), wire) => wire.frame(
-                || match s.json() {
-                    Ok(json) => protocol::state_frame(json),
-                    Err(why) => protocol::error_frame(&RawError::internal(why)),
-                },
-                || match s.postcard() {
-                    Ok(state) => ServerFrame::State {
-                        state: state.to_vec(),
-                    },
-                    Err(why) => ServerFrame::failed(&why),
-                },
-            ),
+            (Outgoing::Event(e), wire) => {
+                wire.encoded(e, protocol::event_frame, |data| ServerFrame::Event { data })
+            }
+            (Outgoing::State(s), wire) => wire.encoded(s, protocol::state_frame, |state| {
+                ServerFrame::State { state }
+            }),
             (Outgoing::Error(error, data), wire) => wire.frame(
                 || {
                     let data = data.as_ref().map(|d| Payload::Json(d.json_value()));
@@ -93,6 +75,27 @@ impl Protocol {
                 },
             ),
         })
+    }
+
+    /// The frame of an encoded value (an event, the state), made by `json` from its JSON or by
+    /// `postcard` from its bytes; a value that could not be encoded in this protocol is an
+    /// `internal` error frame instead.
+    fn encoded(
+        self,
+        value: &Encoded,
+        json: fn(&str) -> String,
+        postcard: fn(Vec<u8>) -> ServerFrame<Vec<u8>>,
+    ) -> Message {
+        self.frame(
+            || match value.json() {
+                Ok(text) => json(text),
+                Err(why) => protocol::error_frame(&RawError::internal(why)),
+            },
+            || match value.postcard() {
+                Ok(bytes) => postcard(bytes.to_vec()),
+                Err(why) => ServerFrame::failed(&why),
+            },
+        )
     }
 
     /// The frame in this protocol's encoding (only the one needed is built).
