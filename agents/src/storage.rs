@@ -364,11 +364,15 @@ fn template_path(data_dir: &Path) -> PathBuf {
 /// leaves half a file under an agent's name.
 fn from_template(data_dir: &Path, path: &Path, durability: Durability) -> Result<(), Error> {
     let template = template_path(data_dir);
-    if !template.exists() {
-        make_template(&template)?;
-    }
     let copy = path.with_extension("sqlite-new");
-    fs::copy(&template, &copy).map_err(io(&copy))?;
+    // Made when the first copy finds none (not looked for before every copy).
+    if let Err(e) = fs::copy(&template, &copy) {
+        if e.kind() != std::io::ErrorKind::NotFound || template.exists() {
+            return Err(io(&copy)(e));
+        }
+        make_template(&template)?;
+        fs::copy(&template, &copy).map_err(io(&copy))?;
+    }
     if durability == Durability::Full {
         fs::File::open(&copy)
             .and_then(|f| f.sync_data())
