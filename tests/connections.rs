@@ -7,7 +7,7 @@ mod common;
 use std::{net::SocketAddr, time::Duration};
 
 use agents::{prelude::*, testing::TestRuntime};
-use common::{next_frame as next, next_json, ws_connect, Socket};
+use common::{call, next_frame as next, next_json, ws_connect, Socket};
 use futures_util::SinkExt;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -338,19 +338,6 @@ async fn member(addr: SocketAddr, room: &str, user: &str) -> (Socket, String) {
         "{admitted}"
     );
     (ws, identity["conn"].as_str().unwrap().to_owned())
-}
-
-async fn call(ws: &mut Socket, id: u64, method: &str, args: Value) -> Value {
-    let frame = json!({"type": "call", "id": id, "method": method, "args": args});
-    ws.send(Message::Text(frame.to_string().into()))
-        .await
-        .unwrap();
-    loop {
-        let frame = next_json(ws).await;
-        if frame["type"] == "reply" && frame["id"] == id {
-            return frame;
-        }
-    }
 }
 
 /// Polls the room's log until it has an entry starting with `prefix`.

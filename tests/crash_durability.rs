@@ -18,6 +18,18 @@ async fn every_acknowledged_increment_survives_sigkill_with_normal_durability() 
     sigkill_mid_load(&["normal"]).await;
 }
 
+/// The next line of the server, `ack TAG TOTAL`: the tag and the total.
+async fn next_ack(lines: &mut common::Lines) -> (usize, i64) {
+    let line = lines
+        .next_line()
+        .await
+        .unwrap()
+        .expect("the server answers");
+    let words: Vec<&str> = line.split(' ').collect();
+    assert_eq!(words[0], "ack", "{line}");
+    (words[1].parse().unwrap(), words[2].parse().unwrap())
+}
+
 async fn sigkill_mid_load(durability: &[&str]) {
     let exe = common::example_binary("counter");
     let dir = tempfile::tempdir().unwrap();
@@ -44,15 +56,7 @@ async fn sigkill_mid_load(durability: &[&str]) {
     let mut acked: HashMap<String, (i64, i64)> = HashMap::new();
     let mut total_acked = 0;
     while total_acked < 3_000 {
-        let line = lines
-            .next_line()
-            .await
-            .unwrap()
-            .expect("the server answers");
-        let words: Vec<&str> = line.split(' ').collect();
-        assert_eq!(words[0], "ack", "{line}");
-        let tag: usize = words[1].parse().unwrap();
-        let total: i64 = words[2].parse().unwrap();
+        let (tag, total) = next_ack(&mut lines).await;
         let entry = acked.entry(format!("k{}", tag % NAMES)).or_default();
         entry.0 += 1;
         entry.1 = entry.1.max(total);
@@ -126,14 +130,7 @@ async fn agents_created_when_the_process_is_killed_are_whole() {
     });
     let mut acked = Vec::new();
     while acked.len() < 300 {
-        let line = lines
-            .next_line()
-            .await
-            .unwrap()
-            .expect("the server answers");
-        let words: Vec<&str> = line.split(' ').collect();
-        assert_eq!(words[0], "ack", "{line}");
-        acked.push(words[1].parse::<usize>().unwrap());
+        acked.push(next_ack(&mut lines).await.0);
     }
     child.start_kill().unwrap(); // SIGKILL, mid-creation
     child.wait().await.unwrap();

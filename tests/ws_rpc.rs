@@ -5,7 +5,7 @@ mod common;
 use std::time::Duration;
 
 use agents::{prelude::*, testing::TestRuntime};
-use common::{next_json, send_json, ws_connect, Counter, Socket};
+use common::{call, next_json, send_json, ws_connect, Counter, Socket};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::json;
 use tokio_tungstenite::tungstenite::{protocol::frame::coding::CloseCode, Message};
@@ -276,15 +276,8 @@ async fn a_text_frame_that_is_not_utf8_closes_with_1007_and_loses_nothing() {
     };
     let (rt, addr) = serve().await;
     let mut ws = open(addr, "ws-utf8").await;
-    send_json(
-        &mut ws,
-        json!({"type": "call", "id": 1, "method": "add", "args": [2]}),
-    )
-    .await;
-    assert_eq!(
-        next_json(&mut ws).await,
-        json!({"type": "reply", "id": 1, "ok": 2})
-    );
+    let reply = call(&mut ws, 1, "add", json!([2])).await;
+    assert_eq!(reply, json!({"type": "reply", "id": 1, "ok": 2}));
     // A text frame whose bytes are not UTF-8, written as a raw frame.
     let bad = Frame::message(vec![0x7b, 0xff, 0xfe, 0x7d], OpCode::Data(Data::Text), true);
     ws.send(Message::Frame(bad)).await.unwrap();

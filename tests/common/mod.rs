@@ -133,11 +133,10 @@ pub fn example_binary(name: &str) -> std::path::PathBuf {
 }
 
 /// A running example server (`<example> serve DIR`): the child, its stdin, its stdout lines.
-pub type Server = (
-    tokio::process::Child,
-    tokio::process::ChildStdin,
-    tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
-);
+pub type Server = (tokio::process::Child, tokio::process::ChildStdin, Lines);
+
+/// The lines a running example server writes.
+pub type Lines = tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>;
 
 /// Starts `exe serve dir [extra..]` and waits for its `ready` line.
 pub async fn start_server(exe: &std::path::Path, dir: &std::path::Path, extra: &[&str]) -> Server {
@@ -256,4 +255,24 @@ pub async fn http_request(
         status,
         serde_json::from_str(body).unwrap_or(serde_json::Value::String(body.to_owned())),
     )
+}
+
+/// Sends a call frame of `agents.v1.json` and returns its reply (other frames are skipped).
+pub async fn call(
+    ws: &mut Socket,
+    id: u64,
+    method: &str,
+    args: serde_json::Value,
+) -> serde_json::Value {
+    send_json(
+        ws,
+        serde_json::json!({"type": "call", "id": id, "method": method, "args": args}),
+    )
+    .await;
+    loop {
+        let frame = next_json(ws).await;
+        if frame["type"] == "reply" && frame["id"] == id {
+            return frame;
+        }
+    }
 }
