@@ -83,6 +83,33 @@ fn read_counter(path: &std::path::Path) -> rusqlite::Result<i64> {
     db.query_row("SELECT n FROM counter", [], |r| r.get(0))
 }
 
+/// Not a test on its own: the child process of the next test (it reads the counter of the
+/// database named by `AGENTS_READ_CHILD` and prints what it got).
+#[test]
+fn child_reading_a_database() {
+    let Ok(path) = std::env::var("AGENTS_READ_CHILD") else {
+        return;
+    };
+    match read_counter(path.as_ref()) {
+        Ok(n) => println!("read {n}"),
+        Err(e) => println!("refused {e}"),
+    }
+}
+
+/// What another process gets when it reads the counter of `path`.
+fn read_from_another_process(path: &std::path::Path) -> String {
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "child_reading_a_database", "--nocapture"])
+        .env("AGENTS_READ_CHILD", path)
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&out.stdout).into_owned();
+    let said = out
+        .lines()
+        .find(|l| l.starts_with("read ") || l.starts_with("refused "));
+    said.unwrap_or(&out).to_owned()
+}
+
 #[tokio::test]
 async fn a_live_agents_database_is_read_by_others_only_once_it_hibernates() {
     let dir = tempfile::tempdir().unwrap();
@@ -91,8 +118,15 @@ async fn a_live_agents_database_is_read_by_others_only_once_it_hibernates() {
     runtime.agent::<Counter>("x").add(7).await.unwrap();
     let e = read_counter(&path).unwrap_err();
     assert!(e.to_string().contains("locked"), "{e}");
+    // Another process's SQLite is refused too.
+    let other = read_from_another_process(&path);
+    assert!(
+        other.starts_with("refused") && other.contains("locked"),
+        "{other}"
+    );
     assert!(runtime.hibernate::<Counter>("x").await.unwrap());
     assert_eq!(read_counter(&path).unwrap(), 7);
+    assert_eq!(read_from_another_process(&path), "read 7");
     runtime.shutdown().await;
 
     // Unless the runtime is told to let them.
