@@ -4,7 +4,7 @@
 //! cargo run --example counter                 # the demo: run it twice, the totals keep growing
 //! cargo run --example counter -- serve DIR [normal]  # a line protocol on stdin/stdout (the crash test)
 //! cargo run --example counter -- http [ADDR]  # HTTP on ADDR (default 127.0.0.1:8080), then:
-//! curl -X POST 127.0.0.1:8080/agents/counter/bob/call/add -d '[5]'
+//! curl 127.0.0.1:8080/agents/counter/bob/call/add -H 'Content-Type: application/json' -d '[5]'
 //! ```
 //!
 //! The line protocol: `add <name> <by> <tag>` answers `ack <tag> <total>` once the write is
@@ -80,7 +80,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 .data_dir(&dir)
                 .agent::<Counter>()
                 .build()?;
-            println!("serving on http://{addr}; try: curl -X POST {addr}/agents/counter/bob/call/add -d '[5]'");
+            println!("serving on http://{addr}; try: curl {addr}/agents/counter/bob/call/add -H 'Content-Type: application/json' -d '[5]'");
             Ok(runtime.serve(addr).await?)
         }
         Some(other) => Err(format!(

@@ -40,7 +40,7 @@ async fn api(
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
     let head = format!(
-        "{method} /api/{user}{path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer demo-{user}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "{method} /api/{user}{path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer demo-{user}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
     stream.write_all(head.as_bytes()).await.unwrap();

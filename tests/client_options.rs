@@ -203,7 +203,7 @@ async fn a_refusal_answers_http_with_the_matching_status() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let (_rt, addr) = common::serve(Runtime::builder().agent::<Desk>()).await;
     let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let request = "POST /agents/desk/d/call/nap HTTP/1.1\r\nHost: x\r\nx-flood: 1\r\nContent-Length: 3\r\nConnection: close\r\n\r\n[1]";
+    let request = "POST /agents/desk/d/call/nap HTTP/1.1\r\nHost: x\r\nx-flood: 1\r\nContent-Type: application/json\r\nContent-Length: 3\r\nConnection: close\r\n\r\n[1]";
     stream.write_all(request.as_bytes()).await.unwrap();
     let mut response = String::new();
     stream.read_to_string(&mut response).await.unwrap();

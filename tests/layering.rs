@@ -13,8 +13,16 @@ const CORE: &[&str] = &[
     "address", "agent", "alarms", "clock", "conn", "context", "error", "gate", "instance", "lock",
     "port", "registry", "schedule", "storage", "stream",
 ];
-/// The wing (`ws/`: sockets, frames, calls in flight, outbound queues) and the HTTP routes.
-const WING: &[&str] = &["ws", "connection", "inflight", "outbound", "server"];
+/// The wing (`ws/`: sockets, frames, calls in flight, outbound queues), the HTTP routes and their
+/// origins check.
+const WING: &[&str] = &[
+    "ws",
+    "connection",
+    "inflight",
+    "outbound",
+    "server",
+    "origins",
+];
 
 /// The files of `module`: `module.rs`, or every file of the folder `module/`.
 fn sources(src: &Path, module: &str) -> Vec<(String, String)> {

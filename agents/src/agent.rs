@@ -376,6 +376,12 @@ impl Invocation {
 /// agent's `Timeout`, `Overloaded` or `Cycle` pass fails with that kind (HTTP 504, 503, 500),
 /// not as `app` (422). Only errors of the application itself are `app`.
 ///
+/// The runtime's own trouble that reaches a handler through `?` — a SQLite error, an I/O
+/// error, an internal [`Error`](crate::Error) — fails the call as `internal`, and the client is
+/// told only a reference: the SQL, table names and file paths go to the server's log (at error
+/// level, under that reference), not to whoever called. Make an error the client should read
+/// with [`AppError::msg`].
+///
 /// ```
 /// use agents::{AppError, ErrorKind, RpcError};
 /// fn parse(s: &str) -> Result<i64, AppError> {
@@ -431,13 +437,33 @@ impl fmt::Display for AppError {
 }
 
 impl<E: std::error::Error + Send + Sync + 'static> From<E> for AppError {
+    /// Keeps a failed call's kind; makes the runtime's own trouble (SQLite, files, the runtime's
+    /// internal [`Error`](crate::Error)s) an `internal` error whose detail goes to the log, not
+    /// to the client (see [`AppError`]); any other error is the application's, with its message.
     fn from(e: E) -> Self {
-        match FrameworkError::find(&e) {
-            Some((kind, message)) => AppError {
+        if let Some((kind, message)) = FrameworkError::find(&e) {
+            return AppError {
                 message,
                 framework: Some(kind),
-            },
-            None => AppError::msg(e),
+            };
         }
+        if is_internal(&e) {
+            return AppError {
+                message: crate::error::hidden("a storage or i/o error", &e),
+                framework: Some(ErrorKind::Internal),
+            };
+        }
+        AppError::msg(e)
     }
+}
+
+/// Whether `e`, or an error in its chain of sources, is the runtime's own trouble: SQLite, I/O,
+/// or an internal [`Error`](crate::Error).
+fn is_internal(e: &(dyn std::error::Error + 'static)) -> bool {
+    std::iter::successors(Some(e), |e| e.source()).any(|e| {
+        e.is::<rusqlite::Error>()
+            || e.is::<std::io::Error>()
+            || e.downcast_ref::<crate::Error>()
+                .is_some_and(crate::Error::is_internal)
+    })
 }

@@ -170,7 +170,7 @@ pub(crate) fn fire_due(shared: &Arc<Shared>, now: u64) -> Vec<oneshot::Receiver<
         tokio::spawn(async move {
             if let Err((e, event)) = shared.route(&key, Event::Alarm(Some(done))).await {
                 tracing::warn!("cannot wake {key} for its alarm: {e}");
-                event.abandon(agents_client::RawError::internal(e));
+                event.abandon(e.told("the agent cannot be woken"));
             }
         });
     }

@@ -57,40 +57,122 @@ pub enum Error {
 /// `Result` with the runtime's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+impl Error {
+    /// Whether this is the runtime's own trouble (storage, files, encoding, configuration), whose
+    /// detail is for the operator's log and not for a client.
+    pub(crate) fn is_internal(&self) -> bool {
+        !matches!(
+            self,
+            Error::InvalidAddress(_)
+                | Error::UnknownClass(_)
+                | Error::Schedule(_)
+                | Error::Shutdown
+        )
+    }
+
+    /// What a caller is told of this error: a bad address as `bad_args`; the runtime's own
+    /// trouble as `internal` with only `doing` and a reference, its detail logged under that
+    /// reference (see [`hidden`]).
+    pub(crate) fn told(&self, doing: &str) -> agents_client::RawError {
+        match self {
+            Error::InvalidAddress(_) | Error::UnknownClass(_) => {
+                agents_client::RawError::bad_args(self)
+            }
+            e if e.is_internal() => agents_client::RawError::internal(hidden(doing, e)),
+            e => agents_client::RawError::internal(e),
+        }
+    }
+}
+
+/// Logs `detail` at error level under a new reference and returns what a client is told
+/// instead: `what` and that reference. Clients never see SQL, file paths or panic messages; the
+/// operator finds them in the log by the reference.
+pub(crate) fn hidden(what: &str, detail: &dyn std::fmt::Display) -> String {
+    let reference = reference();
+    if tracing::enabled!(tracing::Level::ERROR) {
+        tracing::error!(reference = %reference, "{what}: {detail}");
+    } else {
+        // No subscriber listens: the detail must still reach someone.
+        eprintln!("agents: error (ref {reference}): {what}: {detail}");
+    }
+    format!("{what}; the server's log has the detail (ref {reference})")
+}
+
+/// A short reference, unique enough to find one line in a log: a counter mixed with the
+/// process's start time.
+fn reference() -> String {
+    use std::sync::{atomic::AtomicU64, atomic::Ordering, OnceLock};
+    static SEED: OnceLock<u64> = OnceLock::new();
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let seed = *SEED.get_or_init(|| {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+        now.map_or(0, |d| d.as_nanos() as u64) ^ u64::from(std::process::id()) << 32
+    });
+    // splitmix64: distinct counters give distinct, scattered references.
+    let mut z = seed.wrapping_add(
+        NEXT.fetch_add(1, Ordering::Relaxed)
+            .wrapping_mul(0x9e37_79b9_7f4a_7c15),
+    );
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    format!("{:08x}", (z ^ (z >> 31)) as u32)
+}
+
 /// Why an event failed, inside the runtime. What its caller is told (the wire's
 /// [`RawError`](agents_client::RawError)) is made of it in one place, [`Failure::told`]: the
-/// call's own outcome as it is; the runtime's own failures as `internal`, while the typed error
-/// stays here for the log.
+/// call's own outcome as it is; the runtime's own failures and panics as `internal` with a
+/// reference, their detail logged under it when the failure is made.
 #[derive(Debug)]
 pub(crate) enum Failure {
     /// What the call itself came to (the handler's error, an unknown method, bad arguments, a
     /// deadline, a call it made that failed): told as it is.
     Told(agents_client::RawError),
-    /// The runtime could not run or keep the event; `doing` says what failed.
-    Runtime { doing: &'static str, error: Error },
-    /// The handler panicked, saying this.
-    Panic(String),
+    /// The runtime could not run or keep the event.
+    Runtime(Box<Hidden>),
+    /// The handler panicked.
+    Panic(Box<Hidden>),
+}
+
+/// A failure the caller is told of by reference: `detail` is the whole story (logged),
+/// `told` what the caller reads.
+#[derive(Debug)]
+pub(crate) struct Hidden {
+    detail: String,
+    told: agents_client::RawError,
 }
 
 impl Failure {
-    /// `error` happened while `doing`.
+    /// `error` happened while `doing`: logged now, told by reference.
     pub(crate) fn runtime(doing: &'static str, error: impl Into<Error>) -> Self {
-        Failure::Runtime {
-            doing,
-            error: error.into(),
-        }
+        let error = error.into();
+        Failure::Runtime(Box::new(Hidden {
+            detail: format!("{doing}: {error}"),
+            told: error.told(doing),
+        }))
+    }
+
+    /// The handler panicked with `message`: logged now, told by reference.
+    pub(crate) fn panic(message: &str) -> Self {
+        let what = "the handler panicked";
+        Failure::Panic(Box::new(Hidden {
+            detail: format!("{what}: {message}"),
+            told: agents_client::RawError::internal(hidden(what, &message)),
+        }))
     }
 
     /// What the caller is told.
     pub(crate) fn told(&self) -> agents_client::RawError {
         match self {
             Failure::Told(e) => e.clone(),
-            Failure::Runtime { doing, error } => {
-                agents_client::RawError::internal(format!("{doing}: {error}"))
-            }
-            Failure::Panic(message) => {
-                agents_client::RawError::internal(format!("the handler panicked: {message}"))
-            }
+            Failure::Runtime(hidden) | Failure::Panic(hidden) => hidden.told.clone(),
+        }
+    }
+
+    /// The whole story, for the operator (the log, a dead letter).
+    pub(crate) fn detail(&self) -> String {
+        match self {
+            Failure::Told(e) => e.to_string(),
+            Failure::Runtime(hidden) | Failure::Panic(hidden) => hidden.detail.clone(),
         }
     }
 }
@@ -103,6 +185,6 @@ impl From<agents_client::RawError> for Failure {
 
 impl std::fmt::Display for Failure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        self.told().fmt(f)
+        f.write_str(&self.detail())
     }
 }

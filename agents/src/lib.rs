@@ -83,6 +83,7 @@ mod error;
 mod gate;
 mod instance;
 mod lock;
+mod origins;
 mod port;
 mod registry;
 mod runtime;

@@ -133,7 +133,7 @@ impl Door {
                 Ok(result) => result.map(drop),
                 Err(_) => Err(RawError::internal("the agent stopped")),
             },
-            Err((e, _)) => Err(RawError::internal(e)),
+            Err((e, _)) => Err(e.told("the agent cannot be reached")),
         }
     }
 
@@ -149,7 +149,7 @@ impl Door {
             principal: call.principal,
         }));
         if let Err((e, event)) = self.0.route(key, event).await {
-            event.abandon(RawError::internal(e));
+            event.abandon(e.told("the agent cannot be reached"));
         }
     }
 

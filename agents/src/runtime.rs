@@ -24,6 +24,7 @@ use crate::{
     error::Error,
     instance,
     lock::lock,
+    origins::Origins,
     port::Door,
     registry::{CallEvent, CallReply, Chain, Class, Config, Event, ReplyTo, Shared},
     storage::{self, Durability},
@@ -49,6 +50,8 @@ pub struct Builder {
     /// `data_dir` empty: not set yet; `max_live` 0: derived from the descriptor limit.
     config: Config,
     classes: HashMap<&'static str, Class>,
+    /// The HTTP front's: which other origins browsers may call from.
+    origins: Origins,
     error: Option<String>,
 }
 
@@ -70,6 +73,7 @@ impl Default for Builder {
                 connection_idle: None,
             },
             classes: HashMap::new(),
+            origins: Origins::default(),
             error: None,
         }
     }
@@ -185,6 +189,32 @@ impl Builder {
         self
     }
 
+    /// The web origins, besides the server's own, whose pages may call agents from a browser:
+    /// `["https://app.example.com", "http://localhost:5173"]`, or `["*"]` for any. Default:
+    /// none.
+    ///
+    /// A browser says where a request comes from in its `Origin` header (every WebSocket
+    /// handshake and every cross-site `POST` carry it). A request with no `Origin` (curl, a
+    /// service, the typed client) or with the server's own (its host and port are the
+    /// request's `Host`) is served; one from an allowed origin is served with the CORS headers
+    /// a browser needs (credentials included; preflights are answered); any other is refused
+    /// with 403 before an admission hook runs, so that a page on another site cannot call agents
+    /// with the cookies of a user who is logged in here. Behind a proxy that rewrites `Host`,
+    /// list the public origin. An entry that is not an origin (`https://host[:port]`, nothing
+    /// after it) fails [`build`](Builder::build).
+    pub fn allowed_origins<S: Into<String>>(
+        mut self,
+        origins: impl IntoIterator<Item = S>,
+    ) -> Self {
+        match Origins::new(origins.into_iter().map(Into::into)) {
+            Ok(origins) => self.origins = origins,
+            Err(e) => {
+                self.error.get_or_insert(e);
+            }
+        }
+        self
+    }
+
     /// Registers the agent type `A` under its class (`A::CLASS`).
     pub fn agent<A: AgentClass>(mut self) -> Self {
         let class = Class {
@@ -260,6 +290,7 @@ impl Builder {
         let handle = Arc::new(Handle {
             shared: shared.clone(),
             wing,
+            origins: self.origins,
         });
         let _ = shared.handle.set(Arc::downgrade(&handle));
         Ok(Runtime { handle })
@@ -285,6 +316,8 @@ pub(crate) struct Handle {
     /// The WebSocket wing: the core reaches its sockets as `shared.sockets`, through the
     /// delivery port; the router hands it upgrades.
     wing: Wing,
+    /// Which other origins browsers may call from.
+    origins: Origins,
 }
 
 impl Runtime {
@@ -316,6 +349,11 @@ impl Runtime {
     /// The WebSocket wing, for the router.
     pub(crate) fn wing(&self) -> &Wing {
         &self.handle.wing
+    }
+
+    /// Which other origins browsers may call from, for the router.
+    pub(crate) fn origins(&self) -> &Origins {
+        &self.handle.origins
     }
 
     /// A typed client for the agent `name` of type `A`. An invalid name is reported by each
@@ -569,10 +607,10 @@ async fn call_local(
         principal,
     }));
     let exchange = async {
-        shared.route(&key, event).await.map_err(|(e, _)| match e {
-            Error::UnknownClass(_) => RawError::bad_args(e),
-            e => RawError::internal(e),
-        })?;
+        shared
+            .route(&key, event)
+            .await
+            .map_err(|(e, _)| e.told("the agent cannot be reached"))?;
         wait.await
             .map_err(|_| RawError::internal("the agent stopped before it replied"))?
     };

@@ -4,13 +4,16 @@
 //! request under `/agents/{class}/{name}` to the agent's `on_request`. `on_before_request` /
 //! `on_before_connect` run first, without waking the agent.
 //!
-//! The body is the JSON array of arguments (`[5]`, or `[]` for none); the answer is `200` with
+//! The body is the JSON array of arguments (`[5]`, or `[]` for none), sent with
+//! `Content-Type: application/json` (any other type is refused with 415: a browser sends only
+//! those other types across sites without a CORS preflight); the answer is `200` with
 //! the result as JSON, or the error object of the JSON protocol
 //! (`{"kind":"bad_args","message":"..","data":..}`) with a status that fits its kind:
 //!
 //! | kind | status |
 //! |---|---|
 //! | `bad_args` (also malformed JSON, a body that is not an array, an invalid name) | 400 |
+//! | `bad_args` for a body that is not `application/json` | 415 |
 //! | `bad_args` for a class that is not served: unregistered, or `#[agent(internal)]` | 404 |
 //! | `unknown_method` | 404 |
 //! | `app` (the callable's typed error, in `data`) | 422 |
@@ -19,7 +22,7 @@
 //! | `cycle`, `cancelled`, `internal` | 500 |
 //!
 //! ```sh
-//! curl -X POST localhost:8080/agents/counter/bob/call/add -d '[5]'
+//! curl localhost:8080/agents/counter/bob/call/add -H 'Content-Type: application/json' -d '[5]'
 //! ```
 
 use std::net::SocketAddr;
@@ -39,6 +42,7 @@ use crate::{
     address::AgentKey,
     agent::{AgentClass, Principal},
     error::Error,
+    origins,
     registry::{Class, Event},
     runtime::{call_value, Caller, Runtime},
     ws,
@@ -60,7 +64,22 @@ pub fn router(runtime: Runtime) -> Router {
         .route("/agents/{class}/{name}", any(agent_root))
         .route("/agents/{class}/{name}/call/{method}", post(call))
         .route("/agents/{class}/{name}/{*rest}", any(other))
+        .layer(axum::middleware::from_fn_with_state(
+            runtime.clone(),
+            guard_origins,
+        ))
         .with_state(runtime)
+}
+
+/// Every route is behind the origins check (see [`Builder::allowed_origins`]).
+///
+/// [`Builder::allowed_origins`]: crate::Builder::allowed_origins
+async fn guard_origins(
+    State(runtime): State<Runtime>,
+    request: Request,
+    next: axum::middleware::Next,
+) -> Response {
+    origins::guard(runtime.origins(), request, |request| next.run(request)).await
 }
 
 /// The JavaScript client, `agents/js/agents.js`: one dependency-free ES module.
@@ -202,7 +221,7 @@ pub(crate) async fn to_agent(runtime: Runtime, key: AgentKey, request: Request) 
         reply,
     };
     if let Err((e, _)) = runtime.shared().route(&key, event).await {
-        return error(RawError::internal(e));
+        return error(e.told("the agent cannot be reached"));
     }
     match response.await {
         Ok(Ok(response)) => response,
@@ -224,6 +243,9 @@ async fn call(
 
 /// `POST .../call/{method}` to the agent `key` (registered).
 async fn call_agent(runtime: Runtime, key: AgentKey, method: String, request: Request) -> Response {
+    if let Some(refused) = not_json(request.headers()) {
+        return refused;
+    }
     let (principal, body) = match admit(&runtime, &key, request).await {
         Ok((principal, _, body)) => (principal, body),
         Err(response) => return response,
@@ -254,6 +276,26 @@ async fn call_agent(runtime: Runtime, key: AgentKey, method: String, request: Re
             "the agent answered a JSON call in another codec",
         )),
         Err(e) => error(e),
+    }
+}
+
+/// The refusal of a call whose body does not say it is JSON (`Content-Type: application/json`),
+/// the one type of body a browser sends to another site only after asking (a CORS preflight):
+/// `text/plain`, forms and bodies with no type it sends from any page.
+fn not_json(headers: &axum::http::HeaderMap) -> Option<Response> {
+    let media = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.split(';').next().unwrap_or_default().trim());
+    match media {
+        Some(m) if m.eq_ignore_ascii_case("application/json") => None,
+        other => {
+            let sent = other.map_or("no Content-Type".to_owned(), |m| format!("`{m}`"));
+            let e = RawError::bad_args(format!(
+                "a call's body is a JSON array sent with `Content-Type: application/json`, not {sent}"
+            ));
+            Some(with_status(StatusCode::UNSUPPORTED_MEDIA_TYPE, e))
+        }
     }
 }
 
@@ -291,7 +333,8 @@ impl Runtime {
     /// `/agents/{class}/{name}` followed by the request's own path: what a gateway in your own
     /// axum app does after taking its prefix off (Durable Objects' `stub.fetch(request)`).
     ///
-    /// The agent's `on_before_request` (or `on_before_connect`) runs first, as for any request;
+    /// The origins check runs first (see [`Builder::allowed_origins`](crate::Builder::allowed_origins)),
+    /// then the agent's `on_before_request` (or `on_before_connect`), as for any request;
     /// then the path decides: `/` or nothing with a WebSocket upgrade opens a connection to the
     /// agent, `POST /call/{method}` calls a callable (JSON arguments), anything else goes to
     /// `on_request` with the request as it is. `#[agent(internal)]` classes are reached too:
@@ -324,17 +367,20 @@ impl Runtime {
             Ok(key) => key,
             Err(e) => return error(RawError::bad_args(e)),
         };
-        let path = request.uri().path().trim_start_matches('/');
-        if path.is_empty() {
-            return root(self.clone(), key, request).await;
-        }
-        match path.strip_prefix("call/") {
-            Some(method) if request.method() == Method::POST && !method.contains('/') => {
-                let method = method.to_owned();
-                call_agent(self.clone(), key, method, request).await
+        origins::guard(self.origins(), request, |request| async move {
+            let path = request.uri().path().trim_start_matches('/');
+            if path.is_empty() {
+                return root(self.clone(), key, request).await;
             }
-            _ => to_agent(self.clone(), key, request).await,
-        }
+            match path.strip_prefix("call/") {
+                Some(method) if request.method() == Method::POST && !method.contains('/') => {
+                    let method = method.to_owned();
+                    call_agent(self.clone(), key, method, request).await
+                }
+                _ => to_agent(self.clone(), key, request).await,
+            }
+        })
+        .await
     }
 
     /// Answers `request` with `refusal` (a response of [`refuse`](crate::refuse)) as an

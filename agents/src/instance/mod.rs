@@ -195,16 +195,17 @@ impl<A: AgentClass> Instance<A> {
                     tracing::debug!("destroyed");
                     // Events that come meanwhile wait in the mailbox: the next instance must
                     // not open the files before they are gone.
-                    let result = self.destroy().await;
-                    if let Err(e) = &result {
-                        tracing::error!("destroying the agent: {e}");
-                    }
+                    // An error is logged as it is told.
+                    let result = self
+                        .destroy()
+                        .await
+                        .map_err(|e| e.told("destroying the agent"));
                     self.ctx
                         .shared
                         .detach(self.ctx.key(), self.generation, &mut rx, true);
                     hand_over(&self.ctx.shared, self.ctx.key(), rx).await;
                     if let Some(done) = done {
-                        let _ = done.send(result.map_err(RawError::internal));
+                        let _ = done.send(result);
                     }
                     return;
                 }
@@ -260,7 +261,7 @@ impl<A: AgentClass> Instance<A> {
                             leave = Some(Leave::Destroy(Some(done)));
                             break;
                         }
-                        Err(e) => drop(done.send(Err(RawError::internal(e)))),
+                        Err(e) => drop(done.send(Err(e.told("destroying the agent")))),
                     }
                 }
                 Event::Connect {
@@ -562,7 +563,7 @@ impl<A: AgentClass> Instance<A> {
             match result {
                 Ok(_) => schedule::succeeded(self.ctx.sql(), row, now)?,
                 Err(e) => {
-                    let dead = schedule::failed(self.ctx.sql(), row, now, &e.to_string())?;
+                    let dead = schedule::failed(self.ctx.sql(), row, now, &e.detail())?;
                     if dead {
                         tracing::warn!(id = row.id, method = %row.method, "moved to the dead letters: {e}");
                     } else {
@@ -787,7 +788,7 @@ impl<A: AgentClass> Instance<A> {
 async fn hand_over(shared: &Arc<Shared>, key: &AgentKey, mut rx: mpsc::Receiver<Event>) {
     while let Some(event) = rx.recv().await {
         if let Err((e, event)) = shared.route(key, event).await {
-            event.abandon(RawError::internal(e));
+            event.abandon(e.told("the agent cannot be reached"));
         }
     }
 }

@@ -14,11 +14,7 @@ pub(super) async fn catch_panic<T>(
     AssertUnwindSafe(handler)
         .catch_unwind()
         .await
-        .unwrap_or_else(|panic| {
-            let message = panic_message(&*panic);
-            tracing::error!("handler panicked: {message}");
-            Err(Failure::Panic(message))
-        })
+        .unwrap_or_else(|panic| Err(Failure::panic(&panic_message(&*panic))))
 }
 
 fn panic_message(panic: &(dyn Any + Send)) -> String {

@@ -1,0 +1,236 @@
+//! What a hostile or careless client meets, over real sockets on 127.0.0.1: each test is one way
+//! a server exposed to real traffic used to fail.
+
+mod common;
+
+use agents::prelude::*;
+use common::{http_request, serve};
+
+/// An agent whose failures carry things a client must not read.
+#[derive(Default)]
+pub struct Leaky;
+impl Agent for Leaky {}
+
+#[agent]
+impl Leaky {
+    /// Reads a table that does not exist: SQLite's error names it.
+    #[callable]
+    pub async fn read_secret(&mut self, ctx: &mut Ctx<Self>) -> Result<i64, AppError> {
+        Ok(ctx
+            .sql()
+            .query_row("SELECT n FROM secret_table", [], |r| r.get(0))?)
+    }
+
+    /// Panics with a message that holds a secret.
+    #[callable]
+    pub async fn explode(&mut self, _ctx: &mut Ctx<Self>) -> i64 {
+        panic!("secret key 12345");
+    }
+
+    /// The application's own error, meant for the client.
+    #[callable]
+    pub async fn refuse(&mut self, _ctx: &mut Ctx<Self>) -> Result<(), AppError> {
+        Err(AppError::msg("not today"))
+    }
+
+    #[callable]
+    pub async fn ping(&mut self, _ctx: &mut Ctx<Self>) -> i64 {
+        1
+    }
+}
+
+/// The message of a JSON error body.
+fn message(body: &serde_json::Value) -> String {
+    body["error"]["message"]
+        .as_str()
+        .or(body["message"].as_str())
+        .unwrap_or_else(|| panic!("an error message in {body}"))
+        .to_owned()
+}
+
+/// Finding 8: SQL errors, panic messages and the data dir's paths stay in the server's log; the
+/// client learns what kind of failure it was and a reference to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_tell_a_reference_not_internals() {
+    let (rt, addr) = serve(Runtime::builder().agent::<Leaky>()).await;
+    let dir = rt.runtime().data_dir().to_string_lossy().into_owned();
+
+    let (status, body) = http_request(addr, "POST", "/agents/leaky/a/call/read_secret", "[]").await;
+    assert_eq!(status, 500, "{body}");
+    let told = message(&body);
+    assert!(
+        !told.contains("secret_table"),
+        "the SQL error leaked: {told}"
+    );
+    assert!(told.contains("(ref "), "a reference to the log: {told}");
+
+    let (status, body) = http_request(addr, "POST", "/agents/leaky/a/call/explode", "[]").await;
+    assert_eq!(status, 500, "{body}");
+    let told = message(&body);
+    assert!(
+        !told.contains("12345"),
+        "the panic's message leaked: {told}"
+    );
+    assert!(
+        told.contains("panicked") && told.contains("(ref "),
+        "{told}"
+    );
+
+    // An agent whose database cannot be opened (a folder is where its file would be).
+    let path = rt.runtime().database_path::<Leaky>("blocked").unwrap();
+    std::fs::create_dir_all(&path).unwrap();
+    let (status, body) = http_request(addr, "POST", "/agents/leaky/blocked/call/ping", "[]").await;
+    assert_eq!(status, 500, "{body}");
+    let told = message(&body);
+    assert!(!told.contains(&dir), "the data dir's path leaked: {told}");
+    assert!(!told.contains("agents/"), "a file path leaked: {told}");
+    assert!(told.contains("(ref "), "{told}");
+
+    // What the application says to its clients is still said, and the agent still serves.
+    let (status, body) = http_request(addr, "POST", "/agents/leaky/a/call/refuse", "[]").await;
+    assert_eq!(
+        (status, message(&body).as_str()),
+        (422, "not today"),
+        "{body}"
+    );
+    let (status, body) = http_request(addr, "POST", "/agents/leaky/a/call/ping", "[]").await;
+    assert_eq!((status, body), (200, serde_json::json!(1)));
+}
+
+/// One raw HTTP/1.1 exchange: the status, the response's head (lowercase) and its body.
+async fn exchange(addr: std::net::SocketAddr, request: String) -> (u16, String, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    (
+        response[9..12].parse().unwrap(),
+        head.to_ascii_lowercase(),
+        body.to_owned(),
+    )
+}
+
+/// A `POST` of `body` to `path`, with extra header lines.
+fn post(addr: std::net::SocketAddr, path: &str, headers: &str, body: &str) -> String {
+    format!(
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\n{headers}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+/// A WebSocket handshake to `path` that says it comes from a page of `origin`.
+async fn ws_from(
+    addr: std::net::SocketAddr,
+    path: &str,
+    origin: &str,
+) -> Result<common::Socket, String> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut request = format!("ws://{addr}{path}").into_client_request().unwrap();
+    let headers = request.headers_mut();
+    headers.insert("Origin", origin.parse().unwrap());
+    headers.insert("Sec-WebSocket-Protocol", "agents.v1.json".parse().unwrap());
+    tokio_tungstenite::connect_async(request)
+        .await
+        .map(|(socket, _)| socket)
+        .map_err(|e| e.to_string())
+}
+
+/// Finding 5: what a page on another site can make a logged-in user's browser send without
+/// asking (a form, `text/plain`, a body with no type, a WebSocket) is refused; the server's own
+/// pages, non-browser clients and the origins the application allows are served, the last with
+/// the CORS answers a browser needs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cross_site_requests_are_refused_unless_their_origin_is_allowed() {
+    let (rt, addr) = serve(Runtime::builder().agent::<common::Counter>()).await;
+    let call = "/agents/counter/victim/call/add";
+    // Bodies a browser sends across sites without a preflight: refused, before anything runs.
+    for content_type in [
+        "Content-Type: text/plain\r\n",
+        "Content-Type: application/x-www-form-urlencoded\r\n",
+        "Content-Type: multipart/form-data; boundary=x\r\n",
+        "",
+    ] {
+        let (status, _, body) = exchange(addr, post(addr, call, content_type, "[5]")).await;
+        assert_eq!(status, 415, "{content_type:?}: {body}");
+        assert!(body.contains("application/json"), "{body}");
+    }
+    assert!(
+        !rt.runtime()
+            .database_path::<common::Counter>("victim")
+            .unwrap()
+            .exists(),
+        "no agent was woken for them"
+    );
+    // Another site's page, with the type it may only send after asking: refused too, as is
+    // its preflight.
+    let json = "Content-Type: application/json\r\n";
+    let evil = "Origin: https://evil.example\r\n";
+    let (status, _, body) = exchange(addr, post(addr, call, &format!("{evil}{json}"), "[5]")).await;
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("https://evil.example"), "{body}");
+    let preflight = format!(
+        "OPTIONS {call} HTTP/1.1\r\nHost: {addr}\r\n{evil}Access-Control-Request-Method: POST\r\nConnection: close\r\n\r\n"
+    );
+    assert_eq!(exchange(addr, preflight).await.0, 403);
+    let e = ws_from(addr, "/agents/counter/victim", "https://evil.example")
+        .await
+        .unwrap_err();
+    assert!(e.contains("403"), "{e}");
+    // The server's own page, and a client that is no browser, are served.
+    let own = format!("Origin: http://{addr}\r\n");
+    let (status, _, body) = exchange(addr, post(addr, call, &format!("{own}{json}"), "[5]")).await;
+    assert_eq!((status, body.as_str()), (200, "5"));
+    let (status, _, body) = exchange(addr, post(addr, call, json, "[1]")).await;
+    assert_eq!((status, body.as_str()), (200, "6"));
+    ws_from(addr, "/agents/counter/victim", &format!("http://{addr}"))
+        .await
+        .unwrap();
+
+    // An origin the application allows gets its preflight answered and the CORS headers.
+    let (_rt, addr) = serve(
+        Runtime::builder()
+            .agent::<common::Counter>()
+            .allowed_origins(["https://app.example"]),
+    )
+    .await;
+    let app = "Origin: https://app.example\r\n";
+    let preflight = format!(
+        "OPTIONS {call} HTTP/1.1\r\nHost: {addr}\r\n{app}Access-Control-Request-Method: POST\r\nAccess-Control-Request-Headers: content-type\r\nConnection: close\r\n\r\n"
+    );
+    let (status, head, _) = exchange(addr, preflight).await;
+    assert_eq!(status, 204, "{head}");
+    for line in [
+        "access-control-allow-origin: https://app.example",
+        "access-control-allow-credentials: true",
+        "access-control-allow-headers: content-type",
+    ] {
+        assert!(head.contains(line), "{line} in {head}");
+    }
+    let (status, head, body) =
+        exchange(addr, post(addr, call, &format!("{app}{json}"), "[2]")).await;
+    assert_eq!((status, body.as_str()), (200, "2"));
+    assert!(
+        head.contains("access-control-allow-origin: https://app.example"),
+        "{head}"
+    );
+    ws_from(addr, "/agents/counter/victim", "https://app.example")
+        .await
+        .unwrap();
+    let (status, _, _) = exchange(addr, post(addr, call, &format!("{evil}{json}"), "[5]")).await;
+    assert_eq!(status, 403, "only the listed origin");
+}
+
+/// An allowed origin must be one.
+#[test]
+fn an_allowed_origin_that_is_not_one_fails_the_build() {
+    let built = Runtime::builder()
+        .data_dir(std::env::temp_dir())
+        .allowed_origins(["app.example/"])
+        .build();
+    let Err(e) = built else {
+        panic!("built with an invalid origin")
+    };
+    assert!(e.to_string().contains("`app.example/`"), "{e}");
+}
