@@ -234,3 +234,152 @@ fn an_allowed_origin_that_is_not_one_fails_the_build() {
     };
     assert!(e.to_string().contains("`app.example/`"), "{e}");
 }
+
+/// Whether the server closes `stream` within `within` (it reads to the end; what the server
+/// sent before closing is returned).
+async fn closed_by_server(
+    stream: &mut tokio::net::TcpStream,
+    within: std::time::Duration,
+) -> Option<String> {
+    use tokio::io::AsyncReadExt;
+    let mut seen = Vec::new();
+    let read = tokio::time::timeout(within, async {
+        let mut buf = [0; 4096];
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => seen.extend_from_slice(&buf[..n]),
+            }
+        }
+    });
+    read.await
+        .ok()
+        .map(|()| String::from_utf8_lossy(&seen).into_owned())
+}
+
+/// Finding 3: a client that sends its request's head a byte at a time, or keeps a connection
+/// open without a next request, gives it back after the header timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_and_idle_http_clients_are_closed_after_the_header_timeout() {
+    use std::time::Duration;
+    use tokio::io::AsyncWriteExt;
+    let (_rt, addr) = serve(
+        Runtime::builder()
+            .agent::<Leaky>()
+            .header_timeout(Duration::from_millis(300)),
+    )
+    .await;
+    let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
+    slow.write_all(b"GET /agents.js HTTP/1.1\r\nHo")
+        .await
+        .unwrap();
+    assert!(
+        closed_by_server(&mut slow, Duration::from_secs(10))
+            .await
+            .is_some(),
+        "a head that never ends is not waited for"
+    );
+    let mut idle = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!("GET /agents.js HTTP/1.1\r\nHost: {addr}\r\n\r\n");
+    idle.write_all(request.as_bytes()).await.unwrap();
+    let answered = closed_by_server(&mut idle, Duration::from_secs(10))
+        .await
+        .expect("a kept-alive connection with no next request is closed");
+    assert!(answered.starts_with("HTTP/1.1 200"), "{answered}");
+}
+
+/// Findings 1 and 3: connections past the limit are answered 503 at once and closed, not left
+/// waiting (or holding a descriptor); WebSockets cannot take the last slots, so a plain request
+/// is still answered while they are at their limit; a closed socket gives its slot back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_past_the_limit_are_turned_away_and_plain_requests_still_get_in() {
+    use std::time::Duration;
+    let (_rt, addr) = serve(
+        Runtime::builder()
+            .agent::<common::Counter>()
+            .max_connections(8),
+    )
+    .await;
+    // 8 connections: 7 may be WebSockets.
+    let mut sockets = Vec::new();
+    for i in 0..7 {
+        let path = format!("/agents/counter/c{i}");
+        sockets.push(
+            common::ws_connect(addr, &path, Some("agents.v1.json"))
+                .await
+                .unwrap(),
+        );
+    }
+    let e = common::ws_connect(addr, "/agents/counter/c7", Some("agents.v1.json"))
+        .await
+        .unwrap_err();
+    assert!(e.contains("503"), "{e}");
+    // (The refused handshake's connection gives its slot back as the server closes it.)
+    let plain = format!("GET /agents.js HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    let mut status = 0;
+    for _ in 0..50 {
+        status = exchange(addr, plain.clone()).await.0;
+        if status == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(status, 200, "a plain request finds the slot kept for it");
+    // All 8 slots held (7 sockets, one idle connection): the next is told so at once.
+    let _idle = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut turned = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let told = closed_by_server(&mut turned, Duration::from_secs(5))
+        .await
+        .expect("closed at once");
+    assert!(told.starts_with("HTTP/1.1 503"), "{told}");
+    assert!(told.contains("Retry-After: 1"), "{told}");
+    // A socket that closes gives its slot back.
+    drop(_idle);
+    sockets.pop().unwrap().close(None).await.unwrap();
+    let mut reopened = None;
+    for _ in 0..100 {
+        match common::ws_connect(addr, "/agents/counter/c7", Some("agents.v1.json")).await {
+            Ok(ws) => {
+                reopened = Some(ws);
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+    assert!(
+        reopened.is_some(),
+        "the closed socket's slot was given back"
+    );
+}
+
+/// Finding 3: a frame larger than a message may be is refused by its header (1009), before its
+/// payload is read: the server does not wait for (or buffer) the 12 MiB it announces.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_frame_is_refused_by_its_header() {
+    use tokio::io::AsyncWriteExt;
+    use tokio_tungstenite::tungstenite::{protocol::frame::coding::CloseCode, Message};
+    let (_rt, addr) = serve(
+        Runtime::builder()
+            .agent::<common::Counter>()
+            .max_message_size(64 * 1024),
+    )
+    .await;
+    let mut ws = common::ws_connect(addr, "/agents/counter/big", Some("agents.v1.json"))
+        .await
+        .unwrap();
+    common::next_json(&mut ws).await; // identity
+                                      // A masked binary frame that says it carries 12 MiB, and the first kilobyte of it.
+    let mut frame = vec![0x82, 0x80 | 127];
+    frame.extend_from_slice(&(12u64 << 20).to_be_bytes());
+    frame.extend_from_slice(&[1, 2, 3, 4]);
+    frame.extend_from_slice(&[0; 1024]);
+    let tokio_tungstenite::MaybeTlsStream::Plain(tcp) = ws.get_mut() else {
+        unreachable!("plain TCP")
+    };
+    tcp.write_all(&frame).await.unwrap();
+    match common::next_frame(&mut ws).await {
+        Message::Close(Some(close)) => assert_eq!(close.code, CloseCode::Size, "{close:?}"),
+        other => panic!("expected a 1009 close, got {other:?}"),
+    }
+}

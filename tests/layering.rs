@@ -13,8 +13,8 @@ const CORE: &[&str] = &[
     "address", "agent", "alarms", "clock", "conn", "context", "error", "gate", "instance", "lock",
     "port", "registry", "schedule", "storage", "stream",
 ];
-/// The wing (`ws/`: sockets, frames, calls in flight, outbound queues), the HTTP routes and their
-/// origins check.
+/// The wing (`ws/`: sockets, frames, calls in flight, outbound queues), the HTTP routes, their
+/// origins check and the accept loop.
 const WING: &[&str] = &[
     "ws",
     "connection",
@@ -22,6 +22,7 @@ const WING: &[&str] = &[
     "outbound",
     "server",
     "origins",
+    "front",
 ];
 
 /// The files of `module`: `module.rs`, or every file of the folder `module/`.

@@ -80,6 +80,7 @@ mod clock;
 mod conn;
 mod context;
 mod error;
+mod front;
 mod gate;
 mod instance;
 mod lock;

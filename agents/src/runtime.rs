@@ -22,6 +22,7 @@ use crate::{
     alarms::{self, AlarmIndex},
     clock::Clock,
     error::Error,
+    front::Front,
     instance,
     lock::lock,
     origins::Origins,
@@ -50,8 +51,8 @@ pub struct Builder {
     /// `data_dir` empty: not set yet; `max_live` 0: derived from the descriptor limit.
     config: Config,
     classes: HashMap<&'static str, Class>,
-    /// The HTTP front's: which other origins browsers may call from.
-    origins: Origins,
+    /// The HTTP front's settings.
+    front: Front,
     error: Option<String>,
 }
 
@@ -73,7 +74,7 @@ impl Default for Builder {
                 connection_idle: None,
             },
             classes: HashMap::new(),
-            origins: Origins::default(),
+            front: Front::default(),
             error: None,
         }
     }
@@ -151,16 +152,39 @@ impl Builder {
     }
 
     /// How many agents may be live (in memory, database open) at once; activating one more
-    /// hibernates the least recently used. Each live agent holds four file descriptors, so the
-    /// default is derived from the process's descriptor limit, which `build` raises to its hard
-    /// maximum: `(limit - 256) / 4`, at least 16.
+    /// hibernates the least recently used. The default is the lower of two budgets: descriptors
+    /// (a live agent holds two, its database and its log; `build` raises the process's limit to
+    /// its hard maximum, keeps 256 aside and gives half the rest to agents, half to
+    /// [connections](Builder::max_connections)) and memory (a quarter of the memory available
+    /// at `build`, at 256 KiB per live agent); at least 16.
     pub fn max_live_agents(mut self, agents: usize) -> Self {
         self.config.max_live = agents.max(1);
         self
     }
 
+    /// The most connections [`serve`](Runtime::serve) holds at once, HTTP and WebSocket alike;
+    /// one more is answered `503` with `Retry-After: 1` and closed at once, so that a flood
+    /// costs a descriptor for a moment and the server keeps answering. WebSockets may take 7/8
+    /// of them, so that plain requests (a health check) still get in while sockets are at their
+    /// limit. Default: half of what the descriptor limit leaves after a reserve of 256 (see
+    /// [`max_live_agents`](Builder::max_live_agents)), at least 64.
+    pub fn max_connections(mut self, connections: usize) -> Self {
+        self.front.max_connections = connections.max(2);
+        self
+    }
+
+    /// How long [`serve`](Runtime::serve) lets a client take to send a request's head, and lets
+    /// a kept-alive HTTP connection wait for its next request, before closing it: slow and idle
+    /// clients give their connection back. Default 10 s. (An open WebSocket is bounded by
+    /// [`connection_idle_timeout`](Builder::connection_idle_timeout) instead.)
+    pub fn header_timeout(mut self, timeout: Duration) -> Self {
+        self.front.header_timeout = timeout.max(Duration::from_millis(1));
+        self
+    }
+
     /// The largest WebSocket message accepted, in bytes; a larger one closes the connection
-    /// with code 1009. Default 1 MiB.
+    /// with code 1009 as soon as its frame's header says so (nothing of it is buffered).
+    /// Default 1 MiB.
     pub fn max_message_size(mut self, bytes: usize) -> Self {
         self.config.max_message_bytes = bytes.max(1024);
         self
@@ -207,7 +231,7 @@ impl Builder {
         origins: impl IntoIterator<Item = S>,
     ) -> Self {
         match Origins::new(origins.into_iter().map(Into::into)) {
-            Ok(origins) => self.origins = origins,
+            Ok(origins) => self.front.origins = origins,
             Err(e) => {
                 self.error.get_or_insert(e);
             }
@@ -267,8 +291,13 @@ impl Builder {
             path: config.data_dir.clone(),
             source,
         })?;
+        let budget = Budget::of_this_process();
         if config.max_live == 0 {
-            config.max_live = default_max_live();
+            config.max_live = budget.live_agents();
+        }
+        let mut front = self.front;
+        if front.max_connections == 0 {
+            front.max_connections = budget.connections();
         }
         let timer = !config.clock.is_manual();
         if timer && tokio::runtime::Handle::try_current().is_err() {
@@ -286,11 +315,13 @@ impl Builder {
             // Overdue alarms (say, from before a restart) fire as soon as the timer starts.
             shared.tracker.spawn(alarms::run_timer(shared.clone()));
         }
-        let wing = Wing::new(Door::new(shared.clone()), sockets);
+        // WebSockets may take 7/8 of the connections: plain requests always find room.
+        let max_sockets = front.max_connections - front.max_connections / 8;
+        let wing = Wing::new(Door::new(shared.clone()), sockets, max_sockets);
         let handle = Arc::new(Handle {
             shared: shared.clone(),
             wing,
-            origins: self.origins,
+            front,
         });
         let _ = shared.handle.set(Arc::downgrade(&handle));
         Ok(Runtime { handle })
@@ -298,9 +329,43 @@ impl Builder {
 }
 
 /// Raises the soft descriptor limit to the hard one and leaves room for four per live agent.
-fn default_max_live() -> usize {
-    let limit = rlimit::increase_nofile_limit(u64::MAX).unwrap_or(1024);
-    (limit.saturating_sub(256) / 4).clamp(16, 1 << 20) as usize
+/// What the defaults of the live-agent cap and the connection limit are derived from.
+struct Budget {
+    /// The descriptor limit, raised to the hard one.
+    descriptors: u64,
+    /// The memory available (Linux: `MemAvailable`), if known.
+    memory: Option<u64>,
+}
+
+impl Budget {
+    /// Descriptors kept aside for everything else (the alarm index, the data dir, logs).
+    const RESERVE: u64 = 256;
+    /// What a live agent is reckoned to cost in memory (a small one measures about 90 KB).
+    const AGENT_MEMORY: u64 = 256 * 1024;
+
+    fn of_this_process() -> Self {
+        let memory = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
+            let line = m.lines().find(|l| l.starts_with("MemAvailable:"))?;
+            let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+            Some(kib * 1024)
+        });
+        Budget {
+            descriptors: rlimit::increase_nofile_limit(u64::MAX).unwrap_or(1024),
+            memory,
+        }
+    }
+
+    /// Half the descriptors at two per agent, and a quarter of the memory.
+    fn live_agents(&self) -> usize {
+        let by_descriptors = self.descriptors.saturating_sub(Self::RESERVE) / 4;
+        let by_memory = self.memory.map_or(u64::MAX, |m| m / 4 / Self::AGENT_MEMORY);
+        by_descriptors.min(by_memory).clamp(16, 1 << 20) as usize
+    }
+
+    /// The other half of the descriptors, one per connection.
+    fn connections(&self) -> usize {
+        (self.descriptors.saturating_sub(Self::RESERVE) / 2).clamp(64, 1 << 20) as usize
+    }
 }
 
 /// A running set of agents: one live instance per address, activated on demand, hibernated
@@ -316,8 +381,8 @@ pub(crate) struct Handle {
     /// The WebSocket wing: the core reaches its sockets as `shared.sockets`, through the
     /// delivery port; the router hands it upgrades.
     wing: Wing,
-    /// Which other origins browsers may call from.
-    origins: Origins,
+    /// The HTTP front's settings.
+    front: Front,
 }
 
 impl Runtime {
@@ -353,7 +418,12 @@ impl Runtime {
 
     /// Which other origins browsers may call from, for the router.
     pub(crate) fn origins(&self) -> &Origins {
-        &self.handle.origins
+        &self.handle.front.origins
+    }
+
+    /// The HTTP front's settings, for its accept loop.
+    pub(crate) fn front(&self) -> &Front {
+        &self.handle.front
     }
 
     /// A typed client for the agent `name` of type `A`. An invalid name is reported by each

@@ -42,7 +42,7 @@ use crate::{
     address::AgentKey,
     agent::{AgentClass, Principal},
     error::Error,
-    origins,
+    front, origins,
     registry::{Class, Event},
     runtime::{call_value, Caller, Runtime},
     ws,
@@ -407,16 +407,15 @@ impl Runtime {
     }
 
     /// Serves [`router`] on a listener you bound (for example to port 0, to learn the port).
+    ///
+    /// It bounds what clients can hold: see [`Builder::max_connections`] and
+    /// [`Builder::header_timeout`] (serving [`router`] with a server of your own, set its limits
+    /// there).
+    ///
+    /// [`Builder::max_connections`]: crate::Builder::max_connections
+    /// [`Builder::header_timeout`]: crate::Builder::header_timeout
     pub async fn serve_on(&self, listener: tokio::net::TcpListener) -> Result<(), Error> {
-        let addr = listener
-            .local_addr()
-            .map(|a| a.to_string())
-            .unwrap_or_default();
-        axum::serve(listener, router(self.clone()))
-            .await
-            .map_err(|source| Error::Io {
-                path: addr.into(),
-                source,
-            })
+        front::serve(router(self.clone()), listener, self.front()).await;
+        Ok(())
     }
 }

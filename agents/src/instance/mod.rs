@@ -221,13 +221,18 @@ impl<A: AgentClass> Instance<A> {
         self.agent = None;
         self.close_db().await;
         let (shared, key) = (self.ctx.shared.clone(), self.ctx.key().clone());
+        // The files go first: a client told that the agent was destroyed finds it gone.
+        let removed = blocking({
+            let (shared, key) = (shared.clone(), key.clone());
+            move || {
+                shared.alarms.set(&key, None, true)?;
+                storage::remove(&shared.config.data_dir, &key)
+            }
+        })
+        .await;
         let reason = "the agent was destroyed";
         shared.sockets.close_agent(&key, NORMAL_CLOSURE, reason);
-        blocking(move || {
-            shared.alarms.set(&key, None, true)?;
-            storage::remove(&shared.config.data_dir, &key)
-        })
-        .await
+        removed
     }
 
     /// Runs `first` and whatever else is queued, commits once, then releases the replies.

@@ -25,8 +25,8 @@ use agents_client::{
 };
 use axum::{
     extract::ws::{close_code, Message, WebSocket, WebSocketUpgrade},
-    http::request::Parts,
-    response::Response,
+    http::{header, request::Parts, StatusCode},
+    response::{IntoResponse, Response},
 };
 use futures_util::{SinkExt, StreamExt};
 use tokio::{sync::oneshot, time::Instant};
@@ -48,20 +48,35 @@ use super::{
 pub(crate) async fn upgrade(
     wing: Wing,
     key: AgentKey,
-    head: Parts,
+    mut head: Parts,
     ws: WebSocketUpgrade,
 ) -> Response {
+    let Ok(permit) = wing.open.clone().try_acquire_owned() else {
+        let busy = "the server has as many WebSockets open as it allows; try again later";
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(header::RETRY_AFTER, "1"), (header::CONNECTION, "close")],
+            busy,
+        )
+            .into_response();
+    };
     // Small buffers: an idle connection should cost a few KB, not tungstenite's default 128 KiB
-    // read buffer. They grow while a large message passes.
+    // read buffer. They grow while a large message passes. A frame larger than a message may
+    // be is refused by its header, before any of it is read.
+    let max = wing.door.limits().max_message_bytes;
     let ws = ws
         .protocols([protocol::JSON_PROTOCOL, protocol::POSTCARD_PROTOCOL])
         .read_buffer_size(READ_BUFFER)
         .write_buffer_size(WRITE_BUFFER)
-        .max_message_size(wing.door.limits().max_message_bytes);
+        .max_frame_size(max)
+        .max_message_size(max);
     let principal = match wing.door.admit(&key, &head).await {
         Ok(principal) => principal,
         Err(refusal) => return refused(ws, refusal),
     };
+    // The socket holds its permit, and what the front put in the request (its connection's
+    // slot), as long as it is open.
+    let held = Held(permit, std::mem::take(&mut head.extensions));
     let wire = match ws.selected_protocol().map(|p| p.as_bytes()) {
         Some(p) if p == protocol::JSON_PROTOCOL.as_bytes() => Protocol::Json,
         Some(p) if p == protocol::POSTCARD_PROTOCOL.as_bytes() => Protocol::Postcard,
@@ -70,7 +85,7 @@ pub(crate) async fn upgrade(
     // Served by a task of its own, not inside axum's upgrade task: that one ends at once and
     // frees what it holds, instead of living as long as the connection.
     ws.on_upgrade(move |socket| {
-        tokio::spawn(serve(wing, key, socket, wire, principal));
+        tokio::spawn(serve(wing, key, socket, wire, principal, held));
         std::future::ready(())
     })
 }
@@ -111,6 +126,7 @@ fn serve(
     socket: WebSocket,
     wire: Protocol,
     principal: Option<String>,
+    held: Held,
 ) -> impl Future<Output = ()> {
     let conn = next_conn_id();
     let span = tracing::debug_span!("connection", class = key.class(), name = key.name(), conn = %conn, ?wire);
@@ -121,6 +137,7 @@ fn serve(
         conn,
         wire,
         principal: principal.map(Arc::from),
+        _held: held,
     }
     .serve(socket.split())
     .instrument(span)
@@ -154,7 +171,15 @@ struct Connection {
     wire: Protocol,
     /// What `on_before_connect` passed on: the principal of every call on this connection.
     principal: Option<Arc<str>>,
+    _held: Held,
 }
+
+/// What an open socket holds until it closes: its permit among the wing's sockets, and the
+/// upgrade request's extensions (the front's slot for its connection).
+struct Held(
+    #[allow(dead_code)] tokio::sync::OwnedSemaphorePermit,
+    #[allow(dead_code)] axum::http::Extensions,
+);
 
 impl Connection {
     async fn serve(self, (mut sink, stream): Halves) {
@@ -205,7 +230,7 @@ impl Connection {
                 }
             }
         });
-        let Wing { door, sockets } = &self.wing;
+        let Wing { door, sockets, .. } = &self.wing;
         sockets.add(&self.key, self.conn.clone(), out.clone(), self.wire);
         if self.wire != Protocol::Raw {
             out.send(self.wire.identity(&self.key, self.conn.as_str()));

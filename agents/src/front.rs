@@ -1,0 +1,107 @@
+//! The HTTP front: how [`Runtime::serve`](crate::Runtime::serve) accepts connections and what
+//! it bounds.
+//!
+//! Every connection takes a slot under `max_connections`, held as long as it lives (a WebSocket
+//! holds its slot until it closes). One more connection than that is answered `503` with
+//! `Retry-After` and closed at once, so that a flood costs a descriptor for a moment, not for as
+//! long as the flood lasts, and the server keeps answering. A client gets `header_timeout` to
+//! send a request's head, and a kept-alive connection as long to start its next request: slow
+//! and idle clients give their slots back. When the process has no descriptor left to accept
+//! with, the loop waits a moment instead of spinning.
+
+use std::{sync::Arc, time::Duration};
+
+use axum::{extract::Request, Router};
+use hyper::{body::Incoming, server::conn::http1};
+use hyper_util::{
+    rt::{TokioIo, TokioTimer},
+    service::TowerToHyperService,
+};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+    sync::{OwnedSemaphorePermit, Semaphore},
+};
+use tower::ServiceExt;
+
+use crate::origins::Origins;
+
+/// The front's settings.
+#[derive(Debug, Clone)]
+pub(crate) struct Front {
+    /// Which other origins browsers may call from.
+    pub origins: Origins,
+    /// The most connections held at once; 0: derived from the descriptor limit at `build`.
+    pub max_connections: usize,
+    /// How long a request's head may take to arrive, and a kept-alive connection may idle.
+    pub header_timeout: Duration,
+}
+
+impl Default for Front {
+    fn default() -> Self {
+        Front {
+            origins: Origins::default(),
+            max_connections: 0,
+            header_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A connection's slot under the limit: the request's extensions carry it, so that a WebSocket
+/// upgraded from the connection keeps it while it lives.
+#[derive(Clone)]
+struct Slot(#[allow(dead_code)] Arc<OwnedSemaphorePermit>);
+
+/// Serves `app` on `listener` within `front`'s limits, until the process ends.
+pub(crate) async fn serve(app: Router, listener: TcpListener, front: &Front) {
+    let slots = Arc::new(Semaphore::new(front.max_connections));
+    let mut http = http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(front.header_timeout);
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of descriptors (or a connection that died before it was accepted): the
+                // ones in use are given back as their clients finish or time out.
+                tracing::warn!("accepting a connection: {e}");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tokio::spawn(turn_away(stream));
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let slot = Slot(Arc::new(slot));
+        let service = app
+            .clone()
+            .map_request(move |mut request: Request<Incoming>| {
+                request.extensions_mut().insert(slot.clone());
+                request
+            });
+        let connection = http
+            .serve_connection(TokioIo::new(stream), TowerToHyperService::new(service))
+            .with_upgrades();
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!("an HTTP connection ended: {e}");
+            }
+        });
+    }
+}
+
+/// Answers a connection over the limit with 503 and closes it. The request is read (briefly)
+/// after the answer, so that closing does not reset the connection before the client reads it.
+async fn turn_away(mut stream: TcpStream) {
+    const BUSY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Type: text/plain\r\nContent-Length: 33\r\nConnection: close\r\n\r\nthe server has too many clients\r\n";
+    let answer = async {
+        stream.write_all(BUSY).await?;
+        stream.shutdown().await?;
+        let mut sink = [0; 4096];
+        while stream.read(&mut sink).await? > 0 {}
+        Ok::<_, std::io::Error>(())
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), answer).await;
+}
