@@ -383,3 +383,47 @@ async fn an_oversized_frame_is_refused_by_its_header() {
         other => panic!("expected a 1009 close, got {other:?}"),
     }
 }
+
+/// Answers a text message `n` with `n` frames, in one event.
+#[derive(Default)]
+pub struct Burst;
+
+impl Agent for Burst {
+    async fn on_message(
+        &mut self,
+        _ctx: &mut Ctx<Self>,
+        conn: &Conn<Self>,
+        message: WsMessage,
+    ) -> Result<(), AppError> {
+        let n: u32 = message.as_text().unwrap_or("0").parse()?;
+        for i in 0..n {
+            conn.send_raw(WsMessage::Text(i.to_string()));
+        }
+        Ok(())
+    }
+}
+
+#[agent]
+impl Burst {}
+
+/// Finding 4: one event that sends far more frames than the outbound queue holds reaches a
+/// client that reads as fast as it can, whole and in order; it is not closed as a slow reader.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_frames_reaches_a_client_that_reads() {
+    use futures_util::SinkExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let (_rt, addr) = serve(Runtime::builder().agent::<Burst>()).await;
+    let mut ws = common::ws_connect(addr, "/agents/burst/b", None)
+        .await
+        .unwrap();
+    // 5,000 frames in one event, with the default queue of 1,024.
+    ws.send(Message::Text("5000".into())).await.unwrap();
+    for i in 0..5000 {
+        match common::next_frame(&mut ws).await {
+            Message::Text(t) => assert_eq!(t.as_str(), i.to_string()),
+            other => panic!("frame {i}: expected text, got {other:?}"),
+        }
+    }
+    ws.send(Message::Text("1".into())).await.unwrap();
+    assert_eq!(common::next_frame(&mut ws).await, Message::Text("0".into()));
+}

@@ -190,9 +190,11 @@ impl Builder {
         self
     }
 
-    /// How many frames may wait to be written to one WebSocket; a client that does not read
-    /// fast enough to keep the queue from filling is disconnected (close code 1008), so that it
-    /// never holds up the agent. Default 1024.
+    /// How many frames may wait to be written to one WebSocket while its client does not
+    /// read: past that, once frames have waited a second with none taken by the client, it is
+    /// disconnected (close code 1008), so that it never holds up the agent. A burst to a client
+    /// that reads (one event that sends thousands of frames) passes, up to 16 times this many
+    /// frames, which bounds what a connection may hold in any case. Default 1024.
     pub fn outbound_queue(mut self, frames: usize) -> Self {
         self.config.outbound_queue = frames.max(1);
         self

@@ -3,9 +3,15 @@
 //!
 //! Its slots are allocated as frames queue up, so a connection that never had much to send
 //! holds few (a tokio channel allocates a block of 32 up front, 1.5 KiB of every idle
-//! connection). A client that does not read fast enough to keep the queue from filling is
-//! disconnected (`overflow` is cancelled), never waited for; only the chunks of a stream wait
-//! for room (the stream slows down to the client's pace).
+//! connection). A client that does not read is disconnected (`overflow` is cancelled), never
+//! waited for; only the chunks of a stream wait for room (the stream slows down to the
+//! client's pace).
+//!
+//! What counts is what the client has not read, not what one event queued: past `capacity`
+//! frames the connection is closed only if the writer is stalled — frames have waited for
+//! [`STALL`] without the writer taking one, because the client does not take what was written.
+//! A burst (one event that sends thousands of frames to a client that reads) passes, up to
+//! [`BURST`] times the capacity, which bounds what a connection can hold in any case.
 
 use std::{
     collections::VecDeque,
@@ -13,15 +19,24 @@ use std::{
         atomic::{AtomicUsize, Ordering},
         Arc, Mutex, MutexGuard,
     },
+    time::Duration,
 };
 
 use axum::extract::ws::Message;
-use tokio::sync::Notify;
+use tokio::{sync::Notify, time::Instant};
 use tokio_util::sync::CancellationToken;
 
 use crate::lock::lock;
 
-/// A queue of `capacity` frames; `overflow` is cancelled when a frame finds it full.
+/// How long frames may wait without the writer taking one before a queue past its capacity
+/// counts as a client that does not read.
+pub(crate) const STALL: Duration = Duration::from_secs(1);
+
+/// How many times its capacity a queue may hold while its writer keeps taking frames.
+pub(crate) const BURST: usize = 16;
+
+/// A queue of `capacity` frames; `overflow` is cancelled when a frame finds it past that and
+/// the writer stalled, or past `BURST` times that.
 pub(crate) fn queue(capacity: usize, overflow: CancellationToken) -> (Outbound, Frames) {
     let capacity = capacity.max(1);
     let shared = Arc::new(Shared {
@@ -60,6 +75,9 @@ struct Shared {
 #[derive(Default)]
 struct State {
     frames: VecDeque<Message>,
+    /// When the writer last took a frame, or the first of the frames now queued arrived:
+    /// frames have waited since then with no progress.
+    progress: Option<Instant>,
     /// The writer is gone (the connection closed): frames are dropped.
     writer_gone: bool,
 }
@@ -93,18 +111,25 @@ impl Drop for Outbound {
 }
 
 impl Outbound {
-    /// Queues `frame`, or, if the queue is full, has the connection closed (the client does
-    /// not read its frames). Dropped if the connection is gone.
+    /// Queues `frame`, or, if the client does not read (the queue is past its capacity and the
+    /// writer stalled, or past `BURST` times it), has the connection closed. Dropped if the
+    /// connection is gone.
     pub fn send(&self, frame: Message) {
         let mut state = self.shared.state();
         if state.writer_gone {
             return;
         }
-        if state.frames.len() >= self.shared.capacity {
-            drop(state);
-            tracing::debug!("closing a connection whose client does not read its frames");
-            self.shared.overflow.cancel();
-            return;
+        let queued = state.frames.len();
+        if queued == 0 {
+            state.progress = Some(Instant::now());
+        } else if queued >= self.shared.capacity {
+            let stalled = state.progress.is_some_and(|p| p.elapsed() >= STALL);
+            if stalled || queued >= self.shared.capacity.saturating_mul(BURST) {
+                drop(state);
+                tracing::debug!("closing a connection whose client does not read its frames");
+                self.shared.overflow.cancel();
+                return;
+            }
         }
         state.frames.push_back(frame);
         drop(state);
@@ -164,6 +189,9 @@ impl Frames {
         let mut state = self.shared.state();
         let frame = state.frames.pop_front()?;
         let left = state.frames.len();
+        if left > 0 {
+            state.progress = Some(Instant::now());
+        }
         drop(state);
         if left == self.shared.room {
             self.shared.taken.notify_waiters();
@@ -212,24 +240,46 @@ mod tests {
         assert!(frames.recv().await.is_none(), "every sender is gone");
     }
 
-    #[tokio::test]
-    async fn a_full_queue_closes_the_connection_instead_of_waiting() {
+    #[tokio::test(start_paused = true)]
+    async fn a_full_queue_whose_writer_stalled_closes_the_connection_instead_of_waiting() {
         let overflow = CancellationToken::new();
         let (out, frames) = queue(3, overflow.clone());
-        for f in ["1", "2", "3"] {
+        for f in ["1", "2", "3", "4"] {
             out.send(text(f));
         }
-        assert!(!overflow.is_cancelled());
-        out.send(text("4"));
+        assert!(!overflow.is_cancelled(), "a burst past the capacity passes");
+        tokio::time::advance(STALL).await;
+        out.send(text("5"));
         assert!(
             overflow.is_cancelled(),
-            "a client that does not read is disconnected"
+            "frames waited for a second and the writer took none: the client does not read"
         );
         assert_eq!(
             taken(&frames),
-            ["1", "2", "3"],
+            ["1", "2", "3", "4"],
             "the frame past the limit is not queued"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_writer_that_keeps_taking_frames_is_not_stalled_but_a_burst_is_bounded() {
+        let overflow = CancellationToken::new();
+        let (out, frames) = queue(3, overflow.clone());
+        for round in 0..10 {
+            for _ in 0..3 {
+                out.send(text(&round.to_string()));
+            }
+            tokio::time::advance(STALL).await;
+            frames.try_recv().unwrap(); // the client read one: progress
+        }
+        assert!(!overflow.is_cancelled(), "slow, but reading");
+        taken(&frames);
+        for n in 0..3 * BURST {
+            out.send(text(&n.to_string()));
+        }
+        assert!(!overflow.is_cancelled());
+        out.send(text("one too many"));
+        assert!(overflow.is_cancelled(), "BURST times the capacity at most");
     }
 
     #[tokio::test]
