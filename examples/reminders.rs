@@ -43,7 +43,7 @@ impl Reminders {
     }
 
     /// The reminder itself: records it and tells the world.
-    #[callable]
+    #[callable(private)] // run by its schedule only: no client may call it
     pub async fn fire(
         &mut self,
         ctx: &mut Ctx<Self>,

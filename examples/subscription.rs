@@ -52,7 +52,7 @@ impl Subscription {
     }
 
     /// The renewal: charge, then re-arm; a declined card downgrades to the free plan.
-    #[callable]
+    #[callable(private)] // run by its schedule only: no client may call it
     pub async fn renew(&mut self, ctx: &mut Ctx<Self>) -> Result<(), AppError> {
         if ctx.kv().get::<bool>("card-declined")?.unwrap_or(false) {
             ctx.kv().put("plan", "free")?;

@@ -35,7 +35,7 @@ impl WebhookProcessor {
     }
 
     /// Delivers one event downstream; an error means "retry later".
-    #[callable]
+    #[callable(private)] // run by its schedule only: no client may call it
     pub async fn deliver(
         &mut self,
         ctx: &mut Ctx<Self>,

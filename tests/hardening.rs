@@ -427,3 +427,155 @@ async fn a_burst_of_frames_reaches_a_client_that_reads() {
     ws.send(Message::Text("1".into())).await.unwrap();
     assert_eq!(common::next_frame(&mut ws).await, Message::Text("0".into()));
 }
+
+/// Pays out what its schedule says; nobody else may make it pay.
+#[derive(Default)]
+pub struct Payroll;
+impl Agent for Payroll {}
+
+#[agent]
+impl Payroll {
+    /// Queues a payout: the one way to reach `payout`.
+    #[callable]
+    pub async fn approve(&mut self, ctx: &mut Ctx<Self>, cents: u64) -> Result<(), AppError> {
+        ctx.enqueue(Self::calls().payout(cents))?;
+        Ok(())
+    }
+
+    /// Hands `cents` to spawned work, whose result comes back to `payout` too.
+    #[callable]
+    pub async fn approve_later(&mut self, ctx: &mut Ctx<Self>, cents: u64) {
+        ctx.spawn(async move { cents }, |cents| Self::calls().payout(cents));
+    }
+
+    #[callable(private)]
+    pub async fn payout(&mut self, ctx: &mut Ctx<Self>, cents: u64) -> Result<(), AppError> {
+        let paid = ctx.kv().get::<u64>("paid")?.unwrap_or(0);
+        ctx.kv().put("paid", &(paid + cents))?;
+        Ok(())
+    }
+
+    #[callable]
+    pub async fn paid(&mut self, ctx: &mut Ctx<Self>) -> Result<u64, AppError> {
+        Ok(ctx.kv().get::<u64>("paid")?.unwrap_or(0))
+    }
+}
+
+/// Finding 7: a `#[callable(private)]` method runs for the agent's own schedules, queue and
+/// spawned work, and does not exist for anyone else (HTTP, WebSockets; the typed client has no
+/// such method, `tests/ui/fail/private_not_on_client.rs`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_private_callable_answers_only_the_agent_itself() {
+    use std::time::Duration;
+    let (rt, addr) = serve(Runtime::builder().agent::<Payroll>()).await;
+    let (status, body) =
+        http_request(addr, "POST", "/agents/payroll/p/call/payout", "[1000000]").await;
+    assert_eq!(
+        (status, body["kind"].as_str()),
+        (404, Some("unknown_method")),
+        "{body}"
+    );
+    let mut ws = common::ws_connect(addr, "/agents/payroll/p", Some("agents.v1.json"))
+        .await
+        .unwrap();
+    common::next_json(&mut ws).await; // identity
+    let reply = common::call(&mut ws, 1, "payout", serde_json::json!([1000000])).await;
+    assert_eq!(reply["err"]["kind"], "unknown_method", "{reply}");
+    let described = http_request(addr, "GET", "/agents/payroll", "").await.1;
+    assert!(!described.to_string().contains("payout"), "{described}");
+
+    let payroll = rt.agent::<Payroll>("p");
+    payroll.approve(5).await.unwrap();
+    payroll.approve_later(7).await.unwrap();
+    let mut paid = 0;
+    for _ in 0..500 {
+        paid = payroll.paid().await.unwrap();
+        if paid == 12 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        paid, 12,
+        "the queue and the spawned work reached it; nobody else did"
+    );
+}
+
+/// The agents' database files under the data dir (the template aside).
+fn agent_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    let mut folders = vec![dir.join("agents")];
+    while let Some(folder) = folders.pop() {
+        for entry in std::fs::read_dir(&folder).into_iter().flatten() {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            if path.is_dir() {
+                folders.push(path);
+            } else if name.ends_with(".sqlite") && !name.starts_with('.') {
+                found.push(path);
+            }
+        }
+    }
+    found
+}
+
+/// Finding 6: requests that all fail (an unknown method, bad arguments, a 404 of `on_request`)
+/// to new names leave no database behind; the first call that succeeds keeps one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_that_fail_leave_no_database_behind() {
+    use std::time::Duration;
+    let (rt, addr) = serve(Runtime::builder().agent::<Leaky>()).await;
+    let dir = rt.runtime().data_dir().to_owned();
+    for i in 0..20 {
+        let (status, _) = http_request(
+            addr,
+            "POST",
+            &format!("/agents/leaky/junk-a{i}/call/nope"),
+            "[]",
+        )
+        .await;
+        assert_eq!(status, 404);
+        let (status, _) = http_request(
+            addr,
+            "POST",
+            &format!("/agents/leaky/junk-b{i}/call/ping"),
+            "[1, 2]",
+        )
+        .await;
+        assert_eq!(status, 400);
+        let (status, _) =
+            http_request(addr, "GET", &format!("/agents/leaky/junk-c{i}/x"), "").await;
+        assert_eq!(status, 404);
+    }
+    // Their replies leave before their files go: wait for the last ones.
+    let mut left = agent_files(&dir);
+    for _ in 0..200 {
+        if left.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        left = agent_files(&dir);
+    }
+    assert!(
+        left.is_empty(),
+        "60 failed requests left {} databases: {left:?}",
+        left.len()
+    );
+    // A name that failed once and then succeeds is an agent like any other.
+    let (status, _) = http_request(addr, "POST", "/agents/leaky/junk-a0/call/ping", "[]").await;
+    assert_eq!(status, 200);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(
+        agent_files(&dir).len(),
+        1,
+        "the agent that answered keeps its database"
+    );
+    let (status, _) = http_request(addr, "POST", "/agents/leaky/junk-a0/call/nope", "[]").await;
+    assert_eq!(status, 404);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(
+        agent_files(&dir).len(),
+        1,
+        "a used agent is never removed for a failure"
+    );
+}

@@ -14,7 +14,7 @@ pub const AGENT_OPTIONS: &[&str] = &["class", "crate", "state", "conn_state", "e
 /// `#[agent(..)]` flags.
 pub const AGENT_FLAGS: &[&str] = &["internal", "typescript"];
 /// `#[callable(..)]` flags.
-pub const CALLABLE_FLAGS: &[&str] = &["internal"];
+pub const CALLABLE_FLAGS: &[&str] = &["internal", "private"];
 /// `#[callable(..)]` options.
 pub const CALLABLE_OPTIONS: &[&str] = &["name"];
 /// `#[schedule(..)]` options.
@@ -45,8 +45,8 @@ pub struct Callable {
     pub ident: Ident,
     /// `#[callable(name = "..")]`.
     pub rename: Option<LitStr>,
-    /// `#[callable(internal)]`: callable in-process only.
-    pub internal: bool,
+    /// `#[callable(internal)]` / `#[callable(private)]`, as written (at most one is valid).
+    pub reach: Vec<Ident>,
     /// For `#[schedule(..)]` methods: the attribute's options (and the attribute, for errors).
     pub schedule: Option<(Attribute, Vec<(Ident, LitStr)>)>,
     pub vis: Visibility,
@@ -264,11 +264,11 @@ impl Callable {
                 )?,
                 syn::Meta::NameValue(nv) => return Err(syn::Error::new_spanned(
                     nv,
-                    "write `#[callable]`, `#[callable(name = \"...\")]` or `#[callable(internal)]`",
+                    "write `#[callable]`, `#[callable(name = \"...\")]`, `#[callable(internal)]` or `#[callable(private)]`",
                 )),
             };
         let rename = options.values.into_iter().next().map(|(_, v)| v);
-        let internal = !options.flags.is_empty();
+        let reach = options.flags;
         let sig = &f.sig;
         let mut receiver = Receiver::None;
         let mut params = Vec::new();
@@ -291,7 +291,7 @@ impl Callable {
         Ok(Callable {
             ident: sig.ident.clone(),
             rename,
-            internal,
+            reach,
             schedule,
             vis: f.vis.clone(),
             docs: docs(&f.attrs),

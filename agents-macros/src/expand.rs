@@ -46,6 +46,8 @@ fn generate(a: &Agent) -> TokenStream {
         format!("Describes calls of [`{ident}`] without making them (for schedules and queues).");
 
     let callables: Vec<&Method> = methods.iter().filter(|m| m.schedule.is_none()).collect();
+    // `private` callables are described (to be scheduled) but on no client.
+    let public: Vec<&Method> = callables.iter().copied().filter(|m| !m.private).collect();
     let (client, client_items, types) = match interface {
         // The interface's own client, and its types.
         Some(path) => {
@@ -63,7 +65,7 @@ fn generate(a: &Agent) -> TokenStream {
                  `runtime.agent::<{ident}>(name)` or `ctx.agent::<{ident}>(name)`."
             );
             let ts = typescript.then_some(class.as_str());
-            let items = client(&name, &doc, &vis, &p, &callables, state, event, ts);
+            let items = client(&name, &doc, &vis, &p, &public, state, event, ts);
             let types = quote! {
                 type State = #state;
                 type Event = #event;
@@ -81,7 +83,7 @@ fn generate(a: &Agent) -> TokenStream {
         None => quote!(#self_ty),
     };
     let arms = methods.iter().map(|m| dispatch_arm(m, &target, &p));
-    let infos = callables.iter().map(|m| method_info(m, &p));
+    let infos = public.iter().map(|m| method_info(m, &p));
     let schedules = methods.iter().filter_map(|m| static_schedule(m, &p));
 
     quote! {
@@ -383,9 +385,10 @@ fn dispatch_arm(m: &Method, target: &TokenStream, p: &TokenStream) -> TokenStrea
         (None, Some(_)) => quote!(call.result(#invoke)),
         (None, None) => quote!(call.ok(#invoke)),
     };
-    // `#[schedule]` methods answer only the runtime, `#[callable(internal)]` ones only this
-    // process: to anyone else they do not exist.
-    let guard = if m.schedule.is_some() {
+    // `#[schedule]` and `#[callable(private)]` methods answer only the runtime (the agent's own
+    // schedules, queue and spawned work), `#[callable(internal)]` ones only this process: to
+    // anyone else they do not exist.
+    let guard = if m.schedule.is_some() || m.private {
         Some(quote! {
             if !call.is_internal() {
                 return ::core::result::Result::Err(#p::RawError::unknown_method(#wire));

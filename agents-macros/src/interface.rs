@@ -181,6 +181,7 @@ fn method(f: &TraitItemFn, vis: &syn::Visibility) -> syn::Result<Method> {
             stream: None,
             schedule: None,
             internal: false,
+            private: false,
         }),
     }
 }

@@ -63,6 +63,9 @@ pub struct Method {
     pub schedule: Option<ScheduleSpec>,
     /// `#[callable(internal)]`: refused to callers over the network.
     pub internal: bool,
+    /// `#[callable(private)]`: answers only the agent itself (its schedules, its queue, its
+    /// spawned work); not on the client.
+    pub private: bool,
 }
 
 /// A validated `#[schedule(..)]`.
@@ -252,6 +255,7 @@ fn method(c: &Callable, agent: &Ident) -> syn::Result<Method> {
         no_clash_with_client(c, agent),
         wire_name_is_valid(c),
         ctx_comes_first(c),
+        one_reach(c),
     ];
     rules.into_iter().filter_map(Result::err).for_each(&mut err);
     let schedule = c
@@ -282,8 +286,22 @@ fn method(c: &Callable, agent: &Ident) -> syn::Result<Method> {
             err: err_ty,
             stream,
             schedule,
-            internal: c.internal,
+            internal: c.reach.iter().any(|f| f == "internal"),
+            private: c.reach.iter().any(|f| f == "private"),
         }),
+    }
+}
+
+// Rule: a callable is `internal` (this process may call it) or `private` (only the agent itself
+// may), not both.
+fn one_reach(c: &Callable) -> syn::Result<()> {
+    match c.reach.as_slice() {
+        [_, second, ..] => Err(syn::Error::new(
+            second.span(),
+            "a callable is either `internal` (anything in this process may call it) or `private` \
+             (only the agent itself: its schedules, its queue, its spawned work), not both",
+        )),
+        _ => Ok(()),
     }
 }
 
@@ -338,7 +356,8 @@ fn no_clash_with_calls(c: &Callable) -> syn::Result<()> {
 // Rule: a callable is a method of the generated client: the client's own names are taken.
 fn no_clash_with_client(c: &Callable, agent: &Ident) -> syn::Result<()> {
     let name = &c.ident;
-    if c.schedule.is_some() || !CLIENT_METHODS.contains(&name.to_string().as_str()) {
+    let private = c.reach.iter().any(|f| f == "private");
+    if c.schedule.is_some() || private || !CLIENT_METHODS.contains(&name.to_string().as_str()) {
         return Ok(());
     }
     Err(syn::Error::new(

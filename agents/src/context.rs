@@ -358,9 +358,7 @@ impl<A> Ctx<A> {
                 args,
                 timeout: None,
             };
-            if let Err(e) =
-                call_value(&shared, key.clone(), call, Caller::local(Chain::default())).await
-            {
+            if let Err(e) = call_value(&shared, key.clone(), call, Caller::agent_itself()).await {
                 tracing::warn!(%key, "delivering the result of spawned work to `{method}` failed: {e}");
             }
         };

@@ -640,6 +640,16 @@ impl Caller {
         }
     }
 
+    /// The runtime on the agent's own behalf (its spawned work's result), which may reach its
+    /// `#[callable(private)]` methods.
+    pub fn agent_itself() -> Self {
+        Caller {
+            chain: Chain::default(),
+            principal: None,
+            origin: Origin::Runtime,
+        }
+    }
+
     /// The network, as `principal` if the admission hook named one.
     pub fn remote(principal: Option<String>) -> Self {
         Caller {

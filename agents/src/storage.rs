@@ -320,7 +320,12 @@ pub(crate) fn open(
     if let Err(e) = conn.release_memory() {
         tracing::debug!("releasing SQLite's memory: {e}");
     }
-    Ok(Opened { conn, wal, guard })
+    Ok(Opened {
+        conn,
+        wal,
+        guard,
+        created,
+    })
 }
 
 /// An agent's open database.
@@ -330,6 +335,8 @@ pub(crate) struct Opened {
     pub wal: fs::File,
     /// What keeps other processes out (see `open_unlocked`): drop it after the connection.
     pub guard: Option<fs::File>,
+    /// Whether this open created the file.
+    pub created: bool,
 }
 
 /// Creates the runtime's tables in `conn`, a new file or one of an older runtime `schema` (which

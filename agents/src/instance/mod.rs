@@ -150,6 +150,18 @@ fn hook(result: Result<(), crate::AppError>) -> Result<Payload, RawError> {
     result.map(|()| empty()).map_err(app_error)
 }
 
+/// Whether an event of `outbox` succeeded (a reply, a hook, an alarm, spawned work, an HTTP
+/// response below 400): then the agent is used, and its database stays.
+fn any_succeeded(outbox: &Outbox) -> bool {
+    outbox.iter().any(|(to, reply)| match to {
+        Responder::Request(_, response) => {
+            reply.is_ok() && response.as_ref().is_some_and(|r| r.status().as_u16() < 400)
+        }
+        Responder::Frames(..) => false,
+        _ => reply.is_ok(),
+    })
+}
+
 /// What the caller of an event that came to `result` is told.
 fn told<T>(result: Result<T, Failure>) -> Result<T, RawError> {
     result.map_err(|failure| failure.told())
@@ -295,6 +307,7 @@ impl<A: AgentClass> Instance<A> {
                         .run_handler(Work::Message(&conn, message), Cause::default(), &mut outbox)
                         .instrument(span)
                         .await;
+                    self.store.unused &= result.is_err();
                     if let Err(failure) = result {
                         tracing::debug!("on_message failed: {failure}");
                         let mut e = failure.told();
@@ -353,6 +366,7 @@ impl<A: AgentClass> Instance<A> {
             }
             next = batch.next(outbox.len(), rx).await;
         }
+        self.store.unused &= !any_succeeded(&outbox);
         if !self.store.in_txn() {
             release(outbox); // nothing ran, nothing to make durable
             return leave;
@@ -384,7 +398,26 @@ impl<A: AgentClass> Instance<A> {
             }
         }
         self.store.checkpoint_if_large(&mut self.ctx.conn).await;
+        if self.store.unused && leave.is_none() {
+            self.forget_unused().await;
+        }
         leave
+    }
+
+    /// Removes the files of an agent that this instance created and for which every event
+    /// failed (a junk request to a new name): its replies leave first; the next event starts
+    /// it afresh. Nothing it wrote survives a failed event anyway, but what `on_start` wrote.
+    async fn forget_unused(&mut self) {
+        self.agent = None;
+        self.close_db().await;
+        let (shared, key) = (self.ctx.shared.clone(), self.ctx.key().clone());
+        let removed = blocking(move || {
+            shared.alarms.set(&key, None, true)?;
+            storage::remove(&shared.config.data_dir, &key)
+        });
+        if let Err(e) = removed.await {
+            tracing::warn!("removing the files of an agent no event succeeded on: {e}");
+        }
     }
 
     /// The batch did not commit: a destruction in it did not happen.

@@ -33,6 +33,9 @@ pub(super) struct Store {
     checkpoint_at: u32,
     /// Keeps other processes out of the open database (see `storage::Opened`).
     guard: Option<std::fs::File>,
+    /// The open database was created by this instance and no event has succeeded since: if
+    /// the batch ends so, the files go (a request that fails leaves no database behind).
+    pub(super) unused: bool,
 }
 
 impl Store {
@@ -44,6 +47,7 @@ impl Store {
             wal_frames: 0,
             checkpoint_at: u32::MAX,
             guard: None,
+            unused: false,
         }
     }
 
@@ -63,7 +67,12 @@ impl Store {
             .await
             .map_err(|_| Error::Shutdown)?;
         let (opener, key) = (shared.clone(), key.clone());
-        let storage::Opened { conn, wal, guard } = blocking(move || {
+        let storage::Opened {
+            conn,
+            wal,
+            guard,
+            created,
+        } = blocking(move || {
             let config = &opener.config;
             storage::open(&config.data_dir, &key, config.durability, config.locking)
         })
@@ -83,6 +92,7 @@ impl Store {
         storage::guard_transaction(&conn, self.in_handler.clone());
         *slot = Some(conn);
         self.guard = guard;
+        self.unused = created;
         Ok(())
     }
 
