@@ -52,6 +52,10 @@ pub enum Error {
     /// The runtime is shutting down or gone.
     #[error("the runtime has shut down")]
     Shutdown,
+    /// The runtime is at a limit it keeps (open databases, say) and nothing gave way in time:
+    /// try again later.
+    #[error("overloaded: {0}")]
+    Overloaded(String),
 }
 
 /// `Result` with the runtime's [`Error`].
@@ -67,6 +71,7 @@ impl Error {
                 | Error::UnknownClass(_)
                 | Error::Schedule(_)
                 | Error::Shutdown
+                | Error::Overloaded(_)
         )
     }
 
@@ -77,6 +82,9 @@ impl Error {
         match self {
             Error::InvalidAddress(_) | Error::UnknownClass(_) => {
                 agents_client::RawError::bad_args(self)
+            }
+            Error::Overloaded(why) => {
+                agents_client::RawError::new(agents_client::ErrorKind::Overloaded, why.clone())
             }
             e if e.is_internal() => agents_client::RawError::internal(hidden(doing, e)),
             e => agents_client::RawError::internal(e),

@@ -2,12 +2,15 @@
 //! it bounds.
 //!
 //! Every connection takes a slot under `max_connections`, held as long as it lives (a WebSocket
-//! holds its slot until it closes). One more connection than that is answered `503` with
-//! `Retry-After` and closed at once, so that a flood costs a descriptor for a moment, not for as
-//! long as the flood lasts, and the server keeps answering. A client gets `header_timeout` to
-//! send a request's head, and a kept-alive connection as long to start its next request: slow
-//! and idle clients give their slots back. When the process has no descriptor left to accept
-//! with, the loop waits a moment instead of spinning.
+//! holds its slot until it closes). An eighth of the slots is kept spare: a connection that
+//! finds the others taken (by sockets, or a crowd of handshakes) gets one for a single plain
+//! request (a health check, a call), never for an upgrade: its request's head is looked at
+//! (without reading it) first, and a WebSocket handshake is answered 503 there. One more connection than that is
+//! answered `503` with `Retry-After` and closed at once, so that a flood costs a descriptor for
+//! a moment, not for as long as the flood lasts, and the server keeps answering. A client gets
+//! `header_timeout` to send a request's head, and a kept-alive connection as long to start its
+//! next request: slow and idle clients give their slots back. When the process has no
+//! descriptor left to accept with, the loop waits a moment instead of spinning.
 
 use std::{sync::Arc, time::Duration};
 
@@ -52,13 +55,30 @@ impl Default for Front {
 #[derive(Clone)]
 struct Slot(#[allow(dead_code)] Arc<OwnedSemaphorePermit>);
 
+/// Marks a request on a spare slot: it may not become a WebSocket.
+#[derive(Clone, Copy)]
+pub(crate) struct Spare;
+
+/// How many connections past the main slots may be looked at, or told that the server is
+/// busy, at once; past that, new connections wait in the kernel's backlog (no descriptor)
+/// until one is done.
+const TRIAGE: usize = 32;
+
 /// Serves `app` on `listener` within `front`'s limits, until the process ends.
 pub(crate) async fn serve(app: Router, listener: TcpListener, front: &Front) {
-    let slots = Arc::new(Semaphore::new(front.max_connections));
+    let spare = (front.max_connections / 8).max(1);
+    let slots = Arc::new(Semaphore::new(front.max_connections - spare));
+    let spares = Arc::new(Semaphore::new(spare));
+    let triage = Arc::new(Semaphore::new(TRIAGE));
     let mut http = http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(front.header_timeout);
+    let mut once = http.clone();
+    once.keep_alive(false);
     loop {
+        let Ok(looking) = triage.clone().acquire_owned().await else {
+            return;
+        };
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
             Err(e) => {
@@ -69,27 +89,77 @@ pub(crate) async fn serve(app: Router, listener: TcpListener, front: &Front) {
                 continue;
             }
         };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            tokio::spawn(turn_away(stream));
-            continue;
-        };
         let _ = stream.set_nodelay(true);
-        let slot = Slot(Arc::new(slot));
-        let service = app
-            .clone()
-            .map_request(move |mut request: Request<Incoming>| {
-                request.extensions_mut().insert(slot.clone());
-                request
+        if let Ok(slot) = slots.clone().try_acquire_owned() {
+            drop(looking);
+            tokio::spawn(connection(&http, app.clone(), stream, slot, None));
+        } else {
+            // A plain request may have a spare slot; a handshake is told to come back.
+            let (once, app, spares) = (once.clone(), app.clone(), spares.clone());
+            tokio::spawn(async move {
+                if is_upgrade(&stream).await == Some(false) {
+                    if let Ok(slot) = spares.try_acquire_owned() {
+                        drop(looking);
+                        return connection(&once, app, stream, slot, Some(Spare)).await;
+                    }
+                }
+                turn_away(stream).await;
+                drop(looking);
             });
-        let connection = http
-            .serve_connection(TokioIo::new(stream), TowerToHyperService::new(service))
-            .with_upgrades();
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!("an HTTP connection ended: {e}");
-            }
-        });
+        }
     }
+}
+
+/// Serves one connection on `slot`; a request on a spare slot is marked so.
+fn connection(
+    http: &http1::Builder,
+    app: Router,
+    stream: TcpStream,
+    slot: OwnedSemaphorePermit,
+    spare: Option<Spare>,
+) -> impl std::future::Future<Output = ()> {
+    let slot = Slot(Arc::new(slot));
+    let service = app
+        .clone()
+        .map_request(move |mut request: Request<Incoming>| {
+            request.extensions_mut().insert(slot.clone());
+            if let Some(spare) = spare {
+                request.extensions_mut().insert(spare);
+            }
+            request
+        });
+    let connection = http
+        .serve_connection(TokioIo::new(stream), TowerToHyperService::new(service))
+        .with_upgrades();
+    async move {
+        if let Err(e) = connection.await {
+            tracing::debug!("an HTTP connection ended: {e}");
+        }
+    }
+}
+
+/// Whether the request waiting on `stream` is a WebSocket handshake, from its head, looked at
+/// without reading it (`None`: no whole head came within a second).
+async fn is_upgrade(stream: &TcpStream) -> Option<bool> {
+    let mut head = [0; 4096];
+    let look = async {
+        loop {
+            let n = stream.peek(&mut head).await.ok()?;
+            let seen = String::from_utf8_lossy(&head[..n]).to_ascii_lowercase();
+            if seen.contains("\r\n\r\n") || n == head.len() || n == 0 {
+                let upgrade = seen.lines().any(|line| {
+                    line.strip_prefix("upgrade:")
+                        .is_some_and(|value| value.contains("websocket"))
+                });
+                return Some(upgrade);
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await; // more of the head is coming
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(1), look)
+        .await
+        .ok()
+        .flatten()
 }
 
 /// Answers a connection over the limit with 503 and closes it. The request is read (briefly)
@@ -103,5 +173,5 @@ async fn turn_away(mut stream: TcpStream) {
         while stream.read(&mut sink).await? > 0 {}
         Ok::<_, std::io::Error>(())
     };
-    let _ = tokio::time::timeout(Duration::from_secs(1), answer).await;
+    let _ = tokio::time::timeout(Duration::from_millis(200), answer).await;
 }

@@ -312,6 +312,9 @@ pub(crate) struct Shared {
     /// Bounds how many databases open at once, so that a burst of activations cannot crowd
     /// the async workers off the CPU with blocking threads.
     pub opening: Semaphore,
+    /// A permit per open database (`max_live` in all): the live-agent cap as a hard bound on
+    /// the descriptors agents hold, evicted agents that are still closing included.
+    pub databases: Arc<Semaphore>,
     /// The open WebSockets of every agent, live or hibernating.
     pub sockets: Arc<dyn Connections>,
     /// The data dir's lock, held until the runtime has shut down (see `storage::lock_data_dir`).
@@ -331,6 +334,7 @@ impl Shared {
     ) -> Self {
         Shared {
             dir_lock: Mutex::new(Some(dir_lock)),
+            databases: Arc::new(Semaphore::new(config.max_live)),
             config,
             alarms,
             classes,
@@ -340,6 +344,11 @@ impl Shared {
             sockets,
             handle: Default::default(),
         }
+    }
+
+    /// Asks the least recently used live agent to hibernate (see `Agents::evict_one`).
+    pub fn make_room(&self) {
+        self.agents().evict_one();
     }
 
     fn agents(&self) -> MutexGuard<'_, Agents> {

@@ -153,8 +153,9 @@ impl Builder {
 
     /// How many agents may be live (in memory, database open) at once; activating one more
     /// hibernates the least recently used. The default is the lower of two budgets: descriptors
-    /// (a live agent holds two, its database and its log; `build` raises the process's limit to
-    /// its hard maximum, keeps 256 aside and gives half the rest to agents, half to
+    /// (a live agent holds four: its database and its log, and the runtime's lock and sync
+    /// handles on them; `build` raises the process's limit to its hard maximum, keeps a quarter
+    /// of it aside, at most 256, and gives half the rest to agents, half to
     /// [connections](Builder::max_connections)) and memory (a quarter of the memory available
     /// at `build`, at 256 KiB per live agent); at least 16.
     pub fn max_live_agents(mut self, agents: usize) -> Self {
@@ -164,10 +165,10 @@ impl Builder {
 
     /// The most connections [`serve`](Runtime::serve) holds at once, HTTP and WebSocket alike;
     /// one more is answered `503` with `Retry-After: 1` and closed at once, so that a flood
-    /// costs a descriptor for a moment and the server keeps answering. WebSockets may take 7/8
-    /// of them, so that plain requests (a health check) still get in while sockets are at their
-    /// limit. Default: half of what the descriptor limit leaves after a reserve of 256 (see
-    /// [`max_live_agents`](Builder::max_live_agents)), at least 64.
+    /// costs a descriptor for a moment and the server keeps answering. An eighth is kept for one
+    /// plain request each (never a WebSocket), so that a health check still gets in while
+    /// sockets, or a crowd of handshakes, hold the rest. Default: the other half of the
+    /// descriptors (see [`max_live_agents`](Builder::max_live_agents)), at least 16.
     pub fn max_connections(mut self, connections: usize) -> Self {
         self.front.max_connections = connections.max(2);
         self
@@ -317,9 +318,7 @@ impl Builder {
             // Overdue alarms (say, from before a restart) fire as soon as the timer starts.
             shared.tracker.spawn(alarms::run_timer(shared.clone()));
         }
-        // WebSockets may take 7/8 of the connections: plain requests always find room.
-        let max_sockets = front.max_connections - front.max_connections / 8;
-        let wing = Wing::new(Door::new(shared.clone()), sockets, max_sockets);
+        let wing = Wing::new(Door::new(shared.clone()), sockets);
         let handle = Arc::new(Handle {
             shared: shared.clone(),
             wing,
@@ -330,7 +329,6 @@ impl Builder {
     }
 }
 
-/// Raises the soft descriptor limit to the hard one and leaves room for four per live agent.
 /// What the defaults of the live-agent cap and the connection limit are derived from.
 struct Budget {
     /// The descriptor limit, raised to the hard one.
@@ -340,8 +338,15 @@ struct Budget {
 }
 
 impl Budget {
-    /// Descriptors kept aside for everything else (the alarm index, the data dir, logs).
-    const RESERVE: u64 = 256;
+    /// Descriptors kept aside for everything else (the alarm index, the data dir, logs,
+    /// databases being created, connections being turned away): a quarter, at most 256.
+    fn reserve(&self) -> u64 {
+        (self.descriptors / 4).min(256)
+    }
+
+    /// A live agent's descriptors: its database and its log, each opened by SQLite, and the
+    /// runtime's own handles on them (the lock that keeps other processes out, the log's sync).
+    const AGENT_DESCRIPTORS: u64 = 4;
     /// What a live agent is reckoned to cost in memory (a small one measures about 90 KB).
     const AGENT_MEMORY: u64 = 256 * 1024;
 
@@ -357,16 +362,17 @@ impl Budget {
         }
     }
 
-    /// Half the descriptors at two per agent, and a quarter of the memory.
+    /// Half the descriptors left after the reserve, and a quarter of the memory.
     fn live_agents(&self) -> usize {
-        let by_descriptors = self.descriptors.saturating_sub(Self::RESERVE) / 4;
+        let half = self.descriptors.saturating_sub(self.reserve()) / 2;
+        let by_descriptors = half / Self::AGENT_DESCRIPTORS;
         let by_memory = self.memory.map_or(u64::MAX, |m| m / 4 / Self::AGENT_MEMORY);
         by_descriptors.min(by_memory).clamp(16, 1 << 20) as usize
     }
 
     /// The other half of the descriptors, one per connection.
     fn connections(&self) -> usize {
-        (self.descriptors.saturating_sub(Self::RESERVE) / 2).clamp(64, 1 << 20) as usize
+        (self.descriptors.saturating_sub(self.reserve()) / 2).clamp(16, 1 << 20) as usize
     }
 }
 

@@ -159,6 +159,12 @@ async fn agent_root(
 async fn root(runtime: Runtime, key: AgentKey, request: Request) -> Response {
     let (mut parts, body) = request.into_parts();
     match WebSocketUpgrade::from_request_parts(&mut parts, &runtime).await {
+        Ok(_) if parts.extensions.get::<front::Spare>().is_some() => {
+            // A spare slot serves one plain request, never a socket that would keep it.
+            let busy = "the server has as many connections as it allows; try again later";
+            let headers = [(header::RETRY_AFTER, "1"), (header::CONNECTION, "close")];
+            (StatusCode::SERVICE_UNAVAILABLE, headers, busy).into_response()
+        }
         Ok(upgrade) => ws::upgrade(runtime.wing().clone(), key, parts, upgrade).await,
         Err(_) => to_agent(runtime, key, Request::from_parts(parts, body)).await,
     }

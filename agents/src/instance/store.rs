@@ -33,6 +33,8 @@ pub(super) struct Store {
     checkpoint_at: u32,
     /// Keeps other processes out of the open database (see `storage::Opened`).
     guard: Option<std::fs::File>,
+    /// The open database's permit among the runtime's (`Shared::databases`).
+    database: Option<tokio::sync::OwnedSemaphorePermit>,
     /// The open database was created by this instance and no event has succeeded since: if
     /// the batch ends so, the files go (a request that fails leaves no database behind).
     pub(super) unused: bool,
@@ -47,6 +49,7 @@ impl Store {
             wal_frames: 0,
             checkpoint_at: u32::MAX,
             guard: None,
+            database: None,
             unused: false,
         }
     }
@@ -61,6 +64,7 @@ impl Store {
         if slot.is_some() {
             return Ok(());
         }
+        let database = open_database_permit(shared).await?;
         let _permit = shared
             .opening
             .acquire()
@@ -92,6 +96,7 @@ impl Store {
         storage::guard_transaction(&conn, self.in_handler.clone());
         *slot = Some(conn);
         self.guard = guard;
+        self.database = Some(database);
         self.unused = created;
         Ok(())
     }
@@ -207,6 +212,28 @@ impl Store {
             }
         }
         self.guard = None; // only once the connection is closed
+        self.database = None;
+    }
+}
+
+/// How long opening a database waits for another to close when `max_live_agents` are open.
+const DATABASE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// A permit to open a database: at once if fewer than `max_live_agents` are open, or once the
+/// least recently used agent, asked to hibernate, has closed its own.
+async fn open_database_permit(
+    shared: &Arc<Shared>,
+) -> Result<tokio::sync::OwnedSemaphorePermit, Error> {
+    if let Ok(permit) = shared.databases.clone().try_acquire_owned() {
+        return Ok(permit);
+    }
+    shared.make_room();
+    match tokio::time::timeout(DATABASE_WAIT, shared.databases.clone().acquire_owned()).await {
+        Ok(permit) => permit.map_err(|_| Error::Shutdown),
+        Err(_) => Err(Error::Overloaded(format!(
+            "{} agents are live, the most this runtime keeps, and none hibernated within {DATABASE_WAIT:?}",
+            shared.config.max_live
+        ))),
     }
 }
 

@@ -25,8 +25,8 @@ use agents_client::{
 };
 use axum::{
     extract::ws::{close_code, Message, WebSocket, WebSocketUpgrade},
-    http::{header, request::Parts, StatusCode},
-    response::{IntoResponse, Response},
+    http::request::Parts,
+    response::Response,
 };
 use futures_util::{SinkExt, StreamExt};
 use tokio::{sync::oneshot, time::Instant};
@@ -51,15 +51,6 @@ pub(crate) async fn upgrade(
     mut head: Parts,
     ws: WebSocketUpgrade,
 ) -> Response {
-    let Ok(permit) = wing.open.clone().try_acquire_owned() else {
-        let busy = "the server has as many WebSockets open as it allows; try again later";
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            [(header::RETRY_AFTER, "1"), (header::CONNECTION, "close")],
-            busy,
-        )
-            .into_response();
-    };
     // Small buffers: an idle connection should cost a few KB, not tungstenite's default 128 KiB
     // read buffer. They grow while a large message passes. A frame larger than a message may
     // be is refused by its header, before any of it is read.
@@ -74,9 +65,9 @@ pub(crate) async fn upgrade(
         Ok(principal) => principal,
         Err(refusal) => return refused(ws, refusal),
     };
-    // The socket holds its permit, and what the front put in the request (its connection's
-    // slot), as long as it is open.
-    let held = Held(permit, std::mem::take(&mut head.extensions));
+    // The socket holds what the front put in the request (its connection's slot) as long as it
+    // is open.
+    let held = Held(std::mem::take(&mut head.extensions));
     let wire = match ws.selected_protocol().map(|p| p.as_bytes()) {
         Some(p) if p == protocol::JSON_PROTOCOL.as_bytes() => Protocol::Json,
         Some(p) if p == protocol::POSTCARD_PROTOCOL.as_bytes() => Protocol::Postcard,
@@ -174,12 +165,9 @@ struct Connection {
     _held: Held,
 }
 
-/// What an open socket holds until it closes: its permit among the wing's sockets, and the
-/// upgrade request's extensions (the front's slot for its connection).
-struct Held(
-    #[allow(dead_code)] tokio::sync::OwnedSemaphorePermit,
-    #[allow(dead_code)] axum::http::Extensions,
-);
+/// What an open socket holds until it closes: the upgrade request's extensions (the front's
+/// slot for its connection).
+struct Held(#[allow(dead_code)] axum::http::Extensions);
 
 impl Connection {
     async fn serve(self, (mut sink, stream): Halves) {

@@ -14,8 +14,6 @@
 
 use std::sync::Arc;
 
-use tokio::sync::Semaphore;
-
 use crate::port::Door;
 
 mod connection;
@@ -28,24 +26,16 @@ mod timer;
 pub(crate) use connection::{refused, upgrade};
 pub(crate) use sockets::Sockets;
 
-/// What the wing is given by the composition root (`crate::runtime`): the core's door, its
-/// own table of sockets (which the core holds as its delivery port), and how many sockets may
-/// be open at once.
+/// What the wing is given by the composition root (`crate::runtime`): the core's door, and
+/// its own table of sockets (which the core holds as its delivery port).
 #[derive(Clone)]
 pub(crate) struct Wing {
     door: Door,
     sockets: Arc<Sockets>,
-    /// A permit per open socket.
-    open: Arc<Semaphore>,
 }
 
 impl Wing {
-    pub(crate) fn new(door: Door, sockets: Arc<Sockets>, max_sockets: usize) -> Self {
-        let open = Arc::new(Semaphore::new(max_sockets));
-        Wing {
-            door,
-            sockets,
-            open,
-        }
+    pub(crate) fn new(door: Door, sockets: Arc<Sockets>) -> Self {
+        Wing { door, sockets }
     }
 }
