@@ -90,6 +90,24 @@ impl When {
     }
 }
 
+impl When {
+    /// When a schedule made of this at `now` would first be due: what to show a user ("next
+    /// run: .."). A zero period, or a cron expression that never occurs after `now`, is refused.
+    ///
+    /// ```
+    /// use std::time::{Duration, UNIX_EPOCH};
+    /// use agents::When;
+    /// let noon = UNIX_EPOCH + Duration::from_secs(12 * 3600);
+    /// let nine = When::cron("0 9 * * *")?.first_due(noon)?;
+    /// assert_eq!(nine, UNIX_EPOCH + Duration::from_secs(33 * 3600)); // 09:00 the next day
+    /// # Ok::<(), agents::Error>(())
+    /// ```
+    pub fn first_due(&self, now: SystemTime) -> Result<SystemTime, Error> {
+        let first = timing(self, to_ms(now))?.first;
+        Ok(std::time::UNIX_EPOCH + Duration::from_millis(first))
+    }
+}
+
 fn parse_cron(expr: &str) -> Result<Cron, Error> {
     Cron::from_str(expr)
         .map_err(|e| Error::Schedule(format!("invalid cron expression `{expr}`: {e}")))
