@@ -157,25 +157,9 @@ async fn agents_created_when_the_process_is_killed_are_whole() {
     let _ = child.wait().await;
 
     // Every database file there is whole (the runtime has stopped: nobody holds them).
-    let mut files = 0;
-    for sub in std::fs::read_dir(dir.path().join("agents")).unwrap() {
-        let sub = sub.unwrap().path();
-        if !sub.is_dir() {
-            continue;
-        }
-        for file in std::fs::read_dir(&sub).unwrap() {
-            let path = file.unwrap().path();
-            if path.extension().is_none_or(|e| e != "sqlite") {
-                continue;
-            }
-            let db = rusqlite::Connection::open(&path).unwrap();
-            let ok: String = db
-                .query_row("PRAGMA integrity_check", [], |r| r.get(0))
-                .unwrap();
-            assert_eq!(ok, "ok", "{}", path.display());
-            files += 1;
-        }
-    }
+    let databases = common::agent_databases(dir.path());
+    databases.iter().for_each(|path| common::assert_whole(path));
+    let files = databases.len();
     assert!(
         files >= acked.len(),
         "{files} files for {} agents",

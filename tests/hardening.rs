@@ -501,24 +501,6 @@ async fn a_private_callable_answers_only_the_agent_itself() {
     );
 }
 
-/// The agents' database files under the data dir (the template aside).
-fn agent_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-    let mut found = Vec::new();
-    let mut folders = vec![dir.join("agents")];
-    while let Some(folder) = folders.pop() {
-        for entry in std::fs::read_dir(&folder).into_iter().flatten() {
-            let path = entry.unwrap().path();
-            let name = path.file_name().unwrap().to_string_lossy().into_owned();
-            if path.is_dir() {
-                folders.push(path);
-            } else if name.ends_with(".sqlite") && !name.starts_with('.') {
-                found.push(path);
-            }
-        }
-    }
-    found
-}
-
 /// Finding 6: requests that all fail (an unknown method, bad arguments, a 404 of `on_request`)
 /// to new names leave no database behind; the first call that succeeds keeps one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -548,13 +530,13 @@ async fn requests_that_fail_leave_no_database_behind() {
         assert_eq!(status, 404);
     }
     // Their replies leave before their files go: wait for the last ones.
-    let mut left = agent_files(&dir);
+    let mut left = common::agent_databases(&dir);
     for _ in 0..200 {
         if left.is_empty() {
             break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
-        left = agent_files(&dir);
+        left = common::agent_databases(&dir);
     }
     assert!(
         left.is_empty(),
@@ -566,7 +548,7 @@ async fn requests_that_fail_leave_no_database_behind() {
     assert_eq!(status, 200);
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert_eq!(
-        agent_files(&dir).len(),
+        common::agent_databases(&dir).len(),
         1,
         "the agent that answered keeps its database"
     );
@@ -574,7 +556,7 @@ async fn requests_that_fail_leave_no_database_behind() {
     assert_eq!(status, 404);
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert_eq!(
-        agent_files(&dir).len(),
+        common::agent_databases(&dir).len(),
         1,
         "a used agent is never removed for a failure"
     );

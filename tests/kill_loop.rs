@@ -11,7 +11,6 @@ use std::{
 };
 
 use agents::prelude::*;
-use tokio::io::AsyncBufReadExt;
 
 /// Set (to the data dir) in the server processes the loop starts.
 const CHILD: &str = "AGENTS_KILL_LOOP_DIR";
@@ -85,20 +84,7 @@ impl Mixed {
 /// The server's side: a no-op unless the loop started this process.
 #[test]
 fn kill_loop_server() {
-    let Ok(dir) = std::env::var(CHILD) else {
-        return;
-    };
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async move {
-        let runtime = Runtime::builder()
-            .data_dir(dir)
-            .agent::<Mixed>()
-            .build()
-            .unwrap();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        println!("listening {}", listener.local_addr().unwrap());
-        runtime.serve_on(listener).await.unwrap();
-    });
+    common::serve_in_child(CHILD, || {}, || Runtime::builder().agent::<Mixed>());
 }
 
 /// What the clients were told was done.
@@ -160,35 +146,12 @@ async fn client(addr: std::net::SocketAddr, name: String, first_id: u64) -> Acke
     acked
 }
 
-async fn start(dir: &std::path::Path) -> (tokio::process::Child, std::net::SocketAddr) {
-    let mut server = tokio::process::Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "kill_loop_server",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(CHILD, dir)
-        .stdout(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = tokio::io::BufReader::new(server.stdout.take().unwrap()).lines();
-    loop {
-        let line = lines.next_line().await.unwrap().expect("the server starts");
-        // (The harness prints the test's name first, on the same line.)
-        if let Some((_, addr)) = line.split_once("listening ") {
-            return (server, addr.parse().unwrap());
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twenty_sigkills_under_mixed_load_lose_no_acknowledged_write() {
     let dir = tempfile::tempdir().unwrap();
     let mut acked = Acked::default();
     for kill in 0..KILLS {
-        let (mut server, addr) = start(dir.path()).await;
+        let (mut server, addr) = common::start_child("kill_loop_server", CHILD, dir.path()).await;
         let clients: Vec<_> = (0..AGENTS)
             .map(|a| {
                 let first_id = ((kill * AGENTS + a) as u64) << 20;
@@ -267,23 +230,10 @@ async fn twenty_sigkills_under_mixed_load_lose_no_acknowledged_write() {
     runtime.shutdown().await;
     eprintln!("kill loop: {KILLS} SIGKILLs, {calls} acknowledged calls, none lost");
 
-    // Every database whole.
-    let mut checked = 0;
-    let mut folders = vec![dir.path().to_owned()];
-    while let Some(folder) = folders.pop() {
-        for entry in std::fs::read_dir(&folder).unwrap() {
-            let path = entry.unwrap().path();
-            if path.is_dir() {
-                folders.push(path);
-            } else if path.extension().is_some_and(|e| e == "sqlite") {
-                let db = rusqlite::Connection::open(&path).unwrap();
-                let ok: String = db
-                    .query_row("PRAGMA integrity_check", [], |r| r.get(0))
-                    .unwrap();
-                assert_eq!(ok, "ok", "{}", path.display());
-                checked += 1;
-            }
-        }
-    }
-    assert!(checked > AGENTS, "{checked} databases checked");
+    // Every database whole, the alarm index too.
+    let databases = common::agent_databases(dir.path());
+    databases.iter().for_each(|path| common::assert_whole(path));
+    common::assert_whole(&dir.path().join("alarms.sqlite"));
+    let checked = databases.len();
+    assert_eq!(checked, AGENTS, "one database per agent");
 }

@@ -12,7 +12,7 @@ use std::{
 
 use agents::prelude::*;
 use common::Counter;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Set (to the data dir) in the server process the soak starts.
 const CHILD: &str = "AGENTS_SOAK_SERVER_DIR";
@@ -27,26 +27,8 @@ const CALLS: u64 = 5;
 /// The server's side of the soak: a no-op unless the soak started this process.
 #[test]
 fn soak_server() {
-    let Ok(dir) = std::env::var(CHILD) else {
-        return;
-    };
-    rlimit::setrlimit(rlimit::Resource::NOFILE, DESCRIPTORS, DESCRIPTORS).unwrap();
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async move {
-        let runtime = Runtime::builder()
-            .data_dir(dir)
-            .agent::<Counter>()
-            .build()
-            .unwrap();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        println!("listening {}", listener.local_addr().unwrap());
-        tokio::spawn(async move { runtime.serve_on(listener).await });
-        // Serve until the soak closes stdin.
-        let mut line = String::new();
-        let _ = tokio::io::BufReader::new(tokio::io::stdin())
-            .read_line(&mut line)
-            .await;
-    });
+    let lower = || rlimit::setrlimit(rlimit::Resource::NOFILE, DESCRIPTORS, DESCRIPTORS).unwrap();
+    common::serve_in_child(CHILD, lower, || Runtime::builder().agent::<Counter>());
 }
 
 /// A health request: `GET /agents.js`, answered 200, and how long it took.
@@ -105,23 +87,8 @@ async fn client(addr: std::net::SocketAddr, name: String, acked: Arc<Mutex<HashM
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn past_its_limits_the_server_keeps_answering_and_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let mut server = tokio::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "soak_server", "--nocapture", "--test-threads=1"])
-        .env(CHILD, dir.path())
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let (mut server, addr) = common::start_child("soak_server", CHILD, dir.path()).await;
     let pid = server.id().unwrap();
-    let mut lines = tokio::io::BufReader::new(server.stdout.take().unwrap()).lines();
-    let addr: std::net::SocketAddr = loop {
-        let line = lines.next_line().await.unwrap().expect("the server starts");
-        // (The harness prints the test's name first, on the same line.)
-        if let Some((_, addr)) = line.split_once("listening ") {
-            break addr.parse().unwrap();
-        }
-    };
 
     // Health checks every 50 ms while the load runs.
     let done = Arc::new(std::sync::atomic::AtomicBool::new(false));

@@ -276,3 +276,80 @@ pub async fn call(
         }
     }
 }
+
+/// In a process that a test started with [`start_child`] (the variable `env` names a data dir):
+/// builds `builder` on that data dir, prints `listening ADDR` and serves on a port of 127.0.0.1
+/// until stdin closes or the process is killed; `before` runs first (to lower a limit, say).
+/// Does nothing in any other process: call it from a `#[test]` of its own.
+pub fn serve_in_child(env: &str, before: impl FnOnce(), builder: impl FnOnce() -> agents::Builder) {
+    let Ok(dir) = std::env::var(env) else {
+        return;
+    };
+    before();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async move {
+        let runtime = builder().data_dir(dir).build().unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        println!("listening {}", listener.local_addr().unwrap());
+        tokio::spawn(async move { runtime.serve_on(listener).await });
+        let mut line = String::new();
+        let _ = tokio::io::AsyncBufReadExt::read_line(
+            &mut tokio::io::BufReader::new(tokio::io::stdin()),
+            &mut line,
+        )
+        .await;
+    });
+}
+
+/// Starts this test binary again to run only `test` (which calls [`serve_in_child`]) with `env`
+/// set to `dir`: a server process of its own. Returns it, once it listens, and its address.
+pub async fn start_child(
+    test: &str,
+    env: &str,
+    dir: &std::path::Path,
+) -> (tokio::process::Child, std::net::SocketAddr) {
+    use tokio::io::AsyncBufReadExt;
+    let mut child = tokio::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", test, "--nocapture", "--test-threads=1"])
+        .env(env, dir)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    loop {
+        let line = lines.next_line().await.unwrap().expect("the server starts");
+        // (The harness prints the test's name first, on the same line.)
+        if let Some((_, addr)) = line.split_once("listening ") {
+            return (child, addr.parse().unwrap());
+        }
+    }
+}
+
+/// The agents' database files under the data dir `dir` (the template aside).
+pub fn agent_databases(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    let mut folders = vec![dir.join("agents")];
+    while let Some(folder) = folders.pop() {
+        for entry in std::fs::read_dir(&folder).into_iter().flatten() {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            if path.is_dir() {
+                folders.push(path);
+            } else if name.ends_with(".sqlite") && !name.starts_with('.') {
+                found.push(path);
+            }
+        }
+    }
+    found
+}
+
+/// Asserts that the SQLite database at `path` passes `PRAGMA integrity_check`.
+pub fn assert_whole(path: &std::path::Path) {
+    let db = rusqlite::Connection::open(path).unwrap();
+    let ok: String = db
+        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(ok, "ok", "{}", path.display());
+}
