@@ -134,3 +134,64 @@ async fn a_live_agents_database_is_read_by_others_only_once_it_hibernates() {
     runtime.agent::<Counter>("x").add(1).await.unwrap();
     assert_eq!(read_counter(&path).unwrap(), 8);
 }
+
+/// Not a test on its own: the child process of the next test (it opens the database named by
+/// `AGENTS_HOLD_CHILD` in a read transaction, says `holding`, and keeps it until stdin closes).
+#[test]
+fn child_holding_a_database() {
+    let Ok(path) = std::env::var("AGENTS_HOLD_CHILD") else {
+        return;
+    };
+    let db = rusqlite::Connection::open(path).unwrap();
+    db.execute_batch("BEGIN").unwrap();
+    let n: i64 = db
+        .query_row("SELECT n FROM counter", [], |r| r.get(0))
+        .unwrap();
+    println!("holding {n}");
+    let mut line = String::new();
+    let _ = std::io::stdin().read_line(&mut line);
+}
+
+/// A database that another process keeps open in a transaction (a `sqlite3` shell, say) is
+/// waited for without holding up other agents: they open and answer meanwhile; the waiting one
+/// answers once the other process lets go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_locked_by_another_process_holds_up_only_its_own_agent() {
+    use tokio::io::AsyncBufReadExt;
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = on(dir.path()).build().unwrap();
+    let path = runtime.database_path::<Counter>("held").unwrap();
+    runtime.agent::<Counter>("held").add(1).await.unwrap();
+    assert!(runtime.hibernate::<Counter>("held").await.unwrap());
+    let mut shell = tokio::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "child_holding_a_database", "--nocapture"])
+        .env("AGENTS_HOLD_CHILD", &path)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(shell.stdout.take().unwrap()).lines();
+    while let Some(line) = lines.next_line().await.unwrap() {
+        if line.contains("holding 1") {
+            break;
+        }
+    }
+
+    let held = tokio::spawn({
+        let agent = runtime.agent::<Counter>("held");
+        async move { agent.add(1).await }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await; // it is waiting for the lock
+    for i in 0..5 {
+        let other = runtime.agent::<Counter>(&format!("other{i}"));
+        assert_eq!(other.add(1).await.unwrap(), 1);
+    }
+    assert!(
+        !held.is_finished(),
+        "the held agent still waits while the others were served"
+    );
+    drop(shell.stdin.take()); // the other process lets go
+    shell.wait().await.unwrap();
+    assert_eq!(held.await.unwrap().unwrap(), 2);
+}

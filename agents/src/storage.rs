@@ -138,16 +138,12 @@ fn open_unlocked(path: &Path, key: &AgentKey) -> Result<(Connection, Option<fs::
     // SQLite's PENDING_BYTE, then its RESERVED byte and its 510 SHARED bytes.
     lock.l_start = 0x4000_0000;
     lock.l_len = 512;
-    // The instance before this one may still be closing the file (a hand-over): wait for it as
-    // SQLite's busy timeout would.
-    let waiting = std::time::Instant::now();
     // SAFETY: `file` is open, and F_OFD_SETLK only reads the `flock` it is given.
-    while unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &lock) } == -1 {
+    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &lock) } == -1 {
+        // Held: by the instance before this one, still closing the file (a hand-over), or by
+        // another process. The caller waits, without holding anything others need (see
+        // `is_busy`).
         let e = std::io::Error::last_os_error();
-        if e.kind() == std::io::ErrorKind::WouldBlock && waiting.elapsed() < LOCK_WAIT {
-            std::thread::sleep(std::time::Duration::from_millis(1));
-            continue;
-        }
         return Err(Error::Io {
             path: path.to_owned(),
             source: std::io::Error::new(
@@ -161,9 +157,11 @@ fn open_unlocked(path: &Path, key: &AgentKey) -> Result<(Connection, Option<fs::
     Ok((conn, Some(file)))
 }
 
-/// How long opening a database waits for another holder to let it go.
-#[cfg(target_os = "linux")]
-const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+/// Whether opening failed because another holder has the database's lock: worth trying again
+/// in a moment.
+pub(crate) fn is_busy(e: &Error) -> bool {
+    matches!(e, Error::Io { source, .. } if source.kind() == std::io::ErrorKind::WouldBlock)
+}
 
 #[cfg(not(target_os = "linux"))]
 fn open_unlocked(path: &Path, _: &AgentKey) -> Result<(Connection, Option<fs::File>), Error> {

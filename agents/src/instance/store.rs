@@ -65,22 +65,35 @@ impl Store {
             return Ok(());
         }
         let database = open_database_permit(shared).await?;
-        let _permit = shared
-            .opening
-            .acquire()
-            .await
-            .map_err(|_| Error::Shutdown)?;
-        let (opener, key) = (shared.clone(), key.clone());
+        // The file's lock may be held a moment (the instance before this one is closing it) or
+        // longer (another process): try again every millisecond, for `LOCK_WAIT`, holding no
+        // `opening` permit meanwhile, so that other agents open as usual.
+        let waiting = std::time::Instant::now();
         let storage::Opened {
             conn,
             wal,
             guard,
             created,
-        } = blocking(move || {
-            let config = &opener.config;
-            storage::open(&config.data_dir, &key, config.durability, config.locking)
-        })
-        .await?;
+        } = loop {
+            let _permit = shared
+                .opening
+                .acquire()
+                .await
+                .map_err(|_| Error::Shutdown)?;
+            let (opener, key) = (shared.clone(), key.clone());
+            let opened = blocking(move || {
+                let config = &opener.config;
+                storage::open(&config.data_dir, &key, config.durability, config.locking)
+            })
+            .await;
+            match opened {
+                Err(e) if storage::is_busy(&e) && waiting.elapsed() < LOCK_WAIT => {
+                    drop(_permit);
+                    tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                }
+                opened => break opened?,
+            }
+        };
         let gate: Arc<dyn CommitGate> = match shared.config.durability {
             Durability::Full => Arc::new(WalSync(wal)),
             Durability::Normal => Arc::new(NoSync),
@@ -215,6 +228,9 @@ impl Store {
         self.database = None;
     }
 }
+
+/// How long opening a database waits for another holder of its lock to let it go.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// How long opening a database waits for another to close when `max_live_agents` are open.
 const DATABASE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
