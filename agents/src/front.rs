@@ -3,14 +3,16 @@
 //!
 //! Every connection takes a slot under `max_connections`, held as long as it lives (a WebSocket
 //! holds its slot until it closes). An eighth of the slots is kept spare: a connection that
-//! finds the others taken (by sockets, or a crowd of handshakes) gets one for a single plain
-//! request (a health check, a call), never for an upgrade: its request's head is looked at
-//! (without reading it) first, and a WebSocket handshake is answered 503 there. One more connection than that is
-//! answered `503` with `Retry-After` and closed at once, so that a flood costs a descriptor for
-//! a moment, not for as long as the flood lasts, and the server keeps answering. A client gets
-//! `header_timeout` to send a request's head, and a kept-alive connection as long to start its
-//! next request: slow and idle clients give their slots back. When the process has no
-//! descriptor left to accept with, the loop waits a moment instead of spinning.
+//! finds the others taken (by sockets, or a crowd of handshakes) has its request's head looked
+//! at, without reading it, and gets a spare slot for that one request if it is a plain one (a
+//! health check, a call); a WebSocket handshake, or a connection that finds no spare slot either,
+//! is answered `503` with `Retry-After` and closed at once. So a flood costs a descriptor for a
+//! moment, not for as long as it lasts, and the server keeps answering. At most [`TRIAGE`]
+//! connections are looked at or turned away at once; past that, new ones wait in the kernel's
+//! backlog. A client gets `header_timeout` to send a request's head, and a kept-alive
+//! connection as long to start its next request: slow and idle clients give their slots back.
+//! When the process has no descriptor left to accept with, the loop waits a moment instead of
+//! spinning.
 
 use std::{sync::Arc, time::Duration};
 
