@@ -64,7 +64,7 @@ pub(crate) struct Spare;
 /// How many connections past the main slots may be looked at, or told that the server is
 /// busy, at once; past that, new connections wait in the kernel's backlog (no descriptor)
 /// until one is done.
-const TRIAGE: usize = 32;
+const TRIAGE: usize = 64;
 
 /// Serves `app` on `listener` within `front`'s limits, until the process ends.
 pub(crate) async fn serve(app: Router, listener: TcpListener, front: &Front) {
@@ -140,8 +140,12 @@ fn connection(
     }
 }
 
+/// How long a connection past the main slots has to send its request's head: a client sends it
+/// as soon as it connects; one that does not is turned away before it holds up the others.
+const HEAD_WAIT: Duration = Duration::from_millis(250);
+
 /// Whether the request waiting on `stream` is a WebSocket handshake, from its head, looked at
-/// without reading it (`None`: no whole head came within a second).
+/// without reading it (`None`: no whole head came within `HEAD_WAIT`).
 async fn is_upgrade(stream: &TcpStream) -> Option<bool> {
     let mut head = [0; 4096];
     let look = async {
@@ -158,10 +162,7 @@ async fn is_upgrade(stream: &TcpStream) -> Option<bool> {
             tokio::time::sleep(Duration::from_millis(5)).await; // more of the head is coming
         }
     };
-    tokio::time::timeout(Duration::from_secs(1), look)
-        .await
-        .ok()
-        .flatten()
+    tokio::time::timeout(HEAD_WAIT, look).await.ok().flatten()
 }
 
 /// Answers a connection over the limit with 503 and closes it. The request is read (briefly)
