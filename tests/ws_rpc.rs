@@ -236,16 +236,7 @@ async fn oversize_frames_close_with_1009_and_bad_addresses_are_refused_before_up
     ws.send(Message::Text(big.to_string().into()))
         .await
         .unwrap();
-    let close = loop {
-        match tokio::time::timeout(Duration::from_secs(10), ws.next())
-            .await
-            .unwrap()
-        {
-            Some(Ok(Message::Close(frame))) => break frame,
-            Some(Ok(_)) => continue,
-            other => panic!("expected a close frame, got {other:?}"),
-        }
-    };
+    let close = common::next_close(&mut ws).await;
     assert_eq!(close.map(|f| f.code), Some(CloseCode::Size));
 
     // Unknown classes and invalid names fail the handshake; nothing was woken.
@@ -281,16 +272,7 @@ async fn a_text_frame_that_is_not_utf8_closes_with_1007_and_loses_nothing() {
     // A text frame whose bytes are not UTF-8, written as a raw frame.
     let bad = Frame::message(vec![0x7b, 0xff, 0xfe, 0x7d], OpCode::Data(Data::Text), true);
     ws.send(Message::Frame(bad)).await.unwrap();
-    let close = loop {
-        match tokio::time::timeout(Duration::from_secs(10), ws.next())
-            .await
-            .unwrap()
-        {
-            Some(Ok(Message::Close(frame))) => break frame,
-            Some(Ok(_)) => continue,
-            other => panic!("expected a close frame, got {other:?}"),
-        }
-    };
+    let close = common::next_close(&mut ws).await;
     let close = close.expect("a close frame with a code");
     assert_eq!(close.code, CloseCode::Invalid, "{close:?}");
     assert!(close.reason.contains("UTF-8"), "{close:?}");

@@ -294,13 +294,15 @@ impl Builder {
             path: config.data_dir.clone(),
             source,
         })?;
-        let budget = Budget::of_this_process();
-        if config.max_live == 0 {
-            config.max_live = budget.live_agents();
-        }
         let mut front = self.front;
-        if front.max_connections == 0 {
-            front.max_connections = budget.connections();
+        if config.max_live == 0 || front.max_connections == 0 {
+            let budget = Budget::of_this_process();
+            if config.max_live == 0 {
+                config.max_live = budget.live_agents();
+            }
+            if front.max_connections == 0 {
+                front.max_connections = budget.connections();
+            }
         }
         let timer = !config.clock.is_manual();
         if timer && tokio::runtime::Handle::try_current().is_err() {
@@ -422,11 +424,6 @@ impl Runtime {
     /// The WebSocket wing, for the router.
     pub(crate) fn wing(&self) -> &Wing {
         &self.handle.wing
-    }
-
-    /// Which other origins browsers may call from, for the router.
-    pub(crate) fn origins(&self) -> &Origins {
-        &self.handle.front.origins
     }
 
     /// The HTTP front's settings, for its accept loop.

@@ -79,7 +79,10 @@ async fn guard_origins(
     request: Request,
     next: axum::middleware::Next,
 ) -> Response {
-    origins::guard(runtime.origins(), request, |request| next.run(request)).await
+    origins::guard(&runtime.front().origins, request, |request| {
+        next.run(request)
+    })
+    .await
 }
 
 /// The JavaScript client, `agents/js/agents.js`: one dependency-free ES module.
@@ -373,7 +376,7 @@ impl Runtime {
             Ok(key) => key,
             Err(e) => return error(RawError::bad_args(e)),
         };
-        origins::guard(self.origins(), request, |request| async move {
+        origins::guard(&self.front().origins, request, |request| async move {
             let path = request.uri().path().trim_start_matches('/');
             if path.is_empty() {
                 return root(self.clone(), key, request).await;

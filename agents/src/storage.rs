@@ -157,15 +157,15 @@ fn open_unlocked(path: &Path, key: &AgentKey) -> Result<(Connection, Option<fs::
     Ok((conn, Some(file)))
 }
 
+#[cfg(not(target_os = "linux"))]
+fn open_unlocked(path: &Path, _: &AgentKey) -> Result<(Connection, Option<fs::File>), Error> {
+    Ok((Connection::open(path)?, None))
+}
+
 /// Whether opening failed because another holder has the database's lock: worth trying again
 /// in a moment.
 pub(crate) fn is_busy(e: &Error) -> bool {
     matches!(e, Error::Io { source, .. } if source.kind() == std::io::ErrorKind::WouldBlock)
-}
-
-#[cfg(not(target_os = "linux"))]
-fn open_unlocked(path: &Path, _: &AgentKey) -> Result<(Connection, Option<fs::File>), Error> {
-    Ok((Connection::open(path)?, None))
 }
 
 /// How an agent's database is locked while it is open.

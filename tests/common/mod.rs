@@ -210,6 +210,24 @@ pub async fn next_frame(ws: &mut Socket) -> tokio_tungstenite::tungstenite::Mess
     }
 }
 
+/// The close frame that ends `ws` (the frames before it skipped), within 10 s each.
+pub async fn next_close(
+    ws: &mut Socket,
+) -> Option<tokio_tungstenite::tungstenite::protocol::CloseFrame> {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .expect("a frame in time")
+        {
+            Some(Ok(Message::Close(frame))) => return frame,
+            Some(Ok(_)) => continue,
+            other => panic!("expected a close frame, got {other:?}"),
+        }
+    }
+}
+
 /// The next frame, which must be a JSON text frame.
 pub async fn next_json(ws: &mut Socket) -> serde_json::Value {
     match next_frame(ws).await {

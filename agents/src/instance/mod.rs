@@ -230,21 +230,25 @@ impl<A: AgentClass> Instance<A> {
     /// replies and frames leave first), closes its connections, and removes its alarm index
     /// entry and its files.
     async fn destroy(&mut self) -> Result<(), Error> {
+        // The files go first: a client told that the agent was destroyed finds it gone.
+        let removed = self.remove_files().await;
+        let reason = "the agent was destroyed";
+        let sockets = &self.ctx.shared.sockets;
+        sockets.close_agent(self.ctx.key(), NORMAL_CLOSURE, reason);
+        removed
+    }
+
+    /// Drops the agent, closes its database (the batch's replies and frames leave first), and
+    /// removes its alarm index entry and its files.
+    async fn remove_files(&mut self) -> Result<(), Error> {
         self.agent = None;
         self.close_db().await;
         let (shared, key) = (self.ctx.shared.clone(), self.ctx.key().clone());
-        // The files go first: a client told that the agent was destroyed finds it gone.
-        let removed = blocking({
-            let (shared, key) = (shared.clone(), key.clone());
-            move || {
-                shared.alarms.set(&key, None, true)?;
-                storage::remove(&shared.config.data_dir, &key)
-            }
+        blocking(move || {
+            shared.alarms.set(&key, None, true)?;
+            storage::remove(&shared.config.data_dir, &key)
         })
-        .await;
-        let reason = "the agent was destroyed";
-        shared.sockets.close_agent(&key, NORMAL_CLOSURE, reason);
-        removed
+        .await
     }
 
     /// Runs `first` and whatever else is queued, commits once, then releases the replies.
@@ -408,14 +412,7 @@ impl<A: AgentClass> Instance<A> {
     /// failed (a junk request to a new name): its replies leave first; the next event starts
     /// it afresh. Nothing it wrote survives a failed event anyway, but what `on_start` wrote.
     async fn forget_unused(&mut self) {
-        self.agent = None;
-        self.close_db().await;
-        let (shared, key) = (self.ctx.shared.clone(), self.ctx.key().clone());
-        let removed = blocking(move || {
-            shared.alarms.set(&key, None, true)?;
-            storage::remove(&shared.config.data_dir, &key)
-        });
-        if let Err(e) = removed.await {
+        if let Err(e) = self.remove_files().await {
             tracing::warn!("removing the files of an agent no event succeeded on: {e}");
         }
     }

@@ -218,7 +218,7 @@ impl Connection {
                 }
             }
         });
-        let Wing { door, sockets, .. } = &self.wing;
+        let Wing { door, sockets } = &self.wing;
         sockets.add(&self.key, self.conn.clone(), out.clone(), self.wire);
         if self.wire != Protocol::Raw {
             out.send(self.wire.identity(&self.key, self.conn.as_str()));
