@@ -348,6 +348,7 @@ impl Budget {
 
     /// A live agent's descriptors: its database and its log, each opened by SQLite, and the
     /// runtime's own handles on them (the lock that keeps other processes out, the log's sync).
+    /// (Under `Durability::Normal` the last is not opened: three; the budget counts four.)
     const AGENT_DESCRIPTORS: u64 = 4;
     /// What a live agent is reckoned to cost in memory (a small one measures about 90 KB).
     const AGENT_MEMORY: u64 = 256 * 1024;

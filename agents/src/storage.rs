@@ -293,12 +293,18 @@ pub(crate) fn open(
             path.display()
         )));
     }
-    let wal_path = path.with_extension("sqlite-wal");
-    let wal = fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&wal_path)
-        .map_err(io(&wal_path))?;
+    // The handle the gate syncs the WAL through: only durability that syncs needs it.
+    let wal = match durability {
+        Durability::Full => {
+            let wal_path = path.with_extension("sqlite-wal");
+            let opened = fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&wal_path);
+            Some(opened.map_err(io(&wal_path))?)
+        }
+        Durability::Normal => None,
+    };
     if created && durability == Durability::Full {
         // Make the new files' directory entries durable too (their bytes are: the database's
         // by `from_template`, the WAL's by the gate, before any reply that needs them).
@@ -329,8 +335,9 @@ pub(crate) fn open(
 /// An agent's open database.
 pub(crate) struct Opened {
     pub conn: Connection,
-    /// Its WAL file (for the gate to sync).
-    pub wal: fs::File,
+    /// Its WAL file, for the gate to sync (`Durability::Full`; `None` otherwise: one descriptor
+    /// fewer).
+    pub wal: Option<fs::File>,
     /// What keeps other processes out (see `open_unlocked`): drop it after the connection.
     pub guard: Option<fs::File>,
     /// Whether this open created the file.
@@ -675,7 +682,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let key = AgentKey::new("t", "wal").unwrap();
         let Opened { conn, wal, .. } =
-            open(dir.path(), &key, Durability::Normal, Locking::Exclusive).unwrap();
+            open(dir.path(), &key, Durability::Full, Locking::Exclusive).unwrap();
+        let wal = wal.expect("Full syncs the WAL through a handle of its own");
         conn.execute_batch("CREATE TABLE t(x)").unwrap();
         let write = |n: i64| {
             conn.execute_batch("BEGIN").unwrap();

@@ -15,7 +15,7 @@ use crate::{
     error::{Error, Failure},
     gate::{release, AfterDurable, CommitGate, Committed, NoSync, Outbox, Syncer, WalSync},
     registry::Shared,
-    storage::{self, blocking, Durability},
+    storage::{self, blocking},
 };
 
 /// The open database's side of an instance (the connection itself is the `Ctx`'s, which
@@ -94,9 +94,9 @@ impl Store {
                 opened => break opened?,
             }
         };
-        let gate: Arc<dyn CommitGate> = match shared.config.durability {
-            Durability::Full => Arc::new(WalSync(wal)),
-            Durability::Normal => Arc::new(NoSync),
+        let gate: Arc<dyn CommitGate> = match wal {
+            Some(wal) => Arc::new(WalSync(wal)),
+            None => Arc::new(NoSync),
         };
         if !gate.is_open() {
             self.syncer = Some(Syncer::start(gate));
