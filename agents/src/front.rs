@@ -16,7 +16,7 @@
 
 use std::{sync::Arc, time::Duration};
 
-use axum::{extract::Request, Router};
+use axum::{extract::Request, http::header, Router};
 use hyper::{body::Incoming, server::conn::http1};
 use hyper_util::{
     rt::{TokioIo, TokioTimer},
@@ -124,9 +124,13 @@ fn connection(
     let service = app
         .clone()
         .map_request(move |mut request: Request<Incoming>| {
-            request.extensions_mut().insert(slot.clone());
-            if let Some(spare) = spare {
-                request.extensions_mut().insert(spare);
+            // Only an upgrade needs them (a socket keeps the slot; a spare one refuses it): a
+            // plain request allocates no extensions for them.
+            if request.headers().contains_key(header::UPGRADE) {
+                request.extensions_mut().insert(slot.clone());
+                if let Some(spare) = spare {
+                    request.extensions_mut().insert(spare);
+                }
             }
             request
         });
