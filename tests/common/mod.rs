@@ -326,10 +326,21 @@ pub async fn start_child(
     env: &str,
     dir: &std::path::Path,
 ) -> (tokio::process::Child, std::net::SocketAddr) {
+    start_child_with(test, env, dir, &[]).await
+}
+
+/// [`start_child`], with the variables `more` set in the child's environment besides.
+pub async fn start_child_with(
+    test: &str,
+    env: &str,
+    dir: &std::path::Path,
+    more: &[(&str, &std::ffi::OsStr)],
+) -> (tokio::process::Child, std::net::SocketAddr) {
     use tokio::io::AsyncBufReadExt;
     let mut child = tokio::process::Command::new(std::env::current_exe().unwrap())
         .args(["--exact", test, "--nocapture", "--test-threads=1"])
         .env(env, dir)
+        .envs(more.iter().copied())
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .kill_on_drop(true)
