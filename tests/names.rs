@@ -42,7 +42,10 @@ async fn hostile_names_are_stored_inside_the_data_dir() {
     for entry in std::fs::read_dir(rt.dir()).unwrap() {
         let name = entry.unwrap().file_name().into_string().unwrap();
         assert!(
-            name == "agents" || name == "agents.lock" || name.starts_with("alarms.sqlite"),
+            name == "agents"
+                || name == "agents.lock"
+                || name.starts_with("alarms.sqlite")
+                || name.starts_with("catalog.sqlite"),
             "unexpected {name}"
         );
     }

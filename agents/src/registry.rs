@@ -27,6 +27,7 @@ use crate::{
     address::AgentKey,
     agent::{Admission, HttpRequest, HttpResponse, Invocation},
     alarms::AlarmIndex,
+    catalog::Catalog,
     clock::Clock,
     conn::{ConnId, Protocol, WsMessage},
     error::Error,
@@ -306,6 +307,8 @@ impl Future for Routing<'_> {
 pub(crate) struct Shared {
     pub config: Config,
     pub alarms: AlarmIndex,
+    /// The record of every agent that exists.
+    pub catalog: Catalog,
     classes: HashMap<&'static str, Class>,
     agents: Mutex<Agents>,
     pub tracker: TaskTracker,
@@ -328,6 +331,7 @@ impl Shared {
     pub fn new(
         config: Config,
         alarms: AlarmIndex,
+        catalog: Catalog,
         classes: HashMap<&'static str, Class>,
         sockets: Arc<dyn Connections>,
         dir_lock: std::fs::File,
@@ -337,6 +341,7 @@ impl Shared {
             databases: Arc::new(Semaphore::new(config.max_live)),
             config,
             alarms,
+            catalog,
             classes,
             agents: Mutex::default(),
             tracker: TaskTracker::new(),

@@ -20,6 +20,7 @@ use crate::{
     address::{validate_class, AgentKey},
     agent::{AgentClass, Invocation, Origin},
     alarms::{self, AlarmIndex},
+    catalog::{AgentInfo, Catalog},
     clock::Clock,
     error::Error,
     front::Front,
@@ -313,8 +314,17 @@ impl Builder {
         }
         let dir_lock = storage::lock_data_dir(&config.data_dir)?;
         let alarms = AlarmIndex::open(&config.data_dir)?;
+        let catalog = Catalog::open(&config.data_dir)?;
+        let unregistered = unregistered(&catalog, |class| self.classes.contains_key(class))?;
         let sockets = Arc::new(Sockets::default());
-        let shared = Shared::new(config, alarms, self.classes, sockets.clone(), dir_lock);
+        let shared = Shared::new(
+            config,
+            alarms,
+            catalog,
+            self.classes,
+            sockets.clone(),
+            dir_lock,
+        );
         let shared = Arc::new(shared);
         if timer {
             // Overdue alarms (say, from before a restart) fire as soon as the timer starts.
@@ -325,10 +335,30 @@ impl Builder {
             shared: shared.clone(),
             wing,
             front,
+            unregistered,
         });
         let _ = shared.handle.set(Arc::downgrade(&handle));
         Ok(Runtime { handle })
     }
+}
+
+/// The classes that `catalog` lists agents of and that are not `registered`, with how many;
+/// each is logged as a warning (a renamed type changes its class, and its agents' data is then
+/// out of reach).
+fn unregistered(
+    catalog: &Catalog,
+    registered: impl Fn(&str) -> bool,
+) -> Result<Vec<(String, u64)>, Error> {
+    let mut unregistered = catalog.classes()?;
+    unregistered.retain(|(class, _)| !registered(class));
+    for (class, agents) in &unregistered {
+        tracing::warn!(
+            "the data dir holds {agents} agents of class `{class}`, which no registered agent type has: \
+             was a type renamed? (a class is the type's name in kebab-case unless \
+             #[agent(class = \"..\")] names it; register the type under its old class to reach them)"
+        );
+    }
+    Ok(unregistered)
 }
 
 /// What the defaults of the live-agent cap and the connection limit are derived from.
@@ -394,6 +424,9 @@ pub(crate) struct Handle {
     wing: Wing,
     /// The HTTP front's settings.
     front: Front,
+    /// The classes with agents in the data dir and no registered type, when the runtime was
+    /// built.
+    unregistered: Vec<(String, u64)>,
 }
 
 impl Runtime {
@@ -450,6 +483,39 @@ impl Runtime {
         self.shared()
             .check_class(key.class(), Some(TypeId::of::<A>()))?;
         Ok(key)
+    }
+
+    /// The agents of class `A` that exist, live or hibernated, by name: at most `limit`, from
+    /// the first whose name comes after `after` (`None`: from the first). Pass the last name of
+    /// a page as `after` for the next. Read from the runtime's catalog (see the README's
+    /// "Operating" section): an agent is listed from its creation until it is destroyed (or,
+    /// if no event on it ever succeeded, its files removed).
+    pub async fn agents<A: AgentClass>(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<AgentInfo>, Error> {
+        let shared = self.shared().clone();
+        let after = after.map(str::to_owned);
+        let mut page = storage::blocking(move || {
+            // What was noted so far is listed (the writer runs behind the agents).
+            shared.catalog.flush(false);
+            shared.catalog.list(A::CLASS, after.as_deref(), limit)
+        })
+        .await?;
+        for info in &mut page {
+            info.live =
+                AgentKey::new(&info.class, &info.name).is_ok_and(|key| self.shared().is_live(&key));
+        }
+        Ok(page)
+    }
+
+    /// The classes whose agents the data dir holds but no registered type has, with how many
+    /// agents each, as found when the runtime was built. Non-empty usually means that a type
+    /// was renamed (its class with it) and its agents' data is out of reach; it is also logged
+    /// as a warning at start-up.
+    pub fn unregistered_classes(&self) -> &[(String, u64)] {
+        &self.handle.unregistered
     }
 
     /// Hibernates the agent now: its struct is dropped and its database closed once the event
@@ -596,7 +662,14 @@ impl Runtime {
         shared.sockets.close_all();
         shared.close();
         shared.tracker.wait().await;
-        // Every database is closed: another runtime may open the data dir now.
+        // Every database is closed: the catalog has every agent's last figures.
+        let catalog = shared.clone();
+        let flushed = storage::blocking(move || {
+            catalog.catalog.flush(true);
+            Ok(())
+        });
+        let _ = flushed.await;
+        // Another runtime may open the data dir now.
         drop(lock(&shared.dir_lock).take());
     }
 }

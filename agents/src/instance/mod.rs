@@ -246,7 +246,9 @@ impl<A: AgentClass> Instance<A> {
         let (shared, key) = (self.ctx.shared.clone(), self.ctx.key().clone());
         blocking(move || {
             shared.alarms.set(&key, None, true)?;
-            storage::remove(&shared.config.data_dir, &key)
+            storage::remove(&shared.config.data_dir, &key)?;
+            shared.catalog.removed(&key);
+            Ok(())
         })
         .await
     }
@@ -405,6 +407,7 @@ impl<A: AgentClass> Instance<A> {
         if self.store.unused && leave.is_none() {
             self.forget_unused().await;
         }
+        self.store.catalog_if_used(&self.ctx.shared, self.ctx.key());
         leave
     }
 
@@ -815,7 +818,8 @@ impl<A: AgentClass> Instance<A> {
 
     /// Waits for every reply to be released, then closes the database.
     async fn close_db(&mut self) {
-        self.store.close(&mut self.ctx.conn).await;
+        let (shared, key) = (self.ctx.shared.clone(), self.ctx.key().clone());
+        self.store.close(&mut self.ctx.conn, &shared, &key).await;
     }
 }
 

@@ -12,6 +12,7 @@ use rusqlite::Connection;
 
 use crate::{
     address::AgentKey,
+    catalog::{self, Figures},
     error::{Error, Failure},
     gate::{release, AfterDurable, CommitGate, Committed, NoSync, Outbox, Syncer, WalSync},
     registry::Shared,
@@ -38,6 +39,9 @@ pub(super) struct Store {
     /// The open database was created by this instance and no event has succeeded since: if
     /// the batch ends so, the files go (a request that fails leaves no database behind).
     pub(super) unused: bool,
+    /// The open database was created by this instance and the catalog was not told yet: it is
+    /// told once an event succeeded (junk never enters it).
+    uncataloged: bool,
 }
 
 impl Store {
@@ -51,6 +55,7 @@ impl Store {
             guard: None,
             database: None,
             unused: false,
+            uncataloged: false,
         }
     }
 
@@ -111,7 +116,19 @@ impl Store {
         self.guard = guard;
         self.database = Some(database);
         self.unused = created;
+        self.uncataloged = created;
+        if !created {
+            shared.catalog.opened(key, shared.config.clock.now_ms());
+        }
         Ok(())
+    }
+
+    /// Tells the catalog of `key`, created by this instance, once an event on it succeeded.
+    pub(super) fn catalog_if_used(&mut self, shared: &Shared, key: &AgentKey) {
+        if self.uncataloged && !self.unused {
+            self.uncataloged = false;
+            shared.catalog.created(key, shared.config.clock.now_ms());
+        }
     }
 
     /// Opens the batch transaction if it is not open.
@@ -213,14 +230,36 @@ impl Store {
         }
     }
 
-    /// Waits for every reply to be released, then closes the database on a blocking thread.
-    pub(super) async fn close(&mut self, slot: &mut Option<Connection>) {
+    /// Waits for every reply to be released, then closes the database of `key` on a blocking
+    /// thread, and tells the catalog its figures.
+    pub(super) async fn close(
+        &mut self,
+        slot: &mut Option<Connection>,
+        shared: &Arc<Shared>,
+        key: &AgentKey,
+    ) {
         if let Some(syncer) = self.syncer.take() {
             syncer.finish().await;
         }
         self.in_txn = false;
         if let Some(conn) = slot.take() {
-            if let Err(e) = blocking(move || storage::close(conn)).await {
+            let cataloged = !std::mem::take(&mut self.uncataloged);
+            let (closer, key) = (shared.clone(), key.clone());
+            let closed = blocking(move || {
+                let (schedules, dead_letters) = catalog::counts(&conn);
+                storage::close(conn)?;
+                let figures = Figures {
+                    at_ms: closer.config.clock.now_ms(),
+                    size: catalog::files_size(&storage::db_path(&closer.config.data_dir, &key)),
+                    schedules,
+                    dead_letters,
+                };
+                if cataloged {
+                    closer.catalog.closed(&key, figures);
+                }
+                Ok(())
+            });
+            if let Err(e) = closed.await {
                 tracing::warn!("closing the database: {e}");
             }
         }
