@@ -418,6 +418,22 @@ fn time(ms: i64) -> SystemTime {
     UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64)
 }
 
+const COLUMNS: &str = "class, name, id, created_ms, active_ms, size, schedules, dead_letters";
+
+fn info(r: &rusqlite::Row<'_>) -> rusqlite::Result<AgentInfo> {
+    Ok(AgentInfo {
+        class: r.get(0)?,
+        name: r.get(1)?,
+        id: r.get(2)?,
+        created: time(r.get(3)?),
+        last_active: time(r.get(4)?),
+        size: r.get::<_, i64>(5)? as u64,
+        schedules: r.get::<_, i64>(6)? as u64,
+        dead_letters: r.get::<_, i64>(7)? as u64,
+        live: false,
+    })
+}
+
 /// The agents of `class` by name, from the first after `after`, at most `limit`.
 pub(crate) fn list(
     conn: &Connection,
@@ -425,27 +441,18 @@ pub(crate) fn list(
     after: Option<&str>,
     limit: usize,
 ) -> Result<Vec<AgentInfo>, Error> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT class, name, id, created_ms, active_ms, size, schedules, dead_letters FROM agents
-         WHERE class = ?1 AND (?2 IS NULL OR name > ?2) ORDER BY name LIMIT ?3",
-    )?;
-    let rows = stmt.query_map(
-        params![class, after, i64::try_from(limit).unwrap_or(i64::MAX)],
-        |r| {
-            Ok(AgentInfo {
-                class: r.get(0)?,
-                name: r.get(1)?,
-                id: r.get(2)?,
-                created: time(r.get(3)?),
-                last_active: time(r.get(4)?),
-                size: r.get::<_, i64>(5)? as u64,
-                schedules: r.get::<_, i64>(6)? as u64,
-                dead_letters: r.get::<_, i64>(7)? as u64,
-                live: false,
-            })
-        },
-    )?;
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT {COLUMNS} FROM agents WHERE class = ?1 AND (?2 IS NULL OR name > ?2) ORDER BY name LIMIT ?3"
+    ))?;
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    let rows = stmt.query_map(params![class, after, limit], info)?;
     Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// The agent `class`/`name`, if listed.
+pub(crate) fn get(conn: &Connection, class: &str, name: &str) -> Result<Option<AgentInfo>, Error> {
+    let sql = format!("SELECT {COLUMNS} FROM agents WHERE class = ?1 AND name = ?2");
+    Ok(conn.query_row(&sql, [class, name], info).optional()?)
 }
 
 /// The classes listed, with how many agents each.

@@ -49,6 +49,13 @@ pub enum Error {
         /// Who holds it, as its lock file says (` (pid 123)`), if it says.
         holder: String,
     },
+    /// The agent has no database (it never existed, or it was destroyed).
+    #[error("no agent {0} in this data dir")]
+    NoSuchAgent(String),
+    /// The agent is live in the runtime serving the data dir, whose lock on its database keeps
+    /// other readers out until it hibernates.
+    #[error("{0}")]
+    AgentLive(String),
     /// The runtime is shutting down or gone.
     #[error("the runtime has shut down")]
     Shutdown,

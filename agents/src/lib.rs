@@ -83,6 +83,7 @@ mod context;
 mod error;
 mod front;
 mod gate;
+pub mod inspect;
 mod instance;
 mod lock;
 mod origins;

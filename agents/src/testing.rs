@@ -56,6 +56,15 @@ impl TestRuntime {
         Ok(())
     }
 
+    /// Shuts the runtime down and keeps the data dir: until [`restart`](TestRuntime::restart),
+    /// no runtime serves it (for a tool that needs it to itself, say). Using the runtime
+    /// meanwhile panics.
+    pub async fn stop(&mut self) {
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown().await;
+        }
+    }
+
     /// Shuts the runtime down and builds `builder` on the same data dir: a deploy of new code
     /// (changed types, new agents) over the data the old code wrote. Later
     /// [`restart`](TestRuntime::restart)s use `builder`.
@@ -74,7 +83,7 @@ impl TestRuntime {
     pub fn runtime(&self) -> &Runtime {
         self.runtime
             .as_ref()
-            .expect("a TestRuntime always holds a runtime")
+            .expect("the TestRuntime was stopped: restart it first")
     }
 
     /// The temporary data dir.
