@@ -266,6 +266,34 @@ pub fn rm(dir: &str, (class, name): (&str, &str)) -> Result<(), Failed> {
     Ok(())
 }
 
+/// `agents backup DIR DEST`.
+pub fn backup(dir: &str, dest: &str) -> Result<(), Failed> {
+    let dir = open(dir)?;
+    let locked = dir.lock().map_err(|e| match e {
+        agents::Error::DataDirInUse { .. } => format!(
+            "{e}: a runtime that serves its data dir backs it up itself, with Runtime::backup (this command copies a data dir no runtime serves)"
+        ),
+        e => e.to_string(),
+    })?;
+    let report = locked.backup(dest.as_ref()).map_err(|e| e.to_string())?;
+    println!(
+        "backed up {} agents ({} bytes) into {dest}",
+        report.agents, report.bytes
+    );
+    Ok(())
+}
+
+/// `agents restore BACKUP DIR`.
+pub fn restore(backup: &str, dir: &str) -> Result<(), Failed> {
+    let report =
+        agents::inspect::restore(backup.as_ref(), dir.as_ref()).map_err(|e| e.to_string())?;
+    println!(
+        "restored {} agents ({} bytes) into {dir}",
+        report.agents, report.bytes
+    );
+    Ok(())
+}
+
 /// Why a change was refused: a runtime serves the data dir.
 fn refused(e: agents::Error) -> Failed {
     match e {

@@ -8,6 +8,8 @@
 //! agents retry DIR CLASS/NAME ID                 put a dead letter back on the schedule
 //! agents discard DIR CLASS/NAME ID               delete a dead letter
 //! agents rm DIR CLASS/NAME                       remove an agent
+//! agents backup DIR DEST                         back the data dir up into DEST
+//! agents restore BACKUP DIR                      restore a backup into a new data dir
 //! agents call URL CLASS/NAME METHOD [ARGS]       call a method on a running server (ARGS: a
 //!                                                JSON array)
 //! agents tail URL CLASS/NAME                     print an agent's events as they come
@@ -15,7 +17,8 @@
 //!
 //! Reading is safe while a runtime serves the data dir (a live agent's database is refused
 //! until it hibernates); changing it (`retry`, `discard`, `rm`) is refused while a runtime
-//! serves it: stop the runtime first. See `agents::inspect`.
+//! serves it: stop the runtime first. So is `backup`: a runtime backs itself up while it
+//! serves (`Runtime::backup`). See `agents::inspect`.
 
 mod local;
 mod remote;
@@ -29,6 +32,8 @@ const USAGE: &str = "usage:
   agents retry DIR CLASS/NAME DEAD_LETTER_ID
   agents discard DIR CLASS/NAME DEAD_LETTER_ID
   agents rm DIR CLASS/NAME
+  agents backup DIR DEST
+  agents restore BACKUP DIR
   agents call URL CLASS/NAME METHOD [ARGS_AS_A_JSON_ARRAY]
   agents tail URL CLASS/NAME";
 
@@ -70,6 +75,8 @@ fn run(args: Args) -> Result<(), Failed> {
         ["retry", dir, agent, id] => local::retry(dir, address(agent)?, id),
         ["discard", dir, agent, id] => local::discard(dir, address(agent)?, id),
         ["rm", dir, agent] => local::rm(dir, address(agent)?),
+        ["backup", dir, dest] => local::backup(dir, dest),
+        ["restore", backup, dir] => local::restore(backup, dir),
         ["call", url, agent, method] => remote::call(url, address(agent)?, method, "[]"),
         ["call", url, agent, method, args] => remote::call(url, address(agent)?, method, args),
         ["tail", url, agent] => remote::tail(url, address(agent)?),

@@ -171,7 +171,28 @@ async fn inspects_and_mends_a_data_dir_with_and_without_a_runtime() {
         "{refused}"
     );
     assert!(fails(&["rm", dir, "shop/b"]).contains("in use"));
+    let backups = tempfile::tempdir().unwrap();
+    let backup = backups.path().join("backup");
+    let backup = backup.to_str().unwrap();
+    assert!(fails(&["backup", dir, backup]).contains("backs it up itself"));
     rt.stop().await;
+
+    // A backup of the stopped data dir restores to the same agents.
+    assert!(ok(&["backup", dir, backup]).contains("backed up 2 agents"));
+    let restored = backups.path().join("restored");
+    let restored = restored.to_str().unwrap();
+    assert!(ok(&["restore", backup, restored]).contains("restored 2 agents"));
+    assert_eq!(
+        json(&ok(&["ls", restored, "--json"]))
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+    let shown = json(&ok(&["show", restored, "shop/a", "--json"]));
+    assert_eq!(shown["tables"]["items"], 2);
+    assert!(fails(&["restore", backup, restored]).contains("already holds a data dir"));
+    assert!(fails(&["backup", dir, backup]).contains("is not empty"));
 
     // Without a runtime: retry, discard, remove.
     let said = ok(&["retry", dir, "shop/a", &id]);

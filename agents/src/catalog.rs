@@ -174,6 +174,22 @@ impl Catalog {
         list(&lock(&self.reader), class, after, limit)
     }
 
+    /// Every agent listed. Blocking.
+    pub fn all(&self) -> Result<Vec<AgentKey>, Error> {
+        let reader = lock(&self.reader);
+        let mut stmt = reader.prepare_cached("SELECT class, name FROM agents")?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+        let mut keys = Vec::new();
+        for row in rows {
+            let (class, name) = row?;
+            match AgentKey::new(&class, &name) {
+                Ok(key) => keys.push(key),
+                Err(e) => tracing::warn!("catalog: {class}/{name} is no address: {e}"),
+            }
+        }
+        Ok(keys)
+    }
+
     /// The classes the catalog lists agents of, with how many. Blocking.
     pub fn classes(&self) -> Result<Vec<(String, u64)>, Error> {
         classes(&lock(&self.reader))

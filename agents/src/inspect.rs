@@ -22,11 +22,24 @@ use rusqlite::{types::ValueRef, Connection, OpenFlags, OptionalExtension};
 use crate::{
     address::AgentKey,
     alarms::AlarmIndex,
+    backup::{self, BackupReport},
     catalog::{self, AgentInfo, CATALOG_FILE},
     error::Error,
     schedule::{self, DeadLetter, Schedule},
     storage::{self, Stored},
 };
+
+/// Restores the backup at `backup` (made by [`Runtime::backup`](crate::Runtime::backup) or
+/// [`Locked::backup`]) into `data_dir`: a new directory, or one without a data dir in it. The
+/// directory's lock is held meanwhile, so no runtime starts on it half restored.
+pub fn restore(backup: &Path, data_dir: &Path) -> Result<BackupReport, Error> {
+    fs::create_dir_all(data_dir).map_err(|source| Error::Io {
+        path: data_dir.to_owned(),
+        source,
+    })?;
+    let _lock = storage::lock_data_dir(data_dir)?;
+    backup::restore(backup, data_dir)
+}
 
 /// A data dir, opened for reading.
 #[derive(Debug)]
@@ -372,6 +385,12 @@ impl Locked<'_> {
     pub fn discard_dead_letter(&self, class: &str, name: &str, id: i64) -> Result<bool, Error> {
         let (_, conn) = self.open(class, name)?;
         schedule::discard_dead_letter(&conn, id)
+    }
+
+    /// Backs the data dir up into `dest` (a new or empty directory), as
+    /// [`Runtime::backup`](crate::Runtime::backup) does for a data dir a runtime serves.
+    pub fn backup(&self, dest: &Path) -> Result<BackupReport, Error> {
+        backup::offline(&self.dir.path, dest)
     }
 
     /// Removes the agent `class`/`name`: its files, its alarm and its catalog entry. The next

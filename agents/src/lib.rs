@@ -76,6 +76,7 @@ extern crate self as agents;
 mod address;
 mod agent;
 mod alarms;
+mod backup;
 mod catalog;
 mod clock;
 mod conn;
@@ -172,6 +173,7 @@ pub use agents_macros::schedule;
 /// `axum::extract::Query`, `axum::extract::Path`), and mounting [`router`] in an app of your
 /// own.
 pub use axum;
+pub use backup::BackupReport;
 pub use catalog::AgentInfo;
 pub use clock::Clock;
 pub use conn::{Conn, ConnId, Protocol, WsMessage};

@@ -91,6 +91,8 @@ pub(crate) enum Event {
     Hibernate(oneshot::Sender<()>),
     /// Destroy the agent (`runtime.destroy`); answered once its files are gone.
     Destroy(oneshot::Sender<Result<(), RawError>>),
+    /// Copy the database into the file (`runtime.backup`), between two batches.
+    Backup(std::path::PathBuf, oneshot::Sender<Result<(), Error>>),
     /// Run the rows that are due, then re-derive the alarm; answered once that is durable.
     Alarm(Option<oneshot::Sender<()>>),
     /// An alarm is about to go off: open the database now, so that it runs on time.
@@ -174,6 +176,9 @@ impl Event {
             }
             Event::Destroy(done) => {
                 let _ = done.send(Err(why));
+            }
+            Event::Backup(_, done) => {
+                let _ = done.send(Err(Error::Internal(why.to_string())));
             }
             Event::Request { reply, .. } => {
                 let _ = reply.send(Err(why));

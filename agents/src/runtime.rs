@@ -20,6 +20,7 @@ use crate::{
     address::{validate_class, AgentKey},
     agent::{AgentClass, Invocation, Origin},
     alarms::{self, AlarmIndex},
+    backup::BackupReport,
     catalog::{AgentInfo, Catalog},
     clock::Clock,
     error::Error,
@@ -508,6 +509,17 @@ impl Runtime {
                 AgentKey::new(&info.class, &info.name).is_ok_and(|key| self.shared().is_live(&key));
         }
         Ok(page)
+    }
+
+    /// Backs up the data dir into `dest` (a new or empty directory) while the runtime serves:
+    /// every agent's database as it was when its copy was made (so every write acknowledged
+    /// before the call, and some made while it runs), an alarm index that matches the copies,
+    /// and the catalog; all fsynced before it returns. Agents are not stopped: a live one copies
+    /// its own database between two batches, a hibernated one is copied from outside (an event
+    /// for it meanwhile waits for the copy). Restore with `agents restore` or
+    /// [`inspect::restore`](crate::inspect::restore).
+    pub async fn backup(&self, dest: impl AsRef<std::path::Path>) -> Result<BackupReport, Error> {
+        crate::backup::online(self.shared(), dest.as_ref()).await
     }
 
     /// The classes whose agents the data dir holds but no registered type has, with how many

@@ -73,6 +73,7 @@ pub(crate) fn spawn<A: AgentClass>(
         conns_checked: false,
         destroying: false,
         spare_effects: None,
+        backups: Vec::new(),
     };
     shared.tracker.spawn(instance.run(rx).instrument(span));
 }
@@ -94,6 +95,8 @@ struct Instance<A> {
     destroying: bool,
     /// The last event's effects list, empty, for the next one.
     spare_effects: Option<conn::Effects>,
+    /// Copies of the database asked for (`Event::Backup`), made once the batch is over.
+    backups: Vec<(std::path::PathBuf, oneshot::Sender<Result<(), Error>>)>,
 }
 
 /// Why an instance leaves after a batch.
@@ -192,7 +195,7 @@ impl<A: AgentClass> Instance<A> {
                 }
             };
             match self.run_batch(first, &mut rx).await {
-                None => {}
+                None => self.back_up().await,
                 Some(Leave::Hibernate(done)) => {
                     tracing::debug!("hibernating on request");
                     self.ctx
@@ -271,6 +274,11 @@ impl<A: AgentClass> Instance<A> {
                 }
                 Event::Hibernate(done) => {
                     leave = Some(Leave::Hibernate(done));
+                    break;
+                }
+                Event::Backup(to, done) => {
+                    // Copied once the batch committed (not inside its transaction).
+                    self.backups.push((to, done));
                     break;
                 }
                 Event::Destroy(done) => {
@@ -399,6 +407,8 @@ impl<A: AgentClass> Instance<A> {
                 leave = self.not_committed(leave, &e);
             }
             Ok(committed) => {
+                // Listed before any reply says that the agent exists.
+                self.store.catalog_if_used(&self.ctx.shared, self.ctx.key());
                 let after = raise.map(|r| Box::new(move || r.apply()) as AfterDurable);
                 self.store.seal(outbox, committed, after).await;
             }
@@ -407,7 +417,6 @@ impl<A: AgentClass> Instance<A> {
         if self.store.unused && leave.is_none() {
             self.forget_unused().await;
         }
-        self.store.catalog_if_used(&self.ctx.shared, self.ctx.key());
         leave
     }
 
@@ -814,6 +823,37 @@ impl<A: AgentClass> Instance<A> {
             self.conns_checked = true;
         }
         Ok(())
+    }
+
+    /// Makes the copies of the database asked for, of what it has committed.
+    async fn back_up(&mut self) {
+        for (to, done) in std::mem::take(&mut self.backups) {
+            let copied = match self.open().await {
+                // Opening made a new database: the agent is gone (destroyed since it was
+                // listed), and so is the file just made.
+                Ok(()) if self.store.unused => {
+                    self.forget_unused().await;
+                    Err(Error::NoSuchAgent(self.ctx.key().to_string()))
+                }
+                Ok(()) => {
+                    let conn = self.ctx.conn.take().expect("open");
+                    let copied = blocking(move || {
+                        let copied = crate::backup::vacuum_into(&conn, &to);
+                        Ok((conn, copied))
+                    });
+                    match copied.await {
+                        Ok((conn, copied)) => {
+                            self.ctx.conn = Some(conn);
+                            copied
+                        }
+                        // A panic lost the connection: the next event reopens the database.
+                        Err(e) => Err(e),
+                    }
+                }
+                Err(e) => Err(e),
+            };
+            let _ = done.send(copied);
+        }
     }
 
     /// Waits for every reply to be released, then closes the database.
