@@ -10,8 +10,8 @@ use std::path::Path;
 
 /// The core's modules.
 const CORE: &[&str] = &[
-    "address", "agent", "alarms", "catalog", "inspect", "clock", "conn", "context", "error",
-    "gate", "instance", "lock", "port", "registry", "schedule", "storage", "stream",
+    "address", "agent", "alarms", "backup", "catalog", "inspect", "clock", "conn", "context",
+    "error", "gate", "instance", "lock", "port", "registry", "schedule", "storage", "stream",
 ];
 /// The wing (`ws/`: sockets, frames, calls in flight, outbound queues), the HTTP routes, their
 /// origins check and the accept loop.
