@@ -114,6 +114,11 @@ impl AlarmIndex {
         Ok(())
     }
 
+    /// The first `n` entries, earliest first.
+    pub fn first(&self, n: usize) -> Vec<(u64, AgentKey)> {
+        self.mem().due.iter().take(n).cloned().collect()
+    }
+
     /// The earliest entry.
     pub fn earliest(&self) -> Option<u64> {
         self.mem().due.first().map(|(at, _)| *at)

@@ -190,6 +190,19 @@ impl Catalog {
         Ok(keys)
     }
 
+    /// The agents with the most dead letters (as of their last close), at most `limit`, as
+    /// `class/name` and how many. Blocking.
+    pub fn with_dead_letters(&self, limit: usize) -> Result<Vec<(String, u64)>, Error> {
+        let reader = lock(&self.reader);
+        let mut stmt = reader.prepare_cached(
+            "SELECT class || '/' || name, dead_letters FROM agents WHERE dead_letters > 0
+             ORDER BY dead_letters DESC, class, name LIMIT ?1",
+        )?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = stmt.query_map([limit], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
     /// The classes the catalog lists agents of, with how many. Blocking.
     pub fn classes(&self) -> Result<Vec<(String, u64)>, Error> {
         classes(&lock(&self.reader))

@@ -40,6 +40,8 @@ pub(crate) struct Front {
     pub max_connections: usize,
     /// How long a request's head may take to arrive, and a kept-alive connection may idle.
     pub header_timeout: Duration,
+    /// Who may use the admin routes; `None`: they are off.
+    pub admin: Option<crate::admin::AdminHook>,
 }
 
 impl Default for Front {
@@ -48,6 +50,7 @@ impl Default for Front {
             origins: Origins::default(),
             max_connections: 0,
             header_timeout: Duration::from_secs(10),
+            admin: None,
         }
     }
 }

@@ -14,11 +14,14 @@ use std::{fs::File, ops::Range, sync::Arc};
 use agents_client::{BoxFuture, RawError, RawStream};
 use tokio::sync::{mpsc, oneshot};
 
+use prometheus::Histogram;
+
 use crate::{
     address::AgentKey,
     agent::HttpResponse,
     conn::Effect,
     error::Error,
+    metrics::Timed,
     registry::{Reply, ReplyTo, Shared},
     storage::blocking,
     stream::Returned,
@@ -89,8 +92,9 @@ impl CommitGate for NoSync {
 
 /// Who waits for an event's outcome.
 pub(crate) enum Responder {
-    /// A call, and the stream it returned if it was a streaming callable.
-    Call(ReplyTo, Option<RawStream>),
+    /// A call, the stream it returned if it was a streaming callable, and its end-to-end
+    /// latency's measure.
+    Call(ReplyTo, Option<RawStream>, Timed),
     /// A hook whose caller waits for its outcome (`on_connect`).
     Hook(oneshot::Sender<Reply>),
     Done(Option<oneshot::Sender<()>>),
@@ -116,10 +120,13 @@ pub(crate) type AfterDurable = Box<dyn FnOnce() + Send>;
 pub(crate) fn release(outbox: Outbox) {
     for (to, reply) in outbox {
         match to {
-            Responder::Call(to, stream) => to.send(reply.map(|value| match stream {
-                Some(stream) => Returned::Stream(stream),
-                None => Returned::Value(value),
-            })),
+            Responder::Call(to, stream, timed) => {
+                to.send(reply.map(|value| match stream {
+                    Some(stream) => Returned::Stream(stream),
+                    None => Returned::Value(value),
+                }));
+                timed.stop();
+            }
             Responder::Hook(tx) => {
                 let _ = tx.send(reply);
             }
@@ -172,7 +179,8 @@ struct Sealed {
 }
 
 impl Syncer {
-    pub fn start(gate: Arc<dyn CommitGate>) -> Self {
+    /// A syncer for `gate`, timing each `make_durable` into `sync`.
+    pub fn start(gate: Arc<dyn CommitGate>, sync: Histogram) -> Self {
         let (tx, mut rx) = mpsc::unbounded_channel::<Sealed>();
         let task = tokio::spawn(async move {
             while let Some(first) = rx.recv().await {
@@ -184,9 +192,11 @@ impl Syncer {
                 }
                 let after: Vec<AfterDurable> =
                     covered.iter_mut().filter_map(|b| b.after.take()).collect();
-                let gate = gate.clone();
+                let (gate, sync) = (gate.clone(), sync.clone());
                 let durable = blocking(move || {
+                    let started = std::time::Instant::now();
                     gate.make_durable(&committed)?;
+                    sync.observe(started.elapsed().as_secs_f64());
                     after.into_iter().for_each(|a| a());
                     Ok(())
                 })
@@ -271,6 +281,11 @@ mod tests {
         (Arc::new(gate), open)
     }
 
+    /// A histogram for the syncer's timings.
+    fn sync() -> Histogram {
+        Histogram::with_opts(prometheus::HistogramOpts::new("sync", "test")).unwrap()
+    }
+
     fn frames(frames: Range<u32>) -> Committed {
         Committed { frames }
     }
@@ -285,7 +300,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_reply_leaves_only_once_its_batch_is_durable() {
         let (gate, open) = held();
-        let syncer = Syncer::start(gate.clone());
+        let syncer = Syncer::start(gate.clone(), sync());
         let (outbox, mut reply) = batch();
         let (after_ran, after) = std::sync::mpsc::channel();
         let then: AfterDurable = Box::new(move || after_ran.send(()).unwrap());
@@ -308,7 +323,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn batches_committed_meanwhile_share_one_sync_and_its_failure() {
         let (gate, open) = held();
-        let syncer = Syncer::start(gate.clone());
+        let syncer = Syncer::start(gate.clone(), sync());
         let (first, first_reply) = batch();
         syncer.send(first, frames(0..3), None);
         while gate.calls.load(Ordering::SeqCst) == 0 {
@@ -338,7 +353,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn drain_waits_for_every_batch_handed_over() {
         let (gate, open) = held();
-        let syncer = Syncer::start(gate.clone());
+        let syncer = Syncer::start(gate.clone(), sync());
         let (outbox, reply) = batch();
         syncer.send(outbox, frames(0..4), None);
         {

@@ -74,6 +74,7 @@
 extern crate self as agents;
 
 mod address;
+mod admin;
 mod agent;
 mod alarms;
 mod backup;
@@ -87,6 +88,7 @@ mod gate;
 pub mod inspect;
 mod instance;
 mod lock;
+mod metrics;
 mod origins;
 mod port;
 mod registry;

@@ -145,6 +145,7 @@ impl Door {
             reply: ReplyTo::Port(call.reply),
             chain: Chain::default(),
             deadline: Some(call.deadline),
+            received: std::time::Instant::now(),
             conn: Some(call.conn),
             principal: call.principal,
         }));

@@ -32,6 +32,7 @@ use crate::{
     conn::{ConnId, Protocol, WsMessage},
     error::Error,
     lock::lock,
+    metrics::Metrics,
     port::{Connections, ReplyPort},
     storage::Durability,
     stream::Returned,
@@ -131,6 +132,8 @@ pub(crate) struct CallEvent {
     /// The agents waiting on this call (its callers, transitively).
     pub chain: Chain,
     pub deadline: Option<Instant>,
+    /// When it was made (for the end-to-end latency).
+    pub received: std::time::Instant,
     /// The connection the call arrived on.
     pub conn: Option<ConnId>,
     /// Who made the call, as an admission hook said (HTTP and WebSocket calls).
@@ -314,6 +317,8 @@ pub(crate) struct Shared {
     pub alarms: AlarmIndex,
     /// The record of every agent that exists.
     pub catalog: Catalog,
+    /// The runtime's metrics.
+    pub metrics: Metrics,
     classes: HashMap<&'static str, Class>,
     agents: Mutex<Agents>,
     pub tracker: TaskTracker,
@@ -337,6 +342,7 @@ impl Shared {
         config: Config,
         alarms: AlarmIndex,
         catalog: Catalog,
+        metrics: Metrics,
         classes: HashMap<&'static str, Class>,
         sockets: Arc<dyn Connections>,
         dir_lock: std::fs::File,
@@ -347,6 +353,7 @@ impl Shared {
             config,
             alarms,
             catalog,
+            metrics,
             classes,
             agents: Mutex::default(),
             tracker: TaskTracker::new(),

@@ -27,6 +27,7 @@ use crate::{
     front::Front,
     instance,
     lock::lock,
+    metrics::Metrics,
     origins::Origins,
     port::Door,
     registry::{CallEvent, CallReply, Chain, Class, Config, Event, ReplyTo, Shared},
@@ -176,6 +177,30 @@ impl Builder {
         self
     }
 
+    /// Turns on the admin routes of [`router`](crate::router) and [`serve`](Runtime::serve):
+    /// `GET /admin/metrics` (Prometheus), `/admin/status` (a page) and `/admin/status.json`
+    /// (see the README's "Operating" section). `hook` admits each request first, as an agent's
+    /// `on_before_request` does: `Ok(_)` lets it through, `Err(response)` is the answer (say,
+    /// [`refuse(401, ..)`](crate::refuse)). Off by default: without it the routes answer 404.
+    ///
+    /// ```
+    /// # use agents::prelude::*;
+    /// let builder = Runtime::builder().admin(|request| {
+    ///     let token = request.headers.get("authorization");
+    ///     match token.and_then(|t| t.to_str().ok()) {
+    ///         Some("Bearer s3cret") => Ok(None),
+    ///         _ => Err(agents::refuse(401, "who are you?")),
+    ///     }
+    /// });
+    /// ```
+    pub fn admin(
+        mut self,
+        hook: impl Fn(&crate::RequestHead) -> crate::Admission + Send + Sync + 'static,
+    ) -> Self {
+        self.front.admin = Some(crate::admin::AdminHook(Arc::new(hook)));
+        self
+    }
+
     /// How long [`serve`](Runtime::serve) lets a client take to send a request's head, and lets
     /// a kept-alive HTTP connection wait for its next request, before closing it: slow and idle
     /// clients give their connection back. Default 10 s. (An open WebSocket is bounded by
@@ -317,11 +342,13 @@ impl Builder {
         let alarms = AlarmIndex::open(&config.data_dir)?;
         let catalog = Catalog::open(&config.data_dir)?;
         let unregistered = unregistered(&catalog, |class| self.classes.contains_key(class))?;
-        let sockets = Arc::new(Sockets::default());
+        let metrics = Metrics::new();
+        let sockets = Arc::new(Sockets::new(metrics.wing()));
         let shared = Shared::new(
             config,
             alarms,
             catalog,
+            metrics,
             self.classes,
             sockets.clone(),
             dir_lock,
@@ -774,6 +801,7 @@ async fn call_local(
         reply: ReplyTo::Caller(reply),
         chain,
         deadline: Some(deadline),
+        received: std::time::Instant::now(),
         conn: None,
         principal,
     }));

@@ -64,6 +64,7 @@ pub fn router(runtime: Runtime) -> Router {
         .route("/agents/{class}/{name}", any(agent_root))
         .route("/agents/{class}/{name}/call/{method}", post(call))
         .route("/agents/{class}/{name}/{*rest}", any(other))
+        .merge(crate::admin::routes())
         .layer(axum::middleware::from_fn_with_state(
             runtime.clone(),
             guard_origins,

@@ -41,6 +41,7 @@ use crate::{
     context::{Ctx, Ended, Turn},
     error::{Error, Failure},
     gate::{fail, release, AfterDurable, Outbox, Responder},
+    metrics::{ClassMetrics, Timed},
     port::NORMAL_CLOSURE,
     registry::{CallEvent, Event, Shared},
     runtime::{call_value, Caller},
@@ -63,6 +64,7 @@ pub(crate) fn spawn<A: AgentClass>(
     rx: mpsc::Receiver<Event>,
 ) {
     let span = tracing::debug_span!("agent", class = key.class(), name = key.name());
+    let metrics = shared.metrics.class(key.class());
     let instance = Instance::<A> {
         agent: None,
         index: AlarmEntry::new(shared.clone(), key.clone()),
@@ -74,8 +76,18 @@ pub(crate) fn spawn<A: AgentClass>(
         destroying: false,
         spare_effects: None,
         backups: Vec::new(),
+        metrics: metrics.clone(),
     };
-    shared.tracker.spawn(instance.run(rx).instrument(span));
+    metrics.activations.inc();
+    metrics.live.inc();
+    shared.tracker.spawn(
+        async move {
+            instance.run(rx).await;
+            metrics.live.dec();
+            metrics.hibernations.inc();
+        }
+        .instrument(span),
+    );
 }
 
 struct Instance<A> {
@@ -97,6 +109,8 @@ struct Instance<A> {
     spare_effects: Option<conn::Effects>,
     /// Copies of the database asked for (`Event::Backup`), made once the batch is over.
     backups: Vec<(std::path::PathBuf, oneshot::Sender<Result<(), Error>>)>,
+    /// The metrics of its class.
+    metrics: ClassMetrics,
 }
 
 /// Why an instance leaves after a batch.
@@ -263,7 +277,9 @@ impl<A: AgentClass> Instance<A> {
         let mut outbox = Outbox::new();
         let mut next = Some(first);
         let mut leave = None;
+        let mut events = 0u32;
         while let Some(event) = next.take() {
+            events += 1;
             match event {
                 Event::Call(call) => self.call(*call, &mut outbox).await,
                 Event::Alarm(done) => self.alarm(done, &mut outbox).await,
@@ -316,6 +332,7 @@ impl<A: AgentClass> Instance<A> {
                     outbox.push((Responder::Hook(done), told(result)));
                 }
                 Event::Message { conn, message } => {
+                    self.metrics.messages_in.inc();
                     let span = tracing::debug_span!("message", conn = %conn);
                     let result = self
                         .run_handler(Work::Message(&conn, message), Cause::default(), &mut outbox)
@@ -381,6 +398,7 @@ impl<A: AgentClass> Instance<A> {
             next = batch.next(outbox.len(), rx).await;
         }
         self.store.unused &= !any_succeeded(&outbox);
+        self.metrics.batch.observe(f64::from(events));
         if !self.store.in_txn() {
             release(outbox); // nothing ran, nothing to make durable
             return leave;
@@ -501,18 +519,22 @@ impl<A: AgentClass> Instance<A> {
             reply,
             chain,
             deadline,
+            received,
             conn,
             principal,
         } = call;
         if reply.is_gone() {
             return; // the caller gave up before the call ran: nothing to do
         }
-        if deadline.is_some_and(|d| Instant::now() >= d) {
+        let timed = Timed::new(received, &self.metrics.call);
+        let started = Instant::now();
+        if deadline.is_some_and(|d| started >= d) {
             let e = RawError::new(
                 ErrorKind::Timeout,
                 format!("`{}` was dequeued after its deadline", inv.method()),
             );
-            outbox.push((Responder::Call(reply, None), Err(e)));
+            self.metrics.called(inv.method(), e.kind.as_str(), 0.0);
+            outbox.push((Responder::Call(reply, None, timed), Err(e)));
             return;
         }
         let cause = Cause {
@@ -529,7 +551,11 @@ impl<A: AgentClass> Instance<A> {
             tracing::debug!("call failed: {failure}");
         }
         let stream = inv.take_stream().filter(|_| result.is_ok());
-        outbox.push((Responder::Call(reply, stream), told(result)));
+        let result = told(result);
+        let outcome = result.as_ref().map_or_else(|e| e.kind.as_str(), |_| "ok");
+        self.metrics
+            .called(inv.method(), outcome, started.elapsed().as_secs_f64());
+        outbox.push((Responder::Call(reply, stream, timed), result));
     }
 
     /// Runs every due row, each as its own event, and records its outcome in the same batch.
@@ -552,6 +578,9 @@ impl<A: AgentClass> Instance<A> {
         let now = self.ctx.shared.config.clock.now_ms();
         let due = schedule::due(self.ctx.sql(), now, DUE_PER_BATCH)?;
         for row in &due {
+            let late = now.saturating_sub(row.next_ms);
+            self.metrics.lateness.observe(late as f64 / 1000.0);
+            let started = Instant::now();
             let span = tracing::debug_span!("schedule", id = row.id, method = %row.method, attempt = row.attempts + 1);
             // A one-shot (or the alarm) leaves the schedule as it starts, so that its handler can
             // re-arm it (even under the same key); a failure rolls that back and retries it.
@@ -597,6 +626,17 @@ impl<A: AgentClass> Instance<A> {
                     }
                 }
             };
+            let outcome = match &result {
+                Ok(_) => "ok",
+                Err(e) => e.told().kind.as_str(),
+            };
+            let method = if row.is_alarm() {
+                "on_alarm"
+            } else {
+                &row.method
+            };
+            let ran = started.elapsed().as_secs_f64();
+            self.metrics.called(method, outcome, ran);
             if self.ctx.sql().is_autocommit() {
                 return Ok(()); // the batch transaction is gone; `run_batch` reports it
             }
@@ -612,8 +652,10 @@ impl<A: AgentClass> Instance<A> {
                 Err(e) => {
                     let dead = schedule::failed(self.ctx.sql(), row, now, &e.detail())?;
                     if dead {
+                        self.metrics.dead_letters.inc();
                         tracing::warn!(id = row.id, method = %row.method, "moved to the dead letters: {e}");
                     } else {
+                        self.metrics.retries.inc();
                         tracing::debug!(id = row.id, method = %row.method, "failed, will retry: {e}");
                     }
                 }
@@ -804,7 +846,10 @@ impl<A: AgentClass> Instance<A> {
     async fn open(&mut self) -> Result<(), Error> {
         let shared = self.ctx.shared.clone();
         let key = self.ctx.key().clone();
-        self.store.open(&mut self.ctx.conn, &shared, &key).await
+        let sync = self.metrics.sync.clone();
+        self.store
+            .open(&mut self.ctx.conn, &shared, &key, &sync)
+            .await
     }
 
     /// Opens the database and the batch transaction if needed; the first transaction of an

@@ -59,12 +59,14 @@ impl Store {
         }
     }
 
-    /// Opens the database of `key` into `slot`, if it is not open.
+    /// Opens the database of `key` into `slot`, if it is not open; its syncs are timed into
+    /// `sync`.
     pub(super) async fn open(
         &mut self,
         slot: &mut Option<Connection>,
         shared: &Arc<Shared>,
         key: &AgentKey,
+        sync: &prometheus::Histogram,
     ) -> Result<(), Error> {
         if slot.is_some() {
             return Ok(());
@@ -104,7 +106,7 @@ impl Store {
             None => Arc::new(NoSync),
         };
         if !gate.is_open() {
-            self.syncer = Some(Syncer::start(gate));
+            self.syncer = Some(Syncer::start(gate, sync.clone()));
         }
         let page_size: u64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
         self.checkpoint_at = storage::wal_frames_for(storage::CHECKPOINT_WAL_BYTES, page_size);

@@ -177,6 +177,7 @@ impl Connection {
         let (server_closed, mut closing) = oneshot::channel::<Ending>();
         let writer = tokio::spawn({
             let closed = closed.clone();
+            let (slow, key) = (self.wing.sockets.clone(), self.key.clone());
             async move {
                 let write = async {
                     while let Some(first) = outbound.recv().await {
@@ -211,6 +212,7 @@ impl Connection {
                 tokio::select! {
                     () = write => {}
                     () = closed.cancelled() => {
+                        slow.closed_slow(&key);
                         // Say why, but do not wait on a client that does not read.
                         let close = close(close_code::POLICY, SLOW_READER);
                         let _ = tokio::time::timeout(Duration::from_millis(100), sink.send(close)).await;

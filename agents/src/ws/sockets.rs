@@ -10,15 +10,16 @@ use std::{
 use axum::extract::ws::{close_code, Message};
 
 use crate::lock::lock;
+use crate::metrics::WingMetrics;
 use crate::port::{AgentKey, ConnId, Connections, Effect, Protocol, Speaks};
 
 use super::{frames::close, outbound::Outbound};
 
 /// The open sockets of every agent. Each agent's sockets have a lock of their own: a broadcast
 /// to a big room holds only that room's, not every agent's.
-#[derive(Default)]
 pub(crate) struct Sockets {
     by_agent: Mutex<HashMap<AgentKey, Arc<AgentSockets>>>,
+    metrics: WingMetrics,
 }
 
 type AgentSockets = Mutex<HashMap<ConnId, Socket>>;
@@ -32,6 +33,18 @@ struct Socket {
 }
 
 impl Sockets {
+    pub(crate) fn new(metrics: WingMetrics) -> Self {
+        Sockets {
+            by_agent: Mutex::default(),
+            metrics,
+        }
+    }
+
+    /// A socket of `key` was closed for not reading its frames.
+    pub(super) fn closed_slow(&self, key: &AgentKey) {
+        self.metrics.slow_close(key.class());
+    }
+
     /// `key`'s sockets, if it has any.
     fn of(&self, key: &AgentKey) -> Option<Arc<AgentSockets>> {
         lock(&self.by_agent).get(key).cloned()
@@ -122,12 +135,14 @@ impl Connections for Sockets {
             return;
         };
         let mut conns = lock(&conns);
+        let (mut sent, mut broadcast) = (0, 0);
         for effect in effects {
             match effect {
                 Effect::Send(id, outgoing) => {
                     if let Some(socket) = conns.get(&id) {
                         if let Some(frame) = socket.wire.outgoing(&outgoing) {
                             socket.out.send(frame);
+                            sent += 1;
                         }
                     }
                 }
@@ -149,6 +164,7 @@ impl Connections for Sockets {
                             .get_or_insert_with(|| socket.wire.outgoing(&outgoing));
                         if let Some(frame) = frame {
                             socket.out.send(frame.clone());
+                            broadcast += 1;
                         }
                     }
                 }
@@ -160,6 +176,9 @@ impl Connections for Sockets {
                 Effect::SetState(..) | Effect::SetTags(..) => {}
             }
         }
+        drop(conns);
+        self.metrics
+            .delivered(key.class(), sent + broadcast, broadcast);
     }
 
     /// Closes every socket (the runtime is shutting down).
