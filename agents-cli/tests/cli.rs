@@ -104,7 +104,9 @@ async fn inspects_and_mends_a_data_dir_with_and_without_a_runtime() {
     }
     rt.agent::<Shop>("b").stock("fig".into()).await.unwrap();
 
-    // While the runtime serves the data dir: the catalog is read, a live agent is not.
+    // While the runtime serves the data dir: the catalog is read, a live agent is not. (The
+    // catalog's file runs a moment behind the runtime: listing through it waits for its writes.)
+    assert_eq!(rt.agents::<Shop>(None, 10).await.unwrap().len(), 2);
     let listed = json(&ok(&["ls", dir, "--json"]));
     let names: Vec<&str> = listed
         .as_array()

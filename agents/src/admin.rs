@@ -80,7 +80,11 @@ async fn status(State(runtime): State<Runtime>, request: Request) -> Response {
         .map(|(at, key)| json!({"agent": key.to_string(), "in_s": (at as f64 - now as f64) / 1000.0}))
         .collect();
     let catalog = shared.clone();
-    let dead = blocking(move || catalog.catalog.with_dead_letters(LISTED)).await;
+    let dead = blocking(move || {
+        catalog.catalog.flush(false);
+        catalog.catalog.with_dead_letters(LISTED)
+    })
+    .await;
     let dead_letters: Vec<_> = dead
         .unwrap_or_default()
         .into_iter()

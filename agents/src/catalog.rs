@@ -2,17 +2,18 @@
 //! created and last active, its database's size, its schedules and dead letters).
 //!
 //! It lives in `<data_dir>/catalog.sqlite` and is kept off the hot path: nothing is written per
-//! call. An agent is noted when its first event succeeded on a new database, when its database
-//! opens, and with its figures when it closes (hibernation, eviction, shutdown); a removed
-//! agent's row goes. The notes travel over a channel to a writer thread that commits whatever
-//! has accumulated in one transaction, without an fsync (SQLite's `synchronous=NORMAL` in WAL
+//! call. An agent is noted when its first event succeeded on a new database, and with its
+//! figures when its database closes (hibernation, eviction, shutdown); a removed agent's row
+//! goes. The notes travel over a channel to a writer thread that commits what accumulates over
+//! up to [`GATHER`] in one transaction, without an fsync (SQLite's `synchronous=NORMAL` in WAL
 //! mode).
 //!
 //! So a crash may lose the last notes, and the agents that were open then have old figures.
 //! The catalog records whether the runtime that had it last shut down cleanly; a start after
-//! one that did not walks the agents' directories (names only), reads the databases the catalog
-//! does not know and those it lists as open, and drops the rows whose files are gone. (A data
-//! dir from before the catalog is indexed the same way, once.)
+//! one that did not walks the agents' directories, reads the databases the catalog does not
+//! know and those whose files' size is not what it recorded (those written since their last
+//! close: a crash leaves their WAL), and drops the rows whose files are gone. (A data dir from
+//! before the catalog is indexed the same way, once.)
 
 use std::{
     collections::{HashMap, HashSet},
@@ -57,8 +58,6 @@ pub struct AgentInfo {
 enum Note {
     /// A new database had its first event succeed.
     Created(AgentKey, u64),
-    /// A database opened.
-    Opened(AgentKey, u64),
     /// A database closed, with its figures then.
     Closed(AgentKey, Figures),
     /// An agent's files were removed.
@@ -73,8 +72,8 @@ enum Note {
 pub(crate) struct Figures {
     pub at_ms: u64,
     pub size: u64,
-    pub schedules: u64,
-    pub dead_letters: u64,
+    /// Its schedules and dead letters, if they were counted (`None`: as they were).
+    pub counts: Option<(u64, u64)>,
 }
 
 /// How many schedules and dead letters the agent database `conn` holds. Blocking.
@@ -139,11 +138,6 @@ impl Catalog {
     /// `key`'s database was created at `at_ms`.
     pub fn created(&self, key: &AgentKey, at_ms: u64) {
         self.note(Note::Created(key.clone(), at_ms));
-    }
-
-    /// `key`'s database opened at `at_ms`.
-    pub fn opened(&self, key: &AgentKey, at_ms: u64) {
-        self.note(Note::Opened(key.clone(), at_ms));
     }
 
     /// `key`'s database closed, with `figures`.
@@ -211,10 +205,9 @@ impl Catalog {
 
 const TABLES: &str = "
     CREATE TABLE IF NOT EXISTS agents(
-        class TEXT NOT NULL, name TEXT NOT NULL, id TEXT NOT NULL UNIQUE,
+        class TEXT NOT NULL, name TEXT NOT NULL,
         created_ms INTEGER NOT NULL, active_ms INTEGER NOT NULL, size INTEGER NOT NULL DEFAULT 0,
         schedules INTEGER NOT NULL DEFAULT 0, dead_letters INTEGER NOT NULL DEFAULT 0,
-        open INTEGER NOT NULL DEFAULT 0,
         PRIMARY KEY (class, name)) WITHOUT ROWID;
     CREATE TABLE IF NOT EXISTS catalog_meta(k TEXT PRIMARY KEY, v TEXT NOT NULL) WITHOUT ROWID;";
 
@@ -239,12 +232,18 @@ fn set_meta(conn: &Connection, k: &str, v: &str, synced: bool) -> Result<(), Err
     Ok(())
 }
 
-/// The writer: takes the notes that have accumulated and writes them in one transaction.
+/// How long the writer gathers notes before it writes them (unless a flush is asked for).
+pub(crate) const GATHER: Duration = Duration::from_millis(50);
+
+/// The writer: takes the notes that accumulate over [`GATHER`] (or until a flush) and writes
+/// them in one transaction.
 fn write_notes(mut conn: Connection, rx: mpsc::Receiver<Note>) {
     while let Ok(first) = rx.recv() {
         let (mut flushed, mut clean) = (Vec::new(), false);
         let mut notes = Vec::new();
-        for note in std::iter::once(first).chain(rx.try_iter()) {
+        let until = std::time::Instant::now() + GATHER;
+        let mut next = Some(first);
+        while let Some(note) = next.take() {
             match note {
                 Note::Flush { done, clean: c } => {
                     flushed.push(done);
@@ -252,6 +251,12 @@ fn write_notes(mut conn: Connection, rx: mpsc::Receiver<Note>) {
                 }
                 note => notes.push(note),
             }
+            next = if flushed.is_empty() {
+                rx.recv_timeout(until.saturating_duration_since(std::time::Instant::now()))
+                    .ok()
+            } else {
+                rx.try_recv().ok()
+            };
         }
         let mut written = write(&mut conn, &notes);
         if written.is_ok() && clean {
@@ -278,33 +283,27 @@ fn write(conn: &mut Connection, notes: &[Note]) -> Result<(), Error> {
         match note {
             Note::Created(key, at) => {
                 tx.prepare_cached(
-                    "INSERT INTO agents(class, name, id, created_ms, active_ms, open) VALUES (?1, ?2, ?3, ?4, ?4, 1)
-                     ON CONFLICT(class, name) DO UPDATE SET active_ms = excluded.active_ms, open = 1",
-                )?
-                .execute(params![key.class(), key.name(), key.id(), *at as i64])?;
-            }
-            Note::Opened(key, at) => {
-                tx.prepare_cached(
-                    "UPDATE agents SET active_ms = ?3, open = 1 WHERE class = ?1 AND name = ?2",
+                    "INSERT INTO agents(class, name, created_ms, active_ms) VALUES (?1, ?2, ?3, ?3)
+                     ON CONFLICT(class, name) DO UPDATE SET active_ms = excluded.active_ms",
                 )?
                 .execute(params![key.class(), key.name(), *at as i64])?;
             }
             Note::Closed(key, f) => {
+                let (schedules, dead_letters) = f.counts.unzip();
                 tx.prepare_cached(
-                    "INSERT INTO agents(class, name, id, created_ms, active_ms, size, schedules, dead_letters)
-                     VALUES (?1, ?2, ?3, ?4, ?4, ?5, ?6, ?7)
+                    "INSERT INTO agents(class, name, created_ms, active_ms, size, schedules, dead_letters)
+                     VALUES (?1, ?2, ?3, ?3, ?4, coalesce(?5, 0), coalesce(?6, 0))
                      ON CONFLICT(class, name) DO UPDATE SET active_ms = excluded.active_ms,
-                        size = excluded.size, schedules = excluded.schedules, dead_letters = excluded.dead_letters,
-                        open = 0",
+                        size = excluded.size,
+                        schedules = coalesce(?5, schedules), dead_letters = coalesce(?6, dead_letters)",
                 )?
                 .execute(params![
                     key.class(),
                     key.name(),
-                    key.id(),
                     f.at_ms as i64,
                     f.size as i64,
-                    f.schedules as i64,
-                    f.dead_letters as i64
+                    schedules.map(|n| n as i64),
+                    dead_letters.map(|n| n as i64)
                 ])?;
             }
             Note::Removed(key) => {
@@ -319,33 +318,38 @@ fn write(conn: &mut Connection, notes: &[Note]) -> Result<(), Error> {
 }
 
 /// Makes the catalog list exactly the agents whose databases are under `data_dir`: adds those
-/// it lacks and refreshes those it lists as open (reading their files), and drops those whose
-/// file is gone. Returns how many it added and dropped. Blocking.
+/// it lacks and refreshes those whose files' size is not the one it recorded (reading their
+/// files), and drops those whose file is gone. Returns how many it added and dropped. Blocking.
 fn reconcile(conn: &Connection, data_dir: &Path) -> Result<(usize, usize), Error> {
     let on_disk = agent_files(data_dir)?;
-    let listed: HashMap<String, bool> = {
-        let mut stmt = conn.prepare("SELECT id, open FROM agents")?;
-        let ids = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
-        ids.collect::<Result<_, _>>()?
-    };
+    // Listed agents by id (the name of their file), with their address and recorded size.
+    let mut listed: HashMap<String, ((String, String), i64)> = HashMap::new();
+    {
+        let mut stmt = conn.prepare("SELECT class, name, size FROM agents")?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+        for row in rows {
+            let (class, name, size): (String, String, i64) = row?;
+            let id = AgentKey::new(&class, &name).map_or_else(|_| String::new(), |k| k.id());
+            listed.insert(id, ((class, name), size));
+        }
+    }
     let mut found = 0;
     for (id, path) in &on_disk {
-        let open = match listed.get(id) {
-            Some(false) => continue,
-            Some(true) => true,
+        let known = match listed.get(id) {
+            Some((_, size)) if *size as u64 == files_size(path) => continue,
+            Some(_) => true,
             None => false,
         };
         match read_agent(path) {
             Ok(Some(agent)) => {
                 conn.execute(
-                    "INSERT INTO agents(class, name, id, created_ms, active_ms, size, schedules, dead_letters)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+                    "INSERT INTO agents(class, name, created_ms, active_ms, size, schedules, dead_letters)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
                      ON CONFLICT(class, name) DO UPDATE SET size = excluded.size,
-                        schedules = excluded.schedules, dead_letters = excluded.dead_letters, open = 0",
+                        schedules = excluded.schedules, dead_letters = excluded.dead_letters",
                     params![
                         agent.class,
                         agent.name,
-                        id,
                         ms(agent.created) as i64,
                         ms(agent.last_active) as i64,
                         agent.size as i64,
@@ -353,7 +357,7 @@ fn reconcile(conn: &Connection, data_dir: &Path) -> Result<(usize, usize), Error
                         agent.dead_letters as i64
                     ],
                 )?;
-                found += usize::from(!open);
+                found += usize::from(!known);
             }
             // A file with no address yet (its first commit was lost) is no agent.
             Ok(None) => {}
@@ -362,8 +366,11 @@ fn reconcile(conn: &Connection, data_dir: &Path) -> Result<(usize, usize), Error
     }
     let on_disk: HashSet<&String> = on_disk.iter().map(|(id, _)| id).collect();
     let mut dropped = 0;
-    for id in listed.keys().filter(|id| !on_disk.contains(id)) {
-        dropped += conn.execute("DELETE FROM agents WHERE id = ?1", [id])?;
+    for (id, ((class, name), _)) in &listed {
+        if !on_disk.contains(id) {
+            let gone = "DELETE FROM agents WHERE class = ?1 AND name = ?2";
+            dropped += conn.execute(gone, [class, name])?;
+        }
     }
     Ok((found, dropped))
 }
@@ -447,18 +454,19 @@ fn time(ms: i64) -> SystemTime {
     UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64)
 }
 
-const COLUMNS: &str = "class, name, id, created_ms, active_ms, size, schedules, dead_letters";
+const COLUMNS: &str = "class, name, created_ms, active_ms, size, schedules, dead_letters";
 
 fn info(r: &rusqlite::Row<'_>) -> rusqlite::Result<AgentInfo> {
+    let (class, name): (String, String) = (r.get(0)?, r.get(1)?);
     Ok(AgentInfo {
-        class: r.get(0)?,
-        name: r.get(1)?,
-        id: r.get(2)?,
-        created: time(r.get(3)?),
-        last_active: time(r.get(4)?),
-        size: r.get::<_, i64>(5)? as u64,
-        schedules: r.get::<_, i64>(6)? as u64,
-        dead_letters: r.get::<_, i64>(7)? as u64,
+        id: AgentKey::new(&class, &name).map_or_else(|_| String::new(), |k| k.id()),
+        class,
+        name,
+        created: time(r.get(2)?),
+        last_active: time(r.get(3)?),
+        size: r.get::<_, i64>(4)? as u64,
+        schedules: r.get::<_, i64>(5)? as u64,
+        dead_letters: r.get::<_, i64>(6)? as u64,
         live: false,
     })
 }

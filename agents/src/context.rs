@@ -40,6 +40,9 @@ pub struct Ctx<A> {
     pub(crate) conn: Option<Connection>,
     /// What belongs to the event being handled (a fresh one for each event).
     pub(crate) turn: Turn,
+    /// Set when a dead letter was retried or discarded: the catalog's counts are taken again
+    /// when the database closes.
+    pub(crate) dead_letters_changed: AtomicBool,
     _agent: PhantomData<fn() -> A>,
 }
 
@@ -116,6 +119,7 @@ impl<A> Ctx<A> {
             shared,
             conn: None,
             turn: Turn::default(),
+            dead_letters_changed: AtomicBool::new(false),
             _agent: PhantomData,
         }
     }
@@ -279,11 +283,13 @@ impl<A> Ctx<A> {
     /// Puts a dead letter back on the schedule, due now. Returns its new schedule id (`None`
     /// if there was no such dead letter, or a row with its key is already scheduled).
     pub fn retry_dead_letter(&self, id: i64) -> Result<Option<i64>, Error> {
+        self.dead_letters_changed.store(true, Ordering::Relaxed);
         schedule::retry_dead_letter(self.sql(), id, self.now_ms())
     }
 
     /// Deletes a dead letter; `false` if there was none.
     pub fn discard_dead_letter(&self, id: i64) -> Result<bool, Error> {
+        self.dead_letters_changed.store(true, Ordering::Relaxed);
         schedule::discard_dead_letter(self.sql(), id)
     }
 

@@ -26,6 +26,8 @@ const EVENTS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
 /// Every metric of a runtime.
 pub(crate) struct Metrics {
     registry: Registry,
+    /// Each class's metrics, resolved once.
+    classes: std::sync::Mutex<std::collections::HashMap<String, ClassMetrics>>,
     /// `agents_calls_total{class, method, outcome}`: calls that ran (from callers and from
     /// schedules; `on_alarm` for the alarm), by outcome (`ok` or the error's kind).
     calls: IntCounterVec,
@@ -122,16 +124,28 @@ impl Metrics {
             retries: counter(&r, "agents_schedule_retries_total", "Failed schedule runs that will be retried.", class),
             dead_letters: counter(&r, "agents_dead_letters_total", "Schedules moved to the dead letters.", class),
             registry: r,
+            classes: Default::default(),
         }
     }
 
-    /// The metrics of `class`, resolved once (an instance keeps them).
+    /// The metrics of `class` (an instance keeps them).
     pub fn class(&self, class: &str) -> ClassMetrics {
+        let mut classes = crate::lock::lock(&self.classes);
+        if let Some(resolved) = classes.get(class) {
+            return resolved.clone();
+        }
+        let resolved = self.resolve(class);
+        classes.insert(class.to_owned(), resolved.clone());
+        resolved
+    }
+
+    fn resolve(&self, class: &str) -> ClassMetrics {
         let of = |v: &IntCounterVec| v.with_label_values(&[class]);
         ClassMetrics {
             class: class.to_owned(),
             calls: self.calls.clone(),
             handler: self.handler.clone(),
+            ok: Default::default(),
             call: self.call.with_label_values(&[class]),
             batch: self.batch.with_label_values(&[class]),
             sync: self.sync.with_label_values(&[class]),
@@ -228,6 +242,9 @@ pub(crate) struct ClassMetrics {
     class: String,
     calls: IntCounterVec,
     handler: HistogramVec,
+    /// The metrics of a method's successful calls, once resolved (the common case, without
+    /// the label lookup).
+    ok: std::collections::HashMap<Box<str>, (IntCounter, Histogram)>,
     pub call: Histogram,
     pub batch: Histogram,
     pub sync: Histogram,
@@ -242,13 +259,23 @@ pub(crate) struct ClassMetrics {
 
 impl ClassMetrics {
     /// A call of `method` ran for `ran` seconds to `outcome` (`ok` or an error's kind).
-    pub fn called(&self, method: &str, outcome: &str, ran: f64) {
-        self.calls
-            .with_label_values(&[&self.class, method, outcome])
-            .inc();
-        self.handler
-            .with_label_values(&[&self.class, method])
-            .observe(ran);
+    pub fn called(&mut self, method: &str, outcome: &str, ran: f64) {
+        if outcome == "ok" {
+            if let Some((calls, handler)) = self.ok.get(method) {
+                calls.inc();
+                handler.observe(ran);
+                return;
+            }
+        }
+        let calls = self
+            .calls
+            .with_label_values(&[&self.class, method, outcome]);
+        let handler = self.handler.with_label_values(&[&self.class, method]);
+        calls.inc();
+        handler.observe(ran);
+        if outcome == "ok" {
+            self.ok.insert(method.into(), (calls, handler));
+        }
     }
 }
 

@@ -329,6 +329,7 @@ pub(crate) fn open(
         wal,
         guard,
         created,
+        path,
     })
 }
 
@@ -342,6 +343,8 @@ pub(crate) struct Opened {
     pub guard: Option<fs::File>,
     /// Whether this open created the file.
     pub created: bool,
+    /// The database's path.
+    pub path: PathBuf,
 }
 
 /// Creates the runtime's tables in `conn`, a new file or one of an older runtime `schema` (which

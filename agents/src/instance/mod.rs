@@ -466,6 +466,7 @@ impl<A: AgentClass> Instance<A> {
     /// apply once the commit is durable.
     async fn lower_index(&mut self) -> Result<Option<Raise>, Error> {
         let earliest = schedule::earliest(self.ctx.sql())?;
+        self.store.schedules_seen |= earliest.is_some();
         let clock = &self.ctx.shared.config.clock;
         if clock.is_manual() && earliest.is_some_and(|at| at <= clock.now_ms()) {
             // No timer runs on a manual clock: what is due already (an `enqueue`, say) runs
@@ -575,6 +576,8 @@ impl<A: AgentClass> Instance<A> {
 
     async fn run_due(&mut self, outbox: &mut Outbox) -> Result<(), Error> {
         self.begin().await?;
+        // Rows run here may end as dead letters: the catalog counts them at the close.
+        self.store.schedules_seen = true;
         let now = self.ctx.shared.config.clock.now_ms();
         let due = schedule::due(self.ctx.sql(), now, DUE_PER_BATCH)?;
         for row in &due {
@@ -904,6 +907,8 @@ impl<A: AgentClass> Instance<A> {
     /// Waits for every reply to be released, then closes the database.
     async fn close_db(&mut self) {
         let (shared, key) = (self.ctx.shared.clone(), self.ctx.key().clone());
+        let changed = &self.ctx.dead_letters_changed;
+        self.store.schedules_seen |= changed.swap(false, std::sync::atomic::Ordering::Relaxed);
         self.store.close(&mut self.ctx.conn, &shared, &key).await;
     }
 }

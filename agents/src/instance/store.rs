@@ -42,6 +42,11 @@ pub(super) struct Store {
     /// The open database was created by this instance and the catalog was not told yet: it is
     /// told once an event succeeded (junk never enters it).
     uncataloged: bool,
+    /// The agent had schedules in this activation (or changed its dead letters): the catalog's
+    /// counts are taken again at the close (a query not worth making otherwise).
+    pub(super) schedules_seen: bool,
+    /// The open database's path.
+    path: std::path::PathBuf,
 }
 
 impl Store {
@@ -56,6 +61,8 @@ impl Store {
             database: None,
             unused: false,
             uncataloged: false,
+            schedules_seen: false,
+            path: std::path::PathBuf::new(),
         }
     }
 
@@ -81,6 +88,7 @@ impl Store {
             wal,
             guard,
             created,
+            path,
         } = loop {
             let _permit = shared
                 .opening
@@ -119,9 +127,7 @@ impl Store {
         self.database = Some(database);
         self.unused = created;
         self.uncataloged = created;
-        if !created {
-            shared.catalog.opened(key, shared.config.clock.now_ms());
-        }
+        self.path = path;
         Ok(())
     }
 
@@ -246,15 +252,15 @@ impl Store {
         self.in_txn = false;
         if let Some(conn) = slot.take() {
             let cataloged = !std::mem::take(&mut self.uncataloged);
-            let (closer, key) = (shared.clone(), key.clone());
+            let count = std::mem::take(&mut self.schedules_seen);
+            let (closer, key, path) = (shared.clone(), key.clone(), self.path.clone());
             let closed = blocking(move || {
-                let (schedules, dead_letters) = catalog::counts(&conn);
+                let counts = count.then(|| catalog::counts(&conn));
                 storage::close(conn)?;
                 let figures = Figures {
                     at_ms: closer.config.clock.now_ms(),
-                    size: catalog::files_size(&storage::db_path(&closer.config.data_dir, &key)),
-                    schedules,
-                    dead_letters,
+                    size: catalog::files_size(&path),
+                    counts,
                 };
                 if cataloged {
                     closer.catalog.closed(&key, figures);
