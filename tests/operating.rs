@@ -123,48 +123,50 @@ async fn the_metrics_count_a_known_workload_exactly() {
             .unwrap_or_else(|| panic!("no {name} in\n{text}"))
     };
     // 5 + 1 (socket) adds, 1 with bad arguments (the agent decodes them), 2 refusals, 1 doom,
-    // 7 runs of the scheduled job.
-    assert_eq!(
-        get(r#"agents_calls_total{class="meter",method="add",outcome="ok"}"#),
-        6.0
-    );
-    assert_eq!(
-        get(r#"agents_calls_total{class="meter",method="refuse",outcome="app"}"#),
-        2.0
-    );
-    assert_eq!(
-        get(r#"agents_calls_total{class="meter",method="doom",outcome="ok"}"#),
-        1.0
-    );
-    assert_eq!(
-        get(r#"agents_calls_total{class="meter",method="fail",outcome="app"}"#),
-        7.0
-    );
-    assert_eq!(
-        get(r#"agents_calls_total{class="meter",method="add",outcome="bad_args"}"#),
-        1.0
-    );
-    assert_eq!(
-        get(r#"agents_handler_seconds_count{class="meter",method="add"}"#),
-        7.0
-    );
-    // End to end: the calls made by callers (the schedule's runs have no caller).
-    assert_eq!(get(r#"agents_call_seconds_count{class="meter"}"#), 10.0);
-    assert_eq!(get(r#"agents_activations_total{class="meter"}"#), 1.0);
-    assert_eq!(get(r#"agents_live{class="meter"}"#), 1.0);
-    assert_eq!(get("agents_connections"), 2.0);
-    assert_eq!(get(r#"agents_messages_in_total{class="meter"}"#), 1.0);
-    assert_eq!(
-        get(r#"agents_broadcast_deliveries_total{class="meter"}"#),
-        2.0
-    );
-    assert_eq!(get(r#"agents_frames_out_total{class="meter"}"#), 2.0);
-    assert_eq!(get(r#"agents_schedule_retries_total{class="meter"}"#), 6.0);
-    assert_eq!(get(r#"agents_dead_letters_total{class="meter"}"#), 1.0);
-    assert_eq!(
-        get(r#"agents_schedule_lateness_seconds_count{class="meter"}"#),
-        7.0
-    );
+    // 7 runs of the scheduled job; end to end, the 10 calls made by callers (the schedule's
+    // runs have none).
+    let expected = [
+        (
+            r#"agents_calls_total{class="meter",method="add",outcome="ok"}"#,
+            6.0,
+        ),
+        (
+            r#"agents_calls_total{class="meter",method="add",outcome="bad_args"}"#,
+            1.0,
+        ),
+        (
+            r#"agents_calls_total{class="meter",method="refuse",outcome="app"}"#,
+            2.0,
+        ),
+        (
+            r#"agents_calls_total{class="meter",method="doom",outcome="ok"}"#,
+            1.0,
+        ),
+        (
+            r#"agents_calls_total{class="meter",method="fail",outcome="app"}"#,
+            7.0,
+        ),
+        (
+            r#"agents_handler_seconds_count{class="meter",method="add"}"#,
+            7.0,
+        ),
+        (r#"agents_call_seconds_count{class="meter"}"#, 10.0),
+        (r#"agents_activations_total{class="meter"}"#, 1.0),
+        (r#"agents_live{class="meter"}"#, 1.0),
+        ("agents_connections", 2.0),
+        (r#"agents_messages_in_total{class="meter"}"#, 1.0),
+        (r#"agents_broadcast_deliveries_total{class="meter"}"#, 2.0),
+        (r#"agents_frames_out_total{class="meter"}"#, 2.0),
+        (r#"agents_schedule_retries_total{class="meter"}"#, 6.0),
+        (r#"agents_dead_letters_total{class="meter"}"#, 1.0),
+        (
+            r#"agents_schedule_lateness_seconds_count{class="meter"}"#,
+            7.0,
+        ),
+    ];
+    for (name, value) in expected {
+        assert_eq!(get(name), value, "{name}");
+    }
     assert!(get(r#"agents_batch_events_count{class="meter"}"#) >= 1.0);
     assert!(text.contains("# HELP agents_calls_total"), "{text}");
 
