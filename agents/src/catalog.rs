@@ -14,6 +14,9 @@
 //! know and those whose files' size is not what it recorded (those written since their last
 //! close: a crash leaves their WAL), and drops the rows whose files are gone. (A data dir from
 //! before the catalog is indexed the same way, once.)
+//!
+//! Everything in it can be found again in the agents' files: a runtime that cannot read a
+//! catalog (`user_version` newer than its own) rebuilds it from them.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -94,7 +97,7 @@ pub(crate) fn files_size(path: &Path) -> u64 {
 
 /// The runtime's catalog: notes go to its writer, lists are read from the file.
 pub(crate) struct Catalog {
-    notes: Mutex<mpsc::Sender<Note>>,
+    notes: mpsc::Sender<Note>,
     reader: Mutex<Connection>,
 }
 
@@ -106,7 +109,14 @@ impl Catalog {
         let conn = Connection::open(&path)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
+        let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        if version > VERSION {
+            // Written by a newer runtime: what it holds is found again in the agents' files.
+            tracing::warn!("catalog: format {version} is newer than this runtime's ({VERSION}): rebuilding it from the agents' files");
+            conn.execute_batch("DROP TABLE IF EXISTS agents; DROP TABLE IF EXISTS catalog_meta;")?;
+        }
         conn.execute_batch(TABLES)?;
+        conn.pragma_update(None, "user_version", VERSION)?;
         let clean = meta(&conn, "clean")?.as_deref() == Some("1");
         if !clean {
             let (found, dropped) = reconcile(&conn, data_dir)?;
@@ -116,7 +126,7 @@ impl Catalog {
                 );
             }
         }
-        // Unclean until `close` says otherwise, durably before any agent runs.
+        // Unclean until a shutdown's `flush(true)` says otherwise, durably before any agent runs.
         set_meta(&conn, "clean", "0", true)?;
         let reader = Connection::open_with_flags(&path, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
         let (notes, rx) = mpsc::channel();
@@ -125,14 +135,14 @@ impl Catalog {
             .spawn(move || write_notes(conn, rx))
             .map_err(|e| Error::Internal(format!("the catalog's writer cannot start: {e}")))?;
         Ok(Catalog {
-            notes: Mutex::new(notes),
+            notes,
             reader: Mutex::new(reader),
         })
     }
 
     fn note(&self, note: Note) {
         // The writer ends only with the catalog (or if writing panicked: logged there).
-        let _ = lock(&self.notes).send(note);
+        let _ = self.notes.send(note);
     }
 
     /// `key`'s database was created at `at_ms`.
@@ -210,6 +220,9 @@ const TABLES: &str = "
         schedules INTEGER NOT NULL DEFAULT 0, dead_letters INTEGER NOT NULL DEFAULT 0,
         PRIMARY KEY (class, name)) WITHOUT ROWID;
     CREATE TABLE IF NOT EXISTS catalog_meta(k TEXT PRIMARY KEY, v TEXT NOT NULL) WITHOUT ROWID;";
+
+/// The catalog's format (its `user_version`).
+const VERSION: i64 = 1;
 
 fn meta(conn: &Connection, k: &str) -> Result<Option<String>, Error> {
     let v = conn
@@ -498,4 +511,33 @@ pub(crate) fn classes(conn: &Connection) -> Result<Vec<(String, u64)>, Error> {
         conn.prepare_cached("SELECT class, count(*) FROM agents GROUP BY class ORDER BY class")?;
     let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)))?;
     Ok(rows.collect::<Result<_, _>>()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn listed(data_dir: &Path) -> Vec<(String, u64)> {
+        Catalog::open(data_dir).unwrap().classes().unwrap()
+    }
+
+    #[test]
+    fn a_catalog_of_a_newer_format_is_rebuilt_from_the_agents_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let catalog = Catalog::open(dir.path()).unwrap();
+        catalog.created(&AgentKey::new("counter", "a").unwrap(), 1);
+        catalog.flush(true);
+        assert_eq!(listed(dir.path()), [("counter".to_owned(), 1)]);
+        // A newer runtime wrote it (and no agent file backs the row): it is rebuilt.
+        let conn = Connection::open(dir.path().join(CATALOG_FILE)).unwrap();
+        conn.pragma_update(None, "user_version", VERSION + 1)
+            .unwrap();
+        drop(conn);
+        assert_eq!(listed(dir.path()), []);
+        let conn = Connection::open(dir.path().join(CATALOG_FILE)).unwrap();
+        let version: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, VERSION);
+    }
 }
