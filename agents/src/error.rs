@@ -183,6 +183,14 @@ impl Failure {
         }
     }
 
+    /// The kind of error the caller is told.
+    pub(crate) fn kind(&self) -> agents_client::ErrorKind {
+        match self {
+            Failure::Told(e) => e.kind,
+            Failure::Runtime(hidden) | Failure::Panic(hidden) => hidden.told.kind,
+        }
+    }
+
     /// The whole story, for the operator (the log, a dead letter).
     pub(crate) fn detail(&self) -> String {
         match self {

@@ -192,13 +192,40 @@ impl Event {
 }
 
 /// The chain of agents waiting on a call, innermost last. Calls carry it so that a call back
-/// into any of them (a cycle, which would deadlock) fails at once.
+/// into any of them (a cycle, which would deadlock) fails at once. It also carries the trace
+/// the calls belong to: an event nobody waits on starts one, calls made while it runs join it.
 #[derive(Clone, Default)]
 pub(crate) struct Chain(Option<Arc<Link>>);
 
 struct Link {
     key: AgentKey,
     prev: Chain,
+    trace: TraceId,
+}
+
+/// A trace's id: 128 random bits, written as 32 hex digits (as W3C trace context writes them),
+/// the `trace` field of every event's span.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct TraceId(u128);
+
+impl TraceId {
+    fn new() -> Self {
+        use std::hash::{BuildHasher, Hasher};
+        // Each `RandomState` is seeded from the OS's randomness (then incremented): two hashes
+        // of nothing make 128 bits no two traces share in practice.
+        let half = || {
+            std::collections::hash_map::RandomState::new()
+                .build_hasher()
+                .finish()
+        };
+        TraceId(u128::from(half()) << 64 | u128::from(half()))
+    }
+}
+
+impl fmt::Display for TraceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:032x}", self.0)
+    }
 }
 
 tokio::task_local! {
@@ -219,11 +246,19 @@ impl Chain {
         CURRENT.scope(self, handler)
     }
 
+    /// This chain with `key` last: an event of `key` on behalf of this chain's agents, in
+    /// their trace (or a new one, if nobody waits).
     pub fn push(&self, key: AgentKey) -> Chain {
         Chain(Some(Arc::new(Link {
             key,
             prev: self.clone(),
+            trace: self.trace().unwrap_or_else(TraceId::new),
         })))
+    }
+
+    /// The trace the calls of this chain belong to (`None`: nobody waits, a new one starts).
+    pub fn trace(&self) -> Option<TraceId> {
+        self.0.as_ref().map(|link| link.trace)
     }
 
     fn iter(&self) -> impl Iterator<Item = &AgentKey> {

@@ -146,6 +146,20 @@ enum Work<'a> {
 }
 
 impl Work<'_> {
+    /// What runs: the callable's name, or the hook's.
+    fn method(&self) -> &str {
+        match self {
+            Work::Call(inv) => inv.method(),
+            Work::Alarm(_) => "on_alarm",
+            Work::Connect(..) => "on_connect",
+            Work::Message(..) => "on_message",
+            Work::ConnError(..) => "on_error",
+            Work::Close(..) => "on_close",
+            Work::Request(..) => "on_request",
+            Work::Deliver(_, call) => &call.method,
+        }
+    }
+
     /// The connection this work is about.
     fn conn(&self) -> Option<&ConnId> {
         match self {
@@ -631,7 +645,7 @@ impl<A: AgentClass> Instance<A> {
             };
             let outcome = match &result {
                 Ok(_) => "ok",
-                Err(e) => e.told().kind.as_str(),
+                Err(e) => e.kind().as_str(),
             };
             let method = if row.is_alarm() {
                 "on_alarm"
@@ -700,12 +714,25 @@ impl<A: AgentClass> Instance<A> {
             principal,
         } = cause;
         self.ctx.turn = Turn::new(self.ctx.key(), &waiting, caller, principal, effects);
+        // The event's span: calls it makes carry its trace (see `Chain`), so a request's path
+        // through several agents shares one `trace`.
+        // (Its fields are evaluated only if a subscriber wants the span.)
+        let (key, trace) = (self.ctx.key(), self.ctx.turn.chain.trace());
+        let span = tracing::info_span!(
+            "event",
+            class = key.class(),
+            name = key.name(),
+            method = work.method(),
+            trace = %trace.map(|t| t.to_string()).unwrap_or_default(),
+            outcome = tracing::field::Empty,
+        );
         let started = self.ensure_started().await;
         let started = started.and_then(|()| savepoint(self.ctx.sql()));
         let result = match started {
-            Ok(()) => self.run_in_turn(work).await,
+            Ok(()) => self.run_in_turn(work).instrument(span.clone()).await,
             Err(e) => {
                 std::mem::take(&mut self.ctx.turn).end();
+                span.record("outcome", e.kind().as_str());
                 return Err(e);
             }
         };
@@ -722,6 +749,11 @@ impl<A: AgentClass> Instance<A> {
                 .map_err(|e| Failure::runtime("the connections' changes cannot be stored", e))
         });
         let result = end_savepoint(self.ctx.sql(), result);
+        let outcome = match &result {
+            Ok(_) => "ok",
+            Err(e) => e.kind().as_str(),
+        };
+        span.record("outcome", outcome);
         if result.is_ok() {
             effects.retain(Effect::is_delivery);
             self.frames(outbox, effects);

@@ -1,0 +1,142 @@
+//! Traces: every event has an info-level span `event` with its agent's class and name, the
+//! method (or hook) and the outcome; calls made while it runs carry its `trace`, so one
+//! request's path through three agents is one trace, and another request is another.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+};
+
+use agents::prelude::*;
+use tracing::{
+    field::{Field, Visit},
+    span::{Attributes, Id, Record},
+    Event, Metadata, Subscriber,
+};
+
+/// The fields of every `event` span, by span id.
+#[derive(Default)]
+struct Spans {
+    fields: Mutex<HashMap<u64, HashMap<String, String>>>,
+    next: AtomicU64,
+}
+
+struct Fields<'a>(&'a mut HashMap<String, String>);
+
+impl Visit for Fields<'_> {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.0.insert(field.name().to_owned(), value.to_owned());
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        self.0.insert(field.name().to_owned(), format!("{value:?}"));
+    }
+}
+
+/// A subscriber that records the `event` spans (the test's only one: installed globally, as
+/// the agents run on the runtime's worker threads).
+struct Recorder(Arc<Spans>);
+
+impl Subscriber for Recorder {
+    fn enabled(&self, metadata: &Metadata<'_>) -> bool {
+        metadata.is_span() && metadata.name() == "event"
+    }
+
+    fn new_span(&self, attrs: &Attributes<'_>) -> Id {
+        let id = self.0.next.fetch_add(1, Ordering::Relaxed) + 1;
+        let mut fields = HashMap::new();
+        attrs.record(&mut Fields(&mut fields));
+        self.0.fields.lock().unwrap().insert(id, fields);
+        Id::from_u64(id)
+    }
+
+    fn record(&self, span: &Id, values: &Record<'_>) {
+        if let Some(fields) = self.0.fields.lock().unwrap().get_mut(&span.into_u64()) {
+            values.record(&mut Fields(fields));
+        }
+    }
+
+    fn record_follows_from(&self, _: &Id, _: &Id) {}
+    fn event(&self, _: &Event<'_>) {}
+    fn enter(&self, _: &Id) {}
+    fn exit(&self, _: &Id) {}
+}
+
+/// Passes a call on to the next agent: `first` → `second` → `third`.
+#[derive(Default)]
+pub struct Relay;
+
+impl Agent for Relay {}
+
+#[agent]
+impl Relay {
+    #[callable]
+    pub async fn pass(&mut self, ctx: &mut Ctx<Self>, hops: u32) -> Result<u32, AppError> {
+        if hops == 0 {
+            return Ok(0);
+        }
+        let next = match ctx.name() {
+            "first" => "second",
+            _ => "third",
+        };
+        let runtime = ctx.runtime()?;
+        let passed = runtime.agent::<Relay>(next).pass(hops - 1).await?;
+        Ok(passed + 1)
+    }
+
+    #[callable]
+    pub async fn refuse(&mut self, _ctx: &mut Ctx<Self>) -> Result<(), AppError> {
+        Err(AppError::msg("no"))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_request_through_three_agents_is_one_trace() {
+    let spans = Arc::new(Spans::default());
+    tracing::subscriber::set_global_default(Recorder(spans.clone())).unwrap();
+    let rt = agents::testing::TestRuntime::start(Runtime::builder().agent::<Relay>()).unwrap();
+    assert_eq!(rt.agent::<Relay>("first").pass(2).await.unwrap(), 2);
+    assert_eq!(rt.agent::<Relay>("first").pass(2).await.unwrap(), 2);
+    rt.agent::<Relay>("third").refuse().await.unwrap_err();
+
+    let recorded: Vec<HashMap<String, String>> =
+        spans.fields.lock().unwrap().values().cloned().collect();
+    let calls: Vec<_> = recorded.iter().filter(|f| f["method"] == "pass").collect();
+    assert_eq!(
+        calls.len(),
+        6,
+        "two requests of three events each: {recorded:?}"
+    );
+    let mut traces: HashMap<&str, Vec<&str>> = HashMap::new();
+    for span in &calls {
+        assert_eq!(span["class"], "relay");
+        assert_eq!(
+            span.get("outcome").map(String::as_str),
+            Some("ok"),
+            "{span:?}"
+        );
+        assert_eq!(span["trace"].len(), 32, "{span:?}");
+        traces
+            .entry(&span["trace"])
+            .or_default()
+            .push(&span["name"]);
+    }
+    assert_eq!(traces.len(), 2, "one trace per request: {traces:?}");
+    for names in traces.values_mut() {
+        names.sort();
+        assert_eq!(names, &["first", "second", "third"]);
+    }
+    let refused: Vec<_> = recorded
+        .iter()
+        .filter(|f| f["method"] == "refuse")
+        .collect();
+    assert_eq!(refused.len(), 1);
+    assert_eq!(refused[0]["outcome"], "app");
+    assert!(
+        !traces.contains_key(refused[0]["trace"].as_str()),
+        "a new request, a new trace"
+    );
+}
