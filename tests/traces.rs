@@ -1,6 +1,9 @@
 //! Traces: every event has an info-level span `event` with its agent's class and name, the
 //! method (or hook) and the outcome; calls made while it runs carry its `trace`, so one
-//! request's path through three agents is one trace, and another request is another.
+//! request's path through three agents is one trace, and another request is another; an HTTP
+//! call with a W3C `traceparent` joins the caller's trace.
+
+mod common;
 
 use std::{
     collections::HashMap,
@@ -97,7 +100,7 @@ impl Relay {
 async fn one_request_through_three_agents_is_one_trace() {
     let spans = Arc::new(Spans::default());
     tracing::subscriber::set_global_default(Recorder(spans.clone())).unwrap();
-    let rt = agents::testing::TestRuntime::start(Runtime::builder().agent::<Relay>()).unwrap();
+    let (rt, addr) = common::serve(Runtime::builder().agent::<Relay>()).await;
     assert_eq!(rt.agent::<Relay>("first").pass(2).await.unwrap(), 2);
     assert_eq!(rt.agent::<Relay>("first").pass(2).await.unwrap(), 2);
     rt.agent::<Relay>("third").refuse().await.unwrap_err();
@@ -139,4 +142,25 @@ async fn one_request_through_three_agents_is_one_trace() {
         !traces.contains_key(refused[0]["trace"].as_str()),
         "a new request, a new trace"
     );
+
+    // Over HTTP, in the caller's trace.
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let header = format!("traceparent: 00-{trace}-00f067aa0ba902b7-01");
+    let (status, body) = common::http_request_with(
+        addr,
+        "POST",
+        "/agents/relay/first/call/pass",
+        &[&header],
+        "[2]",
+    )
+    .await;
+    assert_eq!((status, body), (200, serde_json::json!(2)));
+    let recorded = spans.fields.lock().unwrap();
+    let mut joined: Vec<&str> = recorded
+        .values()
+        .filter(|f| f["trace"] == trace)
+        .map(|f| f["name"].as_str())
+        .collect();
+    joined.sort();
+    assert_eq!(joined, ["first", "second", "third"]);
 }

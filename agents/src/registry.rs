@@ -195,12 +195,15 @@ impl Event {
 /// into any of them (a cycle, which would deadlock) fails at once. It also carries the trace
 /// the calls belong to: an event nobody waits on starts one, calls made while it runs join it.
 #[derive(Clone, Default)]
-pub(crate) struct Chain(Option<Arc<Link>>);
+pub(crate) struct Chain {
+    /// The innermost agent, and those before it.
+    last: Option<Arc<Link>>,
+    trace: Option<TraceId>,
+}
 
 struct Link {
     key: AgentKey,
-    prev: Chain,
-    trace: TraceId,
+    prev: Option<Arc<Link>>,
 }
 
 /// A trace's id: 128 random bits, written as 32 hex digits (as W3C trace context writes them),
@@ -209,6 +212,17 @@ struct Link {
 pub(crate) struct TraceId(u128);
 
 impl TraceId {
+    /// The trace of a W3C `traceparent` header (`00-<32 hex trace>-<16 hex parent>-<2 hex
+    /// flags>`), if it is one (an all-zero trace id is not).
+    pub fn from_traceparent(header: &str) -> Option<Self> {
+        let mut parts = header.trim().split('-');
+        let (version, trace) = (parts.next()?, parts.next()?);
+        let hex = |s: &str| s.bytes().all(|b| b.is_ascii_hexdigit());
+        let valid = version.len() == 2 && trace.len() == 32 && hex(trace);
+        let id = u128::from_str_radix(trace, 16).ok().filter(|_| valid)?;
+        (id != 0).then_some(TraceId(id))
+    }
+
     fn new() -> Self {
         use std::hash::{BuildHasher, Hasher};
         // Each `RandomState` is seeded from the OS's randomness (then incremented): two hashes
@@ -249,20 +263,30 @@ impl Chain {
     /// This chain with `key` last: an event of `key` on behalf of this chain's agents, in
     /// their trace (or a new one, if nobody waits).
     pub fn push(&self, key: AgentKey) -> Chain {
-        Chain(Some(Arc::new(Link {
-            key,
-            prev: self.clone(),
-            trace: self.trace().unwrap_or_else(TraceId::new),
-        })))
+        Chain {
+            last: Some(Arc::new(Link {
+                key,
+                prev: self.last.clone(),
+            })),
+            trace: Some(self.trace.unwrap_or_else(TraceId::new)),
+        }
     }
 
-    /// The trace the calls of this chain belong to (`None`: nobody waits, a new one starts).
+    /// No agent waits, but the call belongs to `trace` (a caller's over the network).
+    pub fn in_trace(trace: TraceId) -> Chain {
+        Chain {
+            last: None,
+            trace: Some(trace),
+        }
+    }
+
+    /// The trace the calls of this chain belong to (`None`: a new one starts).
     pub fn trace(&self) -> Option<TraceId> {
-        self.0.as_ref().map(|link| link.trace)
+        self.trace
     }
 
     fn iter(&self) -> impl Iterator<Item = &AgentKey> {
-        std::iter::successors(self.0.as_deref(), |l| l.prev.0.as_deref()).map(|l| &l.key)
+        std::iter::successors(self.last.as_deref(), |l| l.prev.as_deref()).map(|l| &l.key)
     }
 
     pub fn contains(&self, key: &AgentKey) -> bool {
@@ -582,5 +606,48 @@ impl Shared {
         drop(live);
         self.alarms.changed.notify_one(); // the timer notices `closed`
         self.tracker.close();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_traceparent_gives_its_trace_and_anything_else_none() {
+        let trace =
+            TraceId::from_traceparent("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01");
+        assert_eq!(
+            trace.map(|t| t.to_string()).as_deref(),
+            Some("4bf92f3577b34da6a3ce929d0e0e4736")
+        );
+        for bad in [
+            "",
+            "00",
+            "00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e47zz-00f067aa0ba902b7-01",
+            "000-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-+bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        ] {
+            assert_eq!(TraceId::from_traceparent(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_chain_keeps_its_trace_and_a_new_one_starts_its_own() {
+        let key = |n: &str| AgentKey::new("relay", n).unwrap();
+        let root = Chain::default().push(key("a"));
+        let inner = root.push(key("b"));
+        assert!(root.trace().is_some());
+        assert_eq!(inner.trace(), root.trace());
+        assert!(inner.contains(&key("a")) && inner.contains(&key("b")));
+        assert_ne!(Chain::default().push(key("a")).trace(), root.trace());
+        let joined = Chain::in_trace(root.trace().unwrap()).push(key("c"));
+        assert_eq!(joined.trace(), root.trace());
+        assert!(
+            !joined.contains(&key("a")),
+            "a trace is not a chain of waiting agents"
+        );
     }
 }

@@ -43,7 +43,7 @@ use crate::{
     agent::{AgentClass, Principal},
     error::Error,
     front, origins,
-    registry::{Class, Event},
+    registry::{Chain, Class, Event, TraceId},
     runtime::{call_value, Caller, Runtime},
     ws,
 };
@@ -256,10 +256,16 @@ async fn call_agent(runtime: Runtime, key: AgentKey, method: String, request: Re
     if let Some(refused) = not_json(request.headers()) {
         return refused;
     }
-    let (principal, body) = match admit(&runtime, &key, request).await {
-        Ok((principal, _, body)) => (principal, body),
+    let (principal, parts, body) = match admit(&runtime, &key, request).await {
+        Ok(admitted) => admitted,
         Err(response) => return response,
     };
+    // A caller's W3C trace context: the call joins its trace.
+    let trace = parts
+        .headers
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .and_then(TraceId::from_traceparent);
     let args = match serde_json::from_slice::<serde_json::Value>(&body) {
         Ok(args @ serde_json::Value::Array(_)) => args,
         Ok(other) => {
@@ -279,7 +285,10 @@ async fn call_agent(runtime: Runtime, key: AgentKey, method: String, request: Re
         args: Payload::Json(args),
         timeout: None,
     };
-    let caller = Caller::remote(principal);
+    let mut caller = Caller::remote(principal);
+    if let Some(trace) = trace {
+        caller.chain = Chain::in_trace(trace);
+    }
     match call_value(runtime.shared(), key, call, caller).await {
         Ok(Payload::Json(value)) => json(StatusCode::OK, &value),
         Ok(_) => error(RawError::internal(
