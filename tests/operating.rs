@@ -187,6 +187,28 @@ async fn the_metrics_count_a_known_workload_exactly() {
     let _ = rt;
 }
 
+/// Method names are the client's: calls to methods a class does not have share one label, so
+/// that no client can add series to the registry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_to_unknown_methods_share_one_label() {
+    let (_rt, addr) = common::serve(builder()).await;
+    for i in 0..20 {
+        let path = format!("/agents/meter/m/call/nope{i}");
+        let (status, _) = common::http_request(addr, "POST", &path, "[]").await;
+        assert_eq!(status, 404);
+    }
+    let (_, text) = common::http_request(addr, "GET", "/admin/metrics?token=t", "").await;
+    let text = text.as_str().unwrap();
+    let s = samples(text);
+    let unknown =
+        r#"agents_calls_total{class="meter",method="(unknown)",outcome="unknown_method"}"#;
+    assert_eq!(s.get(unknown), Some(&20.0), "{text}");
+    assert!(
+        !text.contains("nope"),
+        "no series per unknown name:\n{text}"
+    );
+}
+
 #[tokio::test]
 async fn the_admin_routes_are_off_by_default_and_behind_their_hook() {
     let (_rt, addr) = common::serve(Runtime::builder().agent::<Meter>()).await;

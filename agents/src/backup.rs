@@ -24,7 +24,7 @@ use crate::{
     error::Error,
     registry::{Event, Shared},
     schedule,
-    storage::{self, blocking},
+    storage::{self, blocking, io},
 };
 
 /// What a backup copied.
@@ -35,13 +35,6 @@ pub struct BackupReport {
     pub agents: u64,
     /// How many bytes they take in the backup.
     pub bytes: u64,
-}
-
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
-    move |source| Error::Io {
-        path: path.to_owned(),
-        source,
-    }
 }
 
 /// Copies the database `conn` has open into `to` (a new file): what it has committed, in one

@@ -28,7 +28,7 @@ use std::{
 
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 
-use crate::{address::AgentKey, error::Error, lock::lock};
+use crate::{address::AgentKey, error::Error, lock::lock, storage::io};
 
 /// The catalog's file under the data dir.
 pub(crate) const CATALOG_FILE: &str = "catalog.sqlite";
@@ -390,10 +390,6 @@ fn reconcile(conn: &Connection, data_dir: &Path) -> Result<(usize, usize), Error
 
 /// The agents' database files under `data_dir`, by id (the template aside).
 pub(crate) fn agent_files(data_dir: &Path) -> Result<Vec<(String, PathBuf)>, Error> {
-    let io = |path: &Path| {
-        let path = path.to_owned();
-        move |source| Error::Io { path, source }
-    };
     let agents = data_dir.join("agents");
     let mut found = Vec::new();
     let shards = match fs::read_dir(&agents) {
@@ -436,10 +432,7 @@ pub(crate) fn read_agent(path: &Path) -> Result<Option<AgentInfo>, Error> {
     };
     let (schedules, dead_letters) = counts(&conn);
     drop(conn);
-    let meta = fs::metadata(path).map_err(|source| Error::Io {
-        path: path.to_owned(),
-        source,
-    })?;
+    let meta = fs::metadata(path).map_err(io(path))?;
     let modified = meta.modified().unwrap_or(UNIX_EPOCH);
     Ok(Some(AgentInfo {
         id: path

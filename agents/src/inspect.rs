@@ -13,7 +13,6 @@
 
 use std::{
     fs,
-    io::Read,
     path::{Path, PathBuf},
 };
 
@@ -33,10 +32,7 @@ use crate::{
 /// [`Locked::backup`]) into `data_dir`: a new directory, or one without a data dir in it. The
 /// directory's lock is held meanwhile, so no runtime starts on it half restored.
 pub fn restore(backup: &Path, data_dir: &Path) -> Result<BackupReport, Error> {
-    fs::create_dir_all(data_dir).map_err(|source| Error::Io {
-        path: data_dir.to_owned(),
-        source,
-    })?;
+    fs::create_dir_all(data_dir).map_err(storage::io(data_dir))?;
     let _lock = storage::lock_data_dir(data_dir)?;
     backup::restore(backup, data_dir)
 }
@@ -72,11 +68,7 @@ impl DataDir {
     pub fn served_by(&self) -> Option<String> {
         let mut file = fs::File::open(self.path.join(storage::LOCK_FILE)).ok()?;
         match file.try_lock_shared() {
-            Err(fs::TryLockError::WouldBlock) => {
-                let mut holder = String::new();
-                let _ = file.read_to_string(&mut holder);
-                Some(holder.trim().to_owned())
-            }
+            Err(fs::TryLockError::WouldBlock) => Some(storage::holder(&mut file)),
             _ => None,
         }
     }

@@ -4,10 +4,14 @@
 
 use std::time::Instant;
 
+use agents_client::ErrorKind;
 use prometheus::{
     Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry,
 };
+
+/// The `method` label of calls to a method the class does not have.
+pub(crate) const UNKNOWN_METHOD: &str = "(unknown)";
 
 /// Latency buckets, in seconds: 50 µs to 10 s.
 const SECONDS: &[f64] = &[
@@ -259,7 +263,15 @@ pub(crate) struct ClassMetrics {
 
 impl ClassMetrics {
     /// A call of `method` ran for `ran` seconds to `outcome` (`ok` or an error's kind).
+    ///
+    /// A method the class does not have is counted as [`UNKNOWN_METHOD`]: the name is the
+    /// client's, and a label per name would let any client grow the registry without bound.
     pub fn called(&mut self, method: &str, outcome: &str, ran: f64) {
+        let method = if outcome == ErrorKind::UnknownMethod.as_str() {
+            UNKNOWN_METHOD
+        } else {
+            method
+        };
         if outcome == "ok" {
             if let Some((calls, handler)) = self.ok.get(method) {
                 calls.inc();

@@ -87,7 +87,8 @@ pub(crate) fn db_path(data_dir: &Path, key: &AgentKey) -> PathBuf {
         .join(format!("{id}.sqlite"))
 }
 
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
+/// Makes an i/o error on `path` an [`Error::Io`].
+pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
     move |source| Error::Io {
         path: path.to_owned(),
         source,
@@ -182,10 +183,19 @@ pub(crate) enum Locking {
 /// serves the data dir, so that no second runtime opens the same databases.
 pub(crate) const LOCK_FILE: &str = "agents.lock";
 
+/// Who holds the data dir's lock, as its lock file (`file`) says (`pid 123`; empty if it says
+/// nothing).
+pub(crate) fn holder(file: &mut fs::File) -> String {
+    use std::io::Read;
+    let mut holder = String::new();
+    let _ = file.read_to_string(&mut holder);
+    holder.trim().to_owned()
+}
+
 /// Takes the lock of `data_dir` for this runtime (see [`LOCK_FILE`]); it is released when the
 /// file is dropped, or when the process ends however it ends.
 pub(crate) fn lock_data_dir(data_dir: &Path) -> Result<fs::File, Error> {
-    use std::io::{Read, Seek, Write};
+    use std::io::{Seek, Write};
     let path = data_dir.join(LOCK_FILE);
     let mut file = fs::OpenOptions::new()
         .read(true)
@@ -197,9 +207,7 @@ pub(crate) fn lock_data_dir(data_dir: &Path) -> Result<fs::File, Error> {
     match file.try_lock() {
         Ok(()) => {}
         Err(fs::TryLockError::WouldBlock) => {
-            let mut holder = String::new();
-            let _ = file.read_to_string(&mut holder);
-            let holder = holder.trim();
+            let holder = holder(&mut file);
             return Err(Error::DataDirInUse {
                 path: data_dir.to_owned(),
                 holder: if holder.is_empty() {
