@@ -10,8 +10,25 @@ use std::path::Path;
 
 /// The core's modules.
 const CORE: &[&str] = &[
-    "address", "agent", "alarms", "backup", "catalog", "inspect", "metrics", "clock", "conn",
-    "context", "error", "gate", "instance", "lock", "port", "registry", "schedule", "storage",
+    "address",
+    "agent",
+    "alarms",
+    "backup",
+    "catalog",
+    "inspect",
+    "metrics",
+    "clock",
+    "conn",
+    "context",
+    "error",
+    "gate",
+    "instance",
+    "lock",
+    "port",
+    "registry",
+    "schedule",
+    "storage",
+    "telemetry",
     "stream",
 ];
 /// The wing (`ws/`: sockets, frames, calls in flight, outbound queues), the HTTP routes (the

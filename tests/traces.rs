@@ -1,7 +1,9 @@
 //! Traces: every event has an info-level span `event` with its agent's class and name, the
 //! method (or hook) and the outcome; calls made while it runs carry its `trace`, so one
 //! request's path through three agents is one trace, and another request is another; an HTTP
-//! call with a W3C `traceparent` joins the caller's trace.
+//! call with a W3C `traceparent` joins the caller's trace, and so does a call over a WebSocket
+//! (the typed network client sends its handler's trace along, in both codecs; a JSON `call`
+//! frame may carry a `traceparent`).
 
 mod common;
 
@@ -13,7 +15,7 @@ use std::{
     },
 };
 
-use agents::prelude::*;
+use agents::{prelude::*, Codec, ConnectOptions};
 use tracing::{
     field::{Field, Visit},
     span::{Attributes, Id, Record},
@@ -90,6 +92,31 @@ impl Relay {
         Ok(passed + 1)
     }
 
+    /// As `pass`, but over the network: the next agent is called through a WebSocket to
+    /// `base`, in postcard or JSON.
+    #[callable]
+    pub async fn pass_over(
+        &mut self,
+        ctx: &mut Ctx<Self>,
+        base: String,
+        json: bool,
+        hops: u32,
+    ) -> Result<u32, AppError> {
+        if hops == 0 {
+            return Ok(0);
+        }
+        let next = match ctx.name() {
+            "first" => "second",
+            _ => "third",
+        };
+        let codec = if json { Codec::Json } else { Codec::Postcard };
+        let url = format!("{base}/agents/relay/{next}");
+        let client = RelayClient::connect_with(&url, ConnectOptions::new().codec(codec))
+            .await
+            .map_err(|e| AppError::msg(e.to_string()))?;
+        Ok(client.pass_over(base, json, hops - 1).await? + 1)
+    }
+
     #[callable]
     pub async fn refuse(&mut self, _ctx: &mut Ctx<Self>) -> Result<(), AppError> {
         Err(AppError::msg("no"))
@@ -155,12 +182,57 @@ async fn one_request_through_three_agents_is_one_trace() {
     )
     .await;
     assert_eq!((status, body), (200, serde_json::json!(2)));
-    let recorded = spans.fields.lock().unwrap();
-    let mut joined: Vec<&str> = recorded
-        .values()
-        .filter(|f| f["trace"] == trace)
-        .map(|f| f["name"].as_str())
-        .collect();
-    joined.sort();
-    assert_eq!(joined, ["first", "second", "third"]);
+    assert_eq!(
+        traces_of(&spans, "pass")[trace],
+        ["first", "second", "third"]
+    );
+
+    // Over WebSockets, agent to agent: each request one trace, through all three.
+    let base = format!("ws://{addr}");
+    for json in [false, true] {
+        let first = rt.agent::<Relay>("first");
+        assert_eq!(first.pass_over(base.clone(), json, 2).await.unwrap(), 2);
+    }
+    let traces = traces_of(&spans, "pass_over");
+    assert_eq!(traces.len(), 2, "one trace per request: {traces:?}");
+    for names in traces.values() {
+        assert_eq!(names, &["first", "second", "third"]);
+    }
+
+    // A JSON `call` frame with a `traceparent`, from any client.
+    let trace = "0af7651916cd43dd8448eb211c80319c";
+    let mut ws = common::ws_connect(addr, "/agents/relay/first", Some("agents.v1.json"))
+        .await
+        .unwrap();
+    common::next_json(&mut ws).await; // identity
+    let call = serde_json::json!({"type": "call", "id": 1, "method": "pass", "args": [2],
+        "traceparent": format!("00-{trace}-b7ad6b7169203331-01")});
+    common::send_json(&mut ws, call).await;
+    let reply = common::next_json(&mut ws).await;
+    assert_eq!(
+        reply,
+        serde_json::json!({"type": "reply", "id": 1, "ok": 2})
+    );
+    assert_eq!(
+        traces_of(&spans, "pass")[trace],
+        ["first", "second", "third"]
+    );
+}
+
+/// The names of the agents whose `method` events succeeded, sorted, by trace.
+fn traces_of(spans: &Spans, method: &str) -> HashMap<String, Vec<String>> {
+    let mut traces: HashMap<String, Vec<String>> = HashMap::new();
+    for span in spans.fields.lock().unwrap().values() {
+        if span["method"] == method {
+            assert_eq!(
+                span.get("outcome").map(String::as_str),
+                Some("ok"),
+                "{span:?}"
+            );
+            let names = traces.entry(span["trace"].clone()).or_default();
+            names.push(span["name"].clone());
+            names.sort();
+        }
+    }
+    traces
 }

@@ -6,6 +6,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 use crate::{
     protocol::{to_postcard, Body, ClientFrame, ServerFrame, JSON_PROTOCOL, POSTCARD_PROTOCOL},
+    trace::TraceContext,
     Codec, Payload, RawError,
 };
 
@@ -41,28 +42,46 @@ pub(crate) fn subprotocol(codec: Codec) -> Option<&'static str> {
     }
 }
 
-/// `call` in `codec`; `args` must be in it.
+/// `call` in `codec`, `traced` if it belongs to a trace; `args` must be in `codec`.
 pub(crate) fn call(
     codec: Codec,
     id: u64,
     method: String,
     args: Payload,
     deadline_ms: u64,
+    traced: Option<TraceContext>,
 ) -> Result<Message, RawError> {
-    let deadline_ms = Some(deadline_ms);
+    fn frame<B>(
+        id: u64,
+        method: String,
+        args: B,
+        deadline_ms: u64,
+        traced: Option<TraceContext>,
+    ) -> ClientFrame<B> {
+        let deadline_ms = Some(deadline_ms);
+        match traced {
+            Some(context) => ClientFrame::TracedCall {
+                id,
+                method,
+                args,
+                deadline_ms,
+                traceparent: context.traceparent(),
+            },
+            None => ClientFrame::Call {
+                id,
+                method,
+                args,
+                deadline_ms,
+            },
+        }
+    }
     match (codec, args) {
-        (Codec::Postcard, Payload::Postcard(args)) => Ok(binary(ClientFrame::Call {
-            id,
-            method,
-            args,
-            deadline_ms,
-        })),
-        (Codec::Json, Payload::Json(args)) => Ok(text(ClientFrame::Call {
-            id,
-            method,
-            args,
-            deadline_ms,
-        })),
+        (Codec::Postcard, Payload::Postcard(args)) => {
+            Ok(binary(frame(id, method, args, deadline_ms, traced)))
+        }
+        (Codec::Json, Payload::Json(args)) => {
+            Ok(text(frame(id, method, args, deadline_ms, traced)))
+        }
         (codec, args) => Err(RawError::bad_args(format!(
             "this connection speaks {codec:?}, not {:?}",
             args.codec()

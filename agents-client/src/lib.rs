@@ -6,6 +6,7 @@
 //! - [`Transport`]: how a generated client reaches an agent. The runtime provides an
 //!   in-process transport; any other (a network one) plugs in the same way, and the generated
 //!   client type is the same for all of them.
+//! - [`trace`]: the trace context calls carry from agent to agent (W3C `traceparent`).
 //!
 //! Generated code refers to items in the hidden `__private` module; they are not a stable API.
 #![warn(missing_docs)]
@@ -16,6 +17,7 @@ mod lock;
 mod payload;
 pub mod protocol;
 mod stream;
+pub mod trace;
 mod transport;
 #[cfg(feature = "typescript")]
 pub mod typescript;

@@ -28,6 +28,8 @@
 //!   `args` is the positional argument array (`[]` for none); `deadline_ms` (optional) is
 //!   relative: the call fails with `timeout` if no reply is ready by then (for a streaming
 //!   callable: if its stream has not started by then; the chunks may take longer).
+//!   A call may carry the caller's W3C trace context, `"traceparent":"00-<trace>-<span>-01"`:
+//!   the agent's event joins that trace (a malformed one is ignored).
 //! - `{"type":"cancel","id":7}`: gives up on call 7. If it has not run yet it never will; its
 //!   reply is `cancelled` either way.
 //! - `{"type":"message","data":<any JSON>}`: a message for the agent's `on_message`, which
@@ -117,6 +119,23 @@ pub enum ClientFrame<B> {
         id: u64,
         /// How many more chunks the client can take.
         chunks: u32,
+    },
+    /// A call that belongs to a trace: [`Call`](ClientFrame::Call) with the caller's W3C
+    /// `traceparent`. JSON: a `call` frame with a `traceparent` field. Added last, so that the
+    /// other variants keep their postcard tags.
+    TracedCall {
+        /// Chosen by the client; echoed in the reply.
+        id: u64,
+        /// The callable's wire name.
+        method: String,
+        /// The positional arguments, as in `Call`.
+        args: B,
+        /// Relative deadline in milliseconds.
+        #[serde(default)]
+        deadline_ms: Option<u64>,
+        /// `00-<trace id>-<the caller's span id>-<flags>` (see
+        /// [`TraceContext`](crate::trace::TraceContext)); one the server cannot read is ignored.
+        traceparent: String,
     },
 }
 
@@ -292,16 +311,25 @@ impl ClientFrame<Value> {
     /// Parses one text frame of `agents.v1.json`.
     pub fn from_json(text: &str) -> Result<Self, String> {
         let why = |e: String| format!("not a frame of {JSON_PROTOCOL}: {e}");
-        let (kind, mut fields) = untag(text).map_err(why)?;
-        if kind == "call" && !fields.contains_key("args") {
-            fields.insert("args".into(), Value::Array(Vec::new()));
+        let (mut kind, mut fields) = untag(text).map_err(why)?;
+        if kind == "call" {
+            if !fields.contains_key("args") {
+                fields.insert("args".into(), Value::Array(Vec::new()));
+            }
+            if fields.contains_key("traceparent") {
+                kind = "traced_call".into();
+            }
         }
         retag(kind, fields).map_err(why)
     }
 
     /// The text frame of `agents.v1.json`.
     pub fn to_json(&self) -> String {
-        Value::Object(tag(self)).to_string()
+        let mut frame = tag(self);
+        if let ClientFrame::TracedCall { .. } = self {
+            frame.insert("type".into(), "call".into());
+        }
+        Value::Object(frame).to_string()
     }
 }
 
@@ -495,6 +523,21 @@ mod tests {
         assert_eq!(cancel[0], 1);
         let credit = to_postcard(&PostcardClientFrame::Credit { id: 7, chunks: 16 });
         assert_eq!(credit[0], 3);
+        // A traced call is a `call` with a `traceparent`, both ways.
+        let traced = r#"{"type":"call","id":7,"method":"add","args":[5],"deadline_ms":null,"traceparent":"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"}"#;
+        let frame = ClientFrame::from_json(traced).unwrap();
+        assert!(
+            matches!(&frame, ClientFrame::TracedCall { id: 7, traceparent, .. } if traceparent.starts_with("00-4bf9"))
+        );
+        assert_eq!(frame.to_json(), traced);
+        let traced = PostcardClientFrame::TracedCall {
+            id: 7,
+            method: "add".into(),
+            args: vec![5],
+            deadline_ms: None,
+            traceparent: String::new(),
+        };
+        assert_eq!(to_postcard(&traced)[0], 4);
         assert!(ClientFrame::from_json(r#"{"type":"teleport"}"#).is_err());
         assert!(ClientFrame::from_json(r#"{"type":"call","id":-1,"method":"x"}"#).is_err());
         assert!(ClientFrame::from_json("[1]").is_err());

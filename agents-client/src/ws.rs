@@ -629,6 +629,7 @@ async fn start(
         call.method.into_owned(),
         call.args,
         deadline_ms,
+        crate::trace::current(),
     )?;
     if out.send(frame).is_err() {
         inner.pending().remove(&id);

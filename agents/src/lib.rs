@@ -97,6 +97,7 @@ mod schedule;
 mod server;
 mod storage;
 mod stream;
+mod telemetry;
 pub mod testing;
 mod ws;
 

@@ -20,7 +20,7 @@ use crate::{
     error::Error,
     registry::{CallEvent, Chain, Event, ReplyTo, Shared},
 };
-use agents_client::{Payload, RawError};
+use agents_client::{trace::TraceContext, Payload, RawError};
 use axum::{http::StatusCode, response::IntoResponse};
 
 /// The close code of a normal closure.
@@ -65,6 +65,8 @@ pub(crate) struct ConnCall {
     pub conn: ConnId,
     /// Who made it, as the admission hook said.
     pub principal: Option<Arc<str>>,
+    /// The trace it belongs to, as the caller said.
+    pub trace: Option<TraceContext>,
 }
 
 /// The limits a front end keeps for its connections.
@@ -143,7 +145,7 @@ impl Door {
         let event = Event::Call(Box::new(CallEvent {
             inv: Invocation::remote(call.method, call.args),
             reply: ReplyTo::Port(call.reply),
-            chain: Chain::default(),
+            chain: call.trace.map(Chain::in_trace).unwrap_or_default(),
             deadline: Some(call.deadline),
             received: std::time::Instant::now(),
             conn: Some(call.conn),

@@ -13,7 +13,7 @@ use std::{
     time::Duration,
 };
 
-use agents_client::{BoxFuture, Payload, RawError};
+use agents_client::{trace::TraceContext, BoxFuture, Payload, RawError};
 use tokio::{
     sync::{
         mpsc::{self, error::TrySendError},
@@ -193,53 +193,17 @@ impl Event {
 
 /// The chain of agents waiting on a call, innermost last. Calls carry it so that a call back
 /// into any of them (a cycle, which would deadlock) fails at once. It also carries the trace
-/// the calls belong to: an event nobody waits on starts one, calls made while it runs join it.
+/// context the calls are made in: the running event's (see `trace`), or a caller's.
 #[derive(Clone, Default)]
 pub(crate) struct Chain {
     /// The innermost agent, and those before it.
     last: Option<Arc<Link>>,
-    trace: Option<TraceId>,
+    trace: Option<TraceContext>,
 }
 
 struct Link {
     key: AgentKey,
     prev: Option<Arc<Link>>,
-}
-
-/// A trace's id: 128 random bits, written as 32 hex digits (as W3C trace context writes them),
-/// the `trace` field of every event's span.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub(crate) struct TraceId(u128);
-
-impl TraceId {
-    /// The trace of a W3C `traceparent` header (`00-<32 hex trace>-<16 hex parent>-<2 hex
-    /// flags>`), if it is one (an all-zero trace id is not).
-    pub fn from_traceparent(header: &str) -> Option<Self> {
-        let mut parts = header.trim().split('-');
-        let (version, trace) = (parts.next()?, parts.next()?);
-        let hex = |s: &str| s.bytes().all(|b| b.is_ascii_hexdigit());
-        let valid = version.len() == 2 && trace.len() == 32 && hex(trace);
-        let id = u128::from_str_radix(trace, 16).ok().filter(|_| valid)?;
-        (id != 0).then_some(TraceId(id))
-    }
-
-    fn new() -> Self {
-        use std::hash::{BuildHasher, Hasher};
-        // Each `RandomState` is seeded from the OS's randomness (then incremented): two hashes
-        // of nothing make 128 bits no two traces share in practice.
-        let half = || {
-            std::collections::hash_map::RandomState::new()
-                .build_hasher()
-                .finish()
-        };
-        TraceId(u128::from(half()) << 64 | u128::from(half()))
-    }
-}
-
-impl fmt::Display for TraceId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:032x}", self.0)
-    }
 }
 
 tokio::task_local! {
@@ -255,34 +219,41 @@ impl Chain {
         CURRENT.try_with(Chain::clone).unwrap_or_default()
     }
 
-    /// Runs `handler` with this chain as [`current`](Chain::current).
+    /// Runs `handler` with this chain as [`current`](Chain::current), and its trace context
+    /// as `agents_client::trace::current` (which network clients send along).
     pub fn scope<F: Future>(self, handler: F) -> impl Future<Output = F::Output> {
-        CURRENT.scope(self, handler)
+        let trace = self.trace.unwrap_or_else(TraceContext::root);
+        CURRENT.scope(self, agents_client::trace::scope(trace, handler))
     }
 
-    /// This chain with `key` last: an event of `key` on behalf of this chain's agents, in
-    /// their trace (or a new one, if nobody waits).
+    /// This chain with `key` last: an event of `key` on behalf of this chain's agents, made
+    /// in their trace context (if any).
     pub fn push(&self, key: AgentKey) -> Chain {
         Chain {
             last: Some(Arc::new(Link {
                 key,
                 prev: self.last.clone(),
             })),
-            trace: Some(self.trace.unwrap_or_else(TraceId::new)),
+            trace: self.trace,
         }
     }
 
-    /// No agent waits, but the call belongs to `trace` (a caller's over the network).
-    pub fn in_trace(trace: TraceId) -> Chain {
+    /// No agent waits, but the call is made in `trace` (a caller's over the network).
+    pub fn in_trace(trace: TraceContext) -> Chain {
         Chain {
             last: None,
             trace: Some(trace),
         }
     }
 
-    /// The trace the calls of this chain belong to (`None`: a new one starts).
-    pub fn trace(&self) -> Option<TraceId> {
+    /// The trace context the calls of this chain are made in (`None`: none yet).
+    pub fn trace(&self) -> Option<TraceContext> {
         self.trace
+    }
+
+    /// Calls made from now on are made in `trace` (the running event's own context).
+    pub fn set_trace(&mut self, trace: TraceContext) {
+        self.trace = Some(trace);
     }
 
     fn iter(&self) -> impl Iterator<Item = &AgentKey> {
@@ -614,37 +585,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_traceparent_gives_its_trace_and_anything_else_none() {
-        let trace =
-            TraceId::from_traceparent("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01");
-        assert_eq!(
-            trace.map(|t| t.to_string()).as_deref(),
-            Some("4bf92f3577b34da6a3ce929d0e0e4736")
-        );
-        for bad in [
-            "",
-            "00",
-            "00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01",
-            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
-            "00-4bf92f3577b34da6a3ce929d0e0e47zz-00f067aa0ba902b7-01",
-            "000-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
-            "00-+bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
-        ] {
-            assert_eq!(TraceId::from_traceparent(bad), None, "{bad:?}");
-        }
-    }
-
-    #[test]
-    fn a_chain_keeps_its_trace_and_a_new_one_starts_its_own() {
+    fn a_chain_keeps_its_trace() {
         let key = |n: &str| AgentKey::new("relay", n).unwrap();
-        let root = Chain::default().push(key("a"));
+        let mut root = Chain::default().push(key("a"));
+        assert!(root.trace().is_none());
+        let context = TraceContext::root();
+        root.set_trace(context);
         let inner = root.push(key("b"));
-        assert!(root.trace().is_some());
-        assert_eq!(inner.trace(), root.trace());
+        assert_eq!(inner.trace(), Some(context));
         assert!(inner.contains(&key("a")) && inner.contains(&key("b")));
-        assert_ne!(Chain::default().push(key("a")).trace(), root.trace());
-        let joined = Chain::in_trace(root.trace().unwrap()).push(key("c"));
-        assert_eq!(joined.trace(), root.trace());
+        let joined = Chain::in_trace(context).push(key("c"));
+        assert_eq!(joined.trace(), Some(context));
         assert!(
             !joined.contains(&key("a")),
             "a trace is not a chain of waiting agents"

@@ -27,7 +27,7 @@
 
 use std::net::SocketAddr;
 
-use agents_client::{protocol, ErrorKind, OutgoingCall, Payload, RawError};
+use agents_client::{protocol, trace::TraceContext, ErrorKind, OutgoingCall, Payload, RawError};
 use axum::{
     body::Bytes,
     extract::{ws::WebSocketUpgrade, FromRequestParts, Path, Request, State},
@@ -43,7 +43,7 @@ use crate::{
     agent::{AgentClass, Principal},
     error::Error,
     front, origins,
-    registry::{Chain, Class, Event, TraceId},
+    registry::{Chain, Class, Event},
     runtime::{call_value, Caller, Runtime},
     ws,
 };
@@ -265,7 +265,7 @@ async fn call_agent(runtime: Runtime, key: AgentKey, method: String, request: Re
         .headers
         .get("traceparent")
         .and_then(|v| v.to_str().ok())
-        .and_then(TraceId::from_traceparent);
+        .and_then(TraceContext::from_traceparent);
     let args = match serde_json::from_slice::<serde_json::Value>(&body) {
         Ok(args @ serde_json::Value::Array(_)) => args,
         Ok(other) => {

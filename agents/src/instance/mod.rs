@@ -47,6 +47,7 @@ use crate::{
     runtime::{call_value, Caller},
     schedule::{self, AlarmInfo},
     storage::{self, blocking, Stored},
+    telemetry,
 };
 use batching::Batching;
 use index::{AlarmEntry, Raise};
@@ -63,7 +64,9 @@ pub(crate) fn spawn<A: AgentClass>(
     generation: u64,
     rx: mpsc::Receiver<Event>,
 ) {
-    let span = tracing::debug_span!("agent", class = key.class(), name = key.name());
+    // A root: an agent outlives the event that woke it (a child span would hold its parent
+    // open, and an exporter would never see that event end).
+    let span = tracing::debug_span!(parent: None, "agent", class = key.class(), name = key.name());
     let metrics = shared.metrics.class(key.class());
     let instance = Instance::<A> {
         agent: None,
@@ -714,18 +717,11 @@ impl<A: AgentClass> Instance<A> {
             principal,
         } = cause;
         self.ctx.turn = Turn::new(self.ctx.key(), &waiting, caller, principal, effects);
-        // The event's span: calls it makes carry its trace (see `Chain`), so a request's path
-        // through several agents shares one `trace`.
-        // (Its fields are evaluated only if a subscriber wants the span.)
-        let (key, trace) = (self.ctx.key(), self.ctx.turn.chain.trace());
-        let span = tracing::info_span!(
-            "event",
-            class = key.class(),
-            name = key.name(),
-            method = work.method(),
-            trace = %trace.map(|t| t.to_string()).unwrap_or_default(),
-            outcome = tracing::field::Empty,
-        );
+        // The event's span, and its trace context: the calls it makes carry it (see
+        // `telemetry`), so a request's path through several agents is one trace.
+        let parent = self.ctx.turn.chain.trace();
+        let (span, context) = telemetry::event_span(self.ctx.key(), work.method(), parent);
+        self.ctx.turn.chain.set_trace(context);
         let started = self.ensure_started().await;
         let started = started.and_then(|()| savepoint(self.ctx.sql()));
         let result = match started {

@@ -337,6 +337,7 @@ impl Connection {
                     method,
                     args,
                     deadline_ms,
+                    trace,
                 }) => {
                     let timeout = deadline_ms.map_or(limits.call_timeout, Duration::from_millis);
                     let deadline = deadline_in(timeout);
@@ -355,6 +356,7 @@ impl Connection {
                         deadline,
                         conn: self.conn.clone(),
                         principal: self.principal.clone(),
+                        trace,
                     };
                     let routed = self.wing.door.call(&self.key, call);
                     self.waiting(routed, &mut timer, &calls, out).await;

@@ -4,6 +4,7 @@
 
 use agents_client::{
     protocol::{self, Body, ClientFrame, ServerFrame, WireError},
+    trace::TraceContext,
     Payload, RawError,
 };
 use axum::extract::ws::{CloseFrame, Message};
@@ -26,6 +27,8 @@ pub(super) enum Incoming {
         method: String,
         args: Payload,
         deadline_ms: Option<u64>,
+        /// The caller's trace context, if it sent one it could read.
+        trace: Option<TraceContext>,
     },
     Cancel {
         id: u64,
@@ -158,7 +161,10 @@ impl Protocol {
             }
             (Protocol::Json, Message::Text(text)) => {
                 match ClientFrame::<Value>::from_json(text.as_str())? {
-                    ClientFrame::Call { id, args, .. } if !args.is_array() => {
+                    ClientFrame::Call { id, args, .. }
+                    | ClientFrame::TracedCall { id, args, .. }
+                        if !args.is_array() =>
+                    {
                         Ok(Incoming::Refused {
                             id,
                             error: RawError::bad_args(format!(
@@ -211,6 +217,20 @@ fn incoming<B: Body>(
             method,
             args: args.into_payload(),
             deadline_ms,
+            trace: None,
+        },
+        ClientFrame::TracedCall {
+            id,
+            method,
+            args,
+            deadline_ms,
+            traceparent,
+        } => Incoming::Call {
+            id,
+            method,
+            args: args.into_payload(),
+            deadline_ms,
+            trace: TraceContext::from_traceparent(&traceparent),
         },
         ClientFrame::Cancel { id } => Incoming::Cancel { id },
         ClientFrame::Credit { id, chunks } => Incoming::Credit { id, chunks },
