@@ -271,7 +271,7 @@ pub fn backup(dir: &str, dest: &str) -> Result<(), Failed> {
     let dir = open(dir)?;
     let locked = dir.lock().map_err(|e| match e {
         agents::Error::DataDirInUse { .. } => format!(
-            "{e}: a runtime that serves its data dir backs it up itself, with Runtime::backup (this command copies a data dir no runtime serves)"
+            "{e}: a runtime that serves its data dir backs it up itself (`agents backup URL DEST` through its admin routes, or Runtime::backup); this form copies a data dir no runtime serves"
         ),
         e => e.to_string(),
     })?;

@@ -9,6 +9,8 @@
 //! agents discard DIR CLASS/NAME ID               delete a dead letter
 //! agents rm DIR CLASS/NAME                       remove an agent
 //! agents backup DIR DEST                         back the data dir up into DEST
+//! agents backup URL DEST                         a running server backs itself up into DEST
+//!                                                (a directory on its machine)
 //! agents restore BACKUP DIR                      restore a backup into a new data dir
 //! agents call URL CLASS/NAME METHOD [ARGS]       call a method on a running server (ARGS: a
 //!                                                JSON array)
@@ -17,8 +19,9 @@
 //!
 //! Reading is safe while a runtime serves the data dir (a live agent's database is refused
 //! until it hibernates); changing it (`retry`, `discard`, `rm`) is refused while a runtime
-//! serves it: stop the runtime first. So is `backup`: a runtime backs itself up while it
-//! serves (`Runtime::backup`). See `agents::inspect`.
+//! serves it: stop the runtime first. So is `backup DIR`: a runtime backs itself up while it
+//! serves (`Runtime::backup`, `agents backup URL`, through its admin routes). See
+//! `agents::inspect`. The commands on a server send `AGENTS_TOKEN`, if set, as a bearer token.
 
 mod local;
 mod remote;
@@ -33,6 +36,7 @@ const USAGE: &str = "usage:
   agents discard DIR CLASS/NAME DEAD_LETTER_ID
   agents rm DIR CLASS/NAME
   agents backup DIR DEST
+  agents backup URL DEST
   agents restore BACKUP DIR
   agents call URL CLASS/NAME METHOD [ARGS_AS_A_JSON_ARRAY]
   agents tail URL CLASS/NAME";
@@ -75,6 +79,7 @@ fn run(args: Args) -> Result<(), Failed> {
         ["retry", dir, agent, id] => local::retry(dir, address(agent)?, id),
         ["discard", dir, agent, id] => local::discard(dir, address(agent)?, id),
         ["rm", dir, agent] => local::rm(dir, address(agent)?),
+        ["backup", url, dest] if url.contains("://") => remote::backup(url, dest),
         ["backup", dir, dest] => local::backup(dir, dest),
         ["restore", backup, dir] => local::restore(backup, dir),
         ["call", url, agent, method] => remote::call(url, address(agent)?, method, "[]"),

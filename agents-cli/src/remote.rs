@@ -1,4 +1,6 @@
-//! The commands on a running server: `call` and `tail`, over a WebSocket with the JSON codec.
+//! The commands on a running server: `call` and `tail`, over a WebSocket with the JSON codec,
+//! and `backup`, over HTTP (`POST /admin/backup`). A token in `AGENTS_TOKEN` is sent as
+//! `Authorization: Bearer ..` (what the server's admission or admin hook checks).
 
 use std::sync::Arc;
 
@@ -46,8 +48,16 @@ fn tokio() -> Result<tokio::runtime::Runtime, Failed> {
         .map_err(|e| format!("cannot start: {e}"))
 }
 
+/// The token to send, if the user gave one.
+fn token() -> Option<String> {
+    std::env::var("AGENTS_TOKEN").ok().filter(|t| !t.is_empty())
+}
+
 async fn connect(url: &str) -> Result<ClientCore, Failed> {
-    let options = ConnectOptions::new().codec(Codec::Json);
+    let mut options = ConnectOptions::new().codec(Codec::Json);
+    if let Some(token) = token() {
+        options = options.bearer(token);
+    }
     let transport = WsTransport::connect_with(url, options)
         .await
         .map_err(|e| e.to_string())?;
@@ -101,4 +111,64 @@ pub fn tail(base: &str, agent: (&str, &str)) -> Result<(), Failed> {
             }
         }
     })
+}
+
+/// `agents backup URL DEST`: the server at `URL` backs its data dir up into `DEST`, a directory
+/// on its own machine, while it serves (its admin routes must be on). Prints the server's
+/// report.
+pub fn backup(base: &str, dest: &str) -> Result<(), Failed> {
+    let Some(rest) = base.strip_prefix("http://") else {
+        return Err(format!(
+            "`{base}`: a backup is asked for over plain HTTP (http://HOST:PORT); for a server \
+             behind TLS, run this on its machine against its own port"
+        ));
+    };
+    let (host, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+    let prefix = prefix.trim_end_matches('/');
+    let path = if prefix.is_empty() {
+        "/admin/backup".to_owned()
+    } else {
+        format!("/{prefix}/admin/backup")
+    };
+    let body = serde_json::json!({ "dest": dest }).to_string();
+    let auth = token().map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    let request = format!(
+        "POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n{auth}Connection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let response = tokio()?.block_on(async {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(host)
+            .await
+            .map_err(|e| format!("cannot reach {host}: {e}"))?;
+        stream
+            .write_all(request.as_bytes())
+            .await
+            .map_err(|e| format!("cannot send to {host}: {e}"))?;
+        let mut response = Vec::new();
+        stream
+            .read_to_end(&mut response)
+            .await
+            .map_err(|e| format!("no answer from {host}: {e}"))?;
+        Ok::<_, Failed>(String::from_utf8_lossy(&response).into_owned())
+    })?;
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    let status = head.split(' ').nth(1).unwrap_or_default();
+    match status {
+        "200" => {
+            println!("{body}");
+            Ok(())
+        }
+        "404" => Err(format!(
+            "{base} has no admin routes (the server turns them on with Builder::admin)"
+        )),
+        _ => {
+            let why = serde_json::from_str::<Value>(body)
+                .ok()
+                .and_then(|v| v["error"].as_str().map(str::to_owned))
+                .unwrap_or_else(|| body.trim().to_owned());
+            Err(format!("the server refused ({status}): {why}"))
+        }
+    }
 }

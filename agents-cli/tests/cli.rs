@@ -58,10 +58,17 @@ impl Shop {
 
 /// Runs `agents` with `args`.
 fn agents(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_agents"))
-        .args(args)
-        .output()
-        .unwrap()
+    agents_with(None, args)
+}
+
+/// Runs `agents` with `args`, and `token` in `AGENTS_TOKEN`.
+fn agents_with(token: Option<&str>, args: &[&str]) -> Output {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_agents"));
+    command.args(args).env_remove("AGENTS_TOKEN");
+    if let Some(token) = token {
+        command.env("AGENTS_TOKEN", token);
+    }
+    command.output().unwrap()
 }
 
 /// Runs `agents` with `args`, which must succeed; returns its standard output.
@@ -303,4 +310,85 @@ async fn calls_and_tails_a_running_server() {
         .contains("JSON array"));
 
     tail.start_kill().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backs_up_a_running_server_through_its_admin_routes() {
+    let admin = builder().admin(|request| {
+        match request
+            .headers
+            .get("authorization")
+            .and_then(|t| t.to_str().ok())
+        {
+            Some("Bearer s3cret") => Ok(None),
+            _ => Err(agents::refuse(401, "who are you?")),
+        }
+    });
+    let rt = TestRuntime::start(admin).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let serving = rt.runtime().clone();
+    tokio::spawn(async move { serving.serve_on(listener).await });
+    for (shop, item) in [("a", "apple"), ("a", "pear"), ("b", "fig")] {
+        rt.agent::<Shop>(shop).stock(item.into()).await.unwrap();
+    }
+
+    let backups = tempfile::tempdir().unwrap();
+    let dest = backups.path().join("backup");
+    let dest = dest.to_str().unwrap().to_owned();
+    let run = |token: Option<&'static str>, args: Vec<String>| {
+        tokio::task::spawn_blocking(move || {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            agents_with(token, &args)
+        })
+    };
+    let backup = |dest: &str| vec!["backup".to_owned(), url.clone(), dest.to_owned()];
+    let stderr = |out: Output| {
+        assert_eq!(out.status.code(), Some(1), "{out:?}");
+        String::from_utf8(out.stderr).unwrap()
+    };
+
+    // Behind the admin hook, and only into an absolute path.
+    let refused = stderr(run(None, backup(&dest)).await.unwrap());
+    assert!(
+        refused.contains("401") && refused.contains("who are you?"),
+        "{refused}"
+    );
+    let relative = stderr(run(Some("s3cret"), backup("backup")).await.unwrap());
+    assert!(relative.contains("absolute path"), "{relative}");
+
+    // While it serves: every agent, read back after a restore.
+    let out = run(Some("s3cret"), backup(&dest)).await.unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let report = json(&String::from_utf8(out.stdout).unwrap());
+    assert_eq!(report["agents"], 2, "{report}");
+    assert_eq!(report["dest"], dest.as_str());
+    assert_eq!(rt.agent::<Shop>("b").stock("kiwi".into()).await.unwrap(), 2);
+    let restored = backups.path().join("restored");
+    let restored = restored.to_str().unwrap();
+    assert!(ok(&["restore", &dest, restored]).contains("restored 2 agents"));
+    let shown = json(&ok(&["show", restored, "shop/a", "--json"]));
+    assert_eq!(shown["tables"]["items"], 2);
+    let shown = json(&ok(&["show", restored, "shop/b", "--json"]));
+    assert_eq!(
+        shown["tables"]["items"], 1,
+        "what came after the backup is not in it"
+    );
+
+    // A second backup into the same directory is refused; so is a server without admin routes.
+    let again = stderr(run(Some("s3cret"), backup(&dest)).await.unwrap());
+    assert!(again.contains("not empty"), "{again}");
+    let plain = TestRuntime::start(builder()).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let plain_url = format!("http://{}", listener.local_addr().unwrap());
+    let serving = plain.runtime().clone();
+    tokio::spawn(async move { serving.serve_on(listener).await });
+    let other = backups.path().join("other");
+    let args = vec![
+        "backup".to_owned(),
+        plain_url,
+        other.to_str().unwrap().to_owned(),
+    ];
+    let off = stderr(run(Some("s3cret"), args).await.unwrap());
+    assert!(off.contains("has no admin routes"), "{off}");
 }

@@ -4,7 +4,11 @@
 //! - `GET /admin/status`: a page showing live agents, calls per second, latency percentiles,
 //!   schedules due soon and dead letters (it reads `status.json` every second, passing on its
 //!   own query string, so a `?token=..` the hook checks works for both);
-//! - `GET /admin/status.json`: what the page shows.
+//! - `GET /admin/status.json`: what the page shows;
+//! - `POST /admin/backup` with `{"dest": "/an/absolute/dir"}` (`application/json`): an online
+//!   backup ([`Runtime::backup`]) into that directory of the server's machine (new or empty),
+//!   answered with `{"dest":..,"agents":..,"bytes":..,"ms":..}` once it is fsynced (`agents
+//!   backup URL DEST`).
 
 use std::sync::Arc;
 
@@ -12,7 +16,7 @@ use axum::{
     extract::{Request, State},
     http::{header, StatusCode},
     response::{IntoResponse, Response},
-    routing::get,
+    routing::{get, post},
     Json, Router,
 };
 use serde_json::json;
@@ -39,6 +43,7 @@ pub(crate) fn routes() -> Router<Runtime> {
         .route("/admin/metrics", get(metrics))
         .route("/admin/status", get(page))
         .route("/admin/status.json", get(status))
+        .route("/admin/backup", post(backup))
 }
 
 /// Runs the admin hook on `request`: the answer if it may not pass.
@@ -108,6 +113,72 @@ async fn status(State(runtime): State<Runtime>, request: Request) -> Response {
         "dead_letters": dead_letters,
     }))
     .into_response()
+}
+
+/// The body of `POST /admin/backup`.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BackupTo {
+    /// Where the backup goes, on the server's machine: an absolute path.
+    dest: std::path::PathBuf,
+}
+
+async fn backup(State(runtime): State<Runtime>, request: Request) -> Response {
+    let json_body = request
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    let (head, body) = request.into_parts();
+    if let Some(refused) = refused(&runtime, Request::from_parts(head, Default::default())) {
+        return refused;
+    }
+    let bad = |why: String| (StatusCode::BAD_REQUEST, Json(json!({"error": why}))).into_response();
+    if !json_body {
+        // A cross-site form cannot send JSON without asking first (CORS).
+        let why = "the body is `{\"dest\": \"/an/absolute/dir\"}`, sent with `Content-Type: application/json`";
+        return (
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Json(json!({"error": why})),
+        )
+            .into_response();
+    }
+    let Ok(body) = axum::body::to_bytes(body, 64 * 1024).await else {
+        return bad("the body cannot be read, or is larger than 64 KiB".into());
+    };
+    let dest = match serde_json::from_slice::<BackupTo>(&body) {
+        Ok(BackupTo { dest }) if dest.is_absolute() => dest,
+        Ok(BackupTo { dest }) => {
+            return bad(format!(
+                "`dest` must be an absolute path on the server's machine, not {}",
+                dest.display()
+            ))
+        }
+        Err(e) => {
+            return bad(format!(
+                "the body must be {{\"dest\": \"/an/absolute/dir\"}}: {e}"
+            ))
+        }
+    };
+    let started = std::time::Instant::now();
+    match runtime.backup(&dest).await {
+        Ok(report) => Json(json!({
+            "dest": dest,
+            "agents": report.agents,
+            "bytes": report.bytes,
+            "ms": started.elapsed().as_millis() as u64,
+        }))
+        .into_response(),
+        Err(e) => {
+            tracing::error!("backup into {} failed: {e}", dest.display());
+            let why = format!("the backup into {} failed: {e}", dest.display());
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                Json(json!({"error": why})),
+            )
+                .into_response()
+        }
+    }
 }
 
 async fn page(State(runtime): State<Runtime>, request: Request) -> Response {
