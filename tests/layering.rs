@@ -26,6 +26,8 @@ const CORE: &[&str] = &[
     "lock",
     "port",
     "registry",
+    "replica",
+    "cluster",
     "schedule",
     "storage",
     "telemetry",

@@ -80,6 +80,8 @@ mod alarms;
 mod backup;
 mod catalog;
 mod clock;
+#[cfg(feature = "cluster")]
+mod cluster;
 mod conn;
 mod context;
 mod error;
@@ -92,6 +94,8 @@ mod metrics;
 mod origins;
 mod port;
 mod registry;
+#[cfg(feature = "cluster")]
+mod replica;
 mod runtime;
 mod schedule;
 mod server;
