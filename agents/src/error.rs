@@ -63,6 +63,9 @@ pub enum Error {
     /// try again later.
     #[error("overloaded: {0}")]
     Overloaded(String),
+    /// Cluster mode: the agent is another node's (or moved to one while this node wrote).
+    #[error("{0}")]
+    Moved(String),
 }
 
 /// `Result` with the runtime's [`Error`].
@@ -79,6 +82,7 @@ impl Error {
                 | Error::Schedule(_)
                 | Error::Shutdown
                 | Error::Overloaded(_)
+                | Error::Moved(_)
         )
     }
 
@@ -90,7 +94,7 @@ impl Error {
             Error::InvalidAddress(_) | Error::UnknownClass(_) => {
                 agents_client::RawError::bad_args(self)
             }
-            Error::Overloaded(why) => {
+            Error::Overloaded(why) | Error::Moved(why) => {
                 agents_client::RawError::new(agents_client::ErrorKind::Overloaded, why.clone())
             }
             e if e.is_internal() => agents_client::RawError::internal(hidden(doing, e)),

@@ -63,6 +63,19 @@ pub(crate) trait CommitGate: Send + Sync + 'static {
 
     /// Makes what `committed` describes durable (and every batch before it).
     fn make_durable(&self, committed: &Committed) -> Result<(), Error>;
+
+    /// The database was checkpointed (its file holds everything committed, its WAL is empty):
+    /// a replicator stores it as a snapshot. Blocking.
+    fn checkpointed(&self) -> Result<(), Error> {
+        Ok(())
+    }
+
+    /// Whether the agent's local database stopped being the durable state's copy (a batch
+    /// it committed was refused, or may not have been kept): the instance must close it and
+    /// drop it.
+    fn is_lost(&self) -> bool {
+        false
+    }
 }
 
 /// Durable once the database's WAL is fsynced (`Durability::Full`).

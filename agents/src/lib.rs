@@ -183,6 +183,8 @@ pub use axum;
 pub use backup::BackupReport;
 pub use catalog::AgentInfo;
 pub use clock::Clock;
+#[cfg(feature = "cluster")]
+pub use cluster::ClusterOptions;
 pub use conn::{Conn, ConnId, Protocol, WsMessage};
 pub use context::Ctx;
 pub use error::{Error, Result};

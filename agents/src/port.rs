@@ -25,6 +25,9 @@ use axum::{http::StatusCode, response::IntoResponse};
 
 /// The close code of a normal closure.
 pub(crate) const NORMAL_CLOSURE: u16 = 1000;
+/// The close code of a socket whose agent moved to another node: reconnect (1012, "service
+/// restart").
+pub(crate) const SERVICE_RESTART: u16 = 1012;
 
 /// The connections of every agent, live or hibernating.
 pub(crate) trait Connections: Send + Sync + 'static {

@@ -365,6 +365,9 @@ pub(crate) struct Shared {
     /// The runtime's handle, for code that runs inside it (`ctx.runtime()`); weak, so that
     /// dropping the last `Runtime` still shuts it down.
     pub handle: std::sync::OnceLock<std::sync::Weak<crate::runtime::Handle>>,
+    /// Cluster mode: this node.
+    #[cfg(feature = "cluster")]
+    pub cluster: Option<Arc<crate::cluster::Node>>,
 }
 
 impl Shared {
@@ -390,6 +393,8 @@ impl Shared {
             opening: Semaphore::new(opening_at_once()),
             sockets,
             handle: Default::default(),
+            #[cfg(feature = "cluster")]
+            cluster: None,
         }
     }
 

@@ -9,9 +9,6 @@
 //! frame writes its page at `(page number - 1) × page size`; a commit frame also sets the file's
 //! length. A frame range the gate is told of always ends with a commit frame.
 
-// Used by the cluster's commit gate, wired into the runtime in the next step.
-#![cfg_attr(not(test), allow(dead_code))]
-
 use std::{
     fs::File,
     io::{self, Read, Seek, SeekFrom},
@@ -35,19 +32,6 @@ pub(crate) struct ChangeSet {
 }
 
 impl ChangeSet {
-    /// How many frames it holds.
-    pub fn len(&self) -> usize {
-        match self.page_size {
-            0 => 0,
-            size => self.frames.len() / (FRAME_HEADER + size as usize),
-        }
-    }
-
-    /// Whether it holds no frame.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// Checks that it is whole frames of a plausible page size and ends with a commit frame
     /// (what a change set read by [`read_frames`] always is).
     pub fn check(&self) -> io::Result<()> {
@@ -173,7 +157,7 @@ mod tests {
             sets.push(read_frames(&wal, shipped..end).unwrap());
             shipped = end;
         }
-        assert!(sets.iter().all(|s| !s.is_empty()));
+        assert!(sets.iter().all(|s| !s.frames.is_empty()));
 
         let db = std::fs::OpenOptions::new()
             .write(true)
@@ -217,6 +201,5 @@ mod tests {
             frames: vec![0; 24 + 512],
         };
         assert!(open.check().is_err());
-        assert_eq!(open.len(), 1);
     }
 }

@@ -57,6 +57,8 @@ pub struct Builder {
     /// The HTTP front's settings.
     front: Front,
     error: Option<String>,
+    #[cfg(feature = "cluster")]
+    cluster: Option<crate::cluster::ClusterOptions>,
 }
 
 impl Default for Builder {
@@ -79,6 +81,8 @@ impl Default for Builder {
             classes: HashMap::new(),
             front: Front::default(),
             error: None,
+            #[cfg(feature = "cluster")]
+            cluster: None,
         }
     }
 }
@@ -110,6 +114,17 @@ impl Builder {
     /// write reaches the OS ([`Durability::Normal`]).
     pub fn durability(mut self, durability: Durability) -> Self {
         self.config.durability = durability;
+        self
+    }
+
+    /// Cluster mode (feature `cluster`): this runtime is one node of several on one
+    /// PostgreSQL database, and each agent lives on one of them at a time, its durable state
+    /// in PostgreSQL (see the README's "Beyond one machine"). The data dir holds this node's
+    /// copies of the agents it serves; [`durability`](Builder::durability) no longer applies
+    /// (a batch is durable once PostgreSQL has it).
+    #[cfg(feature = "cluster")]
+    pub fn cluster(mut self, options: crate::cluster::ClusterOptions) -> Self {
+        self.cluster = Some(options);
         self
     }
 
@@ -344,7 +359,13 @@ impl Builder {
         let unregistered = unregistered(&catalog, |class| self.classes.contains_key(class))?;
         let metrics = Metrics::new();
         let sockets = Arc::new(Sockets::new(metrics.wing()));
-        let shared = Shared::new(
+        #[cfg(feature = "cluster")]
+        if self.cluster.is_some() {
+            // The local copies need no syncs: a batch is durable once PostgreSQL has it.
+            config.durability = Durability::Normal;
+        }
+        #[allow(unused_mut)]
+        let mut shared = Shared::new(
             config,
             alarms,
             catalog,
@@ -353,6 +374,10 @@ impl Builder {
             sockets.clone(),
             dir_lock,
         );
+        #[cfg(feature = "cluster")]
+        {
+            shared.cluster = self.cluster.map(crate::cluster::Node::start);
+        }
         let shared = Arc::new(shared);
         if timer {
             // Overdue alarms (say, from before a restart) fire as soon as the timer starts.
@@ -708,6 +733,10 @@ impl Runtime {
             Ok(())
         });
         let _ = flushed.await;
+        #[cfg(feature = "cluster")]
+        if let Some(node) = &shared.cluster {
+            node.leave().await;
+        }
         // Another runtime may open the data dir now.
         drop(lock(&shared.dir_lock).take());
     }

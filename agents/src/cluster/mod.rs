@@ -4,23 +4,494 @@
 //! membership is a lease per node, ownership a compare-and-set that bumps the agent's epoch,
 //! and an agent's durable state is its SQLite change log (the WAL frames its batches
 //! committed, `replica`), appended under the epoch's fence, with snapshots that bound what a
-//! restore replays. The runtime reaches it through its seams: the commit gate (a batch is
-//! durable once its frames are appended), the registry's routing (an agent another node owns
-//! is reached there) and the alarm index.
+//! restore replays. The runtime reaches it through its seams:
+//! - activation: before an agent's database opens, the node takes the agent ([`Node::activate`]);
+//!   if the epoch moved (another node or nobody had it), the local file is rebuilt from
+//!   PostgreSQL first; if a live node has it, the event fails with `Error::Moved`;
+//! - the commit gate ([`LogGate`]): a batch is durable once its frames are appended in
+//!   PostgreSQL under the fence; the appends of every agent of the node share statements
+//!   (`Shipper`); a refused append (the agent moved) or a failed one marks the agent lost: its
+//!   replies fail, and its local copy is dropped;
+//! - checkpoints: the checkpointed file is stored as a snapshot, and the log before it goes.
 //!
-//! The protocol's safety rests on two statements of `store`, checked against a real
-//! PostgreSQL (the tests below) and, under random delays, pauses and crashes, against a model
-//! (`tests/cluster_model.rs`): a take bumps the epoch only when the owner's lease expired, and
-//! an append locks the owner row and keeps a set only at the current epoch.
-
-// The runtime's side (activation, the commit gate, routing) comes in the next step; until
-// then only the tests use these.
-#![cfg_attr(not(test), allow(dead_code))]
+//! The local database is a cache: its WAL is not fsynced (`Durability` is `Normal` locally).
 
 mod store;
 
-#[allow(unused_imports)]
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    sync::{
+        atomic::{AtomicBool, AtomicI64, Ordering},
+        Arc, Mutex,
+    },
+    time::Duration,
+};
+
+use tokio::sync::{mpsc, oneshot, OnceCell};
+
+use crate::{
+    address::AgentKey,
+    error::Error,
+    gate::{CommitGate, Committed},
+    lock::lock,
+    replica::{self, ChangeSet},
+    storage,
+};
 pub(crate) use store::{Append, Owner, Store, StoreError};
+
+/// Cluster mode's settings (feature `cluster`), for [`Builder::cluster`](crate::Builder::cluster).
+#[derive(Debug, Clone)]
+pub struct ClusterOptions {
+    postgres: String,
+    advertise: String,
+    lease: Duration,
+}
+
+impl ClusterOptions {
+    /// Nodes that share the PostgreSQL database `postgres` (a connection string:
+    /// `host=10.0.0.2 user=agents dbname=agents`, or `postgres://agents@10.0.0.2/agents`);
+    /// this node is reached by the others at `advertise` (`host:port` of its server).
+    pub fn new(postgres: impl Into<String>, advertise: impl Into<String>) -> Self {
+        ClusterOptions {
+            postgres: postgres.into(),
+            advertise: advertise.into(),
+            lease: Duration::from_secs(10),
+        }
+    }
+
+    /// How long this node's lease lasts without renewal (default 10 s; renewed every third of
+    /// it): when it lapses, other nodes take its agents.
+    pub fn lease(mut self, ttl: Duration) -> Self {
+        self.lease = ttl;
+        self
+    }
+}
+
+/// This node: its membership, the agents it owns, and its connections to PostgreSQL.
+pub(crate) struct Node {
+    id: String,
+    options: ClusterOptions,
+    /// For takes, restores and the lease (connected, migrated and registered on first use).
+    store: OnceCell<Store>,
+    /// Appends and snapshots, batched across agents.
+    shipper: mpsc::UnboundedSender<Job>,
+    /// The agents this node has taken, by address (kept while hibernated: a take that finds
+    /// the epoch unchanged reuses the local file).
+    owned: Mutex<HashMap<AgentKey, Arc<AgentLog>>>,
+}
+
+/// One agent's log as its owner writes it.
+pub(crate) struct AgentLog {
+    key: AgentKey,
+    epoch: i64,
+    /// The last sequence number appended.
+    last_seq: AtomicI64,
+    /// A new agent: its first append stores its file as the snapshot everything applies to.
+    needs_base: AtomicBool,
+    /// Its append was refused (it moved) or failed: nothing more is appended, and its local
+    /// copy must go.
+    lost: AtomicBool,
+}
+
+impl AgentLog {
+    /// Whether this agent was lost to this node (see `lost`).
+    pub fn is_lost(&self) -> bool {
+        self.lost.load(Ordering::Acquire)
+    }
+}
+
+impl Node {
+    /// Starts the node: connects (on first use), registers, renews its lease.
+    pub fn start(options: ClusterOptions) -> Arc<Node> {
+        let id = format!("{:016x}", random());
+        let (shipper, jobs) = mpsc::unbounded_channel();
+        let node = Arc::new(Node {
+            id,
+            options,
+            store: OnceCell::new(),
+            shipper,
+            owned: Mutex::default(),
+        });
+        tokio::spawn(ship(node.options.postgres.clone(), node.id.clone(), jobs));
+        let renewing = Arc::downgrade(&node);
+        tokio::spawn(async move {
+            loop {
+                let Some(node) = renewing.upgrade() else {
+                    return;
+                };
+                let every = node.options.lease / 3;
+                if let Err(e) = node.renew().await {
+                    tracing::warn!(
+                        "cluster: the lease of node {} was not renewed: {e}",
+                        node.id
+                    );
+                }
+                drop(node);
+                tokio::time::sleep(every).await;
+            }
+        });
+        node
+    }
+
+    /// The connection for takes and the lease, once it is registered.
+    async fn store(&self) -> Result<&Store, Error> {
+        self.store
+            .get_or_try_init(|| async {
+                let store = Store::connect(&self.options.postgres).await?;
+                store.migrate().await?;
+                store
+                    .register(&self.id, &self.options.advertise, self.options.lease)
+                    .await?;
+                Ok::<_, StoreError>(store)
+            })
+            .await
+            .map_err(pg)
+    }
+
+    /// Renews the lease; one that lapsed is taken again (an agent another node took
+    /// meanwhile is fenced off: this node's appends for it are refused).
+    async fn renew(&self) -> Result<(), Error> {
+        let store = self.store().await?;
+        if !store
+            .renew(&self.id, self.options.lease)
+            .await
+            .map_err(pg)?
+        {
+            tracing::warn!(
+                "cluster: node {}'s lease had lapsed; registering again",
+                self.id
+            );
+            store
+                .register(&self.id, &self.options.advertise, self.options.lease)
+                .await
+                .map_err(pg)?;
+        }
+        Ok(())
+    }
+
+    /// Ends the lease now (the node stops): other nodes take its agents at once.
+    pub async fn leave(&self) {
+        if let Some(store) = self.store.get() {
+            if let Err(e) = store
+                .register(&self.id, &self.options.advertise, Duration::ZERO)
+                .await
+            {
+                tracing::warn!("cluster: node {} could not end its lease: {e}", self.id);
+            }
+        }
+    }
+
+    /// Takes `key` before its database at `path` opens: rebuilds the file from PostgreSQL if
+    /// another node (or nobody) had it; `Error::Moved` if a live node has it.
+    pub async fn activate(&self, key: &AgentKey, path: &Path) -> Result<Arc<AgentLog>, Error> {
+        let store = self.store().await?;
+        let (epoch, moved) = match store.take(&self.id, key).await.map_err(pg)? {
+            Owner::Me { epoch, moved } => (epoch, moved),
+            Owner::Other { addr, .. } if addr.is_empty() => {
+                return Err(Error::Moved(format!(
+                    "{key} cannot be taken: this node's lease has lapsed"
+                )))
+            }
+            Owner::Other { addr, .. } => {
+                return Err(Error::Moved(format!(
+                    "{key} is served by the node at {addr}"
+                )))
+            }
+        };
+        if !moved {
+            let kept = lock(&self.owned).get(key).cloned();
+            if let Some(log) = kept.filter(|l| l.epoch == epoch && !l.is_lost() && path.exists()) {
+                return Ok(log);
+            }
+        }
+        let restored = store.restore(key).await.map_err(pg)?;
+        let (file, last_seq) = (path.to_owned(), restored.last_seq());
+        let needs_base = restored.image.is_none();
+        if needs_base && !restored.sets.is_empty() {
+            return Err(Error::Internal(format!(
+                "{key}'s log in PostgreSQL has no snapshot to apply it to"
+            )));
+        }
+        storage::blocking(move || rebuild(&file, restored.image, &restored.sets)).await?;
+        let log = Arc::new(AgentLog {
+            key: key.clone(),
+            epoch,
+            last_seq: AtomicI64::new(last_seq),
+            needs_base: AtomicBool::new(needs_base),
+            lost: AtomicBool::new(false),
+        });
+        lock(&self.owned).insert(key.clone(), log.clone());
+        Ok(log)
+    }
+
+    /// Forgets `key` (its local copy was dropped).
+    pub fn forget(&self, key: &AgentKey) {
+        lock(&self.owned).remove(key);
+    }
+
+    /// The commit gate of `log`'s agent, whose database is at `path`.
+    pub fn gate(self: &Arc<Self>, log: Arc<AgentLog>, path: &Path) -> LogGate {
+        LogGate {
+            log,
+            shipper: self.shipper.clone(),
+            db: path.to_owned(),
+            wal: path.with_extension("sqlite-wal"),
+        }
+    }
+}
+
+/// Replaces the local files of a database at `path` with `image` and `sets` applied to it
+/// (none: no file, a new agent). Blocking.
+fn rebuild(path: &Path, image: Option<Vec<u8>>, sets: &[(i64, ChangeSet)]) -> Result<(), Error> {
+    for file in [
+        path.with_extension("sqlite-wal"),
+        path.with_extension("sqlite-shm"),
+    ] {
+        match std::fs::remove_file(&file) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(storage::io(&file)(e))
+            }
+            _ => {}
+        }
+    }
+    let Some(image) = image else {
+        return match std::fs::remove_file(path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(storage::io(path)(e)),
+            _ => Ok(()),
+        };
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(storage::io(dir))?;
+    }
+    let making = path.with_extension("sqlite-restoring");
+    let file = std::fs::File::create(&making).map_err(storage::io(&making))?;
+    std::io::Write::write_all(&mut &file, &image).map_err(storage::io(&making))?;
+    for (_, set) in sets {
+        replica::apply(&file, set).map_err(storage::io(&making))?;
+    }
+    drop(file);
+    std::fs::rename(&making, path).map_err(storage::io(path))
+}
+
+/// A batch is durable once its frames are appended to the agent's log in PostgreSQL, under
+/// the fence of the agent's epoch.
+pub(crate) struct LogGate {
+    log: Arc<AgentLog>,
+    shipper: mpsc::UnboundedSender<Job>,
+    db: PathBuf,
+    wal: PathBuf,
+}
+
+impl LogGate {
+    /// Hands `job` to the shipper and waits for its outcome (blocking).
+    fn ship(
+        &self,
+        job: impl FnOnce(oneshot::Sender<Result<bool, Error>>) -> Job,
+    ) -> Result<(), Error> {
+        let (done, outcome) = oneshot::channel();
+        self.shipper.send(job(done)).map_err(|_| Error::Shutdown)?;
+        let kept = outcome.blocking_recv().map_err(|_| Error::Shutdown)??;
+        if kept {
+            Ok(())
+        } else {
+            self.log.lost.store(true, Ordering::Release);
+            Err(Error::Moved(format!(
+                "{} moved to another node: this batch's writes were not kept",
+                self.log.key
+            )))
+        }
+    }
+
+    /// Stores the database file as the snapshot at `seq` (fenced).
+    fn snapshot(&self, seq: i64) -> Result<(), Error> {
+        let image = std::fs::read(&self.db).map_err(storage::io(&self.db))?;
+        let (key, epoch) = (self.log.key.clone(), self.log.epoch);
+        self.ship(|done| Job::Snapshot {
+            key,
+            epoch,
+            seq,
+            image,
+            done,
+        })
+    }
+}
+
+impl CommitGate for LogGate {
+    fn make_durable(&self, committed: &Committed) -> Result<(), Error> {
+        if self.log.is_lost() {
+            return Err(Error::Moved(format!(
+                "{} moved to another node: this batch's writes were not kept",
+                self.log.key
+            )));
+        }
+        if committed.frames.is_empty() {
+            return Ok(());
+        }
+        let result = (|| {
+            if self.log.needs_base.load(Ordering::Acquire) {
+                // A new agent: the file before its first batch (its WAL was never
+                // checkpointed) is what its log applies to.
+                self.snapshot(0)?;
+                self.log.needs_base.store(false, Ordering::Release);
+            }
+            let set = replica::read_frames(&self.wal, committed.frames.clone())
+                .map_err(storage::io(&self.wal))?;
+            let seq = self.log.last_seq.load(Ordering::Acquire) + 1;
+            let (key, epoch) = (self.log.key.clone(), self.log.epoch);
+            self.ship(|done| Job::Append {
+                key,
+                epoch,
+                seq,
+                set,
+                done,
+            })?;
+            self.log.last_seq.store(seq, Ordering::Release);
+            Ok(())
+        })();
+        if result.is_err() {
+            // Whether it was kept is unknown, or it was not: the local copy is no longer the
+            // log's, and goes (the next activation restores the agent from the log).
+            self.log.lost.store(true, Ordering::Release);
+        }
+        result
+    }
+
+    fn checkpointed(&self) -> Result<(), Error> {
+        self.snapshot(self.log.last_seq.load(Ordering::Acquire))
+    }
+
+    fn is_lost(&self) -> bool {
+        self.log.is_lost()
+    }
+}
+
+/// What the shipper does: appends (batched across agents) and snapshots.
+enum Job {
+    Append {
+        key: AgentKey,
+        epoch: i64,
+        seq: i64,
+        set: ChangeSet,
+        done: oneshot::Sender<Result<bool, Error>>,
+    },
+    Snapshot {
+        key: AgentKey,
+        epoch: i64,
+        seq: i64,
+        image: Vec<u8>,
+        done: oneshot::Sender<Result<bool, Error>>,
+    },
+}
+
+/// How many appends one statement carries at most.
+const MAX_APPENDS: usize = 256;
+
+/// The shipper of node `node`: takes the appends every agent's gate hands over meanwhile and
+/// makes them one statement (group commit across agents), on a connection of its own.
+async fn ship(postgres: String, node: String, mut jobs: mpsc::UnboundedReceiver<Job>) {
+    let mut store: Option<Store> = None;
+    while let Some(first) = jobs.recv().await {
+        let (mut appends, mut snapshots) = (Vec::new(), Vec::new());
+        let mut next = Some(first);
+        while let Some(job) = next.take() {
+            match job {
+                Job::Append { .. } => appends.push(job),
+                Job::Snapshot { .. } => snapshots.push(job),
+            }
+            if appends.len() < MAX_APPENDS {
+                next = jobs.try_recv().ok();
+            }
+        }
+        if store.is_none() {
+            match Store::connect(&postgres).await {
+                Ok(connected) => store = Some(connected),
+                Err(e) => {
+                    let e = pg(e);
+                    for job in appends.into_iter().chain(snapshots) {
+                        answer(job, Err(Error::Internal(e.to_string())));
+                    }
+                    continue;
+                }
+            }
+        }
+        let pg_store = store.as_ref().expect("connected");
+        // Snapshots first: a new agent's base comes before its first append.
+        for job in snapshots {
+            if let Job::Snapshot {
+                key,
+                epoch,
+                seq,
+                image,
+                done,
+            } = job
+            {
+                let outcome = match pg_store.snapshot(&node, &key, epoch, seq, &image).await {
+                    Ok(()) => Ok(true),
+                    Err(StoreError::Fenced(..)) => Ok(false),
+                    Err(e) => Err(pg(e)),
+                };
+                let _ = done.send(outcome);
+            }
+        }
+        if appends.is_empty() {
+            continue;
+        }
+        let batch: Vec<Append<'_>> = appends
+            .iter()
+            .filter_map(|job| match job {
+                Job::Append {
+                    key,
+                    epoch,
+                    seq,
+                    set,
+                    ..
+                } => Some(Append {
+                    key,
+                    epoch: *epoch,
+                    seq: *seq,
+                    set,
+                }),
+                Job::Snapshot { .. } => None,
+            })
+            .collect();
+        let outcome = pg_store.append(&node, &batch).await;
+        drop(batch);
+        match outcome {
+            Ok(kept) => {
+                for (job, kept) in appends.into_iter().zip(kept) {
+                    answer(job, Ok(kept));
+                }
+            }
+            Err(e) => {
+                // The connection may be gone: the next batch connects again.
+                if pg_store.is_closed() {
+                    store = None;
+                }
+                let e = pg(e);
+                for job in appends {
+                    answer(job, Err(Error::Internal(e.to_string())));
+                }
+            }
+        }
+    }
+}
+
+fn answer(job: Job, outcome: Result<bool, Error>) {
+    let (Job::Append { done, .. } | Job::Snapshot { done, .. }) = job;
+    let _ = done.send(outcome);
+}
+
+fn pg(e: StoreError) -> Error {
+    Error::Internal(format!("cluster: {e}"))
+}
+
+fn random() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish()
+}
 
 #[cfg(test)]
 mod tests;

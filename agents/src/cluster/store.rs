@@ -133,6 +133,11 @@ impl Store {
         Ok(Store { client })
     }
 
+    /// Whether the connection is gone.
+    pub fn is_closed(&self) -> bool {
+        self.client.is_closed()
+    }
+
     /// Makes the tables if they are missing.
     pub async fn migrate(&self) -> Result<(), StoreError> {
         self.client.batch_execute(SCHEMA).await?;

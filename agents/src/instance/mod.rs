@@ -42,7 +42,7 @@ use crate::{
     error::{Error, Failure},
     gate::{fail, release, AfterDurable, Outbox, Responder},
     metrics::{ClassMetrics, Timed},
-    port::NORMAL_CLOSURE,
+    port::{NORMAL_CLOSURE, SERVICE_RESTART},
     registry::{CallEvent, Event, Shared},
     runtime::{call_value, Caller},
     schedule::{self, AlarmInfo},
@@ -209,6 +209,9 @@ impl<A: AgentClass> Instance<A> {
     async fn run(mut self, mut rx: mpsc::Receiver<Event>) {
         let idle = self.ctx.shared.config.idle_timeout;
         loop {
+            if self.store.is_lost() {
+                return self.leave_lost(None, rx).await;
+            }
             let first = match tokio::time::timeout(idle, rx.recv()).await {
                 Ok(Some(event)) => event,
                 Ok(None) => break, // the runtime shut down and the mailbox is drained
@@ -225,6 +228,9 @@ impl<A: AgentClass> Instance<A> {
                     continue;
                 }
             };
+            if self.store.is_lost() {
+                return self.leave_lost(Some(first), rx).await;
+            }
             match self.run_batch(first, &mut rx).await {
                 None => self.back_up().await,
                 Some(Leave::Hibernate(done)) => {
@@ -258,6 +264,29 @@ impl<A: AgentClass> Instance<A> {
             }
         }
         self.close_db().await;
+    }
+
+    /// Cluster mode: the agent moved to another node while this one wrote (or a write may not
+    /// have been kept). Its local copy goes (before anything else may take the agent here
+    /// again), its sockets are closed with 1012 (clients reconnect, and reach its new owner),
+    /// and `first` and the events that wait go to the next instance, which takes the agent
+    /// again (or says where it is).
+    async fn leave_lost(&mut self, first: Option<Event>, mut rx: mpsc::Receiver<Event>) {
+        tracing::warn!("the agent moved to another node; its local copy is dropped");
+        self.agent = None;
+        self.close_db().await;
+        let shared = self.ctx.shared.clone();
+        shared.detach(self.ctx.key(), self.generation, &mut rx, true);
+        let reason = "the agent moved to another node";
+        shared
+            .sockets
+            .close_agent(self.ctx.key(), SERVICE_RESTART, reason);
+        if let Some(first) = first {
+            if let Err((e, event)) = shared.route(self.ctx.key(), first).await {
+                event.abandon(e.told("the agent cannot be reached"));
+            }
+        }
+        hand_over(&shared, self.ctx.key(), rx).await;
     }
 
     /// Deletes the agent once its destruction committed: closes the database (the batch's

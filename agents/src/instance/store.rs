@@ -28,6 +28,8 @@ pub(super) struct Store {
     in_handler: Arc<AtomicBool>,
     /// Releases replies once their commit is durable (`None`: released at once).
     syncer: Option<Syncer>,
+    /// What makes a commit durable, while the database is open.
+    gate: Option<Arc<dyn CommitGate>>,
     /// How many frames the WAL held after the last commit.
     wal_frames: u32,
     /// Checkpoint once the WAL holds this many frames.
@@ -55,6 +57,7 @@ impl Store {
             in_txn: false,
             in_handler: Arc::default(),
             syncer: None,
+            gate: None,
             wal_frames: 0,
             checkpoint_at: u32::MAX,
             guard: None,
@@ -79,6 +82,15 @@ impl Store {
             return Ok(());
         }
         let database = open_database_permit(shared).await?;
+        // Cluster mode: the agent is taken first (its file rebuilt if it moved here).
+        #[cfg(feature = "cluster")]
+        let log = match &shared.cluster {
+            Some(node) => {
+                let path = storage::db_path(&shared.config.data_dir, key);
+                Some((node.clone(), node.activate(key, &path).await?))
+            }
+            None => None,
+        };
         // The file's lock may be held a moment (the instance before this one is closing it) or
         // longer (another process): try again every millisecond, for `LOCK_WAIT`, holding no
         // `opening` permit meanwhile, so that other agents open as usual.
@@ -113,9 +125,15 @@ impl Store {
             Some(wal) => Arc::new(WalSync(wal)),
             None => Arc::new(NoSync),
         };
+        #[cfg(feature = "cluster")]
+        let gate: Arc<dyn CommitGate> = match log {
+            Some((node, log)) => Arc::new(node.gate(log, &path)),
+            None => gate,
+        };
         if !gate.is_open() {
-            self.syncer = Some(Syncer::start(gate, sync.clone()));
+            self.syncer = Some(Syncer::start(gate.clone(), sync.clone()));
         }
+        self.gate = Some(gate);
         let page_size: u64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
         self.checkpoint_at = storage::wal_frames_for(storage::CHECKPOINT_WAL_BYTES, page_size);
         // Counted from the WAL's start: a WAL a crash left behind is covered by the first range
@@ -226,7 +244,16 @@ impl Store {
             return;
         };
         // On a panic the connection is lost with the task: the next event reopens the database.
-        match blocking(move || Ok((storage::checkpoint(&conn), conn))).await {
+        let gate = self.gate.clone();
+        let checkpointed = move || {
+            let result = storage::checkpoint(&conn);
+            let result = match (result, gate) {
+                (Ok(()), Some(gate)) => gate.checkpointed(),
+                (result, _) => result,
+            };
+            Ok((result, conn))
+        };
+        match blocking(checkpointed).await {
             Ok((result, conn)) => {
                 match result {
                     Ok(()) => self.wal_frames = 0,
@@ -236,6 +263,12 @@ impl Store {
             }
             Err(e) => tracing::error!("{e}"),
         }
+    }
+
+    /// Whether the open database stopped being a copy of the agent's durable state (see
+    /// `CommitGate::is_lost`): it must be closed and dropped.
+    pub(super) fn is_lost(&self) -> bool {
+        self.gate.as_ref().is_some_and(|g| g.is_lost())
     }
 
     /// Waits for every reply to be released, then closes the database of `key` on a blocking
@@ -273,6 +306,19 @@ impl Store {
         }
         self.guard = None; // only once the connection is closed
         self.database = None;
+        if std::mem::take(&mut self.gate).is_some_and(|g| g.is_lost()) {
+            // Cluster mode: the local copy holds writes that are not the agent's (they were
+            // refused, or may not have been kept): it goes, and the agent's next activation
+            // restores it from its log.
+            let (data_dir, lost) = (shared.config.data_dir.clone(), key.clone());
+            if let Err(e) = blocking(move || storage::remove(&data_dir, &lost)).await {
+                tracing::error!("dropping a lost agent's local copy: {e}");
+            }
+            #[cfg(feature = "cluster")]
+            if let Some(node) = &shared.cluster {
+                node.forget(key);
+            }
+        }
     }
 }
 
