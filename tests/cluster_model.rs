@@ -180,6 +180,20 @@ struct Node {
     next_renew: Time,
 }
 
+impl Node {
+    /// A node that just started: it knows nothing and registers first.
+    fn new(id: u64) -> Self {
+        Node {
+            id,
+            state: State::Running,
+            registered: false,
+            owned: HashMap::new(),
+            taking: Vec::new(),
+            next_renew: 0,
+        }
+    }
+}
+
 /// A message in flight: to PostgreSQL (`answer` none) or back to a node.
 struct Flight {
     node: u64,
@@ -195,14 +209,7 @@ fn simulate(seed: u64) -> (usize, usize) {
     let mut nodes: Vec<Node> = (0..NODES)
         .map(|_| {
             next_id += 1;
-            Node {
-                id: next_id,
-                state: State::Running,
-                registered: false,
-                owned: HashMap::new(),
-                taking: Vec::new(),
-                next_renew: 0,
-            }
+            Node::new(next_id)
         })
         .collect();
     // Time → messages due then (at PostgreSQL, or back at their node).
@@ -311,14 +318,7 @@ fn simulate(seed: u64) -> (usize, usize) {
                 State::Paused { until } | State::Crashed { until } if until > now => continue,
                 State::Crashed { .. } => {
                     next_id += 1;
-                    *node = Node {
-                        id: next_id,
-                        state: State::Running,
-                        registered: false,
-                        owned: HashMap::new(),
-                        taking: Vec::new(),
-                        next_renew: 0,
-                    };
+                    *node = Node::new(next_id);
                 }
                 State::Paused { .. } => node.state = State::Running,
                 State::Running => {}

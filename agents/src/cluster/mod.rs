@@ -28,7 +28,7 @@ use std::{
     time::Duration,
 };
 
-use tokio::sync::{mpsc, oneshot, OnceCell};
+use tokio::sync::{mpsc, oneshot};
 
 use crate::{
     address::AgentKey,
@@ -72,8 +72,9 @@ impl ClusterOptions {
 pub(crate) struct Node {
     id: String,
     options: ClusterOptions,
-    /// For takes, restores and the lease (connected, migrated and registered on first use).
-    store: OnceCell<Store>,
+    /// For takes, restores and the lease (connected, migrated and registered on first use,
+    /// and again if the connection drops).
+    store: tokio::sync::Mutex<Option<Arc<Store>>>,
     /// Appends and snapshots, batched across agents.
     shipper: mpsc::UnboundedSender<Job>,
     /// The agents this node has taken, by address (kept while hibernated: a take that finds
@@ -109,7 +110,7 @@ impl Node {
         let node = Arc::new(Node {
             id,
             options,
-            store: OnceCell::new(),
+            store: tokio::sync::Mutex::default(),
             shipper,
             owned: Mutex::default(),
         });
@@ -135,18 +136,18 @@ impl Node {
     }
 
     /// The connection for takes and the lease, once it is registered.
-    async fn store(&self) -> Result<&Store, Error> {
-        self.store
-            .get_or_try_init(|| async {
-                let store = Store::connect(&self.options.postgres).await?;
-                store.migrate().await?;
-                store
-                    .register(&self.id, &self.options.advertise, self.options.lease)
-                    .await?;
-                Ok::<_, StoreError>(store)
-            })
-            .await
-            .map_err(pg)
+    async fn store(&self) -> Result<Arc<Store>, Error> {
+        let mut slot = self.store.lock().await;
+        if let Some(store) = slot.as_ref().filter(|s| !s.is_closed()) {
+            return Ok(store.clone());
+        }
+        let store = Store::connect(&self.options.postgres).await.map_err(pg)?;
+        store.migrate().await.map_err(pg)?;
+        let (id, advertise, lease) = (&self.id, &self.options.advertise, self.options.lease);
+        store.register(id, advertise, lease).await.map_err(pg)?;
+        let store = Arc::new(store);
+        *slot = Some(store.clone());
+        Ok(store)
     }
 
     /// Renews the lease; one that lapsed is taken again (an agent another node took
@@ -172,7 +173,8 @@ impl Node {
 
     /// Ends the lease now (the node stops): other nodes take its agents at once.
     pub async fn leave(&self) {
-        if let Some(store) = self.store.get() {
+        let store = self.store.lock().await.clone();
+        if let Some(store) = store {
             if let Err(e) = store
                 .register(&self.id, &self.options.advertise, Duration::ZERO)
                 .await

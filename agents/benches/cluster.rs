@@ -1,0 +1,180 @@
+//! Cluster mode's benchmarks (feature `cluster`), printed as JSON lines next to single-node
+//! `Durability::Full` measured in the same run: durable calls to one agent and to 1,000, how many
+//! PostgreSQL transactions a call costs under load, and how long a takeover takes.
+//!
+//! `cargo bench -p agents --features cluster --bench cluster` (add `-- --quick` for a smoke
+//! run). It needs a PostgreSQL server: `AGENTS_TEST_PG` (a connection string without a
+//! database), by default the one on 127.0.0.1:5432 as `postgres`; it makes a database of its
+//! own and drops it.
+
+use std::time::{Duration, Instant};
+
+mod common;
+
+use agents::{prelude::*, testing::TestRuntime, ClusterOptions};
+use common::Counter;
+use tokio_postgres::NoTls;
+
+fn server() -> String {
+    std::env::var("AGENTS_TEST_PG")
+        .unwrap_or_else(|_| "host=127.0.0.1 port=5432 user=postgres".to_owned())
+}
+
+async fn admin(sql: &str) {
+    let url = format!("{} dbname=postgres", server());
+    let (client, connection) = tokio_postgres::connect(&url, NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("no PostgreSQL at `{url}` (set AGENTS_TEST_PG): {e}"));
+    tokio::spawn(connection);
+    client.batch_execute(sql).await.unwrap();
+}
+
+/// Transactions committed in `url`'s database so far (PostgreSQL's statistics, which each
+/// backend reports within a second of going idle).
+async fn transactions(url: &str) -> i64 {
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (client, connection) = tokio_postgres::connect(url, NoTls).await.unwrap();
+    tokio::spawn(connection);
+    let row = client
+        .query_one(
+            "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()",
+            &[],
+        )
+        .await
+        .unwrap();
+    row.get(0)
+}
+
+fn full() -> TestRuntime {
+    TestRuntime::start(Runtime::builder().agent::<Counter>()).unwrap()
+}
+
+fn node(url: &str, advertise: &str) -> TestRuntime {
+    let options = ClusterOptions::new(url, advertise);
+    TestRuntime::start(Runtime::builder().cluster(options).agent::<Counter>()).unwrap()
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> u128 {
+    sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)].as_micros()
+}
+
+/// `calls` sequential calls to one agent: calls/s, p50 and p99 in µs.
+async fn sequential(rt: &TestRuntime, calls: usize) -> (f64, u128, u128) {
+    let agent = rt.agent::<Counter>("seq");
+    agent.add(1).await.unwrap();
+    let mut took = Vec::with_capacity(calls);
+    let start = Instant::now();
+    for _ in 0..calls {
+        let t = Instant::now();
+        agent.add(1).await.unwrap();
+        took.push(t.elapsed());
+    }
+    let rate = calls as f64 / start.elapsed().as_secs_f64();
+    took.sort();
+    (rate, percentile(&took, 0.5), percentile(&took, 0.99))
+}
+
+/// `agents` agents, each called `rounds` times by 32 concurrent callers; the first round
+/// (which creates each agent) is timed apart. Returns (first round calls/s, later calls/s).
+async fn many(rt: &TestRuntime, agents: usize, rounds: usize) -> (f64, f64) {
+    let runtime = rt.runtime().clone();
+    let round = |runtime: Runtime| async move {
+        let start = Instant::now();
+        let mut tasks = Vec::new();
+        for caller in 0..32 {
+            let runtime = runtime.clone();
+            tasks.push(tokio::spawn(async move {
+                for i in (caller..agents).step_by(32) {
+                    runtime
+                        .agent::<Counter>(&format!("a{i}"))
+                        .add(1)
+                        .await
+                        .unwrap();
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        agents as f64 / start.elapsed().as_secs_f64()
+    };
+    let first = round(runtime.clone()).await;
+    let start = Instant::now();
+    for _ in 1..rounds {
+        round(runtime.clone()).await;
+    }
+    let later = (agents * (rounds - 1)) as f64 / start.elapsed().as_secs_f64();
+    (first, later)
+}
+
+fn line(fields: serde_json::Value) {
+    println!("{fields}");
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let (calls, agents, rounds, moves) = if quick {
+        (200, 100, 2, 3)
+    } else {
+        (2000, 1000, 4, 15)
+    };
+    let tokio = tokio::runtime::Runtime::new().unwrap();
+    tokio.block_on(async {
+        let name = format!("agents_bench_{}", std::process::id());
+        admin(&format!("DROP DATABASE IF EXISTS {name}; CREATE DATABASE {name}")).await;
+        let url = format!("{} dbname={name}", server());
+
+        // One agent, sequential calls.
+        let baseline = full();
+        let (full_rate, full_p50, full_p99) = sequential(&baseline, calls).await;
+        let (base_first, base_later) = many(&baseline, agents, rounds).await;
+        drop(baseline);
+        let mut one = node(&url, "127.0.0.1:1");
+        let before = transactions(&url).await;
+        let (rate, p50, p99) = sequential(&one, calls).await;
+        let sequential_tx = transactions(&url).await - before;
+        line(serde_json::json!({
+            "bench": "cluster_sequential_one_agent", "calls": calls,
+            "calls_per_sec": rate.round(), "p50_us": p50, "p99_us": p99,
+            "baseline": "single_node_full", "baseline_per_sec": full_rate.round(),
+            "baseline_p50_us": full_p50, "baseline_p99_us": full_p99,
+            "ratio": (rate / full_rate * 1000.0).round() / 1000.0,
+            "pg_transactions_per_call": sequential_tx as f64 / (calls + 1) as f64,
+        }));
+
+        // Many agents, 32 callers.
+        let before = transactions(&url).await;
+        let (first, later) = many(&one, agents, rounds).await;
+        let many_tx = transactions(&url).await - before;
+        line(serde_json::json!({
+            "bench": "cluster_many_agents", "agents": agents, "callers": 32,
+            "first_calls_per_sec": first.round(), "calls_per_sec": later.round(),
+            "baseline": "single_node_full", "baseline_first_calls_per_sec": base_first.round(),
+            "baseline_per_sec": base_later.round(),
+            "ratio": (later / base_later * 1000.0).round() / 1000.0,
+            "pg_transactions_per_call": many_tx as f64 / (agents * rounds) as f64,
+        }));
+
+        // Takeover: the owner stops, the other node's first call takes and restores the agent.
+        let mut two = node(&url, "127.0.0.1:2");
+        let mut took = Vec::new();
+        for i in 0..moves {
+            let (from, to) = if i % 2 == 0 { (&mut one, &mut two) } else { (&mut two, &mut one) };
+            from.agent::<Counter>("seq").add(1).await.unwrap();
+            from.stop().await;
+            let t = Instant::now();
+            to.agent::<Counter>("seq").add(1).await.unwrap();
+            took.push(t.elapsed());
+            from.restart().await.unwrap();
+        }
+        took.sort();
+        line(serde_json::json!({
+            "bench": "cluster_takeover", "moves": moves,
+            "p50_us": percentile(&took, 0.5), "max_us": took.last().unwrap().as_micros(),
+            "note": "first call on the new owner after the old one stopped (take, restore from snapshot + log, call)",
+        }));
+        drop((one, two));
+        admin(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).await;
+    });
+}
