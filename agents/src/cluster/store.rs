@@ -15,7 +15,9 @@
 
 use std::time::Duration;
 
-use tokio_postgres::{Client, NoTls};
+use std::collections::HashMap;
+
+use tokio_postgres::{Client, NoTls, Statement};
 
 use crate::{address::AgentKey, replica::ChangeSet};
 
@@ -119,6 +121,9 @@ impl Restored {
 /// A connection to the cluster's PostgreSQL database.
 pub(crate) struct Store {
     client: Client,
+    /// Its statements, prepared once (a statement that is not prepared costs a round trip
+    /// more each time).
+    prepared: std::sync::Mutex<HashMap<&'static str, Statement>>,
 }
 
 impl Store {
@@ -130,7 +135,20 @@ impl Store {
                 tracing::warn!("cluster: the PostgreSQL connection ended: {e}");
             }
         });
-        Ok(Store { client })
+        Ok(Store {
+            client,
+            prepared: Default::default(),
+        })
+    }
+
+    /// `sql`, prepared on this connection.
+    async fn statement(&self, sql: &'static str) -> Result<Statement, StoreError> {
+        if let Some(statement) = crate::lock::lock(&self.prepared).get(sql) {
+            return Ok(statement.clone());
+        }
+        let statement = self.client.prepare(sql).await?;
+        crate::lock::lock(&self.prepared).insert(sql, statement.clone());
+        Ok(statement)
     }
 
     /// Whether the connection is gone.
@@ -148,9 +166,9 @@ impl Store {
     pub async fn register(&self, node: &str, addr: &str, ttl: Duration) -> Result<(), StoreError> {
         self.client
             .execute(
-                "INSERT INTO agents_nodes(id, addr, lease_until)
+                &self.statement("INSERT INTO agents_nodes(id, addr, lease_until)
                  VALUES ($1, $2, now() + $3 * interval '1 millisecond')
-                 ON CONFLICT (id) DO UPDATE SET addr = EXCLUDED.addr, lease_until = EXCLUDED.lease_until",
+                 ON CONFLICT (id) DO UPDATE SET addr = EXCLUDED.addr, lease_until = EXCLUDED.lease_until").await?,
                 &[&node, &addr, &millis(ttl)],
             )
             .await?;
@@ -163,8 +181,8 @@ impl Store {
         let renewed = self
             .client
             .execute(
-                "UPDATE agents_nodes SET lease_until = now() + $2 * interval '1 millisecond'
-                 WHERE id = $1 AND lease_until > now()",
+                &self.statement("UPDATE agents_nodes SET lease_until = now() + $2 * interval '1 millisecond'
+                 WHERE id = $1 AND lease_until > now()").await?,
                 &[&node, &millis(ttl)],
             )
             .await?;
@@ -179,14 +197,14 @@ impl Store {
         let taken = self
             .client
             .query_opt(
-                "WITH me AS (SELECT 1 FROM agents_nodes WHERE id = $3 AND lease_until > now())
+                &self.statement("WITH me AS (SELECT 1 FROM agents_nodes WHERE id = $3 AND lease_until > now())
                  INSERT INTO agents_owners(class, name, node, epoch)
                  SELECT $1, $2, $3, 1 FROM me
                  ON CONFLICT (class, name) DO UPDATE SET node = EXCLUDED.node, epoch = agents_owners.epoch + 1
                  WHERE agents_owners.node <> EXCLUDED.node AND NOT EXISTS (
                      SELECT 1 FROM agents_nodes n
                      WHERE n.id = agents_owners.node AND n.lease_until > now())
-                 RETURNING epoch",
+                 RETURNING epoch").await?,
                 &[&class, &name, &node],
             )
             .await?;
@@ -199,9 +217,13 @@ impl Store {
         let row = self
             .client
             .query_opt(
-                "SELECT o.node, o.epoch, n.addr, n.lease_until > now()
+                &self
+                    .statement(
+                        "SELECT o.node, o.epoch, n.addr, n.lease_until > now()
                  FROM agents_owners o LEFT JOIN agents_nodes n ON n.id = o.node
                  WHERE o.class = $1 AND o.name = $2",
+                    )
+                    .await?,
                 &[&class, &name],
             )
             .await?;
@@ -244,7 +266,7 @@ impl Store {
         let kept = self
             .client
             .query(
-                APPEND,
+                &self.statement(APPEND).await?,
                 &[&classes, &names, &epochs, &seqs, &sizes, &frames, &node],
             )
             .await?;
@@ -271,7 +293,7 @@ impl Store {
         let stored = self
             .client
             .query_one(
-                "WITH fence AS (
+                &self.statement("WITH fence AS (
                      SELECT 1 FROM agents_owners
                      WHERE class = $1 AND name = $2 AND node = $3 AND epoch = $4 FOR SHARE
                  ), s AS (
@@ -284,7 +306,7 @@ impl Store {
                      DELETE FROM agents_log
                      WHERE class = $1 AND name = $2 AND seq <= $5 AND EXISTS (SELECT 1 FROM s)
                  )
-                 SELECT (SELECT count(*) FROM fence)",
+                 SELECT (SELECT count(*) FROM fence)").await?,
                 &[&key.class(), &key.name(), &node, &epoch, &seq, &image],
             )
             .await?;
@@ -302,7 +324,11 @@ impl Store {
         if let Some(row) = self
             .client
             .query_opt(
-                "SELECT seq, image FROM agents_snapshots WHERE class = $1 AND name = $2",
+                &self
+                    .statement(
+                        "SELECT seq, image FROM agents_snapshots WHERE class = $1 AND name = $2",
+                    )
+                    .await?,
                 &[&class, &name],
             )
             .await?
@@ -313,8 +339,12 @@ impl Store {
         let rows = self
             .client
             .query(
-                "SELECT seq, page_size, frames FROM agents_log
+                &self
+                    .statement(
+                        "SELECT seq, page_size, frames FROM agents_log
                  WHERE class = $1 AND name = $2 AND seq > $3 ORDER BY seq",
+                    )
+                    .await?,
                 &[&class, &name, &restored.snapshot_seq],
             )
             .await?;
