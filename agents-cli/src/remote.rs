@@ -166,7 +166,7 @@ pub fn backup(base: &str, dest: &str) -> Result<(), Failed> {
         _ => {
             let why = serde_json::from_str::<Value>(body)
                 .ok()
-                .and_then(|v| v["error"].as_str().map(str::to_owned))
+                .and_then(|v| v["message"].as_str().map(str::to_owned))
                 .unwrap_or_else(|| body.trim().to_owned());
             Err(format!("the server refused ({status}): {why}"))
         }

@@ -8,7 +8,7 @@
 //! - `POST /admin/backup` with `{"dest": "/an/absolute/dir"}` (`application/json`): an online
 //!   backup ([`Runtime::backup`]) into that directory of the server's machine (new or empty),
 //!   answered with `{"dest":..,"agents":..,"bytes":..,"ms":..}` once it is fsynced (`agents
-//!   backup URL DEST`).
+//!   backup URL DEST`), or with the error object of calls (`{"kind":..,"message":..}`).
 
 use std::sync::Arc;
 
@@ -21,9 +21,12 @@ use axum::{
 };
 use serde_json::json;
 
+use agents_client::RawError;
+
 use crate::{
     agent::{Admission, RequestHead},
     runtime::Runtime,
+    server,
     storage::blocking,
 };
 
@@ -123,26 +126,21 @@ struct BackupTo {
     dest: std::path::PathBuf,
 }
 
+/// What `POST /admin/backup`'s body is.
+const BACKUP_BODY: &str = "the body is `{\"dest\": \"/an/absolute/dir\"}`";
+
 async fn backup(State(runtime): State<Runtime>, request: Request) -> Response {
-    let json_body = request
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/json"));
+    // A cross-site form cannot send JSON without asking first (CORS); told only to those the
+    // hook lets in.
+    let wrong_type = server::not_json(request.headers(), BACKUP_BODY);
     let (head, body) = request.into_parts();
     if let Some(refused) = refused(&runtime, Request::from_parts(head, Default::default())) {
         return refused;
     }
-    let bad = |why: String| (StatusCode::BAD_REQUEST, Json(json!({"error": why}))).into_response();
-    if !json_body {
-        // A cross-site form cannot send JSON without asking first (CORS).
-        let why = "the body is `{\"dest\": \"/an/absolute/dir\"}`, sent with `Content-Type: application/json`";
-        return (
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            Json(json!({"error": why})),
-        )
-            .into_response();
+    if let Some(wrong_type) = wrong_type {
+        return wrong_type;
     }
+    let bad = |why: String| server::error(RawError::bad_args(why));
     let Ok(body) = axum::body::to_bytes(body, 64 * 1024).await else {
         return bad("the body cannot be read, or is larger than 64 KiB".into());
     };
@@ -154,11 +152,7 @@ async fn backup(State(runtime): State<Runtime>, request: Request) -> Response {
                 dest.display()
             ))
         }
-        Err(e) => {
-            return bad(format!(
-                "the body must be {{\"dest\": \"/an/absolute/dir\"}}: {e}"
-            ))
-        }
+        Err(e) => return bad(format!("{BACKUP_BODY}: {e}")),
     };
     let started = std::time::Instant::now();
     match runtime.backup(&dest).await {
@@ -170,13 +164,10 @@ async fn backup(State(runtime): State<Runtime>, request: Request) -> Response {
         }))
         .into_response(),
         Err(e) => {
+            // The operator asked: the detail is theirs.
             tracing::error!("backup into {} failed: {e}", dest.display());
             let why = format!("the backup into {} failed: {e}", dest.display());
-            (
-                StatusCode::INTERNAL_SERVER_ERROR,
-                Json(json!({"error": why})),
-            )
-                .into_response()
+            server::error(RawError::internal(why))
         }
     }
 }

@@ -253,7 +253,7 @@ async fn call(
 
 /// `POST .../call/{method}` to the agent `key` (registered).
 async fn call_agent(runtime: Runtime, key: AgentKey, method: String, request: Request) -> Response {
-    if let Some(refused) = not_json(request.headers()) {
+    if let Some(refused) = not_json(request.headers(), "a call's body is a JSON array") {
         return refused;
     }
     let (principal, parts, body) = match admit(&runtime, &key, request).await {
@@ -298,10 +298,11 @@ async fn call_agent(runtime: Runtime, key: AgentKey, method: String, request: Re
     }
 }
 
-/// The refusal of a call whose body does not say it is JSON (`Content-Type: application/json`),
-/// the one type of body a browser sends to another site only after asking (a CORS preflight):
-/// `text/plain`, forms and bodies with no type it sends from any page.
-fn not_json(headers: &axum::http::HeaderMap) -> Option<Response> {
+/// The refusal of a body that does not say it is JSON (`Content-Type: application/json`), the
+/// one type of body a browser sends to another site only after asking (a CORS preflight):
+/// `text/plain`, forms and bodies with no type it sends from any page. `expected` says what the
+/// body is (`a call's body is a JSON array`).
+pub(crate) fn not_json(headers: &axum::http::HeaderMap, expected: &str) -> Option<Response> {
     let media = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -311,7 +312,7 @@ fn not_json(headers: &axum::http::HeaderMap) -> Option<Response> {
         other => {
             let sent = other.map_or("no Content-Type".to_owned(), |m| format!("`{m}`"));
             let e = RawError::bad_args(format!(
-                "a call's body is a JSON array sent with `Content-Type: application/json`, not {sent}"
+                "{expected} sent with `Content-Type: application/json`, not {sent}"
             ));
             Some(with_status(StatusCode::UNSUPPORTED_MEDIA_TYPE, e))
         }
