@@ -5,10 +5,12 @@
 //! copy is dropped.
 
 mod common;
-#[path = "common/postgres.rs"]
-mod postgres;
 
-use agents::{prelude::*, testing::TestRuntime, ClusterOptions, ErrorKind};
+use agents::{
+    prelude::*,
+    testing::{TestDatabase, TestRuntime},
+    ClusterOptions, ErrorKind,
+};
 
 #[derive(Default)]
 pub struct Ledger;
@@ -56,14 +58,14 @@ impl Ledger {
     }
 }
 
-fn node(db: &postgres::Database, advertise: &str) -> TestRuntime {
+fn node(db: &TestDatabase, advertise: &str) -> TestRuntime {
     let options = ClusterOptions::new(&db.url, advertise);
     TestRuntime::start(Runtime::builder().cluster(options).agent::<Ledger>()).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_moves_with_everything_it_acknowledged() {
-    let db = postgres::Database::new().await;
+    let db = TestDatabase::new().await;
     let mut one = node(&db, "127.0.0.1:1");
     let mut two = node(&db, "127.0.0.1:2");
 
@@ -98,7 +100,7 @@ async fn an_agent_moves_with_everything_it_acknowledged() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_that_lost_an_agent_acknowledges_nothing_it_wrote() {
-    let db = postgres::Database::new().await;
+    let db = TestDatabase::new().await;
     let (one, two) = (node(&db, "127.0.0.1:1"), node(&db, "127.0.0.1:2"));
     let on_one = one.agent::<Ledger>("ann");
     assert_eq!(on_one.add(5, 0).await.unwrap(), 5);

@@ -3,39 +3,27 @@
 //! PostgreSQL transactions a call costs under load, and how long a takeover takes.
 //!
 //! `cargo bench -p agents --features cluster --bench cluster` (add `-- --quick` for a smoke
-//! run). It needs a PostgreSQL server: `AGENTS_TEST_PG` (a connection string without a
-//! database), by default the one on 127.0.0.1:5432 as `postgres`; it makes a database of its
-//! own and drops it.
+//! run). It makes a PostgreSQL database of its own and drops it (`testing::TestDatabase`: the
+//! server `AGENTS_TEST_PG` names, by default the one on 127.0.0.1:5432).
 
 use std::time::{Duration, Instant};
 
 mod common;
 
-use agents::{prelude::*, testing::TestRuntime, ClusterOptions};
+use agents::{
+    prelude::*,
+    testing::{TestDatabase, TestRuntime},
+    ClusterOptions,
+};
 use common::Counter;
-use tokio_postgres::NoTls;
-
-fn server() -> String {
-    std::env::var("AGENTS_TEST_PG")
-        .unwrap_or_else(|_| "host=127.0.0.1 port=5432 user=postgres".to_owned())
-}
-
-async fn admin(sql: &str) {
-    let url = format!("{} dbname=postgres", server());
-    let (client, connection) = tokio_postgres::connect(&url, NoTls)
-        .await
-        .unwrap_or_else(|e| panic!("no PostgreSQL at `{url}` (set AGENTS_TEST_PG): {e}"));
-    tokio::spawn(connection);
-    client.batch_execute(sql).await.unwrap();
-}
 
 /// Transactions committed in `url`'s database so far (PostgreSQL's statistics, which a backend
 /// that went idle reports within 10 s).
-async fn transactions(url: &str) -> i64 {
+async fn transactions(db: &TestDatabase) -> i64 {
     tokio::time::sleep(Duration::from_secs(11)).await;
-    let (client, connection) = tokio_postgres::connect(url, NoTls).await.unwrap();
-    tokio::spawn(connection);
-    let row = client
+    let row = db
+        .client()
+        .await
         .query_one(
             "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()",
             &[],
@@ -121,10 +109,8 @@ fn main() {
     };
     let tokio = tokio::runtime::Runtime::new().unwrap();
     tokio.block_on(async {
-        let name = format!("agents_bench_{}", std::process::id());
-        admin(&format!("DROP DATABASE IF EXISTS {name}")).await;
-        admin(&format!("CREATE DATABASE {name}")).await;
-        let url = format!("{} dbname={name}", server());
+        let db = TestDatabase::new().await;
+        let url = db.url.clone();
 
         // One agent, sequential calls.
         let baseline = full();
@@ -132,9 +118,9 @@ fn main() {
         let (base_first, base_later) = many(&baseline, agents, rounds).await;
         drop(baseline);
         let mut one = node(&url, "127.0.0.1:1");
-        let before = transactions(&url).await;
+        let before = transactions(&db).await;
         let (rate, p50, p99) = sequential(&one, calls).await;
-        let sequential_tx = transactions(&url).await - before;
+        let sequential_tx = transactions(&db).await - before;
         line(serde_json::json!({
             "bench": "cluster_sequential_one_agent", "calls": calls,
             "calls_per_sec": rate.round(), "p50_us": p50, "p99_us": p99,
@@ -145,9 +131,9 @@ fn main() {
         }));
 
         // Many agents, 32 callers.
-        let before = transactions(&url).await;
+        let before = transactions(&db).await;
         let (first, later) = many(&one, agents, rounds).await;
-        let many_tx = transactions(&url).await - before;
+        let many_tx = transactions(&db).await - before;
         line(serde_json::json!({
             "bench": "cluster_many_agents", "agents": agents, "callers": 32,
             "first_calls_per_sec": first.round(), "calls_per_sec": later.round(),
@@ -175,7 +161,6 @@ fn main() {
             "p50_us": percentile(&took, 0.5), "max_us": took.last().unwrap().as_micros(),
             "note": "first call on the new owner after the old one stopped (take, restore from snapshot + log, call)",
         }));
-        drop((one, two));
-        admin(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).await;
+        drop((one, two, db));
     });
 }

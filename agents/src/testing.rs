@@ -10,6 +10,11 @@ use crate::{
     runtime::{Builder, Runtime},
 };
 
+#[cfg(feature = "cluster")]
+mod postgres;
+#[cfg(feature = "cluster")]
+pub use postgres::TestDatabase;
+
 /// An in-process runtime on a fresh temporary data dir (deleted on drop).
 ///
 /// ```

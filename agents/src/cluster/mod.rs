@@ -488,7 +488,8 @@ fn pg(e: StoreError) -> Error {
     Error::Internal(format!("cluster: {e}"))
 }
 
-fn random() -> u64 {
+/// A random `u64` (node ids, test databases' names).
+pub(crate) fn random() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     std::collections::hash_map::RandomState::new()
         .build_hasher()

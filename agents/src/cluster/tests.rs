@@ -1,67 +1,15 @@
-//! The cluster's statements against a real PostgreSQL (`AGENTS_TEST_PG`, by default the
-//! server on 127.0.0.1:5432 as `postgres`): each test makes a database of its own and drops it.
+//! The cluster's statements against a real PostgreSQL (see `testing::TestDatabase`): each
+//! test makes a database of its own and drops it.
 
 use std::time::Duration;
 
 use rusqlite::Connection;
-use tokio_postgres::NoTls;
 
 use super::store::APPEND;
 use super::*;
-use crate::{address::AgentKey, replica};
+use crate::{address::AgentKey, replica, testing::TestDatabase};
 
 const TTL: Duration = Duration::from_secs(60);
-
-/// The server's connection string, without a database.
-fn server() -> String {
-    std::env::var("AGENTS_TEST_PG")
-        .unwrap_or_else(|_| "host=127.0.0.1 port=5432 user=postgres".to_owned())
-}
-
-/// A new database of this test's own, dropped when the test is done.
-struct Database {
-    name: String,
-}
-
-impl Database {
-    async fn new() -> (Database, String) {
-        let name = format!("agents_unit_{:016x}", rand());
-        admin(&format!("CREATE DATABASE {name}")).await;
-        let url = format!("{} dbname={name}", server());
-        (Database { name }, url)
-    }
-}
-
-impl Drop for Database {
-    fn drop(&mut self) {
-        let sql = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name);
-        // A fresh runtime: the test's own may be shutting down.
-        let _ = std::thread::spawn(move || {
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap()
-                .block_on(admin(&sql))
-        })
-        .join();
-    }
-}
-
-async fn admin(sql: &str) {
-    let url = format!("{} dbname=postgres", server());
-    let (client, connection) = tokio_postgres::connect(&url, NoTls)
-        .await
-        .unwrap_or_else(|e| panic!("no PostgreSQL at `{url}` (set AGENTS_TEST_PG): {e}"));
-    tokio::spawn(connection);
-    client.batch_execute(sql).await.unwrap();
-}
-
-fn rand() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    std::collections::hash_map::RandomState::new()
-        .build_hasher()
-        .finish()
-}
 
 async fn store(url: &str) -> Store {
     let store = Store::connect(url).await.unwrap();
@@ -70,16 +18,11 @@ async fn store(url: &str) -> Store {
 }
 
 /// Ends `node`'s lease now (as if it had stopped renewing it).
-async fn expire(url: &str, node: &str) {
-    let (client, connection) = tokio_postgres::connect(url, NoTls).await.unwrap();
-    tokio::spawn(connection);
-    client
-        .execute(
-            "UPDATE agents_nodes SET lease_until = now() - interval '1 second' WHERE id = $1",
-            &[&node],
-        )
-        .await
-        .unwrap();
+async fn expire(db: &TestDatabase, node: &str) {
+    let sql = format!(
+        "UPDATE agents_nodes SET lease_until = now() - interval '1 second' WHERE id = '{node}'"
+    );
+    db.execute(&sql).await;
 }
 
 fn key(name: &str) -> AgentKey {
@@ -98,8 +41,9 @@ fn set(byte: u8) -> replica::ChangeSet {
 
 #[tokio::test]
 async fn a_take_bumps_the_epoch_only_when_the_owner_is_dead() {
-    let (_db, url) = Database::new().await;
-    let (one, two) = (store(&url).await, store(&url).await);
+    let db = TestDatabase::new().await;
+    let url = &db.url;
+    let (one, two) = (store(url).await, store(url).await);
     one.register("n1", "127.0.0.1:1", TTL).await.unwrap();
     two.register("n2", "127.0.0.1:2", TTL).await.unwrap();
     let k = key("bob");
@@ -119,7 +63,7 @@ async fn a_take_bumps_the_epoch_only_when_the_owner_is_dead() {
     };
     assert_eq!(two.take("n2", &k).await.unwrap(), elsewhere);
 
-    expire(&url, "n1").await;
+    expire(&db, "n1").await;
     let moved = Owner::Me {
         epoch: 2,
         moved: true,
@@ -134,7 +78,7 @@ async fn a_take_bumps_the_epoch_only_when_the_owner_is_dead() {
     );
     // Registering again (a restarted node) gives it a lease, and it takes a dead node's agent.
     one.register("n1", "127.0.0.1:1", TTL).await.unwrap();
-    expire(&url, "n2").await;
+    expire(&db, "n2").await;
     assert_eq!(
         one.take("n1", &k).await.unwrap(),
         Owner::Me {
@@ -146,8 +90,9 @@ async fn a_take_bumps_the_epoch_only_when_the_owner_is_dead() {
 
 #[tokio::test]
 async fn an_append_at_a_stale_epoch_is_refused() {
-    let (_db, url) = Database::new().await;
-    let (one, two) = (store(&url).await, store(&url).await);
+    let db = TestDatabase::new().await;
+    let url = &db.url;
+    let (one, two) = (store(url).await, store(url).await);
     one.register("n1", "a", TTL).await.unwrap();
     two.register("n2", "b", TTL).await.unwrap();
     let (k, other) = (key("bob"), key("ann"));
@@ -171,7 +116,7 @@ async fn an_append_at_a_stale_epoch_is_refused() {
     assert_eq!(one.append("n1", &first).await.unwrap(), [true, true]);
 
     // n1 is paused past its lease; n2 takes bob (not ann) and writes.
-    expire(&url, "n1").await;
+    expire(&db, "n1").await;
     assert!(matches!(
         two.take("n2", &k).await.unwrap(),
         Owner::Me { epoch: 2, .. }
@@ -216,17 +161,17 @@ async fn an_append_at_a_stale_epoch_is_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_take_waits_for_an_append_in_flight() {
-    let (_db, url) = Database::new().await;
-    let (one, two) = (store(&url).await, store(&url).await);
+    let db = TestDatabase::new().await;
+    let url = &db.url;
+    let (one, two) = (store(url).await, store(url).await);
     one.register("n1", "a", TTL).await.unwrap();
     two.register("n2", "b", TTL).await.unwrap();
     let k = key("bob");
     one.take("n1", &k).await.unwrap();
-    expire(&url, "n1").await;
+    expire(&db, "n1").await;
 
     // n1's append is in flight: its statement ran, its transaction has not committed.
-    let (mut client, connection) = tokio_postgres::connect(&url, NoTls).await.unwrap();
-    tokio::spawn(connection);
+    let mut client = db.client().await;
     let tx = client.transaction().await.unwrap();
     let s1 = set(1);
     let frames: Vec<&[u8]> = vec![&s1.frames];
@@ -260,8 +205,9 @@ async fn a_take_waits_for_an_append_in_flight() {
 
 #[tokio::test]
 async fn a_snapshot_and_the_log_after_it_rebuild_the_database() {
-    let (_db, url) = Database::new().await;
-    let store = store(&url).await;
+    let db = TestDatabase::new().await;
+    let url = &db.url;
+    let store = store(url).await;
     store.register("n1", "a", TTL).await.unwrap();
     let k = key("bob");
     store.take("n1", &k).await.unwrap();
