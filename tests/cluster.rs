@@ -50,6 +50,13 @@ impl Ledger {
             })?)
     }
 
+    /// Destroys the ledger.
+    #[callable]
+    pub async fn close_books(&mut self, ctx: &mut Ctx<Self>) -> Result<(), AppError> {
+        ctx.destroy()?;
+        Ok(())
+    }
+
     #[callable]
     pub async fn entries(&mut self, ctx: &mut Ctx<Self>) -> Result<i64, AppError> {
         Ok(ctx
@@ -81,6 +88,25 @@ async fn an_agent_moves_with_everything_it_acknowledged() {
         bob.add(1, 200_000).await.unwrap();
     }
     assert_eq!(bob.balance().await.unwrap(), 60);
+    let stored = db
+        .client()
+        .await
+        .query_one(
+            "SELECT (SELECT seq FROM agents_snapshots WHERE name = 'bob'),
+                    (SELECT count(*) FROM agents_log WHERE name = 'bob')",
+            &[],
+        )
+        .await
+        .unwrap();
+    let (snapshot, logged): (i64, i64) = (stored.get(0), stored.get(1));
+    assert!(
+        snapshot > 0,
+        "a snapshot past the first batches: {snapshot}"
+    );
+    assert!(
+        snapshot + logged == 47,
+        "the log holds what came after it: {snapshot} + {logged}"
+    );
 
     // Its node stops: the other takes it, with everything.
     one.stop().await;
@@ -101,9 +127,14 @@ async fn an_agent_moves_with_everything_it_acknowledged() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_that_lost_an_agent_acknowledges_nothing_it_wrote() {
     let db = TestDatabase::new().await;
-    let (one, two) = (node(&db, "127.0.0.1:1"), node(&db, "127.0.0.1:2"));
+    let options = ClusterOptions::new(&db.url, "127.0.0.1:1");
+    let (one, addr) = common::serve(Runtime::builder().cluster(options).agent::<Ledger>()).await;
+    let two = node(&db, "127.0.0.1:2");
     let on_one = one.agent::<Ledger>("ann");
     assert_eq!(on_one.add(5, 0).await.unwrap(), 5);
+    let mut socket = common::ws_connect(addr, "/agents/ledger/ann", None)
+        .await
+        .unwrap();
 
     // Node one is, to the others, dead (as if paused past its lease): two takes ann.
     db.execute("UPDATE agents_nodes SET lease_until = now() - interval '1 second' WHERE addr = '127.0.0.1:1'")
@@ -120,8 +151,76 @@ async fn a_node_that_lost_an_agent_acknowledges_nothing_it_wrote() {
         12,
         "only the new owner's history"
     );
-    // Its copy is dropped; asked again, it names the owner.
+    // Its copy is dropped, its sockets are closed with 1012 (clients reconnect); asked again,
+    // it names the owner.
     let again = on_one.balance().await.unwrap_err();
     assert!(again.to_string().contains("127.0.0.1:2"), "{again}");
+    let closed = common::next_close(&mut socket)
+        .await
+        .expect("a close frame");
+    assert_eq!(u16::from(closed.code), 1012, "{closed:?}");
     assert_eq!(on_two.add(1, 0).await.unwrap(), 13);
+}
+
+/// How many rows of `name` PostgreSQL holds: owner, log, snapshot.
+async fn stored(db: &TestDatabase, name: &str) -> i64 {
+    let sql = "SELECT (SELECT count(*) FROM agents_owners WHERE name = $1)
+                    + (SELECT count(*) FROM agents_log WHERE name = $1)
+                    + (SELECT count(*) FROM agents_snapshots WHERE name = $1)";
+    db.client()
+        .await
+        .query_one(sql, &[&name])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// `stored`, once it is `expected` (or after 2 s): an agent's files and log go once its reply
+/// has left (before its next event runs).
+async fn stored_soon(db: &TestDatabase, name: &str, expected: i64) -> i64 {
+    for _ in 0..100 {
+        if stored(db, name).await == expected {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    stored(db, name).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destroyed_agent_and_junk_leave_nothing_in_postgresql() {
+    let db = TestDatabase::new().await;
+    let (mut one, two) = (node(&db, "127.0.0.1:1"), node(&db, "127.0.0.1:2"));
+    let cat = one.agent::<Ledger>("cat");
+    assert_eq!(cat.add(5, 0).await.unwrap(), 5);
+    assert!(stored(&db, "cat").await >= 3);
+    cat.close_books().await.unwrap();
+    assert_eq!(stored_soon(&db, "cat", 0).await, 0);
+    // It does not come back, on its node or another.
+    assert_eq!(cat.balance().await.unwrap(), 0);
+    one.stop().await;
+    assert_eq!(two.agent::<Ledger>("cat").entries().await.unwrap(), 0);
+
+    // A call that fails on a new name leaves no owner behind.
+    let args = agents::client::Payload::Json(serde_json::json!([]));
+    let refused = two.runtime().call("ledger", "junk", "nope", args).await;
+    assert_eq!(refused.unwrap_err().kind, ErrorKind::UnknownMethod);
+    assert_eq!(stored_soon(&db, "junk", 0).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_postgresql_dropped_are_made_again() {
+    let db = TestDatabase::new().await;
+    let one = node(&db, "127.0.0.1:1");
+    let dan = one.agent::<Ledger>("dan");
+    assert_eq!(dan.add(5, 0).await.unwrap(), 5);
+    db.execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+         WHERE datname = current_database() AND pid <> pg_backend_pid()",
+    )
+    .await;
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    // A live agent's appends (the shipper's connection), and a new agent's take.
+    assert_eq!(dan.add(1, 0).await.unwrap(), 6);
+    assert_eq!(one.agent::<Ledger>("eve").add(2, 0).await.unwrap(), 2);
 }

@@ -76,6 +76,12 @@ pub(crate) trait CommitGate: Send + Sync + 'static {
     fn is_lost(&self) -> bool {
         false
     }
+
+    /// The agent is removed (destroyed, or never used; its files are gone): a replicator
+    /// deletes what it stored of it. Blocking.
+    fn removed(&self) -> Result<(), Error> {
+        Ok(())
+    }
 }
 
 /// Durable once the database's WAL is fsynced (`Durability::Full`).

@@ -19,11 +19,10 @@
 mod store;
 
 use std::{
-    collections::HashMap,
     path::{Path, PathBuf},
     sync::{
         atomic::{AtomicBool, AtomicI64, Ordering},
-        Arc, Mutex,
+        Arc,
     },
     time::Duration,
 };
@@ -34,7 +33,6 @@ use crate::{
     address::AgentKey,
     error::Error,
     gate::{CommitGate, Committed},
-    lock::lock,
     replica::{self, ChangeSet},
     storage,
 };
@@ -75,11 +73,8 @@ pub(crate) struct Node {
     /// For takes, restores and the lease (connected, migrated and registered on first use,
     /// and again if the connection drops).
     store: tokio::sync::Mutex<Option<Arc<Store>>>,
-    /// Appends and snapshots, batched across agents.
+    /// Appends, snapshots and removals, batched across agents.
     shipper: mpsc::UnboundedSender<Job>,
-    /// The agents this node has taken, by address (kept while hibernated: a take that finds
-    /// the epoch unchanged reuses the local file).
-    owned: Mutex<HashMap<AgentKey, Arc<AgentLog>>>,
 }
 
 /// One agent's log as its owner writes it.
@@ -112,7 +107,6 @@ impl Node {
             options,
             store: tokio::sync::Mutex::default(),
             shipper,
-            owned: Mutex::default(),
         });
         tokio::spawn(ship(node.options.postgres.clone(), node.id.clone(), jobs));
         let renewing = Arc::downgrade(&node);
@@ -185,11 +179,31 @@ impl Node {
     }
 
     /// Takes `key` before its database at `path` opens: rebuilds the file from PostgreSQL if
-    /// another node (or nobody) had it; `Error::Moved` if a live node has it.
-    pub async fn activate(&self, key: &AgentKey, path: &Path) -> Result<Arc<AgentLog>, Error> {
+    /// another node had it (or this node has no copy); `Error::Moved` if a live node has it.
+    pub async fn activate(&self, key: &AgentKey, path: &Path) -> Result<AgentLog, Error> {
         let store = self.store().await?;
-        let (epoch, moved) = match store.take(&self.id, key).await.map_err(pg)? {
-            Owner::Me { epoch, moved } => (epoch, moved),
+        let log = |epoch, last_seq, needs_base: bool| AgentLog {
+            key: key.clone(),
+            epoch,
+            last_seq: AtomicI64::new(last_seq),
+            needs_base: AtomicBool::new(needs_base),
+            lost: AtomicBool::new(false),
+        };
+        let epoch = match store.take(&self.id, key).await.map_err(pg)? {
+            // This node's copy is current: nobody else took the agent since this node did (a
+            // copy another process left in the data dir was a node of another id).
+            Owner::Kept {
+                epoch,
+                last_seq,
+                has_base,
+            } if path.exists() => return Ok(log(epoch, last_seq, !has_base)),
+            Owner::Kept { epoch, .. } | Owner::Taken { epoch, new: false } => epoch,
+            // Nothing is stored: a copy left here is of an agent that was removed.
+            Owner::Taken { epoch, new: true } => {
+                let file = path.to_owned();
+                storage::blocking(move || rebuild(&file, None, &[])).await?;
+                return Ok(log(epoch, 0, true));
+            }
             Owner::Other { addr, .. } if addr.is_empty() => {
                 return Err(Error::Moved(format!(
                     "{key} cannot be taken: this node's lease has lapsed"
@@ -201,12 +215,6 @@ impl Node {
                 )))
             }
         };
-        if !moved {
-            let kept = lock(&self.owned).get(key).cloned();
-            if let Some(log) = kept.filter(|l| l.epoch == epoch && !l.is_lost() && path.exists()) {
-                return Ok(log);
-            }
-        }
         let restored = store.restore(key).await.map_err(pg)?;
         let (file, last_seq) = (path.to_owned(), restored.last_seq());
         let needs_base = restored.image.is_none();
@@ -216,24 +224,11 @@ impl Node {
             )));
         }
         storage::blocking(move || rebuild(&file, restored.image, &restored.sets)).await?;
-        let log = Arc::new(AgentLog {
-            key: key.clone(),
-            epoch,
-            last_seq: AtomicI64::new(last_seq),
-            needs_base: AtomicBool::new(needs_base),
-            lost: AtomicBool::new(false),
-        });
-        lock(&self.owned).insert(key.clone(), log.clone());
-        Ok(log)
-    }
-
-    /// Forgets `key` (its local copy was dropped).
-    pub fn forget(&self, key: &AgentKey) {
-        lock(&self.owned).remove(key);
+        Ok(log(epoch, last_seq, needs_base))
     }
 
     /// The commit gate of `log`'s agent, whose database is at `path`.
-    pub fn gate(self: &Arc<Self>, log: Arc<AgentLog>, path: &Path) -> LogGate {
+    pub fn gate(self: &Arc<Self>, log: AgentLog, path: &Path) -> LogGate {
         LogGate {
             log,
             shipper: self.shipper.clone(),
@@ -279,7 +274,7 @@ fn rebuild(path: &Path, image: Option<Vec<u8>>, sets: &[(i64, ChangeSet)]) -> Re
 /// A batch is durable once its frames are appended to the agent's log in PostgreSQL, under
 /// the fence of the agent's epoch.
 pub(crate) struct LogGate {
-    log: Arc<AgentLog>,
+    log: AgentLog,
     shipper: mpsc::UnboundedSender<Job>,
     db: PathBuf,
     wal: PathBuf,
@@ -366,6 +361,11 @@ impl CommitGate for LogGate {
     fn is_lost(&self) -> bool {
         self.log.is_lost()
     }
+
+    fn removed(&self) -> Result<(), Error> {
+        let (key, epoch) = (self.log.key.clone(), self.log.epoch);
+        self.ship(|done| Job::Remove { key, epoch, done })
+    }
 }
 
 /// What the shipper does: appends (batched across agents) and snapshots.
@@ -384,6 +384,11 @@ enum Job {
         image: Vec<u8>,
         done: oneshot::Sender<Result<bool, Error>>,
     },
+    Remove {
+        key: AgentKey,
+        epoch: i64,
+        done: oneshot::Sender<Result<bool, Error>>,
+    },
 }
 
 /// How many appends one statement carries at most.
@@ -394,23 +399,23 @@ const MAX_APPENDS: usize = 256;
 async fn ship(postgres: String, node: String, mut jobs: mpsc::UnboundedReceiver<Job>) {
     let mut store: Option<Store> = None;
     while let Some(first) = jobs.recv().await {
-        let (mut appends, mut snapshots) = (Vec::new(), Vec::new());
+        let (mut appends, mut others) = (Vec::new(), Vec::new());
         let mut next = Some(first);
         while let Some(job) = next.take() {
             match job {
                 Job::Append { .. } => appends.push(job),
-                Job::Snapshot { .. } => snapshots.push(job),
+                Job::Snapshot { .. } | Job::Remove { .. } => others.push(job),
             }
             if appends.len() < MAX_APPENDS {
                 next = jobs.try_recv().ok();
             }
         }
-        if store.is_none() {
+        if store.as_ref().is_none_or(Store::is_closed) {
             match Store::connect(&postgres).await {
                 Ok(connected) => store = Some(connected),
                 Err(e) => {
                     let e = pg(e);
-                    for job in appends.into_iter().chain(snapshots) {
+                    for job in appends.into_iter().chain(others) {
                         answer(job, Err(Error::Internal(e.to_string())));
                     }
                     continue;
@@ -418,23 +423,26 @@ async fn ship(postgres: String, node: String, mut jobs: mpsc::UnboundedReceiver<
             }
         }
         let pg_store = store.as_ref().expect("connected");
-        // Snapshots first: a new agent's base comes before its first append.
-        for job in snapshots {
-            if let Job::Snapshot {
-                key,
-                epoch,
-                seq,
-                image,
-                done,
-            } = job
-            {
-                let outcome = match pg_store.snapshot(&node, &key, epoch, seq, &image).await {
-                    Ok(()) => Ok(true),
-                    Err(StoreError::Fenced(..)) => Ok(false),
-                    Err(e) => Err(pg(e)),
-                };
-                let _ = done.send(outcome);
-            }
+        // Snapshots first: a new agent's base comes before its first append. (An agent has one
+        // job in flight at a time: its syncer waits for each.)
+        for job in others {
+            let outcome = match &job {
+                Job::Snapshot {
+                    key,
+                    epoch,
+                    seq,
+                    image,
+                    ..
+                } => pg_store.snapshot(&node, key, *epoch, *seq, image).await,
+                Job::Remove { key, epoch, .. } => pg_store.remove(&node, key, *epoch).await,
+                Job::Append { .. } => continue,
+            };
+            let outcome = match outcome {
+                Ok(()) => Ok(true),
+                Err(StoreError::Fenced(..)) => Ok(false),
+                Err(e) => Err(pg(e)),
+            };
+            answer(job, outcome);
         }
         if appends.is_empty() {
             continue;
@@ -454,7 +462,7 @@ async fn ship(postgres: String, node: String, mut jobs: mpsc::UnboundedReceiver<
                     seq: *seq,
                     set,
                 }),
-                Job::Snapshot { .. } => None,
+                Job::Snapshot { .. } | Job::Remove { .. } => None,
             })
             .collect();
         let outcome = pg_store.append(&node, &batch).await;
@@ -480,7 +488,7 @@ async fn ship(postgres: String, node: String, mut jobs: mpsc::UnboundedReceiver<
 }
 
 fn answer(job: Job, outcome: Result<bool, Error>) {
-    let (Job::Append { done, .. } | Job::Snapshot { done, .. }) = job;
+    let (Job::Append { done, .. } | Job::Snapshot { done, .. } | Job::Remove { done, .. }) = job;
     let _ = done.send(outcome);
 }
 

@@ -12,14 +12,20 @@
 //!   of many agents share one statement.
 //! - `agents_snapshots`: an agent's database image as of a sequence number; the log before it
 //!   is deleted in the same statement (fenced as an append).
+//! - `agents_schema`: the version of these tables. Frames are SQLite's page images, which any
+//!   later SQLite reads; a runtime refuses tables of a version newer than its own.
+//!
+//! Every statement is prepared once per connection (an unprepared one costs a round trip and
+//! an implicit transaction more).
 
-use std::time::Duration;
+use std::{
+    collections::{HashMap, HashSet},
+    time::Duration,
+};
 
-use std::collections::HashMap;
+use tokio_postgres::{types::ToSql, Client, NoTls, Row, Statement};
 
-use tokio_postgres::{Client, NoTls, Statement};
-
-use crate::{address::AgentKey, replica::ChangeSet};
+use crate::{address::AgentKey, lock::lock, replica::ChangeSet};
 
 /// What went wrong in PostgreSQL.
 #[derive(Debug, thiserror::Error)]
@@ -30,10 +36,18 @@ pub(crate) enum StoreError {
     /// The agent was taken by another node (a newer epoch): this node must not write for it.
     #[error("{0} moved to another node (epoch {1} is no longer current)")]
     Fenced(AgentKey, i64),
+    /// The tables were made by a newer runtime.
+    #[error("the cluster's tables are of version {0}, newer than this runtime's ({VERSION})")]
+    Newer(i32),
 }
 
-/// The tables, made if missing (a statement each; idempotent).
+/// The version of the tables this runtime makes and reads.
+const VERSION: i32 = 1;
+
+/// The tables, made if missing (idempotent), and their version.
 const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS agents_schema (version INTEGER NOT NULL);
+INSERT INTO agents_schema(version) SELECT 1 WHERE NOT EXISTS (SELECT 1 FROM agents_schema);
 CREATE TABLE IF NOT EXISTS agents_nodes (
     id TEXT PRIMARY KEY,
     addr TEXT NOT NULL,
@@ -64,6 +78,40 @@ CREATE TABLE IF NOT EXISTS agents_snapshots (
 );
 ";
 
+const SCHEMA_VERSION: &str = "SELECT max(version) FROM agents_schema";
+
+/// `$1` at `$2`, with a lease of `$3` ms (a new one, or again).
+const REGISTER: &str = "
+    INSERT INTO agents_nodes(id, addr, lease_until)
+    VALUES ($1, $2, now() + $3 * interval '1 millisecond')
+    ON CONFLICT (id) DO UPDATE SET addr = EXCLUDED.addr, lease_until = EXCLUDED.lease_until";
+
+/// `$1`'s lease for `$2` ms more, if it has not lapsed.
+const RENEW: &str = "
+    UPDATE agents_nodes SET lease_until = now() + $2 * interval '1 millisecond'
+    WHERE id = $1 AND lease_until > now()";
+
+/// Takes agent `$1/$2` for node `$3` (whose lease must be valid) if nobody has it (epoch 1)
+/// or its owner's lease lapsed (the epoch bumped); returns the epoch.
+const TAKE: &str = "
+    WITH me AS (SELECT 1 FROM agents_nodes WHERE id = $3 AND lease_until > now())
+    INSERT INTO agents_owners(class, name, node, epoch)
+    SELECT $1, $2, $3, 1 FROM me
+    ON CONFLICT (class, name) DO UPDATE SET node = EXCLUDED.node, epoch = agents_owners.epoch + 1
+    WHERE agents_owners.node <> EXCLUDED.node AND NOT EXISTS (
+        SELECT 1 FROM agents_nodes n WHERE n.id = agents_owners.node AND n.lease_until > now())
+    RETURNING epoch";
+
+/// Who has agent `$1/$2`: node, epoch, address, and the last sequence number of its log and
+/// whether it has a snapshot (for an owner that keeps it).
+const OWNER: &str = "
+    SELECT o.node, o.epoch, n.addr,
+           coalesce((SELECT max(seq) FROM agents_log l WHERE l.class = $1 AND l.name = $2),
+                    (SELECT seq FROM agents_snapshots s WHERE s.class = $1 AND s.name = $2), 0),
+           EXISTS (SELECT 1 FROM agents_snapshots s WHERE s.class = $1 AND s.name = $2)
+    FROM agents_owners o LEFT JOIN agents_nodes n ON n.id = o.node
+    WHERE o.class = $1 AND o.name = $2";
+
 /// Appends change sets (`$1`..`$6`: classes, names, epochs, seqs, page sizes, frames) for node
 /// `$7`, each only at its agent's current epoch; the owner rows are locked `FOR SHARE` until
 /// the statement's transaction ends, so a take waits for it. Returns what it kept.
@@ -81,13 +129,59 @@ pub(crate) const APPEND: &str = "
     FROM b JOIN fence f ON f.class = b.class AND f.name = b.name AND f.epoch = b.epoch
     RETURNING class, name, seq";
 
+/// Stores `$6` as agent `$1/$2`'s snapshot at `$5` and deletes its log up to it, if node `$3`
+/// has it at epoch `$4`; returns 0 if not.
+const SNAPSHOT: &str = "
+    WITH fence AS (
+        SELECT 1 FROM agents_owners
+        WHERE class = $1 AND name = $2 AND node = $3 AND epoch = $4 FOR SHARE
+    ), s AS (
+        INSERT INTO agents_snapshots(class, name, seq, image)
+        SELECT $1, $2, $5, $6 FROM fence
+        ON CONFLICT (class, name) DO UPDATE SET seq = EXCLUDED.seq, image = EXCLUDED.image
+        WHERE agents_snapshots.seq < EXCLUDED.seq
+        RETURNING 1
+    ), d AS (
+        DELETE FROM agents_log
+        WHERE class = $1 AND name = $2 AND seq <= $5 AND EXISTS (SELECT 1 FROM s)
+    )
+    SELECT (SELECT count(*) FROM fence)";
+
+/// Deletes agent `$1/$2` (owner row, log, snapshot) if node `$3` has it at epoch `$4`;
+/// returns 0 if not.
+const REMOVE: &str = "
+    WITH fence AS (
+        DELETE FROM agents_owners
+        WHERE class = $1 AND name = $2 AND node = $3 AND epoch = $4 RETURNING 1
+    ), l AS (
+        DELETE FROM agents_log WHERE class = $1 AND name = $2 AND EXISTS (SELECT 1 FROM fence)
+    ), s AS (
+        DELETE FROM agents_snapshots WHERE class = $1 AND name = $2 AND EXISTS (SELECT 1 FROM fence)
+    )
+    SELECT count(*) FROM fence";
+
+const RESTORE_SNAPSHOT: &str =
+    "SELECT seq, image FROM agents_snapshots WHERE class = $1 AND name = $2";
+
+const RESTORE_LOG: &str = "
+    SELECT seq, page_size, frames FROM agents_log
+    WHERE class = $1 AND name = $2 AND seq > $3 ORDER BY seq";
+
 /// Who owns an agent, as a take found it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Owner {
-    /// This node, at `epoch`; `moved` if the take bumped the epoch (another node, or nobody, had
-    /// it: its local copy, if any, may be stale).
-    Me { epoch: i64, moved: bool },
-    /// A live node: `node` at `addr`.
+    /// This node took it now, at `epoch`: nobody had it (`new`: epoch 1, nothing stored), or
+    /// its owner's lease had lapsed (a local copy, if any, may be stale).
+    Taken { epoch: i64, new: bool },
+    /// This node had it already, at `epoch`: a local copy it made is current. `last_seq` is
+    /// the last sequence number its log has; `has_base`, whether it has a snapshot.
+    Kept {
+        epoch: i64,
+        last_seq: i64,
+        has_base: bool,
+    },
+    /// A live node: `node` at `addr` (both empty: nobody has it, and this node's own lease
+    /// lapsed).
     Other { node: String, addr: String },
 }
 
@@ -121,8 +215,7 @@ impl Restored {
 /// A connection to the cluster's PostgreSQL database.
 pub(crate) struct Store {
     client: Client,
-    /// Its statements, prepared once (a statement that is not prepared costs a round trip
-    /// more each time).
+    /// Its statements, prepared once: at most one per statement above.
     prepared: std::sync::Mutex<HashMap<&'static str, Statement>>,
 }
 
@@ -141,50 +234,65 @@ impl Store {
         })
     }
 
-    /// `sql`, prepared on this connection.
-    async fn statement(&self, sql: &'static str) -> Result<Statement, StoreError> {
-        if let Some(statement) = crate::lock::lock(&self.prepared).get(sql) {
-            return Ok(statement.clone());
-        }
-        let statement = self.client.prepare(sql).await?;
-        crate::lock::lock(&self.prepared).insert(sql, statement.clone());
-        Ok(statement)
-    }
-
     /// Whether the connection is gone.
     pub fn is_closed(&self) -> bool {
         self.client.is_closed()
     }
 
-    /// Makes the tables if they are missing.
+    /// `sql`, prepared on this connection.
+    async fn statement(&self, sql: &'static str) -> Result<Statement, StoreError> {
+        if let Some(statement) = lock(&self.prepared).get(sql) {
+            return Ok(statement.clone());
+        }
+        let statement = self.client.prepare(sql).await?;
+        lock(&self.prepared).insert(sql, statement.clone());
+        Ok(statement)
+    }
+
+    /// Runs the prepared `sql` with `params`: its rows.
+    async fn rows(
+        &self,
+        sql: &'static str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>, StoreError> {
+        Ok(self
+            .client
+            .query(&self.statement(sql).await?, params)
+            .await?)
+    }
+
+    /// Runs the prepared `sql` with `params`: its one row, if any.
+    async fn row(
+        &self,
+        sql: &'static str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Option<Row>, StoreError> {
+        Ok(self.rows(sql, params).await?.into_iter().next())
+    }
+
+    /// Makes the tables if they are missing; refuses tables a newer runtime made.
     pub async fn migrate(&self) -> Result<(), StoreError> {
         self.client.batch_execute(SCHEMA).await?;
-        Ok(())
+        let version: Option<i32> = self.client.query_one(SCHEMA_VERSION, &[]).await?.get(0);
+        match version.unwrap_or(VERSION) {
+            newer if newer > VERSION => Err(StoreError::Newer(newer)),
+            _ => Ok(()),
+        }
     }
 
     /// Registers `node` at `addr` with a lease of `ttl` (again, if it was registered).
     pub async fn register(&self, node: &str, addr: &str, ttl: Duration) -> Result<(), StoreError> {
-        self.client
-            .execute(
-                &self.statement("INSERT INTO agents_nodes(id, addr, lease_until)
-                 VALUES ($1, $2, now() + $3 * interval '1 millisecond')
-                 ON CONFLICT (id) DO UPDATE SET addr = EXCLUDED.addr, lease_until = EXCLUDED.lease_until").await?,
-                &[&node, &addr, &millis(ttl)],
-            )
-            .await?;
+        self.rows(REGISTER, &[&node, &addr, &millis(ttl)]).await?;
         Ok(())
     }
 
     /// Renews `node`'s lease for `ttl`, if it has not expired: `false` if it had (the node is
     /// dead to the others, and may have lost its agents).
     pub async fn renew(&self, node: &str, ttl: Duration) -> Result<bool, StoreError> {
+        let statement = self.statement(RENEW).await?;
         let renewed = self
             .client
-            .execute(
-                &self.statement("UPDATE agents_nodes SET lease_until = now() + $2 * interval '1 millisecond'
-                 WHERE id = $1 AND lease_until > now()").await?,
-                &[&node, &millis(ttl)],
-            )
+            .execute(&statement, &[&node, &millis(ttl)])
             .await?;
         Ok(renewed == 1)
     }
@@ -194,43 +302,18 @@ impl Store {
     /// has it.
     pub async fn take(&self, node: &str, key: &AgentKey) -> Result<Owner, StoreError> {
         let (class, name) = (key.class(), key.name());
-        let taken = self
-            .client
-            .query_opt(
-                &self.statement("WITH me AS (SELECT 1 FROM agents_nodes WHERE id = $3 AND lease_until > now())
-                 INSERT INTO agents_owners(class, name, node, epoch)
-                 SELECT $1, $2, $3, 1 FROM me
-                 ON CONFLICT (class, name) DO UPDATE SET node = EXCLUDED.node, epoch = agents_owners.epoch + 1
-                 WHERE agents_owners.node <> EXCLUDED.node AND NOT EXISTS (
-                     SELECT 1 FROM agents_nodes n
-                     WHERE n.id = agents_owners.node AND n.lease_until > now())
-                 RETURNING epoch").await?,
-                &[&class, &name, &node],
-            )
-            .await?;
-        if let Some(row) = taken {
-            return Ok(Owner::Me {
-                epoch: row.get(0),
-                moved: true,
+        if let Some(row) = self.row(TAKE, &[&class, &name, &node]).await? {
+            let epoch: i64 = row.get(0);
+            return Ok(Owner::Taken {
+                epoch,
+                new: epoch == 1,
             });
         }
-        let row = self
-            .client
-            .query_opt(
-                &self
-                    .statement(
-                        "SELECT o.node, o.epoch, n.addr, n.lease_until > now()
-                 FROM agents_owners o LEFT JOIN agents_nodes n ON n.id = o.node
-                 WHERE o.class = $1 AND o.name = $2",
-                    )
-                    .await?,
-                &[&class, &name],
-            )
-            .await?;
-        Ok(match row {
-            Some(row) if row.get::<_, String>(0) == node => Owner::Me {
+        Ok(match self.row(OWNER, &[&class, &name]).await? {
+            Some(row) if row.get::<_, String>(0) == node => Owner::Kept {
                 epoch: row.get(1),
-                moved: false,
+                last_seq: row.get(3),
+                has_base: row.get(4),
             },
             Some(row) => Owner::Other {
                 node: row.get(0),
@@ -247,30 +330,17 @@ impl Store {
     /// Appends the change sets of `batch` (agents `node` owns), in one statement: each is kept
     /// only if its epoch is still its agent's current one. Returns, in order, whether each was.
     pub async fn append(&self, node: &str, batch: &[Append<'_>]) -> Result<Vec<bool>, StoreError> {
-        let mut classes = Vec::with_capacity(batch.len());
-        let mut names = Vec::with_capacity(batch.len());
-        let (mut epochs, mut seqs, mut sizes, mut frames) = (
-            Vec::with_capacity(batch.len()),
-            Vec::with_capacity(batch.len()),
-            Vec::with_capacity(batch.len()),
-            Vec::with_capacity(batch.len()),
-        );
-        for a in batch {
-            classes.push(a.key.class());
-            names.push(a.key.name());
-            epochs.push(a.epoch);
-            seqs.push(a.seq);
-            sizes.push(a.set.page_size as i32);
-            frames.push(a.set.frames.as_slice());
-        }
-        let kept = self
-            .client
-            .query(
-                &self.statement(APPEND).await?,
-                &[&classes, &names, &epochs, &seqs, &sizes, &frames, &node],
-            )
-            .await?;
-        let kept: std::collections::HashSet<(String, String, i64)> = kept
+        let classes: Vec<&str> = batch.iter().map(|a| a.key.class()).collect();
+        let names: Vec<&str> = batch.iter().map(|a| a.key.name()).collect();
+        let epochs: Vec<i64> = batch.iter().map(|a| a.epoch).collect();
+        let seqs: Vec<i64> = batch.iter().map(|a| a.seq).collect();
+        let sizes: Vec<i32> = batch.iter().map(|a| a.set.page_size as i32).collect();
+        let frames: Vec<&[u8]> = batch.iter().map(|a| a.set.frames.as_slice()).collect();
+        let params: [&(dyn ToSql + Sync); 7] =
+            [&classes, &names, &epochs, &seqs, &sizes, &frames, &node];
+        let kept: HashSet<(String, String, i64)> = self
+            .rows(APPEND, &params)
+            .await?
             .iter()
             .map(|row| (row.get(0), row.get(1), row.get(2)))
             .collect();
@@ -290,29 +360,31 @@ impl Store {
         seq: i64,
         image: &[u8],
     ) -> Result<(), StoreError> {
-        let stored = self
-            .client
-            .query_one(
-                &self.statement("WITH fence AS (
-                     SELECT 1 FROM agents_owners
-                     WHERE class = $1 AND name = $2 AND node = $3 AND epoch = $4 FOR SHARE
-                 ), s AS (
-                     INSERT INTO agents_snapshots(class, name, seq, image)
-                     SELECT $1, $2, $5, $6 FROM fence
-                     ON CONFLICT (class, name) DO UPDATE SET seq = EXCLUDED.seq, image = EXCLUDED.image
-                     WHERE agents_snapshots.seq < EXCLUDED.seq
-                     RETURNING 1
-                 ), d AS (
-                     DELETE FROM agents_log
-                     WHERE class = $1 AND name = $2 AND seq <= $5 AND EXISTS (SELECT 1 FROM s)
-                 )
-                 SELECT (SELECT count(*) FROM fence)").await?,
-                &[&key.class(), &key.name(), &node, &epoch, &seq, &image],
-            )
-            .await?;
-        match stored.get::<_, i64>(0) {
-            0 => Err(StoreError::Fenced(key.clone(), epoch)),
-            _ => Ok(()),
+        let params: [&(dyn ToSql + Sync); 6] =
+            [&key.class(), &key.name(), &node, &epoch, &seq, &image];
+        self.fenced(SNAPSHOT, &params, key, epoch).await
+    }
+
+    /// Deletes everything of `key` (it was destroyed, or never used), if `epoch` is still
+    /// current for `node`. (A later take starts at epoch 1 again: an append is fenced by node
+    /// and epoch, and a node's id is new each time it starts.)
+    pub async fn remove(&self, node: &str, key: &AgentKey, epoch: i64) -> Result<(), StoreError> {
+        let params: [&(dyn ToSql + Sync); 4] = [&key.class(), &key.name(), &node, &epoch];
+        self.fenced(REMOVE, &params, key, epoch).await
+    }
+
+    /// Runs a statement that answers how many owner rows its fence found.
+    async fn fenced(
+        &self,
+        sql: &'static str,
+        params: &[&(dyn ToSql + Sync)],
+        key: &AgentKey,
+        epoch: i64,
+    ) -> Result<(), StoreError> {
+        let row = self.row(sql, params).await?;
+        match row.map(|r| r.get::<_, i64>(0)) {
+            Some(found) if found > 0 => Ok(()),
+            _ => Err(StoreError::Fenced(key.clone(), epoch)),
         }
     }
 
@@ -321,32 +393,12 @@ impl Store {
     pub async fn restore(&self, key: &AgentKey) -> Result<Restored, StoreError> {
         let (class, name) = (key.class(), key.name());
         let mut restored = Restored::default();
-        if let Some(row) = self
-            .client
-            .query_opt(
-                &self
-                    .statement(
-                        "SELECT seq, image FROM agents_snapshots WHERE class = $1 AND name = $2",
-                    )
-                    .await?,
-                &[&class, &name],
-            )
-            .await?
-        {
+        if let Some(row) = self.row(RESTORE_SNAPSHOT, &[&class, &name]).await? {
             restored.snapshot_seq = row.get(0);
             restored.image = Some(row.get(1));
         }
         let rows = self
-            .client
-            .query(
-                &self
-                    .statement(
-                        "SELECT seq, page_size, frames FROM agents_log
-                 WHERE class = $1 AND name = $2 AND seq > $3 ORDER BY seq",
-                    )
-                    .await?,
-                &[&class, &name, &restored.snapshot_seq],
-            )
+            .rows(RESTORE_LOG, &[&class, &name, &restored.snapshot_seq])
             .await?;
         restored.sets = rows
             .iter()

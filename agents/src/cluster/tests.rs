@@ -47,14 +47,15 @@ async fn a_take_bumps_the_epoch_only_when_the_owner_is_dead() {
     one.register("n1", "127.0.0.1:1", TTL).await.unwrap();
     two.register("n2", "127.0.0.1:2", TTL).await.unwrap();
     let k = key("bob");
-    let taken = Owner::Me {
+    let taken = Owner::Taken {
         epoch: 1,
-        moved: true,
+        new: true,
     };
     assert_eq!(one.take("n1", &k).await.unwrap(), taken);
-    let kept = Owner::Me {
+    let kept = Owner::Kept {
         epoch: 1,
-        moved: false,
+        last_seq: 0,
+        has_base: false,
     };
     assert_eq!(one.take("n1", &k).await.unwrap(), kept);
     let elsewhere = Owner::Other {
@@ -64,9 +65,9 @@ async fn a_take_bumps_the_epoch_only_when_the_owner_is_dead() {
     assert_eq!(two.take("n2", &k).await.unwrap(), elsewhere);
 
     expire(&db, "n1").await;
-    let moved = Owner::Me {
+    let moved = Owner::Taken {
         epoch: 2,
-        moved: true,
+        new: false,
     };
     assert_eq!(two.take("n2", &k).await.unwrap(), moved);
     // The old owner's lease cannot be renewed once it expired, and it takes nothing.
@@ -81,9 +82,9 @@ async fn a_take_bumps_the_epoch_only_when_the_owner_is_dead() {
     expire(&db, "n2").await;
     assert_eq!(
         one.take("n1", &k).await.unwrap(),
-        Owner::Me {
+        Owner::Taken {
             epoch: 3,
-            moved: true
+            new: false
         }
     );
 }
@@ -119,7 +120,7 @@ async fn an_append_at_a_stale_epoch_is_refused() {
     expire(&db, "n1").await;
     assert!(matches!(
         two.take("n2", &k).await.unwrap(),
-        Owner::Me { epoch: 2, .. }
+        Owner::Taken { epoch: 2, .. }
     ));
     let restored = two.restore(&k).await.unwrap();
     assert_eq!(restored.last_seq(), 1);
@@ -157,6 +158,39 @@ async fn an_append_at_a_stale_epoch_is_refused() {
         one.snapshot("n1", &k, 1, 2, b"image").await,
         Err(StoreError::Fenced(..))
     ));
+    // The owner that keeps it is told how far its log goes.
+    let kept = Owner::Kept {
+        epoch: 2,
+        last_seq: 2,
+        has_base: false,
+    };
+    assert_eq!(two.take("n2", &k).await.unwrap(), kept);
+    // A removal is fenced too; the owner's deletes everything, and the next take starts anew.
+    assert!(matches!(
+        one.remove("n1", &k, 1).await,
+        Err(StoreError::Fenced(..))
+    ));
+    two.remove("n2", &k, 2).await.unwrap();
+    assert!(two.restore(&k).await.unwrap().sets.is_empty());
+    let anew = Owner::Taken {
+        epoch: 1,
+        new: true,
+    };
+    assert_eq!(two.take("n2", &k).await.unwrap(), anew);
+}
+
+#[tokio::test]
+async fn tables_of_a_newer_runtime_are_refused() {
+    let db = TestDatabase::new().await;
+    store(&db.url).await;
+    db.execute("UPDATE agents_schema SET version = 99").await;
+    let e = Store::connect(&db.url)
+        .await
+        .unwrap()
+        .migrate()
+        .await
+        .unwrap_err();
+    assert!(matches!(e, StoreError::Newer(99)), "{e}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -199,7 +233,7 @@ async fn a_take_waits_for_an_append_in_flight() {
     );
     tx.commit().await.unwrap();
     let (owner, two) = take.await.unwrap();
-    assert!(matches!(owner, Owner::Me { epoch: 2, .. }));
+    assert!(matches!(owner, Owner::Taken { epoch: 2, .. }));
     assert_eq!(two.restore(&k).await.unwrap().sets, [(1, s1)]);
 }
 

@@ -215,6 +215,7 @@ impl<A: AgentClass> Instance<A> {
             let first = match tokio::time::timeout(idle, rx.recv()).await {
                 Ok(Some(event)) => event,
                 Ok(None) => break, // the runtime shut down and the mailbox is drained
+                Err(_) if self.store.is_lost() => return self.leave_lost(None, rx).await,
                 Err(_) => {
                     if self
                         .ctx
@@ -267,7 +268,8 @@ impl<A: AgentClass> Instance<A> {
     }
 
     /// Cluster mode: the agent moved to another node while this one wrote (or a write may not
-    /// have been kept). Its local copy goes (before anything else may take the agent here
+    /// have been kept); the instance learns it at its next event, or when it goes idle. Its
+    /// local copy goes (before anything else may take the agent here
     /// again), its sockets are closed with 1012 (clients reconnect, and reach its new owner),
     /// and `first` and the events that wait go to the next instance, which takes the agent
     /// again (or says where it is).
@@ -305,13 +307,15 @@ impl<A: AgentClass> Instance<A> {
     /// removes its alarm index entry and its files.
     async fn remove_files(&mut self) -> Result<(), Error> {
         self.agent = None;
+        let gate = self.store.gate();
         self.close_db().await;
         let (shared, key) = (self.ctx.shared.clone(), self.ctx.key().clone());
         blocking(move || {
             shared.alarms.set(&key, None, true)?;
             storage::remove(&shared.config.data_dir, &key)?;
             shared.catalog.removed(&key);
-            Ok(())
+            // What the commit gate stored of it (cluster mode: its log in PostgreSQL) too.
+            gate.map_or(Ok(()), |g| g.removed())
         })
         .await
     }

@@ -265,6 +265,11 @@ impl Store {
         }
     }
 
+    /// What makes a commit durable, while the database is open.
+    pub(super) fn gate(&self) -> Option<Arc<dyn CommitGate>> {
+        self.gate.clone()
+    }
+
     /// Whether the open database stopped being a copy of the agent's durable state (see
     /// `CommitGate::is_lost`): it must be closed and dropped.
     pub(super) fn is_lost(&self) -> bool {
@@ -313,10 +318,6 @@ impl Store {
             let (data_dir, lost) = (shared.config.data_dir.clone(), key.clone());
             if let Err(e) = blocking(move || storage::remove(&data_dir, &lost)).await {
                 tracing::error!("dropping a lost agent's local copy: {e}");
-            }
-            #[cfg(feature = "cluster")]
-            if let Some(node) = &shared.cluster {
-                node.forget(key);
             }
         }
     }
