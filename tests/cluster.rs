@@ -224,3 +224,44 @@ async fn connections_postgresql_dropped_are_made_again() {
     assert_eq!(dan.add(1, 0).await.unwrap(), 6);
     assert_eq!(one.agent::<Ledger>("eve").add(2, 0).await.unwrap(), 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_node_stays_gone_and_bad_options_are_refused() {
+    let db = TestDatabase::new().await;
+    let short =
+        ClusterOptions::new(&db.url, "127.0.0.1:1").lease(std::time::Duration::from_millis(600));
+    let mut one = TestRuntime::start(Runtime::builder().cluster(short).agent::<Ledger>()).unwrap();
+    // A handle that outlives the runtime's shutdown (the node with it).
+    let kept = one.runtime().clone();
+    assert_eq!(one.agent::<Ledger>("fay").add(1, 0).await.unwrap(), 1);
+    one.stop().await;
+    // Past a few renewal intervals: the stopped node has not registered again.
+    tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+    let two = node(&db, "127.0.0.1:2");
+    assert_eq!(two.agent::<Ledger>("fay").add(1, 0).await.unwrap(), 2);
+    drop(kept);
+
+    for (options, says) in [
+        (
+            ClusterOptions::new("host=127.0.0.1 port=x", "a:1"),
+            "connection string",
+        ),
+        (ClusterOptions::new(&db.url, ""), "no address"),
+        (
+            ClusterOptions::new(&db.url, "a:1").lease(std::time::Duration::ZERO),
+            "too short",
+        ),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let built = Runtime::builder()
+            .data_dir(dir.path())
+            .cluster(options)
+            .agent::<Ledger>()
+            .build();
+        let e = built.unwrap_err();
+        assert!(
+            matches!(e, agents::Error::Config(_)) && e.to_string().contains(says),
+            "{e}"
+        );
+    }
+}

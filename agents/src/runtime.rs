@@ -326,6 +326,10 @@ impl Builder {
         if let Some(e) = self.error {
             return Err(Error::Config(e));
         }
+        #[cfg(feature = "cluster")]
+        if let Some(cluster) = &self.cluster {
+            cluster.check()?;
+        }
         let mut config = self.config;
         if config.data_dir.as_os_str().is_empty() {
             return Err(Error::Config(

@@ -64,6 +64,33 @@ impl ClusterOptions {
         self.lease = ttl;
         self
     }
+
+    /// The shortest lease: a third of it is the renewal interval.
+    const MIN_LEASE: Duration = Duration::from_millis(300);
+
+    /// Checks what can be checked before connecting (`Builder::build`).
+    pub(crate) fn check(&self) -> Result<(), Error> {
+        let bad = |why: String| Err(Error::Config(format!("cluster: {why}")));
+        if let Err(e) = self.postgres.parse::<tokio_postgres::Config>() {
+            return bad(format!(
+                "`{}` is not a PostgreSQL connection string: {e}",
+                self.postgres
+            ));
+        }
+        if self.advertise.is_empty() {
+            return bad(
+                "no address to advertise (the host:port other nodes reach this one at)".into(),
+            );
+        }
+        if self.lease < Self::MIN_LEASE {
+            return bad(format!(
+                "a lease of {:?} is too short (at least {:?})",
+                self.lease,
+                Self::MIN_LEASE
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// This node: its membership, the agents it owns, and its connections to PostgreSQL.
@@ -75,6 +102,8 @@ pub(crate) struct Node {
     store: tokio::sync::Mutex<Option<Arc<Store>>>,
     /// Appends, snapshots and removals, batched across agents.
     shipper: mpsc::UnboundedSender<Job>,
+    /// The node has left (its runtime stopped): its lease is not renewed again.
+    left: AtomicBool,
 }
 
 /// One agent's log as its owner writes it.
@@ -107,12 +136,16 @@ impl Node {
             options,
             store: tokio::sync::Mutex::default(),
             shipper,
+            left: AtomicBool::new(false),
         });
         tokio::spawn(ship(node.options.postgres.clone(), node.id.clone(), jobs));
         let renewing = Arc::downgrade(&node);
         tokio::spawn(async move {
             loop {
-                let Some(node) = renewing.upgrade() else {
+                let Some(node) = renewing
+                    .upgrade()
+                    .filter(|n| !n.left.load(Ordering::Acquire))
+                else {
                     return;
                 };
                 let every = node.options.lease / 3;
@@ -148,6 +181,9 @@ impl Node {
     /// meanwhile is fenced off: this node's appends for it are refused).
     async fn renew(&self) -> Result<(), Error> {
         let store = self.store().await?;
+        if self.left.load(Ordering::Acquire) {
+            return Ok(()); // it left while this renewal connected
+        }
         if !store
             .renew(&self.id, self.options.lease)
             .await
@@ -167,6 +203,7 @@ impl Node {
 
     /// Ends the lease now (the node stops): other nodes take its agents at once.
     pub async fn leave(&self) {
+        self.left.store(true, Ordering::Release);
         let store = self.store.lock().await.clone();
         if let Some(store) = store {
             if let Err(e) = store
@@ -181,6 +218,9 @@ impl Node {
     /// Takes `key` before its database at `path` opens: rebuilds the file from PostgreSQL if
     /// another node had it (or this node has no copy); `Error::Moved` if a live node has it.
     pub async fn activate(&self, key: &AgentKey, path: &Path) -> Result<AgentLog, Error> {
+        if self.left.load(Ordering::Acquire) {
+            return Err(Error::Shutdown);
+        }
         let store = self.store().await?;
         let log = |epoch, last_seq, needs_base: bool| AgentLog {
             key: key.clone(),
