@@ -11,6 +11,14 @@ use crate::{address::AgentKey, replica, testing::TestDatabase};
 
 const TTL: Duration = Duration::from_secs(60);
 
+/// Two nodes' connections, `n1` and `n2`, each registered with a lease.
+async fn two_nodes(db: &TestDatabase) -> (Store, Store) {
+    let (one, two) = (store(&db.url).await, store(&db.url).await);
+    one.register("n1", "127.0.0.1:1", TTL).await.unwrap();
+    two.register("n2", "127.0.0.1:2", TTL).await.unwrap();
+    (one, two)
+}
+
 async fn store(url: &str) -> Store {
     let store = Store::connect(url).await.unwrap();
     store.migrate().await.unwrap();
@@ -42,10 +50,7 @@ fn set(byte: u8) -> replica::ChangeSet {
 #[tokio::test]
 async fn a_take_bumps_the_epoch_only_when_the_owner_is_dead() {
     let db = TestDatabase::new().await;
-    let url = &db.url;
-    let (one, two) = (store(url).await, store(url).await);
-    one.register("n1", "127.0.0.1:1", TTL).await.unwrap();
-    two.register("n2", "127.0.0.1:2", TTL).await.unwrap();
+    let (one, two) = two_nodes(&db).await;
     let k = key("bob");
     let taken = Owner::Taken {
         epoch: 1,
@@ -92,10 +97,7 @@ async fn a_take_bumps_the_epoch_only_when_the_owner_is_dead() {
 #[tokio::test]
 async fn an_append_at_a_stale_epoch_is_refused() {
     let db = TestDatabase::new().await;
-    let url = &db.url;
-    let (one, two) = (store(url).await, store(url).await);
-    one.register("n1", "a", TTL).await.unwrap();
-    two.register("n2", "b", TTL).await.unwrap();
+    let (one, two) = two_nodes(&db).await;
     let (k, other) = (key("bob"), key("ann"));
     one.take("n1", &k).await.unwrap();
     one.take("n1", &other).await.unwrap();
@@ -196,10 +198,7 @@ async fn tables_of_a_newer_runtime_are_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_take_waits_for_an_append_in_flight() {
     let db = TestDatabase::new().await;
-    let url = &db.url;
-    let (one, two) = (store(url).await, store(url).await);
-    one.register("n1", "a", TTL).await.unwrap();
-    two.register("n2", "b", TTL).await.unwrap();
+    let (one, two) = two_nodes(&db).await;
     let k = key("bob");
     one.take("n1", &k).await.unwrap();
     expire(&db, "n1").await;
