@@ -11,6 +11,7 @@ use agents::{
     testing::{TestDatabase, TestRuntime},
     ClusterOptions, ErrorKind,
 };
+use serde_json::json;
 
 #[derive(Default)]
 pub struct Ledger;
@@ -131,10 +132,16 @@ async fn a_node_that_lost_an_agent_acknowledges_nothing_it_wrote() {
     let (one, addr) = common::serve(Runtime::builder().cluster(options).agent::<Ledger>()).await;
     let two = node(&db, "127.0.0.1:2");
     let on_one = one.agent::<Ledger>("ann");
-    assert_eq!(on_one.add(5, 0).await.unwrap(), 5);
-    let mut socket = common::ws_connect(addr, "/agents/ledger/ann", None)
+    let mut socket = common::ws_connect(addr, "/agents/ledger/ann", Some("agents.v1.json"))
         .await
         .unwrap();
+    // A call over the socket: its reply comes after the connection's own batch is durable
+    // (a batch still in flight at the takeover would be the one refused).
+    assert_eq!(common::next_json(&mut socket).await["type"], "identity");
+    let add = json!({"type": "call", "id": 1, "method": "add", "args": [5, 0]});
+    common::send_json(&mut socket, add).await;
+    let reply = common::next_json(&mut socket).await;
+    assert_eq!(reply["ok"], 5, "{reply}");
 
     // Node one is, to the others, dead (as if paused past its lease): two takes ann.
     db.execute("UPDATE agents_nodes SET lease_until = now() - interval '1 second' WHERE addr = '127.0.0.1:1'")
