@@ -44,6 +44,7 @@ const WING: &[&str] = &[
     "admin",
     "origins",
     "front",
+    "forward",
 ];
 
 /// The files of `module`: `module.rs`, or every file of the folder `module/`.

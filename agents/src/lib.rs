@@ -85,6 +85,8 @@ mod cluster;
 mod conn;
 mod context;
 mod error;
+#[cfg(feature = "cluster")]
+mod forward;
 mod front;
 mod gate;
 pub mod inspect;

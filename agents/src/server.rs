@@ -161,6 +161,10 @@ async fn agent_root(
 /// A request to the root of the agent `key` (registered): a WebSocket upgrade, handed to the
 /// WebSocket wing, or else a request for `on_request`.
 async fn root(runtime: Runtime, key: AgentKey, request: Request) -> Response {
+    let request = match elsewhere(&runtime, &key, request).await {
+        Ok(forwarded) => return forwarded,
+        Err(here) => here,
+    };
     let (mut parts, body) = request.into_parts();
     match WebSocketUpgrade::from_request_parts(&mut parts, &runtime).await {
         Ok(_) if parts.extensions.get::<front::Spare>().is_some() => {
@@ -170,7 +174,23 @@ async fn root(runtime: Runtime, key: AgentKey, request: Request) -> Response {
             (StatusCode::SERVICE_UNAVAILABLE, headers, busy).into_response()
         }
         Ok(upgrade) => ws::upgrade(runtime.wing().clone(), key, parts, upgrade).await,
-        Err(_) => to_agent(runtime, key, Request::from_parts(parts, body)).await,
+        Err(_) => request_here(runtime, key, Request::from_parts(parts, body)).await,
+    }
+}
+
+/// Cluster mode: a request for an agent another node has goes there (see `crate::forward`);
+/// else it comes back, to be served here.
+async fn elsewhere(
+    runtime: &Runtime,
+    key: &AgentKey,
+    request: Request,
+) -> Result<Response, Request> {
+    #[cfg(feature = "cluster")]
+    return crate::forward::elsewhere(runtime, key, request).await;
+    #[cfg(not(feature = "cluster"))]
+    {
+        let _ = (runtime, key);
+        Err(request)
     }
 }
 
@@ -217,6 +237,14 @@ fn served(runtime: &Runtime, class: &str) -> Result<Class, NotServed> {
 
 /// Hands a request to the agent's `on_request`, after its `on_before_request`.
 pub(crate) async fn to_agent(runtime: Runtime, key: AgentKey, request: Request) -> Response {
+    match elsewhere(&runtime, &key, request).await {
+        Ok(forwarded) => forwarded,
+        Err(here) => request_here(runtime, key, here).await,
+    }
+}
+
+/// `to_agent`, served by this node.
+async fn request_here(runtime: Runtime, key: AgentKey, request: Request) -> Response {
     let (principal, parts, body) = match admit(&runtime, &key, request).await {
         Ok(admitted) => admitted,
         Err(response) => return response,
@@ -256,6 +284,10 @@ async fn call_agent(runtime: Runtime, key: AgentKey, method: String, request: Re
     if let Some(refused) = not_json(request.headers(), "a call's body is a JSON array") {
         return refused;
     }
+    let request = match elsewhere(&runtime, &key, request).await {
+        Ok(forwarded) => return forwarded,
+        Err(here) => here,
+    };
     let (principal, parts, body) = match admit(&runtime, &key, request).await {
         Ok(admitted) => admitted,
         Err(response) => return response,
@@ -344,7 +376,7 @@ pub(crate) fn error(e: RawError) -> Response {
 }
 
 /// The JSON protocol's error object, with `status`.
-fn with_status(status: StatusCode, e: RawError) -> Response {
+pub(crate) fn with_status(status: StatusCode, e: RawError) -> Response {
     json(status, &protocol::error_object(&e))
 }
 

@@ -19,6 +19,7 @@
 mod store;
 
 use std::{
+    collections::{HashMap, HashSet},
     path::{Path, PathBuf},
     sync::{
         atomic::{AtomicBool, AtomicI64, Ordering},
@@ -33,6 +34,7 @@ use crate::{
     address::AgentKey,
     error::Error,
     gate::{CommitGate, Committed},
+    lock::lock,
     replica::{self, ChangeSet},
     storage,
 };
@@ -104,7 +106,15 @@ pub(crate) struct Node {
     shipper: mpsc::UnboundedSender<Job>,
     /// The node has left (its runtime stopped): its lease is not renewed again.
     left: AtomicBool,
+    /// Where agents that are not here were found (`locate`), until a request there fails.
+    owners: std::sync::Mutex<HashMap<AgentKey, Arc<str>>>,
+    /// Agents lost while live here (see `AgentLog::lost`): requests for them are forwarded at
+    /// once, not served by the instance that is leaving. Until this node takes them again.
+    lost: std::sync::Mutex<HashSet<AgentKey>>,
 }
+
+/// The most agents `Node::owners` (or `Node::lost`) remembers (when full, it starts again).
+const MAX_REMEMBERED: usize = 65_536;
 
 /// One agent's log as its owner writes it.
 pub(crate) struct AgentLog {
@@ -137,6 +147,8 @@ impl Node {
             store: tokio::sync::Mutex::default(),
             shipper,
             left: AtomicBool::new(false),
+            owners: Default::default(),
+            lost: Default::default(),
         });
         tokio::spawn(ship(node.options.postgres.clone(), node.id.clone(), jobs));
         let renewing = Arc::downgrade(&node);
@@ -215,6 +227,44 @@ impl Node {
         }
     }
 
+    /// Where a request for `key` (not live here) goes: the address of the live node that has
+    /// it, or `None` for this node (nobody has it, its owner is dead, this node has it, or
+    /// PostgreSQL cannot say: the activation's take decides). Remembered until [`forget`]
+    /// (a request there failed, or was refused as that node's no longer).
+    ///
+    /// [`forget`]: Node::forget
+    pub async fn locate(&self, key: &AgentKey) -> Option<Arc<str>> {
+        if let Some(addr) = lock(&self.owners).get(key) {
+            return Some(addr.clone());
+        }
+        let store = self.store().await.ok()?;
+        match store.locate(&self.id, key).await {
+            Ok(found) => {
+                let addr: Arc<str> = found?.into();
+                let mut owners = lock(&self.owners);
+                if owners.len() >= MAX_REMEMBERED {
+                    owners.clear();
+                }
+                owners.insert(key.clone(), addr.clone());
+                Some(addr)
+            }
+            Err(e) => {
+                tracing::warn!("cluster: where {key} is could not be read: {e}");
+                None
+            }
+        }
+    }
+
+    /// Forgets where `key` was found.
+    pub fn forget(&self, key: &AgentKey) {
+        lock(&self.owners).remove(key);
+    }
+
+    /// Whether `key` was lost while live here (and not taken again since).
+    pub fn has_lost(&self, key: &AgentKey) -> bool {
+        lock(&self.lost).contains(key)
+    }
+
     /// Takes `key` before its database at `path` opens: rebuilds the file from PostgreSQL if
     /// another node had it (or this node has no copy); `Error::Moved` if a live node has it.
     pub async fn activate(&self, key: &AgentKey, path: &Path) -> Result<AgentLog, Error> {
@@ -222,6 +272,7 @@ impl Node {
             return Err(Error::Shutdown);
         }
         let store = self.store().await?;
+        lock(&self.lost).remove(key);
         let log = |epoch, last_seq, needs_base: bool| AgentLog {
             key: key.clone(),
             epoch,
@@ -271,7 +322,7 @@ impl Node {
     pub fn gate(self: &Arc<Self>, log: AgentLog, path: &Path) -> LogGate {
         LogGate {
             log,
-            shipper: self.shipper.clone(),
+            node: self.clone(),
             db: path.to_owned(),
             wal: path.with_extension("sqlite-wal"),
         }
@@ -315,24 +366,37 @@ fn rebuild(path: &Path, image: Option<Vec<u8>>, sets: &[(i64, ChangeSet)]) -> Re
 /// the fence of the agent's epoch.
 pub(crate) struct LogGate {
     log: AgentLog,
-    shipper: mpsc::UnboundedSender<Job>,
+    node: Arc<Node>,
     db: PathBuf,
     wal: PathBuf,
 }
 
 impl LogGate {
+    /// Marks the agent lost (see `AgentLog::lost`).
+    fn lose(&self) {
+        self.log.lost.store(true, Ordering::Release);
+        let mut lost = lock(&self.node.lost);
+        if lost.len() >= MAX_REMEMBERED {
+            lost.clear();
+        }
+        lost.insert(self.log.key.clone());
+    }
+
     /// Hands `job` to the shipper and waits for its outcome (blocking).
     fn ship(
         &self,
         job: impl FnOnce(oneshot::Sender<Result<bool, Error>>) -> Job,
     ) -> Result<(), Error> {
         let (done, outcome) = oneshot::channel();
-        self.shipper.send(job(done)).map_err(|_| Error::Shutdown)?;
+        self.node
+            .shipper
+            .send(job(done))
+            .map_err(|_| Error::Shutdown)?;
         let kept = outcome.blocking_recv().map_err(|_| Error::Shutdown)??;
         if kept {
             Ok(())
         } else {
-            self.log.lost.store(true, Ordering::Release);
+            self.lose();
             Err(Error::Moved(format!(
                 "{} moved to another node: this batch's writes were not kept",
                 self.log.key
@@ -389,7 +453,7 @@ impl CommitGate for LogGate {
         if result.is_err() {
             // Whether it was kept is unknown, or it was not: the local copy is no longer the
             // log's, and goes (the next activation restores the agent from the log).
-            self.log.lost.store(true, Ordering::Release);
+            self.lose();
         }
         result
     }

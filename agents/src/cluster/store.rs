@@ -112,6 +112,11 @@ const OWNER: &str = "
     FROM agents_owners o LEFT JOIN agents_nodes n ON n.id = o.node
     WHERE o.class = $1 AND o.name = $2";
 
+/// The address of the live node other than `$3` that has agent `$1/$2`, if one has it.
+const LOCATE: &str = "
+    SELECT n.addr FROM agents_owners o JOIN agents_nodes n ON n.id = o.node
+    WHERE o.class = $1 AND o.name = $2 AND o.node <> $3 AND n.lease_until > now()";
+
 /// Appends change sets (`$1`..`$6`: classes, names, epochs, seqs, page sizes, frames) for node
 /// `$7`, each only at its agent's current epoch; the owner rows are locked `FOR SHARE` until
 /// the statement's transaction ends, so a take waits for it. Returns what it kept.
@@ -325,6 +330,14 @@ impl Store {
                 addr: String::new(),
             },
         })
+    }
+
+    /// The address of the live node other than `node` that has `key`, if one has it.
+    pub async fn locate(&self, node: &str, key: &AgentKey) -> Result<Option<String>, StoreError> {
+        let row = self
+            .row(LOCATE, &[&key.class(), &key.name(), &node])
+            .await?;
+        Ok(row.map(|row| row.get(0)))
     }
 
     /// Appends the change sets of `batch` (agents `node` owns), in one statement: each is kept

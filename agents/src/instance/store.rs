@@ -49,6 +49,9 @@ pub(super) struct Store {
     pub(super) schedules_seen: bool,
     /// The open database's path.
     path: std::path::PathBuf,
+    /// Cluster mode: another node has the agent (its activation here was refused), so this
+    /// instance goes, and requests for it are forwarded there.
+    elsewhere: bool,
 }
 
 impl Store {
@@ -66,6 +69,7 @@ impl Store {
             uncataloged: false,
             schedules_seen: false,
             path: std::path::PathBuf::new(),
+            elsewhere: false,
         }
     }
 
@@ -87,7 +91,9 @@ impl Store {
         let log = match &shared.cluster {
             Some(node) => {
                 let path = storage::db_path(&shared.config.data_dir, key);
-                Some((node.clone(), node.activate(key, &path).await?))
+                let log = node.activate(key, &path).await;
+                self.elsewhere = matches!(log, Err(Error::Moved(_)));
+                Some((node.clone(), log?))
             }
             None => None,
         };
@@ -271,9 +277,10 @@ impl Store {
     }
 
     /// Whether the open database stopped being a copy of the agent's durable state (see
-    /// `CommitGate::is_lost`): it must be closed and dropped.
+    /// `CommitGate::is_lost`): it must be closed and dropped; or the agent could not be
+    /// taken, being another node's.
     pub(super) fn is_lost(&self) -> bool {
-        self.gate.as_ref().is_some_and(|g| g.is_lost())
+        self.elsewhere || self.gate.as_ref().is_some_and(|g| g.is_lost())
     }
 
     /// Waits for every reply to be released, then closes the database of `key` on a blocking

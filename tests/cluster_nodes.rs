@@ -1,0 +1,397 @@
+//! Cluster mode with three node processes on one real PostgreSQL database (each its own data
+//! dir and port; requests reach any of them and are forwarded to the agent's node):
+//! - an owner SIGKILLed under load: every acknowledged write is there afterwards, its agents
+//!   answer again within the lease + 2 s, and every database passes `integrity_check`;
+//! - an owner SIGSTOPped past its lease while a write of its is pending: another node takes the
+//!   agent and writes; woken with SIGCONT, the old owner's write is refused, its reply is not a
+//!   success, and the data holds only the new owner's history;
+//! - a WebSocket forwarded to an owner that is killed is closed with 1012; the client connects
+//!   again (through another node) and goes on where it was.
+
+mod common;
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use agents::{prelude::*, testing::TestDatabase, ClusterOptions};
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::Message;
+
+/// Each node's lease: a node that stops renewing is dead to the others after this long.
+const LEASE: Duration = Duration::from_secs(2);
+
+/// The tests run one at a time: three nodes each on two cores are load enough (a node too
+/// starved to renew its lease in time would lose its agents, as it should, but not on cue).
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+#[derive(Default)]
+pub struct Tally;
+
+impl Agent for Tally {
+    async fn on_start(&mut self, ctx: &mut Ctx<Self>) -> Result<(), AppError> {
+        ctx.migrate(&["CREATE TABLE adds(id INTEGER PRIMARY KEY, amount INTEGER NOT NULL)"])?;
+        Ok(())
+    }
+}
+
+#[agent]
+impl Tally {
+    /// Records `amount`; returns how many adds there are.
+    #[callable]
+    pub async fn add(&mut self, ctx: &mut Ctx<Self>, amount: i64) -> Result<i64, AppError> {
+        ctx.sql()
+            .execute("INSERT INTO adds(amount) VALUES (?1)", [amount])?;
+        self.count(ctx).await
+    }
+
+    /// `add`, after waiting `ms` first (a write still pending when its node is paused).
+    #[callable]
+    pub async fn slow_add(
+        &mut self,
+        ctx: &mut Ctx<Self>,
+        amount: i64,
+        ms: u64,
+    ) -> Result<i64, AppError> {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        self.add(ctx, amount).await
+    }
+
+    #[callable]
+    pub async fn count(&mut self, ctx: &mut Ctx<Self>) -> Result<i64, AppError> {
+        Ok(ctx
+            .sql()
+            .query_row("SELECT count(*) FROM adds", [], |r| r.get(0))?)
+    }
+
+    #[callable]
+    pub async fn sum(&mut self, ctx: &mut Ctx<Self>) -> Result<i64, AppError> {
+        Ok(ctx
+            .sql()
+            .query_row("SELECT coalesce(sum(amount), 0) FROM adds", [], |r| {
+                r.get(0)
+            })?)
+    }
+}
+
+/// A node, in a process of its own: started by [`Node::start`] as this test binary running only
+/// this test, with `AGENTS_NODE_DIR` (its data dir) and `AGENTS_NODE_PG` (the database) set.
+#[test]
+fn node_process() {
+    let Ok(dir) = std::env::var("AGENTS_NODE_DIR") else {
+        return;
+    };
+    let postgres = std::env::var("AGENTS_NODE_PG").unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let options = ClusterOptions::new(postgres, addr.to_string()).lease(LEASE);
+        let runtime = Runtime::builder()
+            .cluster(options)
+            .agent::<Tally>()
+            .data_dir(dir)
+            .build()
+            .unwrap();
+        println!("listening {addr}");
+        tokio::spawn(async move { runtime.serve_on(listener).await });
+        let mut line = String::new();
+        let _ = tokio::io::AsyncBufReadExt::read_line(
+            &mut tokio::io::BufReader::new(tokio::io::stdin()),
+            &mut line,
+        )
+        .await;
+    });
+}
+
+/// A node process, its data dir and its address.
+struct Node {
+    child: tokio::process::Child,
+    dir: tempfile::TempDir,
+    addr: SocketAddr,
+}
+
+impl Node {
+    async fn start(db: &TestDatabase) -> Node {
+        let dir = tempfile::tempdir().unwrap();
+        let url = std::ffi::OsStr::new(&db.url);
+        let more = [("AGENTS_NODE_PG", url)];
+        let (child, addr) =
+            common::start_child_with("node_process", "AGENTS_NODE_DIR", dir.path(), &more).await;
+        Node { child, dir, addr }
+    }
+
+    fn signal(&self, signal: &str) {
+        let pid = self.child.id().expect("running").to_string();
+        let status = std::process::Command::new("kill")
+            .args([signal, &pid])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill {signal} {pid}");
+    }
+
+    /// SIGKILL, and waits until it is gone.
+    async fn kill(&mut self) {
+        self.signal("-KILL");
+        self.child.wait().await.unwrap();
+    }
+}
+
+async fn three_nodes(db: &TestDatabase) -> [Node; 3] {
+    [
+        Node::start(db).await,
+        Node::start(db).await,
+        Node::start(db).await,
+    ]
+}
+
+/// `POST /agents/tally/{name}/call/{method}` with `args` to the node at `addr`: the status and
+/// the body, or `None` if the node could not be reached or did not answer.
+async fn call(addr: SocketAddr, name: &str, method: &str, args: Value) -> Option<(u16, Value)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let body = args.to_string();
+    let request = format!(
+        "POST /agents/tally/{name}/call/{method} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+        stream.write_all(request.as_bytes()).await.ok()?;
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response).await.ok()?;
+        let response = String::from_utf8(response).ok()?;
+        let status = response.get(9..12)?.parse().ok()?;
+        let (_, body) = response.split_once("\r\n\r\n")?;
+        Some((status, serde_json::from_str(body).unwrap_or(Value::Null)))
+    };
+    tokio::time::timeout(Duration::from_secs(20), exchange)
+        .await
+        .ok()
+        .flatten()
+}
+
+/// `call`, answered 200: its result.
+async fn ok(addr: SocketAddr, name: &str, method: &str, args: Value) -> Value {
+    match call(addr, name, method, args).await {
+        Some((200, value)) => value,
+        other => panic!("{name}.{method} through {addr}: {other:?}"),
+    }
+}
+
+/// `call` until it is answered 200 (or `within` passed): its result and when it came.
+async fn ok_within(
+    addr: SocketAddr,
+    name: &str,
+    method: &str,
+    args: Value,
+    within: Duration,
+) -> (Value, Instant) {
+    let deadline = Instant::now() + within;
+    loop {
+        match call(addr, name, method, args.clone()).await {
+            Some((200, value)) => return (value, Instant::now()),
+            other if Instant::now() > deadline => {
+                panic!("{name}.{method} through {addr}, still: {other:?}")
+            }
+            _ => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+}
+
+/// Every agent database of the three nodes' data dirs passes `integrity_check` (the nodes are
+/// killed first: each holds its open databases' locks).
+async fn all_whole(nodes: &mut [Node]) {
+    for node in nodes.iter_mut() {
+        if node.child.try_wait().unwrap().is_none() {
+            node.kill().await;
+        }
+    }
+    for node in nodes.iter() {
+        for db in common::agent_databases(node.dir.path()) {
+            common::assert_whole(&db);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_acknowledged_write_outlives_its_node() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let db = TestDatabase::new().await;
+    let mut nodes = three_nodes(&db).await;
+    let addrs: Vec<SocketAddr> = nodes.iter().map(|n| n.addr).collect();
+    // Six tallies, each first reached through a node of its own: t0 and t3 are node 0's.
+    const AGENTS: usize = 6;
+    for i in 0..AGENTS {
+        assert_eq!(
+            ok(addrs[i % 3], &format!("t{i}"), "add", json!([1])).await,
+            1
+        );
+    }
+
+    // Load through all three nodes: each tally's adds, acknowledged and sent.
+    let stop = Arc::new(AtomicBool::new(false));
+    let down = Arc::new(AtomicBool::new(false)); // node 0 is gone
+    let mut load = Vec::new();
+    for i in 0..AGENTS {
+        let (stop, down, addrs) = (stop.clone(), down.clone(), addrs.clone());
+        load.push(tokio::spawn(async move {
+            let (name, mut acked, mut sent) = (format!("t{i}"), 1u64, 1u64);
+            let mut recovered = None;
+            for n in i.. {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let through = n % 3;
+                if through == 0 && down.load(Ordering::Relaxed) {
+                    continue;
+                }
+                sent += 1;
+                match call(addrs[through], &name, "add", json!([1])).await {
+                    Some((200, _)) => {
+                        acked += 1;
+                        if down.load(Ordering::Relaxed) && recovered.is_none() {
+                            recovered = Some(Instant::now());
+                        }
+                    }
+                    _ => tokio::time::sleep(Duration::from_millis(20)).await,
+                }
+            }
+            (name, acked, sent, recovered)
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    nodes[0].kill().await;
+    down.store(true, Ordering::Relaxed);
+    let killed = Instant::now();
+    tokio::time::sleep(LEASE + Duration::from_secs(3)).await;
+    stop.store(true, Ordering::Relaxed);
+
+    for task in load {
+        let (name, acked, sent, recovered) = task.await.unwrap();
+        let count = ok(addrs[1], &name, "count", json!([])).await;
+        let count = count.as_u64().unwrap();
+        assert!(
+            acked <= count && count <= sent,
+            "{name}: {acked} acknowledged, {sent} sent, {count} kept"
+        );
+        let recovered = recovered.unwrap_or_else(|| panic!("{name} never answered again"));
+        let after = recovered - killed;
+        assert!(
+            after <= LEASE + Duration::from_secs(2),
+            "{name} answered again after {after:?}"
+        );
+        // (t0 and t3 moved; the others did not wait on anything.)
+        println!("{name}: {acked} acknowledged of {sent}, {count} kept; answering {after:?} after the kill");
+    }
+    all_whole(&mut nodes).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_owner_can_never_commit_for_an_agent_that_moved() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let db = TestDatabase::new().await;
+    let mut nodes = three_nodes(&db).await;
+    let (old, new) = (nodes[0].addr, nodes[1].addr);
+    assert_eq!(ok(old, "f", "add", json!([1])).await, 1);
+
+    // A write of node 0's is pending (its handler waits) when node 0 is paused past its lease.
+    let pending = tokio::spawn(call(old, "f", "slow_add", json!([1000, 400])));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    nodes[0].signal("-STOP");
+    tokio::time::sleep(LEASE + Duration::from_millis(500)).await;
+
+    // Node 1 takes the agent and writes.
+    let (count, _) = ok_within(new, "f", "add", json!([7]), Duration::from_secs(5)).await;
+    assert_eq!(count, 2);
+
+    // Node 0 wakes: its write is refused, and its reply is no success.
+    nodes[0].signal("-CONT");
+    let answer = pending.await.unwrap();
+    let (status, body) = answer.expect("node 0 answers once awake");
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body["message"].as_str().unwrap().contains("moved"),
+        "{body}"
+    );
+
+    // The data holds only the new owner's history, through any node (node 0 forwards now).
+    for node in &nodes {
+        assert_eq!(ok(node.addr, "f", "sum", json!([])).await, 8);
+    }
+    let (count, _) = ok_within(old, "f", "add", json!([1]), Duration::from_secs(5)).await;
+    assert_eq!(count, 3);
+    all_whole(&mut nodes).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_socket_to_a_lost_node_is_closed_with_1012_and_goes_on_elsewhere() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let db = TestDatabase::new().await;
+    let mut nodes = three_nodes(&db).await;
+    assert_eq!(ok(nodes[0].addr, "w", "add", json!([1])).await, 1);
+
+    // A socket through node 1, to the agent node 0 has.
+    let path = "/agents/tally/w";
+    let json_protocol = Some("agents.v1.json");
+    let mut socket = common::ws_connect(nodes[1].addr, path, json_protocol)
+        .await
+        .unwrap();
+    assert_eq!(common::next_json(&mut socket).await["type"], "identity");
+    assert_eq!(
+        common::call(&mut socket, 1, "add", json!([1])).await["ok"],
+        2
+    );
+
+    nodes[0].kill().await;
+    let closed = common::next_close(&mut socket)
+        .await
+        .expect("a close frame");
+    assert_eq!(u16::from(closed.code), 1012, "{closed:?}");
+
+    // It connects again, through node 2, and goes on where it was.
+    let ids = AtomicU64::new(2);
+    let deadline = Instant::now() + LEASE + Duration::from_secs(2);
+    let reply = loop {
+        let mut socket = common::ws_connect(nodes[2].addr, path, json_protocol)
+            .await
+            .unwrap();
+        // The identity frame first; refused or closed while the lease runs (the agent cannot
+        // be taken yet).
+        let id = ids.fetch_add(1, Ordering::Relaxed);
+        match add_over(&mut socket, id).await {
+            Ok(reply) if reply.get("ok").is_some() => break reply,
+            outcome => assert!(
+                Instant::now() < deadline,
+                "w did not answer again: {outcome:?}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(reply["ok"], 3, "{reply}");
+    all_whole(&mut nodes).await;
+}
+
+/// Sends `add(1)` as call `id` over `socket`: its reply, or the frame that closed the socket.
+async fn add_over(socket: &mut common::Socket, id: u64) -> Result<Value, Message> {
+    common::send_json(
+        socket,
+        json!({"type": "call", "id": id, "method": "add", "args": [1]}),
+    )
+    .await;
+    loop {
+        match common::next_frame(socket).await {
+            Message::Text(text) => {
+                let frame: Value = serde_json::from_str(&text).unwrap();
+                if frame["type"] == "reply" && frame["id"] == id {
+                    return Ok(frame);
+                }
+            }
+            other => return Err(other),
+        }
+    }
+}
