@@ -5,6 +5,8 @@
 //! - an owner SIGSTOPped past its lease while a write of its is pending: another node takes the
 //!   agent and writes; woken with SIGCONT, the old owner's write is refused, its reply is not a
 //!   success, and the data holds only the new owner's history;
+//! - the alarms of a killed node's agents fire on another node, no later than the lease + 2 s
+//!   after they were due, with nothing else to wake them;
 //! - a WebSocket forwarded to an owner that is killed is closed with 1012; the client connects
 //!   again (through another node) and goes on where it was.
 
@@ -35,7 +37,10 @@ pub struct Tally;
 
 impl Agent for Tally {
     async fn on_start(&mut self, ctx: &mut Ctx<Self>) -> Result<(), AppError> {
-        ctx.migrate(&["CREATE TABLE adds(id INTEGER PRIMARY KEY, amount INTEGER NOT NULL)"])?;
+        ctx.migrate(&[
+            "CREATE TABLE adds(id INTEGER PRIMARY KEY, amount INTEGER NOT NULL)",
+            "CREATE TABLE rings(due_ms INTEGER NOT NULL, rung_ms INTEGER NOT NULL)",
+        ])?;
         Ok(())
     }
 }
@@ -62,6 +67,36 @@ impl Tally {
         self.add(ctx, amount).await
     }
 
+    /// Schedules `ring` `ms` from now; returns when it is due (ms since the epoch).
+    #[callable]
+    pub async fn remind(&mut self, ctx: &mut Ctx<Self>, ms: u64) -> Result<u64, AppError> {
+        let due = now_ms() + ms;
+        let when = When::after(Duration::from_millis(ms));
+        ctx.schedule(when, Self::calls().ring(due))?;
+        Ok(due)
+    }
+
+    #[callable(private)]
+    pub async fn ring(&mut self, ctx: &mut Ctx<Self>, due: u64) -> Result<(), AppError> {
+        let rung = now_ms();
+        ctx.sql().execute(
+            "INSERT INTO rings(due_ms, rung_ms) VALUES (?1, ?2)",
+            [due as i64, rung as i64],
+        )?;
+        Ok(())
+    }
+
+    /// `(due, rung)` of every ring, in ms since the epoch.
+    #[callable]
+    pub async fn rings(&mut self, ctx: &mut Ctx<Self>) -> Result<Vec<(u64, u64)>, AppError> {
+        let sql = ctx.sql();
+        let mut query = sql.prepare("SELECT due_ms, rung_ms FROM rings")?;
+        let rows = query.query_map([], |r| {
+            Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64))
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
     #[callable]
     pub async fn count(&mut self, ctx: &mut Ctx<Self>) -> Result<i64, AppError> {
         Ok(ctx
@@ -77,6 +112,11 @@ impl Tally {
                 r.get(0)
             })?)
     }
+}
+
+fn now_ms() -> u64 {
+    let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+    since.unwrap().as_millis() as u64
 }
 
 /// A node, in a process of its own: started by [`Node::start`] as this test binary running only
@@ -394,4 +434,32 @@ async fn add_over(socket: &mut common::Socket, id: u64) -> Result<Value, Message
             other => return Err(other),
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_nodes_alarms_fire_on_another_node() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let db = TestDatabase::new().await;
+    let mut nodes = three_nodes(&db).await;
+    // Four agents of node 0's, each with a reminder 3 s ahead; then node 0 dies.
+    let names = ["r0", "r1", "r2", "r3"];
+    for name in names {
+        ok(nodes[0].addr, name, "remind", json!([3000])).await;
+    }
+    nodes[0].kill().await;
+
+    // Nothing asks for them until well past the bound: only the alarm index can wake them.
+    let bound = LEASE + Duration::from_secs(2);
+    tokio::time::sleep(Duration::from_secs(3) + bound + Duration::from_millis(500)).await;
+    for name in names {
+        let rings = ok(nodes[1].addr, name, "rings", json!([])).await;
+        let rings: Vec<(u64, u64)> = serde_json::from_value(rings).unwrap();
+        let [(due, rung)] = rings[..] else {
+            panic!("{name} rang {rings:?}")
+        };
+        let late = Duration::from_millis(rung.saturating_sub(due));
+        assert!(late <= bound, "{name} rang {late:?} after it was due");
+        println!("{name}: rang {late:?} after it was due");
+    }
+    all_whole(&mut nodes).await;
 }

@@ -29,6 +29,16 @@ pub(crate) struct AlarmIndex {
     mem: Mutex<Queue>,
     /// Woken when an entry becomes earlier than what the timer waits for.
     pub changed: Notify,
+    /// Where every entry is written too (cluster mode: PostgreSQL).
+    mirror: Option<Arc<dyn AlarmMirror>>,
+}
+
+/// Where the index is kept beyond this process (cluster mode: PostgreSQL, where another node
+/// finds the due alarms of a dead node's agents), written as the file is, early never late.
+pub(crate) trait AlarmMirror: Send + Sync {
+    /// Records that `key` is next due at `at` (`None`: never). Blocking; a `durable` write is
+    /// kept before it returns.
+    fn set(&self, key: &AgentKey, at: Option<u64>, durable: bool) -> Result<(), Error>;
 }
 
 #[derive(Default)]
@@ -78,7 +88,16 @@ impl AlarmIndex {
             db: Mutex::new(conn),
             mem: Mutex::new(queue),
             changed: Notify::new(),
+            mirror: None,
         })
+    }
+
+    /// The index, with every entry written to `mirror` too.
+    pub fn mirrored(self, mirror: Arc<dyn AlarmMirror>) -> Self {
+        AlarmIndex {
+            mirror: Some(mirror),
+            ..self
+        }
     }
 
     fn mem(&self) -> std::sync::MutexGuard<'_, Queue> {
@@ -108,6 +127,9 @@ impl AlarmIndex {
                     .prepare_cached("DELETE FROM alarms WHERE class = ?1 AND name = ?2")?
                     .execute((key.class(), key.name()))?,
             };
+        }
+        if let Some(mirror) = &self.mirror {
+            mirror.set(key, at, durable)?;
         }
         self.mem().set(key, at);
         self.changed.notify_one();
@@ -180,6 +202,34 @@ pub(crate) fn fire_due(shared: &Arc<Shared>, now: u64) -> Vec<oneshot::Receiver<
         });
     }
     fired
+}
+
+/// Cluster mode: every renewal of the lease, wakes the agents whose alarms are due and whose
+/// node is dead (or that nobody has). Every node looks; the first to take an agent fires it
+/// (the take is a compare-and-set: another node's activation is refused, and its event
+/// dropped).
+#[cfg(feature = "cluster")]
+pub(crate) async fn fire_orphans(shared: Arc<Shared>) {
+    let Some(node) = shared.cluster.clone() else {
+        return;
+    };
+    loop {
+        tokio::time::sleep(node.renewal()).await;
+        if shared.is_closed() {
+            return;
+        }
+        for key in node.orphans(shared.config.clock.now_ms()).await {
+            if shared.is_live(&key) {
+                continue;
+            }
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                if let Err((e, event)) = shared.route(&key, Event::Alarm(None)).await {
+                    event.abandon(e.told("the agent cannot be woken"));
+                }
+            });
+        }
+    }
 }
 
 /// How long before its alarm a hibernated agent is woken, so that opening its database is not

@@ -368,6 +368,14 @@ impl Builder {
             // The local copies need no syncs: a batch is durable once PostgreSQL has it.
             config.durability = Durability::Normal;
         }
+        // Cluster mode: the node, to which the alarm index is mirrored.
+        #[cfg(feature = "cluster")]
+        let node = self.cluster.map(crate::cluster::Node::start);
+        #[cfg(feature = "cluster")]
+        let alarms = match &node {
+            Some(node) => alarms.mirrored(node.clone()),
+            None => alarms,
+        };
         #[allow(unused_mut)]
         let mut shared = Shared::new(
             config,
@@ -380,12 +388,16 @@ impl Builder {
         );
         #[cfg(feature = "cluster")]
         {
-            shared.cluster = self.cluster.map(crate::cluster::Node::start);
+            shared.cluster = node;
         }
         let shared = Arc::new(shared);
         if timer {
             // Overdue alarms (say, from before a restart) fire as soon as the timer starts.
             shared.tracker.spawn(alarms::run_timer(shared.clone()));
+            #[cfg(feature = "cluster")]
+            if shared.cluster.is_some() {
+                shared.tracker.spawn(alarms::fire_orphans(shared.clone()));
+            }
         }
         let wing = Wing::new(Door::new(shared.clone()), sockets);
         let handle = Arc::new(Handle {

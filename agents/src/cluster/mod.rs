@@ -32,6 +32,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::{
     address::AgentKey,
+    alarms::AlarmMirror,
     error::Error,
     gate::{CommitGate, Committed},
     lock::lock,
@@ -160,7 +161,7 @@ impl Node {
                 else {
                     return;
                 };
-                let every = node.options.lease / 3;
+                let every = node.renewal();
                 if let Err(e) = node.renew().await {
                     tracing::warn!(
                         "cluster: the lease of node {} was not renewed: {e}",
@@ -255,6 +256,23 @@ impl Node {
         }
     }
 
+    /// How often the lease is renewed (and dead nodes' due alarms looked for).
+    pub fn renewal(&self) -> Duration {
+        self.options.lease / 3
+    }
+
+    /// Up to 256 agents due by `now` (ms) whose node is dead (or that nobody has).
+    pub async fn orphans(&self, now: u64) -> Vec<AgentKey> {
+        let found = match self.store().await {
+            Ok(store) => store.orphans(now).await.map_err(pg),
+            Err(e) => Err(e),
+        };
+        found.unwrap_or_else(|e| {
+            tracing::warn!("cluster: due alarms could not be read: {e}");
+            Vec::new()
+        })
+    }
+
     /// Forgets where `key` was found.
     pub fn forget(&self, key: &AgentKey) {
         lock(&self.owners).remove(key);
@@ -326,6 +344,31 @@ impl Node {
             db: path.to_owned(),
             wal: path.with_extension("sqlite-wal"),
         }
+    }
+}
+
+/// The alarm index's entries go to PostgreSQL too, through the shipper (in order with the
+/// node's other writes), for the agents this node has.
+impl AlarmMirror for Node {
+    fn set(&self, key: &AgentKey, at: Option<u64>, durable: bool) -> Result<(), Error> {
+        let key = key.clone();
+        if !durable {
+            let _ = self.shipper.send(Job::Alarm {
+                key,
+                at,
+                done: None,
+            });
+            return Ok(());
+        }
+        let (done, outcome) = oneshot::channel();
+        let done = Some(done);
+        self.shipper
+            .send(Job::Alarm { key, at, done })
+            .map_err(|_| Error::Shutdown)?;
+        outcome
+            .blocking_recv()
+            .map_err(|_| Error::Shutdown)?
+            .map(drop)
     }
 }
 
@@ -493,6 +536,12 @@ enum Job {
         epoch: i64,
         done: oneshot::Sender<Result<bool, Error>>,
     },
+    /// An alarm index entry (`done`: waited for).
+    Alarm {
+        key: AgentKey,
+        at: Option<u64>,
+        done: Option<oneshot::Sender<Result<bool, Error>>>,
+    },
 }
 
 /// How many appends one statement carries at most.
@@ -508,7 +557,7 @@ async fn ship(postgres: String, node: String, mut jobs: mpsc::UnboundedReceiver<
         while let Some(job) = next.take() {
             match job {
                 Job::Append { .. } => appends.push(job),
-                Job::Snapshot { .. } | Job::Remove { .. } => others.push(job),
+                Job::Snapshot { .. } | Job::Remove { .. } | Job::Alarm { .. } => others.push(job),
             }
             if appends.len() < MAX_APPENDS {
                 next = jobs.try_recv().ok();
@@ -539,6 +588,7 @@ async fn ship(postgres: String, node: String, mut jobs: mpsc::UnboundedReceiver<
                     ..
                 } => pg_store.snapshot(&node, key, *epoch, *seq, image).await,
                 Job::Remove { key, epoch, .. } => pg_store.remove(&node, key, *epoch).await,
+                Job::Alarm { key, at, .. } => pg_store.set_alarm(&node, key, *at).await,
                 Job::Append { .. } => continue,
             };
             let outcome = match outcome {
@@ -566,7 +616,7 @@ async fn ship(postgres: String, node: String, mut jobs: mpsc::UnboundedReceiver<
                     seq: *seq,
                     set,
                 }),
-                Job::Snapshot { .. } | Job::Remove { .. } => None,
+                Job::Snapshot { .. } | Job::Remove { .. } | Job::Alarm { .. } => None,
             })
             .collect();
         let outcome = pg_store.append(&node, &batch).await;
@@ -592,7 +642,13 @@ async fn ship(postgres: String, node: String, mut jobs: mpsc::UnboundedReceiver<
 }
 
 fn answer(job: Job, outcome: Result<bool, Error>) {
-    let (Job::Append { done, .. } | Job::Snapshot { done, .. } | Job::Remove { done, .. }) = job;
+    let done = match job {
+        Job::Append { done, .. } | Job::Snapshot { done, .. } | Job::Remove { done, .. } => done,
+        Job::Alarm {
+            done: Some(done), ..
+        } => done,
+        Job::Alarm { done: None, .. } => return,
+    };
     let _ = done.send(outcome);
 }
 

@@ -76,6 +76,13 @@ CREATE TABLE IF NOT EXISTS agents_snapshots (
     image BYTEA NOT NULL,
     PRIMARY KEY (class, name)
 );
+CREATE TABLE IF NOT EXISTS agents_alarms (
+    class TEXT NOT NULL,
+    name TEXT NOT NULL,
+    at_ms BIGINT NOT NULL,
+    PRIMARY KEY (class, name)
+);
+CREATE INDEX IF NOT EXISTS agents_alarms_at ON agents_alarms (at_ms);
 ";
 
 const SCHEMA_VERSION: &str = "SELECT max(version) FROM agents_schema";
@@ -162,8 +169,30 @@ const REMOVE: &str = "
         DELETE FROM agents_log WHERE class = $1 AND name = $2 AND EXISTS (SELECT 1 FROM fence)
     ), s AS (
         DELETE FROM agents_snapshots WHERE class = $1 AND name = $2 AND EXISTS (SELECT 1 FROM fence)
+    ), a AS (
+        DELETE FROM agents_alarms WHERE class = $1 AND name = $2 AND EXISTS (SELECT 1 FROM fence)
     )
     SELECT count(*) FROM fence";
+
+/// Agent `$1/$2` is next due at `$4` (ms), if node `$3` has it.
+const SET_ALARM: &str = "
+    INSERT INTO agents_alarms(class, name, at_ms)
+    SELECT $1, $2, $4 WHERE EXISTS (
+        SELECT 1 FROM agents_owners WHERE class = $1 AND name = $2 AND node = $3)
+    ON CONFLICT (class, name) DO UPDATE SET at_ms = EXCLUDED.at_ms";
+
+/// Agent `$1/$2` has no alarm, if node `$3` has it.
+const CLEAR_ALARM: &str = "
+    DELETE FROM agents_alarms WHERE class = $1 AND name = $2 AND EXISTS (
+        SELECT 1 FROM agents_owners WHERE class = $1 AND name = $2 AND node = $3)";
+
+/// Agents due by `$1` (ms) that no live node has, earliest first.
+const ORPHANS: &str = "
+    SELECT a.class, a.name FROM agents_alarms a
+    LEFT JOIN agents_owners o ON o.class = a.class AND o.name = a.name
+    LEFT JOIN agents_nodes n ON n.id = o.node
+    WHERE a.at_ms <= $1 AND (n.id IS NULL OR n.lease_until <= now())
+    ORDER BY a.at_ms LIMIT 256";
 
 const RESTORE_SNAPSHOT: &str =
     "SELECT seq, image FROM agents_snapshots WHERE class = $1 AND name = $2";
@@ -338,6 +367,35 @@ impl Store {
             .row(LOCATE, &[&key.class(), &key.name(), &node])
             .await?;
         Ok(row.map(|row| row.get(0)))
+    }
+
+    /// Records that `key` is next due at `at` (ms; `None`: never), if `node` has it (else
+    /// nothing: the node lost it, and its batch is refused too).
+    pub async fn set_alarm(
+        &self,
+        node: &str,
+        key: &AgentKey,
+        at: Option<u64>,
+    ) -> Result<(), StoreError> {
+        let (class, name) = (key.class(), key.name());
+        match at {
+            Some(at) => {
+                let at = i64::try_from(at).unwrap_or(i64::MAX);
+                self.rows(SET_ALARM, &[&class, &name, &node, &at]).await?
+            }
+            None => self.rows(CLEAR_ALARM, &[&class, &name, &node]).await?,
+        };
+        Ok(())
+    }
+
+    /// Up to 256 agents due by `now` (ms) that no live node has, earliest first.
+    pub async fn orphans(&self, now: u64) -> Result<Vec<AgentKey>, StoreError> {
+        let now = i64::try_from(now).unwrap_or(i64::MAX);
+        let rows = self.rows(ORPHANS, &[&now]).await?;
+        Ok(rows
+            .iter()
+            .filter_map(|row| AgentKey::new(row.get::<_, &str>(0), row.get::<_, &str>(1)).ok())
+            .collect())
     }
 
     /// Appends the change sets of `batch` (agents `node` owns), in one statement: each is kept

@@ -315,3 +315,39 @@ async fn a_snapshot_and_the_log_after_it_rebuild_the_database() {
     assert_eq!(all(&copy), all(&conn));
     assert_eq!(all(&copy).len(), 12);
 }
+
+#[tokio::test]
+async fn only_the_owner_sets_alarms_and_a_dead_nodes_due_alarms_are_found() {
+    let db = TestDatabase::new().await;
+    let (one, two) = two_nodes(&db).await;
+    let (early, late) = (key("early"), key("late"));
+    for k in [&early, &late] {
+        one.take("n1", k).await.unwrap();
+    }
+    one.set_alarm("n1", &early, Some(100)).await.unwrap();
+    one.set_alarm("n1", &late, Some(900)).await.unwrap();
+    // Not n2's: its writes change nothing.
+    two.set_alarm("n2", &early, Some(5_000)).await.unwrap();
+    two.set_alarm("n2", &late, None).await.unwrap();
+    // Due, but their node is alive.
+    assert_eq!(two.orphans(1_000).await.unwrap(), vec![]);
+
+    expire(&db, "n1").await;
+    assert_eq!(
+        two.orphans(1_000).await.unwrap(),
+        vec![early.clone(), late.clone()]
+    );
+    assert_eq!(two.orphans(500).await.unwrap(), vec![early.clone()]);
+    // Taken, it is no orphan; the new owner's entry stands.
+    two.take("n2", &early).await.unwrap();
+    two.set_alarm("n2", &early, Some(2_000)).await.unwrap();
+    assert_eq!(two.orphans(1_000).await.unwrap(), vec![late.clone()]);
+    // A removed agent's entry goes with its other rows.
+    let epoch = match two.take("n2", &late).await.unwrap() {
+        Owner::Taken { epoch, .. } => epoch,
+        other => panic!("{other:?}"),
+    };
+    two.remove("n2", &late, epoch).await.unwrap();
+    expire(&db, "n2").await;
+    assert_eq!(two.orphans(u64::MAX).await.unwrap(), vec![early]);
+}
