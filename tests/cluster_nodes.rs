@@ -4,7 +4,8 @@
 //!   answer again within the lease + 2 s, and every database passes `integrity_check`;
 //! - an owner SIGSTOPped past its lease while a write of its is pending: another node takes the
 //!   agent and writes; woken with SIGCONT, the old owner's write is refused, its reply is not a
-//!   success, and the data holds only the new owner's history;
+//!   success, and the data holds only the new owner's history; a read it had pending is
+//!   refused too (it may be stale);
 //! - the alarms of a killed node's agents fire on another node, no later than the lease + 2 s
 //!   after they were due, with nothing else to wake them;
 //! - a WebSocket forwarded to an owner that is killed is closed with 1012; the client connects
@@ -102,6 +103,13 @@ impl Tally {
         Ok(ctx
             .sql()
             .query_row("SELECT count(*) FROM adds", [], |r| r.get(0))?)
+    }
+
+    /// `sum`, after waiting `ms` first (a read still pending when its node is paused).
+    #[callable]
+    pub async fn slow_sum(&mut self, ctx: &mut Ctx<Self>, ms: u64) -> Result<i64, AppError> {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        self.sum(ctx).await
     }
 
     #[callable]
@@ -339,15 +347,20 @@ async fn a_paused_owner_can_never_commit_for_an_agent_that_moved() {
     let (old, new) = (nodes[0].addr, nodes[1].addr);
     assert_eq!(ok(old, "f", "add", json!([1])).await, 1);
 
-    // A write of node 0's is pending (its handler waits) when node 0 is paused past its lease.
+    assert_eq!(ok(old, "g", "add", json!([1])).await, 1);
+
+    // A write of node 0's is pending (its handler waits) when node 0 is paused past its lease;
+    // so is a read, of another agent.
     let pending = tokio::spawn(call(old, "f", "slow_add", json!([1000, 400])));
+    let reading = tokio::spawn(call(old, "g", "slow_sum", json!([400])));
     tokio::time::sleep(Duration::from_millis(100)).await;
     nodes[0].signal("-STOP");
     tokio::time::sleep(LEASE + Duration::from_millis(500)).await;
 
-    // Node 1 takes the agent and writes.
+    // Node 1 takes the agents and writes.
     let (count, _) = ok_within(new, "f", "add", json!([7]), Duration::from_secs(5)).await;
     assert_eq!(count, 2);
+    assert_eq!(ok(new, "g", "add", json!([5])).await, 2);
 
     // Node 0 wakes: its write is refused, and its reply is no success.
     nodes[0].signal("-CONT");
@@ -358,12 +371,20 @@ async fn a_paused_owner_can_never_commit_for_an_agent_that_moved() {
         body["message"].as_str().unwrap().contains("moved"),
         "{body}"
     );
+    // Nor does the read: what it read is no longer the agent's.
+    let (status, body) = reading.await.unwrap().expect("node 0 answers once awake");
+    assert_eq!(status, 503, "a stale read: {body}");
 
-    // The data holds only the new owner's history, through any node (node 0 forwards now).
+    // The data holds only the new owner's history, through any node (node 0 forwards now; an
+    // instance it had from before its lapse may answer 503 once, as it leaves).
+    let within = Duration::from_secs(5);
     for node in &nodes {
-        assert_eq!(ok(node.addr, "f", "sum", json!([])).await, 8);
+        for (name, sum) in [("f", 8), ("g", 6)] {
+            let (value, _) = ok_within(node.addr, name, "sum", json!([]), within).await;
+            assert_eq!(value, sum, "{name}");
+        }
     }
-    let (count, _) = ok_within(old, "f", "add", json!([1]), Duration::from_secs(5)).await;
+    let (count, _) = ok_within(old, "f", "add", json!([1]), within).await;
     assert_eq!(count, 3);
     all_whole(&mut nodes).await;
 }

@@ -22,10 +22,10 @@ use std::{
     collections::{HashMap, HashSet},
     path::{Path, PathBuf},
     sync::{
-        atomic::{AtomicBool, AtomicI64, Ordering},
+        atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering},
         Arc,
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use tokio::sync::{mpsc, oneshot};
@@ -112,6 +112,13 @@ pub(crate) struct Node {
     /// Agents lost while live here (see `AgentLog::lost`): requests for them are forwarded at
     /// once, not served by the instance that is leaving. Until this node takes them again.
     lost: std::sync::Mutex<HashSet<AgentKey>>,
+    /// Until when (ns after `started`) the lease is surely held: a renewal's lease counted
+    /// from before it was sent (0: none).
+    leased_until: AtomicU64,
+    started: Instant,
+    /// How many times the lease was found lapsed: every agent taken before a lapse may have
+    /// been taken by another node meanwhile, and is dropped (see `LogGate::is_lost`).
+    lapses: AtomicU64,
 }
 
 /// The most agents `Node::owners` (or `Node::lost`) remembers (when full, it starts again).
@@ -128,6 +135,8 @@ pub(crate) struct AgentLog {
     /// Its append was refused (it moved) or failed: nothing more is appended, and its local
     /// copy must go.
     lost: AtomicBool,
+    /// `Node::lapses` when it was taken.
+    lapses: u64,
 }
 
 impl AgentLog {
@@ -150,6 +159,9 @@ impl Node {
             left: AtomicBool::new(false),
             owners: Default::default(),
             lost: Default::default(),
+            leased_until: AtomicU64::new(0),
+            started: Instant::now(),
+            lapses: AtomicU64::new(0),
         });
         tokio::spawn(ship(node.options.postgres.clone(), node.id.clone(), jobs));
         let renewing = Arc::downgrade(&node);
@@ -184,7 +196,9 @@ impl Node {
         let store = Store::connect(&self.options.postgres).await.map_err(pg)?;
         store.migrate().await.map_err(pg)?;
         let (id, advertise, lease) = (&self.id, &self.options.advertise, self.options.lease);
+        let sent = Instant::now();
         store.register(id, advertise, lease).await.map_err(pg)?;
+        self.leased(sent);
         let store = Arc::new(store);
         *slot = Some(store.clone());
         Ok(store)
@@ -197,26 +211,49 @@ impl Node {
         if self.left.load(Ordering::Acquire) {
             return Ok(()); // it left while this renewal connected
         }
+        let sent = Instant::now();
         if !store
             .renew(&self.id, self.options.lease)
             .await
             .map_err(pg)?
         {
             tracing::warn!(
-                "cluster: node {}'s lease had lapsed; registering again",
+                "cluster: node {}'s lease had lapsed; registering again (its agents are dropped: \
+                 another node may have taken them)",
                 self.id
             );
+            self.lapses.fetch_add(1, Ordering::AcqRel);
+            let sent = Instant::now();
             store
                 .register(&self.id, &self.options.advertise, self.options.lease)
                 .await
                 .map_err(pg)?;
+            self.leased(sent);
+            return Ok(());
         }
+        self.leased(sent);
         Ok(())
+    }
+
+    /// A lease was granted by a statement sent at `sent`: PostgreSQL counted it from later
+    /// (its clock read after the statement arrived), so it surely lasts until `sent` + lease.
+    fn leased(&self, sent: Instant) {
+        let until = (sent + self.options.lease).duration_since(self.started);
+        let until = u64::try_from(until.as_nanos()).unwrap_or(u64::MAX);
+        self.leased_until.fetch_max(until, Ordering::AcqRel);
+    }
+
+    /// Whether the lease is surely held now: no other node can have taken an agent this node
+    /// has (since the last lapse), so what it reads is current.
+    fn holds_lease(&self) -> bool {
+        let now = u64::try_from(self.started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        now < self.leased_until.load(Ordering::Acquire)
     }
 
     /// Ends the lease now (the node stops): other nodes take its agents at once.
     pub async fn leave(&self) {
         self.left.store(true, Ordering::Release);
+        self.leased_until.store(0, Ordering::Release);
         let store = self.store.lock().await.clone();
         if let Some(store) = store {
             if let Err(e) = store
@@ -291,12 +328,14 @@ impl Node {
         }
         let store = self.store().await?;
         lock(&self.lost).remove(key);
+        let lapses = self.lapses.load(Ordering::Acquire);
         let log = |epoch, last_seq, needs_base: bool| AgentLog {
             key: key.clone(),
             epoch,
             last_seq: AtomicI64::new(last_seq),
             needs_base: AtomicBool::new(needs_base),
             lost: AtomicBool::new(false),
+            lapses,
         };
         let epoch = match store.take(&self.id, key).await.map_err(pg)? {
             // This node's copy is current: nobody else took the agent since this node did (a
@@ -463,14 +502,22 @@ impl LogGate {
 
 impl CommitGate for LogGate {
     fn make_durable(&self, committed: &Committed) -> Result<(), Error> {
-        if self.log.is_lost() {
+        if CommitGate::is_lost(self) {
             return Err(Error::Moved(format!(
                 "{} moved to another node: this batch's writes were not kept",
                 self.log.key
             )));
         }
         if committed.frames.is_empty() {
-            return Ok(());
+            // Nothing to fence: what it read is current only while no other node can have
+            // taken the agent, that is while this node surely holds its lease.
+            return match self.node.holds_lease() {
+                true => Ok(()),
+                false => Err(Error::Moved(format!(
+                    "{}: this node's lease lapsed, and what it read may be stale",
+                    self.log.key
+                ))),
+            };
         }
         let result = (|| {
             if self.log.needs_base.load(Ordering::Acquire) {
@@ -506,7 +553,8 @@ impl CommitGate for LogGate {
     }
 
     fn is_lost(&self) -> bool {
-        self.log.is_lost()
+        // (Taken before a lapse of the lease, it may be another node's now.)
+        self.log.is_lost() || self.log.lapses != self.node.lapses.load(Ordering::Acquire)
     }
 
     fn removed(&self) -> Result<(), Error> {
