@@ -8,6 +8,8 @@
 //!   refused too (it may be stale);
 //! - the alarms of a killed node's agents fire on another node, no later than the lease + 2 s
 //!   after they were due, with nothing else to wake them;
+//! - an agent's typed calls reach the node that has the callee (an internal class too), and
+//!   a cycle of calls across nodes is told as one in a process is;
 //! - a WebSocket forwarded to an owner that is killed is closed with 1012; the client connects
 //!   again (through another node) and goes on where it was.
 
@@ -98,6 +100,33 @@ impl Tally {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
+    /// Deposits `amount` in the (internal) vault `vault`: its balance.
+    #[callable]
+    pub async fn relay(
+        &mut self,
+        ctx: &mut Ctx<Self>,
+        vault: String,
+        amount: i64,
+    ) -> Result<i64, AppError> {
+        Ok(ctx.agent::<Vault>(&vault).deposit(amount).await?)
+    }
+
+    /// Asks the tally `other` to ask this one how many adds it has: a cycle.
+    #[callable]
+    pub async fn bounce(&mut self, ctx: &mut Ctx<Self>, other: String) -> Result<i64, AppError> {
+        let me = ctx.name().to_owned();
+        Ok(ctx.agent::<Tally>(&other).bounce_back(me).await?)
+    }
+
+    #[callable]
+    pub async fn bounce_back(
+        &mut self,
+        ctx: &mut Ctx<Self>,
+        other: String,
+    ) -> Result<i64, AppError> {
+        Ok(ctx.agent::<Tally>(&other).count().await?)
+    }
+
     #[callable]
     pub async fn count(&mut self, ctx: &mut Ctx<Self>) -> Result<i64, AppError> {
         Ok(ctx
@@ -122,6 +151,23 @@ impl Tally {
     }
 }
 
+/// Reached only by other agents (never by the network).
+#[derive(Default)]
+pub struct Vault {
+    balance: i64,
+}
+
+impl Agent for Vault {}
+
+#[agent(internal)]
+impl Vault {
+    #[callable]
+    pub async fn deposit(&mut self, _ctx: &mut Ctx<Self>, amount: i64) -> i64 {
+        self.balance += amount;
+        self.balance
+    }
+}
+
 fn now_ms() -> u64 {
     let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
     since.unwrap().as_millis() as u64
@@ -143,6 +189,7 @@ fn node_process() {
         let runtime = Runtime::builder()
             .cluster(options)
             .agent::<Tally>()
+            .agent::<Vault>()
             .data_dir(dir)
             .build()
             .unwrap();
@@ -482,5 +529,35 @@ async fn a_dead_nodes_alarms_fire_on_another_node() {
         assert!(late <= bound, "{name} rang {late:?} after it was due");
         println!("{name}: rang {late:?} after it was due");
     }
+    all_whole(&mut nodes).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn typed_calls_reach_the_node_that_has_the_agent() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let db = TestDatabase::new().await;
+    let mut nodes = three_nodes(&db).await;
+    let [a0, a1, a2] = [nodes[0].addr, nodes[1].addr, nodes[2].addr];
+    // The vault is taken by node 2, through a tally of node 2's.
+    assert_eq!(ok(a2, "t2", "relay", json!(["v", 5])).await, 5);
+    // Node 0's tally calls it (not live on node 0: forwarded to node 2, internal as it is).
+    assert_eq!(ok(a0, "t0", "relay", json!(["v", 7])).await, 12);
+    assert_eq!(ok(a1, "t1", "relay", json!(["v", 1])).await, 13);
+    // The network still cannot reach it.
+    assert_eq!(call(a0, "v", "deposit", json!([1])).await.unwrap().0, 404);
+
+    // A cycle across nodes: a (node 0) -> b (node 1) -> a, told at once, not a deadlock.
+    assert_eq!(ok(a0, "a", "add", json!([1])).await, 1);
+    assert_eq!(ok(a1, "b", "add", json!([1])).await, 1);
+    let started = Instant::now();
+    let (status, body) = call(a0, "a", "bounce", json!(["b"])).await.unwrap();
+    assert_eq!((status, &body["kind"]), (500, &json!("cycle")), "{body}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    // Without the cycle, the same calls are answered: b -> a.
+    assert_eq!(ok(a1, "b", "bounce_back", json!(["a"])).await, 1);
     all_whole(&mut nodes).await;
 }

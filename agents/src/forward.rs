@@ -5,15 +5,31 @@
 //! as a request of its own (its admission hooks run there). A forwarded request is marked and
 //! never forwarded again: the node it reaches serves it, or answers 503 naming where the agent
 //! is (and the node that forwarded it asks PostgreSQL again next time).
+//!
+//! Calls an agent makes to another (typed calls, durable deliveries) go the same way, to the
+//! call route of the node that has the callee, marked with the cluster's secret (they may
+//! reach internal classes and methods, as calls in one process may), with the waiting agents
+//! and the trace context. Their arguments travel in postcard (a typed client encodes them so
+//! for an agent that is not live here) or JSON. The runtime's router must be served at the
+//! root of the address a node advertises.
 
+use std::sync::Arc;
+
+use agents_client::{
+    protocol::WireError, trace::TraceContext, ErrorKind, OutgoingCall, Payload, RawError,
+};
 use axum::{
     body::Body,
     extract::{ws::WebSocketUpgrade, FromRequestParts, OriginalUri, Request},
     http::{header, HeaderValue, StatusCode},
-    response::Response,
+    response::{IntoResponse, Response},
 };
 
-use crate::{address::AgentKey, runtime::Runtime};
+use crate::{
+    address::AgentKey,
+    registry::{Chain, Shared},
+    runtime::{call_value_here, Caller, Runtime},
+};
 
 /// The header that marks a forwarded request.
 const FORWARDED: &str = "agents-forwarded";
@@ -73,21 +89,248 @@ pub(crate) async fn elsewhere(
 
 /// Relays an HTTP request to the node at the other end of `stream`, and its answer back.
 async fn http(stream: tokio::net::TcpStream, target: &str, mut request: Request) -> Response {
-    let io = hyper_util::rt::TokioIo::new(stream);
-    let (mut sender, connection) = match hyper::client::conn::http1::handshake(io).await {
-        Ok(handshake) => handshake,
-        Err(e) => return bad_gateway(e),
-    };
-    tokio::spawn(connection);
     match target.parse() {
         Ok(uri) => *request.uri_mut() = uri,
         Err(e) => return bad_gateway(e),
     }
     mark(request.headers_mut());
-    match sender.send_request(request).await {
+    match send(stream, request).await {
         Ok(response) => response.map(Body::new),
         Err(e) => bad_gateway(e),
     }
+}
+
+/// Sends `request` over `stream` (HTTP/1.1, one request): the answer, as it streams in.
+async fn send(
+    stream: tokio::net::TcpStream,
+    request: Request,
+) -> Result<axum::http::Response<hyper::body::Incoming>, hyper::Error> {
+    let io = hyper_util::rt::TokioIo::new(stream);
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(io).await?;
+    tokio::spawn(connection);
+    sender.send_request(request).await
+}
+
+/// A call a node forwards for one of its agents (a typed call, a durable delivery) carries the
+/// cluster's secret: it may reach internal classes and methods, as calls in one process may.
+const NODE: &str = "agents-node";
+/// The agents waiting on a forwarded call, the outermost first (a cycle across nodes is found
+/// as one in a process is): a JSON array of `[class, name]`.
+const CHAIN: &str = "agents-chain";
+/// How long the caller of a forwarded call waits, in ms.
+const TIMEOUT: &str = "agents-timeout-ms";
+/// A forwarded call's arguments and answer in postcard (else JSON).
+const POSTCARD: &str = "application/x-postcard";
+
+/// Cluster mode: sends `call` to the node that has `key`, if another live node has it (and
+/// its arguments are encoded: an agent here chose them so); `None`: it is served here.
+pub(crate) async fn call(
+    shared: &Arc<Shared>,
+    key: &AgentKey,
+    call: &OutgoingCall,
+    chain: &Chain,
+) -> Option<Result<Payload, RawError>> {
+    let node = shared.cluster.as_ref()?;
+    let here = shared.is_live(key) && !node.has_lost(key);
+    if here || matches!(call.args, Payload::Value(_)) || chain.contains(key) {
+        return None; // (a cycle is told as it is in a process)
+    }
+    let addr = node.locate(key).await?;
+    let secret = node.secret().await.ok()?;
+    let stream = match tokio::net::TcpStream::connect(&*addr).await {
+        Ok(stream) => stream,
+        Err(_) => {
+            node.forget(key);
+            return None;
+        }
+    };
+    let _ = stream.set_nodelay(true);
+    let timeout = call.timeout.unwrap_or(shared.config.call_timeout);
+    let (content_type, body) = match &call.args {
+        Payload::Json(value) => ("application/json", value.to_string().into_bytes()),
+        Payload::Postcard(bytes) => (POSTCARD, bytes.clone()),
+        Payload::Value(_) => return None,
+    };
+    let waiting: Vec<(&str, &str)> = chain.keys().iter().map(|k| (k.class(), k.name())).collect();
+    let mut request = Request::post(format!(
+        "/agents/{}/{}/call/{}",
+        key.class(),
+        segment(key.name()),
+        segment(&call.method)
+    ))
+    .header(header::HOST, &*addr)
+    .header(header::CONTENT_TYPE, content_type)
+    .header(NODE, secret)
+    .header(CHAIN, serde_json::to_string(&waiting).unwrap_or_default())
+    .header(TIMEOUT, timeout.as_millis().to_string());
+    if let Some(trace) = chain.trace() {
+        request = request.header("traceparent", trace.traceparent());
+    }
+    let request = match request.body(Body::from(body)) {
+        Ok(request) => request,
+        Err(e) => return Some(Err(RawError::internal(e))),
+    };
+    let exchange = async {
+        let response = send(stream, request).await.map_err(unanswered)?;
+        let status = response.status();
+        let body = axum::body::to_bytes(Body::new(response.into_body()), usize::MAX)
+            .await
+            .map_err(unanswered)?;
+        Ok::<_, RawError>((status, body))
+    };
+    let answer = match tokio::time::timeout(timeout, exchange).await {
+        Ok(answer) => answer,
+        Err(_) => Err(RawError::new(
+            ErrorKind::Timeout,
+            format!("no reply from {key} (at {addr}) before the deadline"),
+        )),
+    };
+    Some(answer.and_then(|(status, body)| {
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            node.forget(key);
+        }
+        decode(status, &body, content_type == POSTCARD)
+    }))
+}
+
+/// A forwarded call's answer: its result, or its error object.
+fn decode(status: StatusCode, body: &[u8], postcard: bool) -> Result<Payload, RawError> {
+    let malformed = |e: &dyn std::fmt::Display| {
+        RawError::internal(format!(
+            "the agent's node answered {status} with a malformed body: {e}"
+        ))
+    };
+    match (status.is_success(), postcard) {
+        (true, true) => Ok(Payload::Postcard(body.to_vec())),
+        (true, false) => serde_json::from_slice(body)
+            .map(Payload::Json)
+            .map_err(|e| malformed(&e)),
+        (false, true) => Err(serde_json::from_slice::<WireError<Vec<u8>>>(body)
+            .map_err(|e| malformed(&e))?
+            .into()),
+        (false, false) => Err(serde_json::from_slice::<WireError<serde_json::Value>>(body)
+            .map_err(|e| malformed(&e))?
+            .into()),
+    }
+}
+
+fn unanswered(e: impl std::fmt::Display) -> RawError {
+    let message = format!("the node that has the agent did not answer: {e}");
+    RawError::new(ErrorKind::Overloaded, message)
+}
+
+/// `text` as one segment of a path: every byte but the unreserved ones percent-encoded.
+fn segment(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for byte in text.bytes() {
+        match byte {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                out.push(byte as char)
+            }
+            _ => out.push_str(&format!("%{byte:02X}")),
+        }
+    }
+    out
+}
+
+/// Serves a call another node forwarded for one of its agents (marked with the cluster's
+/// secret), as a call made in this process: no admission hook, internal classes and methods
+/// reachable, the waiting agents and the trace carried over. Gives back any other request.
+pub(crate) async fn serve_call(
+    runtime: &Runtime,
+    class: &str,
+    name: &str,
+    method: &str,
+    request: Request,
+) -> Result<Response, Request> {
+    let shared = runtime.shared();
+    let (Some(node), Some(sent)) = (&shared.cluster, request.headers().get(NODE)) else {
+        return Err(request);
+    };
+    let refused = |status, e: RawError| crate::server::with_status(status, e);
+    match node.secret().await {
+        Ok(secret) if same(sent.as_bytes(), secret.as_bytes()) => {}
+        Ok(_) => {
+            let e = RawError::bad_args("a forwarded call without the cluster's secret");
+            return Ok(refused(StatusCode::FORBIDDEN, e));
+        }
+        Err(e) => return Ok(crate::server::error(e.told("checking a forwarded call"))),
+    }
+    let key = match AgentKey::new(class, name) {
+        Ok(key) if shared.class(class).is_some() => key,
+        Ok(_) => {
+            let e = RawError::bad_args(format!("no agent class `{class}` is registered here"));
+            return Ok(refused(StatusCode::NOT_FOUND, e));
+        }
+        Err(e) => return Ok(refused(StatusCode::BAD_REQUEST, RawError::bad_args(e))),
+    };
+    let headers = request.headers();
+    let postcard = headers
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes() == POSTCARD.as_bytes());
+    let trace = headers
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .and_then(TraceContext::from_traceparent);
+    let waiting: Vec<(String, String)> = headers
+        .get(CHAIN)
+        .and_then(|v| serde_json::from_slice(v.as_bytes()).ok())
+        .unwrap_or_default();
+    let waiting = waiting
+        .iter()
+        .filter_map(|(class, name)| AgentKey::new(class, name).ok());
+    let timeout = headers
+        .get(TIMEOUT)
+        .and_then(|v| v.to_str().ok()?.parse().ok())
+        .map(std::time::Duration::from_millis);
+    let chain = Chain::of(waiting, trace);
+    let limit = runtime.config().max_message_bytes;
+    let body = match axum::body::to_bytes(request.into_body(), limit).await {
+        Ok(body) => body,
+        Err(e) => {
+            return Ok(refused(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                RawError::bad_args(e),
+            ))
+        }
+    };
+    let args = if postcard {
+        Payload::Postcard(body.to_vec())
+    } else {
+        match serde_json::from_slice(&body) {
+            Ok(args) => Payload::Json(args),
+            Err(e) => return Ok(refused(StatusCode::BAD_REQUEST, RawError::bad_args(e))),
+        }
+    };
+    let call = OutgoingCall {
+        method: method.to_owned().into(),
+        args,
+        timeout,
+    };
+    let result = call_value_here(shared, key, call, Caller::local(chain)).await;
+    Ok(match result {
+        Ok(Payload::Postcard(bytes)) => ([(header::CONTENT_TYPE, POSTCARD)], bytes).into_response(),
+        Ok(Payload::Json(value)) => (
+            [(header::CONTENT_TYPE, "application/json")],
+            value.to_string(),
+        )
+            .into_response(),
+        Ok(Payload::Value(_)) => crate::server::error(RawError::internal(
+            "the agent answered a forwarded call in no codec",
+        )),
+        Err(e) if postcard => {
+            let status = crate::server::status_of(e.kind);
+            let wire = WireError::<Vec<u8>>::from(&e);
+            let body = serde_json::to_string(&wire).unwrap_or_default();
+            (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
+        }
+        Err(e) => crate::server::error(e),
+    })
+}
+
+/// Whether `a` and `b` are equal, in a time that does not tell where they differ.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |d, (x, y)| d | (x ^ y)) == 0
 }
 
 /// Connects a WebSocket to the node at the other end of `stream` with the client's headers,

@@ -256,6 +256,24 @@ impl Chain {
         self.trace = Some(trace);
     }
 
+    /// Its agents, the outermost first (cluster mode sends them with a call it forwards).
+    #[cfg(feature = "cluster")]
+    pub fn keys(&self) -> Vec<&AgentKey> {
+        let mut keys: Vec<_> = self.iter().collect();
+        keys.reverse();
+        keys
+    }
+
+    /// The chain of `keys` (the outermost first), in `trace`: a forwarded call's.
+    #[cfg(feature = "cluster")]
+    pub fn of(keys: impl IntoIterator<Item = AgentKey>, trace: Option<TraceContext>) -> Chain {
+        let mut chain = Chain { last: None, trace };
+        for key in keys {
+            chain = chain.push(key);
+        }
+        chain
+    }
+
     fn iter(&self) -> impl Iterator<Item = &AgentKey> {
         std::iter::successors(self.last.as_deref(), |l| l.prev.as_deref()).map(|l| &l.key)
     }

@@ -875,6 +875,22 @@ pub(crate) async fn call_value(
     call: OutgoingCall,
     caller: Caller,
 ) -> Result<Payload, RawError> {
+    // Cluster mode: to the node that has the agent, if another has it.
+    #[cfg(feature = "cluster")]
+    if let Some(result) = crate::forward::call(shared, &key, &call, &caller.chain).await {
+        return result;
+    }
+    call_value_here(shared, key, call, caller).await
+}
+
+/// `call_value`, served by this runtime (cluster mode: a call the network brought, which was
+/// forwarded already if it had to be).
+pub(crate) async fn call_value_here(
+    shared: &Arc<Shared>,
+    key: AgentKey,
+    call: OutgoingCall,
+    caller: Caller,
+) -> Result<Payload, RawError> {
     let codec = call.args.codec();
     let idle = call.timeout.unwrap_or(shared.config.call_timeout);
     match call_local(shared, key, call, caller).await? {
@@ -925,6 +941,14 @@ impl Transport for LocalTransport {
     }
 
     fn codec(&self) -> Codec {
+        // Cluster mode: an agent that is not here may be another node's, and its arguments
+        // would travel there.
+        #[cfg(feature = "cluster")]
+        if let (Some(node), Ok(key)) = (&self.shared.cluster, &self.target) {
+            if !self.shared.is_live(key) || node.has_lost(key) {
+                return Codec::Postcard;
+            }
+        }
         Codec::Value
     }
 

@@ -44,7 +44,7 @@ use crate::{
     error::Error,
     front, origins,
     registry::{Chain, Class, Event},
-    runtime::{call_value, Caller, Runtime},
+    runtime::{call_value_here, Caller, Runtime},
     ws,
 };
 
@@ -273,6 +273,13 @@ async fn call(
     Path((class, name, method)): Path<(String, String, String)>,
     request: Request,
 ) -> Response {
+    // Cluster mode: a call another node forwarded for one of its agents.
+    #[cfg(feature = "cluster")]
+    let request = match crate::forward::serve_call(&runtime, &class, &name, &method, request).await
+    {
+        Ok(served) => return served,
+        Err(request) => request,
+    };
     match address(&runtime, &class, &name) {
         Ok(key) => call_agent(runtime, key, method, request).await,
         Err(refused) => refused.into_response(),
@@ -321,7 +328,7 @@ async fn call_agent(runtime: Runtime, key: AgentKey, method: String, request: Re
     if let Some(trace) = trace {
         caller.chain = Chain::in_trace(trace);
     }
-    match call_value(runtime.shared(), key, call, caller).await {
+    match call_value_here(runtime.shared(), key, call, caller).await {
         Ok(Payload::Json(value)) => json(StatusCode::OK, &value),
         Ok(_) => error(RawError::internal(
             "the agent answered a JSON call in another codec",
@@ -362,7 +369,12 @@ fn json(status: StatusCode, value: &serde_json::Value) -> Response {
 
 /// The JSON protocol's error object, with the status of its kind.
 pub(crate) fn error(e: RawError) -> Response {
-    let status = match e.kind {
+    with_status(status_of(e.kind), e)
+}
+
+/// The status an error of `kind` is answered with (see the table above).
+pub(crate) fn status_of(kind: ErrorKind) -> StatusCode {
+    match kind {
         ErrorKind::BadArgs => StatusCode::BAD_REQUEST,
         ErrorKind::UnknownMethod => StatusCode::NOT_FOUND,
         ErrorKind::App => StatusCode::UNPROCESSABLE_ENTITY,
@@ -371,8 +383,7 @@ pub(crate) fn error(e: RawError) -> Response {
         ErrorKind::Cycle | ErrorKind::Cancelled | ErrorKind::Internal => {
             StatusCode::INTERNAL_SERVER_ERROR
         }
-    };
-    with_status(status, e)
+    }
 }
 
 /// The JSON protocol's error object, with `status`.

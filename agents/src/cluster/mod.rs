@@ -116,6 +116,8 @@ pub(crate) struct Node {
     /// from before it was sent (0: none).
     leased_until: AtomicU64,
     started: Instant,
+    /// The cluster's secret, read when the node first connects (see `store::SECRET`).
+    secret: std::sync::OnceLock<String>,
     /// How many times the lease was found lapsed: every agent taken before a lapse may have
     /// been taken by another node meanwhile, and is dropped (see `LogGate::is_lost`).
     lapses: AtomicU64,
@@ -162,6 +164,7 @@ impl Node {
             leased_until: AtomicU64::new(0),
             started: Instant::now(),
             lapses: AtomicU64::new(0),
+            secret: std::sync::OnceLock::new(),
         });
         tokio::spawn(ship(node.options.postgres.clone(), node.id.clone(), jobs));
         let renewing = Arc::downgrade(&node);
@@ -195,6 +198,9 @@ impl Node {
         }
         let store = Store::connect(&self.options.postgres).await.map_err(pg)?;
         store.migrate().await.map_err(pg)?;
+        if self.secret.get().is_none() {
+            let _ = self.secret.set(store.secret().await.map_err(pg)?);
+        }
         let (id, advertise, lease) = (&self.id, &self.options.advertise, self.options.lease);
         let sent = Instant::now();
         store.register(id, advertise, lease).await.map_err(pg)?;
@@ -291,6 +297,14 @@ impl Node {
                 None
             }
         }
+    }
+
+    /// The cluster's secret, which the calls nodes forward to each other carry.
+    pub async fn secret(&self) -> Result<&str, Error> {
+        if self.secret.get().is_none() {
+            self.store().await?;
+        }
+        Ok(self.secret.get().expect("read when connected"))
     }
 
     /// How often the lease is renewed (and dead nodes' due alarms looked for).

@@ -83,7 +83,17 @@ CREATE TABLE IF NOT EXISTS agents_alarms (
     PRIMARY KEY (class, name)
 );
 CREATE INDEX IF NOT EXISTS agents_alarms_at ON agents_alarms (at_ms);
+CREATE TABLE IF NOT EXISTS agents_secret (
+    one BOOLEAN PRIMARY KEY DEFAULT true CHECK (one),
+    secret TEXT NOT NULL
+);
+INSERT INTO agents_secret(secret) VALUES (gen_random_uuid()::text || gen_random_uuid()::text)
+    ON CONFLICT DO NOTHING;
 ";
+
+/// The cluster's secret: nodes send it with the calls they forward for their agents (which may
+/// reach internal classes and methods), and check it on those they receive.
+const SECRET: &str = "SELECT secret FROM agents_secret";
 
 const SCHEMA_VERSION: &str = "SELECT max(version) FROM agents_schema";
 
@@ -367,6 +377,11 @@ impl Store {
             .row(LOCATE, &[&key.class(), &key.name(), &node])
             .await?;
         Ok(row.map(|row| row.get(0)))
+    }
+
+    /// The cluster's secret (see `SECRET`).
+    pub async fn secret(&self) -> Result<String, StoreError> {
+        Ok(self.client.query_one(SECRET, &[]).await?.get(0))
     }
 
     /// Records that `key` is next due at `at` (ms; `None`: never), if `node` has it (else
