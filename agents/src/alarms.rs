@@ -93,6 +93,7 @@ impl AlarmIndex {
     }
 
     /// The index, with every entry written to `mirror` too.
+    #[cfg(feature = "cluster")]
     pub fn mirrored(self, mirror: Arc<dyn AlarmMirror>) -> Self {
         AlarmIndex {
             mirror: Some(mirror),
