@@ -5,12 +5,13 @@
 //! cargo run --example counter -- serve DIR [normal]  # a line protocol on stdin/stdout (the crash test)
 //! cargo run --example counter -- http [ADDR]  # HTTP on ADDR (default 127.0.0.1:8080), then:
 //! curl 127.0.0.1:8080/agents/counter/bob/call/add -H 'Content-Type: application/json' -d '[5]'
+//! cargo run --example counter -- cluster POSTGRES ADDR DIR  # one node of a cluster (see README)
 //! ```
 //!
 //! The line protocol: `add <name> <by> <tag>` answers `ack <tag> <total>` once the write is
 //! durable; `get <name> <tag>` answers `val <tag> <total>`. Lines are handled concurrently.
 
-use agents::prelude::*;
+use agents::{prelude::*, ClusterOptions};
 
 /// A counter per name, stored in the agent's own SQLite database.
 #[derive(Default)]
@@ -83,8 +84,21 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             println!("serving on http://{addr}; try: curl {addr}/agents/counter/bob/call/add -H 'Content-Type: application/json' -d '[5]'");
             Ok(runtime.serve(addr).await?)
         }
+        Some("cluster") => {
+            let [postgres, addr, dir] = &args[1..] else {
+                return Err("usage: counter cluster POSTGRES ADDR DATA_DIR".into());
+            };
+            // This node serves on ADDR, and the others reach it there.
+            let runtime = Runtime::builder()
+                .data_dir(dir)
+                .cluster(ClusterOptions::new(postgres, addr))
+                .agent::<Counter>()
+                .build()?;
+            println!("node serving on http://{addr}, data in {dir}");
+            Ok(runtime.serve(addr.parse()?).await?)
+        }
         Some(other) => Err(format!(
-            "unknown command `{other}`; try `serve DATA_DIR`, `http [ADDR]` or nothing"
+            "unknown command `{other}`; try `serve DATA_DIR`, `http [ADDR]`, `cluster POSTGRES ADDR DATA_DIR` or nothing"
         )
         .into()),
         None => demo().await,

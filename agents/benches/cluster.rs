@@ -1,6 +1,7 @@
 //! Cluster mode's benchmarks (feature `cluster`), printed as JSON lines next to single-node
 //! `Durability::Full` measured in the same run: durable calls to one agent and to 1,000, how many
-//! PostgreSQL transactions a call costs under load, and how long a takeover takes.
+//! PostgreSQL transactions a call costs under load, how long a takeover takes, and what a
+//! call through a node that forwards it costs.
 //!
 //! `cargo bench -p agents --features cluster --bench cluster` (add `-- --quick` for a smoke
 //! run). It makes a PostgreSQL database of its own and drops it (`testing::TestDatabase`: the
@@ -40,6 +41,16 @@ fn full() -> TestRuntime {
 fn node(url: &str, advertise: &str) -> TestRuntime {
     let options = ClusterOptions::new(url, advertise);
     TestRuntime::start(Runtime::builder().cluster(options).agent::<Counter>()).unwrap()
+}
+
+/// A node serving HTTP on a port of 127.0.0.1, which it advertises.
+async fn serving(url: &str) -> (TestRuntime, std::net::SocketAddr) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let rt = node(url, &addr.to_string());
+    let runtime = rt.runtime().clone();
+    tokio::spawn(async move { runtime.serve_on(listener).await });
+    (rt, addr)
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> u128 {
@@ -161,6 +172,28 @@ fn main() {
             "p50_us": percentile(&took, 0.5), "max_us": took.last().unwrap().as_micros(),
             "note": "first call on the new owner after the old one stopped (take, restore from snapshot + log, call)",
         }));
-        drop((one, two, db));
+        drop((one, two));
+
+        // Routing: HTTP calls to an agent of node A's, straight to A and through node B (which
+        // forwards them), sequential and from 8 keep-alive clients.
+        let (a, a_addr) = serving(&url).await;
+        let (b, b_addr) = serving(&url).await;
+        let path = "/agents/counter/routed/call/add";
+        common::http_load(a_addr, path, "[1]", 1, 1).await; // A takes it
+        let n = calls / 2;
+        let direct = common::http_load(a_addr, path, "[1]", 1, n).await;
+        let forwarded = common::http_load(b_addr, path, "[1]", 1, n).await;
+        let direct_8 = common::http_load(a_addr, path, "[1]", 8, n / 8).await;
+        let forwarded_8 = common::http_load(b_addr, path, "[1]", 8, n / 8).await;
+        line(serde_json::json!({
+            "bench": "cluster_forwarded_http", "calls": n,
+            "calls_per_sec": forwarded.round(), "clients_8_calls_per_sec": forwarded_8.round(),
+            "baseline": "straight_to_the_owner", "baseline_per_sec": direct.round(),
+            "baseline_clients_8_per_sec": direct_8.round(),
+            "ratio": (forwarded / direct * 1000.0).round() / 1000.0,
+            "ratio_clients_8": (forwarded_8 / direct_8 * 1000.0).round() / 1000.0,
+            "note": "through another node: one more HTTP hop (a connection per forwarded request)",
+        }));
+        drop((a, b, db));
     });
 }

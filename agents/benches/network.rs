@@ -464,58 +464,6 @@ async fn raw_broadcast(n: usize, rounds: usize) -> (f64, f64) {
     collect(tasks, started).await
 }
 
-/// `clients` keep-alive HTTP/1.1 clients posting `body` to `path`; requests per second.
-async fn http_load(
-    addr: std::net::SocketAddr,
-    path: &str,
-    body: &str,
-    clients: usize,
-    per_client: usize,
-) -> f64 {
-    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-    let request = format!(
-        "POST {path} HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    let started = Instant::now();
-    let mut tasks = Vec::new();
-    for _ in 0..clients {
-        let request = request.clone();
-        tasks.push(tokio::spawn(async move {
-            let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-            stream.set_nodelay(true).unwrap();
-            let mut stream = BufReader::new(stream);
-            for _ in 0..per_client {
-                stream
-                    .get_mut()
-                    .write_all(request.as_bytes())
-                    .await
-                    .unwrap();
-                let mut length = 0;
-                let mut line = String::new();
-                loop {
-                    line.clear();
-                    stream.read_line(&mut line).await.unwrap();
-                    if line == "\r\n" {
-                        break;
-                    }
-                    let lower = line.to_ascii_lowercase();
-                    if let Some(v) = lower.strip_prefix("content-length:") {
-                        length = v.trim().parse().unwrap();
-                    }
-                    assert!(!lower.starts_with("http/1.1 5"), "{line}");
-                }
-                let mut body = vec![0; length];
-                stream.read_exact(&mut body).await.unwrap();
-            }
-        }));
-    }
-    for t in tasks {
-        t.await.unwrap();
-    }
-    (clients * per_client) as f64 / started.elapsed().as_secs_f64()
-}
-
 /// The raw baseline for HTTP: an axum route answering the same JSON, with no agent.
 async fn raw_http_server() -> std::net::SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -732,8 +680,8 @@ fn main() {
 
         if run("http") {
             let per_client = 500 / scale;
-            let ours = http_load(addr, "/agents/counter/http/call/add", "[1]", 32, per_client).await;
-            let raw = http_load(raw_http_server().await, "/agents/counter/http/call/add", "[1]", 32, per_client).await;
+            let ours = common::http_load(addr, "/agents/counter/http/call/add", "[1]", 32, per_client).await;
+            let raw = common::http_load(raw_http_server().await, "/agents/counter/http/call/add", "[1]", 32, per_client).await;
             println!(
                 "{{\"bench\":\"http_post_call_32_clients\",\"calls\":{},\"calls_per_sec\":{ours:.0},\"baseline\":\"raw_axum_handler\",\"baseline_per_sec\":{raw:.0},\"ratio\":{:.3}}}",
                 32 * per_client,

@@ -41,32 +41,16 @@ pub(crate) async fn elsewhere(
     key: &AgentKey,
     request: Request,
 ) -> Result<Response, Request> {
-    let shared = runtime.shared();
-    let Some(node) = shared.cluster.as_ref() else {
-        return Err(request);
-    };
-    // Live here, it is this node's (unless it was lost while live, and its instance is leaving).
-    let here = shared.is_live(key) && !node.has_lost(key);
-    if here || request.headers().contains_key(FORWARDED) {
+    if request.headers().contains_key(FORWARDED) {
         return Err(request);
     }
     // A spare slot serves one plain request here, never a socket (`server::root` says so).
     if request.extensions().get::<crate::front::Spare>().is_some() {
         return Err(request);
     }
-    let Some(addr) = node.locate(key).await else {
+    let Some((addr, stream)) = owner(runtime.shared(), key).await else {
         return Err(request);
     };
-    let stream = match tokio::net::TcpStream::connect(&*addr).await {
-        Ok(stream) => stream,
-        Err(e) => {
-            // Its node is gone (or going): ask again, and let the activation take the agent.
-            tracing::debug!("cluster: {key}'s node at {addr} cannot be reached: {e}");
-            node.forget(key);
-            return Err(request);
-        }
-    };
-    let _ = stream.set_nodelay(true);
     let (mut parts, body) = request.into_parts();
     // The path the request came with (a gateway may have rewritten it for `fetch`).
     let target = parts
@@ -82,9 +66,40 @@ pub(crate) async fn elsewhere(
     if response.status() == StatusCode::SERVICE_UNAVAILABLE
         || response.status() == StatusCode::BAD_GATEWAY
     {
-        node.forget(key);
+        forget(runtime.shared(), key);
     }
     Ok(response)
+}
+
+/// A connection to the live node other than this one that has `key`, and its address; `None`:
+/// the agent is served here (it is live here, nobody has it, or its node is gone).
+async fn owner(shared: &Shared, key: &AgentKey) -> Option<(Arc<str>, tokio::net::TcpStream)> {
+    let node = shared.cluster.as_ref()?;
+    // Live here, it is this node's (unless it was lost while live, and its instance is leaving).
+    if shared.is_live(key) && !node.has_lost(key) {
+        return None;
+    }
+    let addr = node.locate(key).await?;
+    match tokio::net::TcpStream::connect(&*addr).await {
+        Ok(stream) => {
+            let _ = stream.set_nodelay(true);
+            Some((addr, stream))
+        }
+        Err(e) => {
+            // Its node is gone (or going): ask again next time, and let the activation here
+            // take the agent.
+            tracing::debug!("cluster: {key}'s node at {addr} cannot be reached: {e}");
+            node.forget(key);
+            None
+        }
+    }
+}
+
+/// Forgets where `key` was found: a request there failed, or was refused.
+fn forget(shared: &Shared, key: &AgentKey) {
+    if let Some(node) = &shared.cluster {
+        node.forget(key);
+    }
 }
 
 /// Relays an HTTP request to the node at the other end of `stream`, and its answer back.
@@ -130,21 +145,11 @@ pub(crate) async fn call(
     call: &OutgoingCall,
     chain: &Chain,
 ) -> Option<Result<Payload, RawError>> {
-    let node = shared.cluster.as_ref()?;
-    let here = shared.is_live(key) && !node.has_lost(key);
-    if here || matches!(call.args, Payload::Value(_)) || chain.contains(key) {
+    if matches!(call.args, Payload::Value(_)) || chain.contains(key) {
         return None; // (a cycle is told as it is in a process)
     }
-    let addr = node.locate(key).await?;
-    let secret = node.secret().await.ok()?;
-    let stream = match tokio::net::TcpStream::connect(&*addr).await {
-        Ok(stream) => stream,
-        Err(_) => {
-            node.forget(key);
-            return None;
-        }
-    };
-    let _ = stream.set_nodelay(true);
+    let secret = shared.cluster.as_ref()?.secret().await.ok()?;
+    let (addr, stream) = owner(shared, key).await?;
     let timeout = call.timeout.unwrap_or(shared.config.call_timeout);
     let (content_type, body) = match &call.args {
         Payload::Json(value) => ("application/json", value.to_string().into_bytes()),
@@ -187,7 +192,7 @@ pub(crate) async fn call(
     };
     Some(answer.and_then(|(status, body)| {
         if status == StatusCode::SERVICE_UNAVAILABLE {
-            node.forget(key);
+            forget(shared, key);
         }
         decode(status, &body, content_type == POSTCARD)
     }))

@@ -45,3 +45,55 @@ pub fn raw_open(path: &std::path::Path, synchronous: &str) -> rusqlite::Connecti
     .unwrap();
     conn
 }
+
+/// `clients` keep-alive HTTP/1.1 clients posting `body` to `path`; requests per second.
+pub async fn http_load(
+    addr: std::net::SocketAddr,
+    path: &str,
+    body: &str,
+    clients: usize,
+    per_client: usize,
+) -> f64 {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+    let request = format!(
+        "POST {path} HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let started = std::time::Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..clients {
+        let request = request.clone();
+        tasks.push(tokio::spawn(async move {
+            let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+            stream.set_nodelay(true).unwrap();
+            let mut stream = BufReader::new(stream);
+            for _ in 0..per_client {
+                stream
+                    .get_mut()
+                    .write_all(request.as_bytes())
+                    .await
+                    .unwrap();
+                let mut length = 0;
+                let mut line = String::new();
+                loop {
+                    line.clear();
+                    stream.read_line(&mut line).await.unwrap();
+                    if line == "\r\n" {
+                        break;
+                    }
+                    let lower = line.to_ascii_lowercase();
+                    if let Some(v) = lower.strip_prefix("content-length:") {
+                        length = v.trim().parse().unwrap();
+                    }
+                    assert!(!lower.starts_with("http/1.1 5"), "{line}");
+                }
+                let mut body = vec![0; length];
+                stream.read_exact(&mut body).await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    (clients * per_client) as f64 / started.elapsed().as_secs_f64()
+}
