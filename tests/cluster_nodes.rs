@@ -177,31 +177,18 @@ fn now_ms() -> u64 {
 /// this test, with `AGENTS_NODE_DIR` (its data dir) and `AGENTS_NODE_PG` (the database) set.
 #[test]
 fn node_process() {
-    let Ok(dir) = std::env::var("AGENTS_NODE_DIR") else {
-        return;
-    };
-    let postgres = std::env::var("AGENTS_NODE_PG").unwrap();
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async move {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let options = ClusterOptions::new(postgres, addr.to_string()).lease(LEASE);
-        let runtime = Runtime::builder()
-            .cluster(options)
-            .agent::<Tally>()
-            .agent::<Vault>()
-            .data_dir(dir)
-            .build()
-            .unwrap();
-        println!("listening {addr}");
-        tokio::spawn(async move { runtime.serve_on(listener).await });
-        let mut line = String::new();
-        let _ = tokio::io::AsyncBufReadExt::read_line(
-            &mut tokio::io::BufReader::new(tokio::io::stdin()),
-            &mut line,
-        )
-        .await;
-    });
+    common::serve_in_child_at(
+        "AGENTS_NODE_DIR",
+        || {},
+        |addr| {
+            let postgres = std::env::var("AGENTS_NODE_PG").unwrap();
+            let options = ClusterOptions::new(postgres, addr.to_string()).lease(LEASE);
+            Runtime::builder()
+                .cluster(options)
+                .agent::<Tally>()
+                .agent::<Vault>()
+        },
+    );
 }
 
 /// A node process, its data dir and its address.
@@ -237,12 +224,29 @@ impl Node {
     }
 }
 
-async fn three_nodes(db: &TestDatabase) -> [Node; 3] {
-    [
-        Node::start(db).await,
-        Node::start(db).await,
-        Node::start(db).await,
-    ]
+/// Three node processes on a database of their own (one test's at a time).
+struct Cluster {
+    nodes: [Node; 3],
+    // Dropped after the nodes: the database, then the turn.
+    _db: TestDatabase,
+    _turn: tokio::sync::MutexGuard<'static, ()>,
+}
+
+impl Cluster {
+    async fn start() -> Cluster {
+        let turn = ONE_AT_A_TIME.lock().await;
+        let db = TestDatabase::new().await;
+        let nodes = [
+            Node::start(&db).await,
+            Node::start(&db).await,
+            Node::start(&db).await,
+        ];
+        Cluster {
+            nodes,
+            _db: db,
+            _turn: turn,
+        }
+    }
 }
 
 /// `POST /agents/tally/{name}/call/{method}` with `args` to the node at `addr`: the status and
@@ -315,9 +319,8 @@ async fn all_whole(nodes: &mut [Node]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_acknowledged_write_outlives_its_node() {
-    let _turn = ONE_AT_A_TIME.lock().await;
-    let db = TestDatabase::new().await;
-    let mut nodes = three_nodes(&db).await;
+    let mut cluster = Cluster::start().await;
+    let nodes = &mut cluster.nodes;
     let addrs: Vec<SocketAddr> = nodes.iter().map(|n| n.addr).collect();
     // Six tallies, each first reached through a node of its own: t0 and t3 are node 0's.
     const AGENTS: usize = 6;
@@ -383,14 +386,13 @@ async fn every_acknowledged_write_outlives_its_node() {
         // (t0 and t3 moved; the others did not wait on anything.)
         println!("{name}: {acked} acknowledged of {sent}, {count} kept; answering {after:?} after the kill");
     }
-    all_whole(&mut nodes).await;
+    all_whole(nodes).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_owner_can_never_commit_for_an_agent_that_moved() {
-    let _turn = ONE_AT_A_TIME.lock().await;
-    let db = TestDatabase::new().await;
-    let mut nodes = three_nodes(&db).await;
+    let mut cluster = Cluster::start().await;
+    let nodes = &mut cluster.nodes;
     let (old, new) = (nodes[0].addr, nodes[1].addr);
     assert_eq!(ok(old, "f", "add", json!([1])).await, 1);
 
@@ -425,7 +427,7 @@ async fn a_paused_owner_can_never_commit_for_an_agent_that_moved() {
     // The data holds only the new owner's history, through any node (node 0 forwards now; an
     // instance it had from before its lapse may answer 503 once, as it leaves).
     let within = Duration::from_secs(5);
-    for node in &nodes {
+    for node in nodes.iter() {
         for (name, sum) in [("f", 8), ("g", 6)] {
             let (value, _) = ok_within(node.addr, name, "sum", json!([]), within).await;
             assert_eq!(value, sum, "{name}");
@@ -433,14 +435,13 @@ async fn a_paused_owner_can_never_commit_for_an_agent_that_moved() {
     }
     let (count, _) = ok_within(old, "f", "add", json!([1]), within).await;
     assert_eq!(count, 3);
-    all_whole(&mut nodes).await;
+    all_whole(nodes).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_socket_to_a_lost_node_is_closed_with_1012_and_goes_on_elsewhere() {
-    let _turn = ONE_AT_A_TIME.lock().await;
-    let db = TestDatabase::new().await;
-    let mut nodes = three_nodes(&db).await;
+    let mut cluster = Cluster::start().await;
+    let nodes = &mut cluster.nodes;
     assert_eq!(ok(nodes[0].addr, "w", "add", json!([1])).await, 1);
 
     // A socket through node 1, to the agent node 0 has.
@@ -481,7 +482,7 @@ async fn a_socket_to_a_lost_node_is_closed_with_1012_and_goes_on_elsewhere() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert_eq!(reply["ok"], 3, "{reply}");
-    all_whole(&mut nodes).await;
+    all_whole(nodes).await;
 }
 
 /// Sends `add(1)` as call `id` over `socket`: its reply, or the frame that closed the socket.
@@ -506,9 +507,8 @@ async fn add_over(socket: &mut common::Socket, id: u64) -> Result<Value, Message
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_nodes_alarms_fire_on_another_node() {
-    let _turn = ONE_AT_A_TIME.lock().await;
-    let db = TestDatabase::new().await;
-    let mut nodes = three_nodes(&db).await;
+    let mut cluster = Cluster::start().await;
+    let nodes = &mut cluster.nodes;
     // Four agents of node 0's, each with a reminder 3 s ahead; then node 0 dies.
     let names = ["r0", "r1", "r2", "r3"];
     for name in names {
@@ -529,14 +529,13 @@ async fn a_dead_nodes_alarms_fire_on_another_node() {
         assert!(late <= bound, "{name} rang {late:?} after it was due");
         println!("{name}: rang {late:?} after it was due");
     }
-    all_whole(&mut nodes).await;
+    all_whole(nodes).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn typed_calls_reach_the_node_that_has_the_agent() {
-    let _turn = ONE_AT_A_TIME.lock().await;
-    let db = TestDatabase::new().await;
-    let mut nodes = three_nodes(&db).await;
+    let mut cluster = Cluster::start().await;
+    let nodes = &mut cluster.nodes;
     let [a0, a1, a2] = [nodes[0].addr, nodes[1].addr, nodes[2].addr];
     // The vault is taken by node 2, through a tally of node 2's.
     assert_eq!(ok(a2, "t2", "relay", json!(["v", 5])).await, 5);
@@ -559,5 +558,5 @@ async fn typed_calls_reach_the_node_that_has_the_agent() {
     );
     // Without the cycle, the same calls are answered: b -> a.
     assert_eq!(ok(a1, "b", "bounce_back", json!(["a"])).await, 1);
-    all_whole(&mut nodes).await;
+    all_whole(nodes).await;
 }

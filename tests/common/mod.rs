@@ -312,15 +312,25 @@ pub async fn call(
 /// until stdin closes or the process is killed; `before` runs first (to lower a limit, say).
 /// Does nothing in any other process: call it from a `#[test]` of its own.
 pub fn serve_in_child(env: &str, before: impl FnOnce(), builder: impl FnOnce() -> agents::Builder) {
+    serve_in_child_at(env, before, |_| builder());
+}
+
+/// [`serve_in_child`], with a builder told the address the server will listen on.
+pub fn serve_in_child_at(
+    env: &str,
+    before: impl FnOnce(),
+    builder: impl FnOnce(std::net::SocketAddr) -> agents::Builder,
+) {
     let Ok(dir) = std::env::var(env) else {
         return;
     };
     before();
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async move {
-        let runtime = builder().data_dir(dir).build().unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        println!("listening {}", listener.local_addr().unwrap());
+        let addr = listener.local_addr().unwrap();
+        let runtime = builder(addr).data_dir(dir).build().unwrap();
+        println!("listening {addr}");
         tokio::spawn(async move { runtime.serve_on(listener).await });
         let mut line = String::new();
         let _ = tokio::io::AsyncBufReadExt::read_line(
