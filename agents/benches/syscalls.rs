@@ -1,6 +1,6 @@
 //! The workload whose system calls `scripts/syscalls` counts (with `strace -c`): `N` sequential
 //! durable calls to one agent (`ours`), or the same `N` UPSERTs on raw rusqlite, each its own
-//! transaction with `synchronous=FULL` (`raw`). Run twice with different `N`, the difference
+//! transaction with `synchronous=FULL` (`raw`), or `N` calls each to a new agent (`new`). Run twice with different `N`, the difference
 //! divided by the difference in `N` is the count per call, start-up excluded.
 //!
 //! `cargo bench -p agents --bench syscalls -- ours 2000` runs it without counting.
@@ -30,6 +30,18 @@ fn main() {
                     .query_row([i], |r| r.get(0))
                     .unwrap();
             }
+        }
+        Some("new") => {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let rt = TestRuntime::start(Runtime::builder().agent::<Counter>()).unwrap();
+                for i in 0..n {
+                    rt.agent::<Counter>(&format!("a{i}")).add(i).await.unwrap();
+                }
+            });
         }
         _ => {
             let rt = tokio::runtime::Builder::new_multi_thread()

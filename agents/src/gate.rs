@@ -209,23 +209,33 @@ impl Syncer {
                     committed.and(&more.committed);
                     covered.push(more);
                 }
-                let after: Vec<AfterDurable> =
-                    covered.iter_mut().filter_map(|b| b.after.take()).collect();
                 let (gate, sync) = (gate.clone(), sync.clone());
-                let durable = blocking(move || {
+                // The replies leave from the thread that made them durable (no hop back to
+                // this task first).
+                let released = blocking(move || {
                     let started = std::time::Instant::now();
-                    gate.make_durable(&committed)?;
-                    sync.observe(started.elapsed().as_secs_f64());
-                    after.into_iter().for_each(|a| a());
+                    let durable = gate.make_durable(&committed);
+                    if durable.is_ok() {
+                        sync.observe(started.elapsed().as_secs_f64());
+                    }
+                    let durable = durable.map_err(|e| e.told("the write may not be durable"));
+                    for Sealed { outbox, after, .. } in covered {
+                        if durable.is_ok() {
+                            if let Some(after) = after {
+                                after();
+                            }
+                        }
+                        match &durable {
+                            Ok(()) => release(outbox),
+                            Err(e) => fail(outbox, e),
+                        }
+                    }
                     Ok(())
                 })
-                .await
-                .map_err(|e| e.told("the write may not be durable"));
-                for Sealed { outbox, .. } in covered {
-                    match &durable {
-                        Ok(()) => release(outbox),
-                        Err(e) => fail(outbox, e),
-                    }
+                .await;
+                if let Err(e) = released {
+                    // (A panic: the outboxes it held are dropped, and their callers told so.)
+                    tracing::error!("releasing replies: {e}");
                 }
             }
         });
