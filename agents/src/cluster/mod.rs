@@ -389,6 +389,17 @@ impl Node {
         Ok(log(epoch, last_seq, needs_base))
     }
 
+    /// Hands `job` to the shipper and waits for its outcome (blocking): whether it was kept
+    /// (not fenced off).
+    fn ship(
+        &self,
+        job: impl FnOnce(oneshot::Sender<Result<bool, Error>>) -> Job,
+    ) -> Result<bool, Error> {
+        let (done, outcome) = oneshot::channel();
+        self.shipper.send(job(done)).map_err(|_| Error::Shutdown)?;
+        outcome.blocking_recv().map_err(|_| Error::Shutdown)?
+    }
+
     /// The commit gate of `log`'s agent, whose database is at `path`.
     pub fn gate(self: &Arc<Self>, log: AgentLog, path: &Path) -> LogGate {
         LogGate {
@@ -413,15 +424,12 @@ impl AlarmMirror for Node {
             });
             return Ok(());
         }
-        let (done, outcome) = oneshot::channel();
-        let done = Some(done);
-        self.shipper
-            .send(Job::Alarm { key, at, done })
-            .map_err(|_| Error::Shutdown)?;
-        outcome
-            .blocking_recv()
-            .map_err(|_| Error::Shutdown)?
-            .map(drop)
+        self.ship(|done| Job::Alarm {
+            key,
+            at,
+            done: Some(done),
+        })
+        .map(drop)
     }
 }
 
@@ -478,26 +486,26 @@ impl LogGate {
         lost.insert(self.log.key.clone());
     }
 
-    /// Hands `job` to the shipper and waits for its outcome (blocking).
+    /// Hands `job` to the shipper and waits for its outcome (blocking); one fenced off marks
+    /// the agent lost.
     fn ship(
         &self,
         job: impl FnOnce(oneshot::Sender<Result<bool, Error>>) -> Job,
     ) -> Result<(), Error> {
-        let (done, outcome) = oneshot::channel();
-        self.node
-            .shipper
-            .send(job(done))
-            .map_err(|_| Error::Shutdown)?;
-        let kept = outcome.blocking_recv().map_err(|_| Error::Shutdown)??;
-        if kept {
+        if self.node.ship(job)? {
             Ok(())
         } else {
             self.lose();
-            Err(Error::Moved(format!(
-                "{} moved to another node: this batch's writes were not kept",
-                self.log.key
-            )))
+            Err(self.moved())
         }
+    }
+
+    /// What a batch of an agent this node lost fails with.
+    fn moved(&self) -> Error {
+        Error::Moved(format!(
+            "{} moved to another node: this batch's writes were not kept",
+            self.log.key
+        ))
     }
 
     /// Stores the database file as the snapshot at `seq` (fenced).
@@ -517,21 +525,18 @@ impl LogGate {
 impl CommitGate for LogGate {
     fn make_durable(&self, committed: &Committed) -> Result<(), Error> {
         if CommitGate::is_lost(self) {
-            return Err(Error::Moved(format!(
-                "{} moved to another node: this batch's writes were not kept",
-                self.log.key
-            )));
+            return Err(self.moved());
         }
         if committed.frames.is_empty() {
             // Nothing to fence: what it read is current only while no other node can have
             // taken the agent, that is while this node surely holds its lease.
-            return match self.node.holds_lease() {
-                true => Ok(()),
-                false => Err(Error::Moved(format!(
-                    "{}: this node's lease lapsed, and what it read may be stale",
-                    self.log.key
-                ))),
-            };
+            if self.node.holds_lease() {
+                return Ok(());
+            }
+            return Err(Error::Moved(format!(
+                "{}: this node's lease lapsed, and what it read may be stale",
+                self.log.key
+            )));
         }
         let result = (|| {
             if self.log.needs_base.load(Ordering::Acquire) {

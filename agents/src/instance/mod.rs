@@ -269,11 +269,10 @@ impl<A: AgentClass> Instance<A> {
 
     /// Cluster mode: the agent moved to another node while this one wrote (or a write may not
     /// have been kept), or another node has it (its activation here was refused); the
-    /// instance learns it at its next event, or when it goes idle. Its
-    /// local copy goes (before anything else may take the agent here
-    /// again), its sockets are closed with 1012 (clients reconnect, and reach its new owner),
-    /// and `first` and the events that wait go to the next instance, which takes the agent
-    /// again (or says where it is).
+    /// instance learns it at its next event, or when it goes idle. Its local copy goes (before
+    /// anything else may take the agent here again), its sockets are closed with 1012 (clients
+    /// reconnect, and reach its new owner), and `first` and the events that wait go to the
+    /// next instance, which takes the agent again (or says where it is).
     async fn leave_lost(&mut self, first: Option<Event>, mut rx: mpsc::Receiver<Event>) {
         if self.store.gate().is_some() {
             tracing::warn!("the agent moved to another node; its local copy is dropped");
