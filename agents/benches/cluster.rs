@@ -4,7 +4,7 @@
 //! call through a node that forwards it costs.
 //!
 //! `cargo bench -p agents --features cluster --bench cluster` (add `-- --quick` for a smoke
-//! run). It makes a PostgreSQL database of its own and drops it (`testing::TestDatabase`: the
+//! run, `-- routing` for the calls through another node alone). It makes a PostgreSQL database of its own and drops it (`testing::TestDatabase`: the
 //! server `AGENTS_TEST_PG` names, by default the one on 127.0.0.1:5432).
 
 use std::time::{Duration, Instant};
@@ -41,6 +41,15 @@ fn full() -> TestRuntime {
 fn node(url: &str, advertise: &str) -> TestRuntime {
     let options = ClusterOptions::new(url, advertise);
     TestRuntime::start(Runtime::builder().cluster(options).agent::<Counter>()).unwrap()
+}
+
+/// `n` sequential typed calls through `agent`: calls/s.
+async fn typed(agent: <Counter as agents::AgentClass>::Client, n: usize) -> f64 {
+    let start = Instant::now();
+    for _ in 0..n {
+        agent.add(1).await.unwrap();
+    }
+    n as f64 / start.elapsed().as_secs_f64()
 }
 
 /// A node serving HTTP on a port of 127.0.0.1, which it advertises.
@@ -110,9 +119,76 @@ fn line(fields: serde_json::Value) {
     println!("{fields}");
 }
 
+/// Durable calls to one agent and to many, PostgreSQL transactions per call, takeovers.
+async fn durability(
+    url: &str,
+    db: &TestDatabase,
+    calls: usize,
+    agents: usize,
+    rounds: usize,
+    moves: usize,
+) {
+    // One agent, sequential calls.
+    let baseline = full();
+    let (full_rate, full_p50, full_p99) = sequential(&baseline, calls).await;
+    let (base_first, base_later) = many(&baseline, agents, rounds).await;
+    drop(baseline);
+    let mut one = node(url, "127.0.0.1:1");
+    let before = transactions(db).await;
+    let (rate, p50, p99) = sequential(&one, calls).await;
+    let sequential_tx = transactions(db).await - before;
+    line(serde_json::json!({
+        "bench": "cluster_sequential_one_agent", "calls": calls,
+        "calls_per_sec": rate.round(), "p50_us": p50, "p99_us": p99,
+        "baseline": "single_node_full", "baseline_per_sec": full_rate.round(),
+        "baseline_p50_us": full_p50, "baseline_p99_us": full_p99,
+        "ratio": (rate / full_rate * 1000.0).round() / 1000.0,
+        "pg_transactions_per_call": sequential_tx as f64 / (calls + 1) as f64,
+    }));
+
+    // Many agents, 32 callers.
+    let before = transactions(db).await;
+    let (first, later) = many(&one, agents, rounds).await;
+    let many_tx = transactions(db).await - before;
+    line(serde_json::json!({
+        "bench": "cluster_many_agents", "agents": agents, "callers": 32,
+        "first_calls_per_sec": first.round(), "calls_per_sec": later.round(),
+        "baseline": "single_node_full", "baseline_first_calls_per_sec": base_first.round(),
+        "baseline_per_sec": base_later.round(),
+        "ratio": (later / base_later * 1000.0).round() / 1000.0,
+        "pg_transactions_per_call": many_tx as f64 / (agents * rounds) as f64,
+    }));
+
+    // Takeover: the owner stops, the other node's first call takes and restores the agent.
+    let mut two = node(url, "127.0.0.1:2");
+    let mut took = Vec::new();
+    for i in 0..moves {
+        let (from, to) = if i % 2 == 0 {
+            (&mut one, &mut two)
+        } else {
+            (&mut two, &mut one)
+        };
+        from.agent::<Counter>("seq").add(1).await.unwrap();
+        from.stop().await;
+        let t = Instant::now();
+        to.agent::<Counter>("seq").add(1).await.unwrap();
+        took.push(t.elapsed());
+        from.restart().await.unwrap();
+    }
+    took.sort();
+    line(serde_json::json!({
+        "bench": "cluster_takeover", "moves": moves,
+        "p50_us": percentile(&took, 0.5), "max_us": took.last().unwrap().as_micros(),
+        "note": "first call on the new owner after the old one stopped (take, restore from snapshot + log, call)",
+    }));
+    drop((one, two));
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let quick = args.iter().any(|a| a == "--quick");
+    // `-- routing`: only the calls through another node.
+    let routing_only = args.iter().any(|a| a == "routing");
     let (calls, agents, rounds, moves) = if quick {
         (200, 100, 2, 3)
     } else {
@@ -123,56 +199,9 @@ fn main() {
         let db = TestDatabase::new().await;
         let url = db.url.clone();
 
-        // One agent, sequential calls.
-        let baseline = full();
-        let (full_rate, full_p50, full_p99) = sequential(&baseline, calls).await;
-        let (base_first, base_later) = many(&baseline, agents, rounds).await;
-        drop(baseline);
-        let mut one = node(&url, "127.0.0.1:1");
-        let before = transactions(&db).await;
-        let (rate, p50, p99) = sequential(&one, calls).await;
-        let sequential_tx = transactions(&db).await - before;
-        line(serde_json::json!({
-            "bench": "cluster_sequential_one_agent", "calls": calls,
-            "calls_per_sec": rate.round(), "p50_us": p50, "p99_us": p99,
-            "baseline": "single_node_full", "baseline_per_sec": full_rate.round(),
-            "baseline_p50_us": full_p50, "baseline_p99_us": full_p99,
-            "ratio": (rate / full_rate * 1000.0).round() / 1000.0,
-            "pg_transactions_per_call": sequential_tx as f64 / (calls + 1) as f64,
-        }));
-
-        // Many agents, 32 callers.
-        let before = transactions(&db).await;
-        let (first, later) = many(&one, agents, rounds).await;
-        let many_tx = transactions(&db).await - before;
-        line(serde_json::json!({
-            "bench": "cluster_many_agents", "agents": agents, "callers": 32,
-            "first_calls_per_sec": first.round(), "calls_per_sec": later.round(),
-            "baseline": "single_node_full", "baseline_first_calls_per_sec": base_first.round(),
-            "baseline_per_sec": base_later.round(),
-            "ratio": (later / base_later * 1000.0).round() / 1000.0,
-            "pg_transactions_per_call": many_tx as f64 / (agents * rounds) as f64,
-        }));
-
-        // Takeover: the owner stops, the other node's first call takes and restores the agent.
-        let mut two = node(&url, "127.0.0.1:2");
-        let mut took = Vec::new();
-        for i in 0..moves {
-            let (from, to) = if i % 2 == 0 { (&mut one, &mut two) } else { (&mut two, &mut one) };
-            from.agent::<Counter>("seq").add(1).await.unwrap();
-            from.stop().await;
-            let t = Instant::now();
-            to.agent::<Counter>("seq").add(1).await.unwrap();
-            took.push(t.elapsed());
-            from.restart().await.unwrap();
+        if !routing_only {
+            durability(&url, &db, calls, agents, rounds, moves).await;
         }
-        took.sort();
-        line(serde_json::json!({
-            "bench": "cluster_takeover", "moves": moves,
-            "p50_us": percentile(&took, 0.5), "max_us": took.last().unwrap().as_micros(),
-            "note": "first call on the new owner after the old one stopped (take, restore from snapshot + log, call)",
-        }));
-        drop((one, two));
 
         // Routing: HTTP calls to an agent of node A's, straight to A and through node B (which
         // forwards them), sequential and from 8 keep-alive clients.
@@ -193,6 +222,17 @@ fn main() {
             "ratio": (forwarded / direct * 1000.0).round() / 1000.0,
             "ratio_clients_8": (forwarded_8 / direct_8 * 1000.0).round() / 1000.0,
             "note": "through another node: one more HTTP hop (a connection per forwarded request)",
+        }));
+        // Typed calls from node B's runtime to an agent of node A's (sent to A), next to the
+        // same calls from A's own runtime.
+        let remote = b.agent::<Counter>("routed");
+        let local = a.agent::<Counter>("routed");
+        let (from_b, from_a) = (typed(remote, n).await, typed(local, n).await);
+        line(serde_json::json!({
+            "bench": "cluster_typed_calls_to_another_node", "calls": n,
+            "calls_per_sec": from_b.round(),
+            "baseline": "from_the_owner_itself", "baseline_per_sec": from_a.round(),
+            "ratio": (from_b / from_a * 1000.0).round() / 1000.0,
         }));
         drop((a, b, db));
     });

@@ -13,13 +13,13 @@
 //! for an agent that is not live here) or JSON. The runtime's router must be served at the
 //! root of the address a node advertises.
 
-use std::sync::Arc;
+use std::{collections::HashMap, sync::Arc};
 
 use agents_client::{
     protocol::WireError, trace::TraceContext, ErrorKind, OutgoingCall, Payload, RawError,
 };
 use axum::{
-    body::Body,
+    body::{Body, Bytes},
     extract::{ws::WebSocketUpgrade, FromRequestParts, OriginalUri, Request},
     http::{header, HeaderValue, StatusCode},
     response::{IntoResponse, Response},
@@ -27,6 +27,7 @@ use axum::{
 
 use crate::{
     address::AgentKey,
+    lock::lock,
     registry::{Chain, Shared},
     runtime::{call_value_here, Caller, Runtime},
 };
@@ -74,22 +75,33 @@ pub(crate) async fn elsewhere(
 /// A connection to the live node other than this one that has `key`, and its address; `None`:
 /// the agent is served here (it is live here, nobody has it, or its node is gone).
 async fn owner(shared: &Shared, key: &AgentKey) -> Option<(Arc<str>, tokio::net::TcpStream)> {
+    let addr = elsewhere_at(shared, key).await?;
+    let stream = connect(shared, key, &addr).await?;
+    Some((addr, stream))
+}
+
+/// The address of the live node other than this one that has `key`; `None`: it is live here,
+/// or nobody has it.
+async fn elsewhere_at(shared: &Shared, key: &AgentKey) -> Option<Arc<str>> {
     let node = shared.cluster.as_ref()?;
     // Live here, it is this node's (unless it was lost while live, and its instance is leaving).
     if shared.is_live(key) && !node.has_lost(key) {
         return None;
     }
-    let addr = node.locate(key).await?;
-    match tokio::net::TcpStream::connect(&*addr).await {
+    node.locate(key).await
+}
+
+/// A connection to `key`'s node at `addr`; `None` if its node is gone (forgotten: the next
+/// request asks again, and the activation here takes the agent).
+async fn connect(shared: &Shared, key: &AgentKey, addr: &str) -> Option<tokio::net::TcpStream> {
+    match tokio::net::TcpStream::connect(addr).await {
         Ok(stream) => {
             let _ = stream.set_nodelay(true);
-            Some((addr, stream))
+            Some(stream)
         }
         Err(e) => {
-            // Its node is gone (or going): ask again next time, and let the activation here
-            // take the agent.
             tracing::debug!("cluster: {key}'s node at {addr} cannot be reached: {e}");
-            node.forget(key);
+            forget(shared, key);
             None
         }
     }
@@ -120,10 +132,70 @@ async fn send(
     stream: tokio::net::TcpStream,
     request: Request,
 ) -> Result<axum::http::Response<hyper::body::Incoming>, hyper::Error> {
+    handshake(stream).await?.send_request(request).await
+}
+
+/// One end of an HTTP/1.1 connection to another node.
+type Sender = hyper::client::conn::http1::SendRequest<Body>;
+
+/// An HTTP/1.1 connection over `stream` (its task spawned).
+async fn handshake(stream: tokio::net::TcpStream) -> Result<Sender, hyper::Error> {
     let io = hyper_util::rt::TokioIo::new(stream);
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(io).await?;
+    let (sender, connection) = hyper::client::conn::http1::handshake(io).await?;
     tokio::spawn(connection);
-    sender.send_request(request).await
+    Ok(sender)
+}
+
+/// Connections to other nodes left idle by the calls forwarded over them, by address (a call's
+/// answer is read whole before its connection goes back).
+static IDLE: std::sync::LazyLock<std::sync::Mutex<HashMap<Arc<str>, Vec<Sender>>>> =
+    std::sync::LazyLock::new(Default::default);
+
+/// The most idle connections kept to one node.
+const MAX_IDLE: usize = 16;
+
+/// Sends a forwarded call to `key`'s node at `addr` over an idle connection (or a new one), and
+/// reads its answer whole; `None` if the node cannot be reached (the call was not sent).
+async fn exchange(
+    shared: &Shared,
+    key: &AgentKey,
+    addr: &Arc<str>,
+    mut request: Request,
+) -> Option<Result<(StatusCode, Bytes), RawError>> {
+    loop {
+        let idle = lock(&IDLE).get_mut(addr).and_then(Vec::pop);
+        let (mut sender, reused) = match idle {
+            Some(sender) => (sender, true),
+            None => {
+                let stream = connect(shared, key, addr).await?;
+                match handshake(stream).await {
+                    Ok(sender) => (sender, false),
+                    Err(e) => return Some(Err(unanswered(e))),
+                }
+            }
+        };
+        match sender.try_send_request(request).await {
+            Ok(response) => {
+                let status = response.status();
+                let body = Body::new(response.into_body());
+                let body = match axum::body::to_bytes(body, usize::MAX).await {
+                    Ok(body) => body,
+                    Err(e) => return Some(Err(unanswered(e))),
+                };
+                let mut idle = lock(&IDLE);
+                let kept = idle.entry(addr.clone()).or_default();
+                if kept.len() < MAX_IDLE && !sender.is_closed() {
+                    kept.push(sender);
+                }
+                return Some(Ok((status, body)));
+            }
+            Err(mut e) => match e.take_message() {
+                // An idle connection had closed before the request left: again, on another.
+                Some(unsent) if reused => request = unsent,
+                _ => return Some(Err(unanswered(e.into_error()))),
+            },
+        }
+    }
 }
 
 /// A call a node forwards for one of its agents (a typed call, a durable delivery) carries the
@@ -149,7 +221,7 @@ pub(crate) async fn call(
         return None; // (a cycle is told as it is in a process)
     }
     let secret = shared.cluster.as_ref()?.secret().await.ok()?;
-    let (addr, stream) = owner(shared, key).await?;
+    let addr = elsewhere_at(shared, key).await?;
     let timeout = call.timeout.unwrap_or(shared.config.call_timeout);
     let (content_type, body) = match &call.args {
         Payload::Json(value) => ("application/json", value.to_string().into_bytes()),
@@ -175,16 +247,8 @@ pub(crate) async fn call(
         Ok(request) => request,
         Err(e) => return Some(Err(RawError::internal(e))),
     };
-    let exchange = async {
-        let response = send(stream, request).await.map_err(unanswered)?;
-        let status = response.status();
-        let body = axum::body::to_bytes(Body::new(response.into_body()), usize::MAX)
-            .await
-            .map_err(unanswered)?;
-        Ok::<_, RawError>((status, body))
-    };
-    let answer = match tokio::time::timeout(timeout, exchange).await {
-        Ok(answer) => answer,
+    let answer = match tokio::time::timeout(timeout, exchange(shared, key, &addr, request)).await {
+        Ok(answer) => answer?,
         Err(_) => Err(RawError::new(
             ErrorKind::Timeout,
             format!("no reply from {key} (at {addr}) before the deadline"),
