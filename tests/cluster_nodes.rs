@@ -558,5 +558,13 @@ async fn typed_calls_reach_the_node_that_has_the_agent() {
     );
     // Without the cycle, the same calls are answered: b -> a.
     assert_eq!(ok(a1, "b", "bounce_back", json!(["a"])).await, 1);
+
+    // The vault's node dies (node 0 keeps an idle connection to it): once its lease lapses,
+    // node 0's calls reach the vault again, taken by another node (its balance is memory only:
+    // it starts again).
+    nodes[2].kill().await;
+    let within = LEASE + Duration::from_secs(2);
+    let (balance, _) = ok_within(a0, "t0", "relay", json!(["v", 2]), within).await;
+    assert_eq!(balance, 2);
     all_whole(nodes).await;
 }

@@ -221,7 +221,7 @@ fn main() {
             "baseline_clients_8_per_sec": direct_8.round(),
             "ratio": (forwarded / direct * 1000.0).round() / 1000.0,
             "ratio_clients_8": (forwarded_8 / direct_8 * 1000.0).round() / 1000.0,
-            "note": "through another node: one more HTTP hop (a connection per forwarded request)",
+            "note": "through another node: one more HTTP hop (over an idle connection when there is one)",
         }));
         // Typed calls from node B's runtime to an agent of node A's (sent to A), next to the
         // same calls from A's own runtime.

@@ -53,13 +53,7 @@ pub(crate) async fn elsewhere(
         return Err(request);
     };
     let (mut parts, body) = request.into_parts();
-    // The path the request came with (a gateway may have rewritten it for `fetch`).
-    let target = parts
-        .extensions
-        .get::<OriginalUri>()
-        .map_or(&parts.uri, |o| &o.0)
-        .path_and_query()
-        .map_or_else(|| "/".to_owned(), |p| p.to_string());
+    let target = target(&parts);
     let response = match WebSocketUpgrade::from_request_parts(&mut parts, &()).await {
         Ok(upgrade) => websocket(runtime, stream, &addr, &target, parts, upgrade).await,
         Err(_) => http(stream, &target, Request::from_parts(parts, body)).await,
@@ -70,6 +64,70 @@ pub(crate) async fn elsewhere(
         forget(runtime.shared(), key);
     }
     Ok(response)
+}
+
+/// The path a request came with (a gateway may have rewritten it for `fetch`).
+fn target(parts: &axum::http::request::Parts) -> String {
+    let uri = parts
+        .extensions
+        .get::<OriginalUri>()
+        .map_or(&parts.uri, |o| &o.0);
+    uri.path_and_query()
+        .map_or_else(|| "/".to_owned(), |p| p.to_string())
+}
+
+/// `elsewhere` for a request to the call route, whose answer is one JSON value: its body is
+/// read first, and it goes over an idle connection to the owner (or a new one), which is kept
+/// for the next once the answer is read whole.
+pub(crate) async fn call_elsewhere(
+    runtime: &Runtime,
+    key: &AgentKey,
+    request: Request,
+) -> Result<Response, Request> {
+    let shared = runtime.shared();
+    if request.headers().contains_key(FORWARDED) {
+        return Err(request);
+    }
+    let Some(addr) = elsewhere_at(shared, key).await else {
+        return Err(request);
+    };
+    let (parts, body) = request.into_parts();
+    let limit = runtime.config().max_message_bytes;
+    let body = match axum::body::to_bytes(body, limit).await {
+        Ok(body) => body,
+        Err(e) => {
+            let e = RawError::bad_args(format!("the body could not be read: {e}"));
+            return Ok(crate::server::with_status(StatusCode::PAYLOAD_TOO_LARGE, e));
+        }
+    };
+    let mut outgoing = Request::post(target(&parts));
+    for (name, value) in &parts.headers {
+        // The connection's own (this one is kept), and the body's length (hyper says it).
+        let own = [
+            header::CONNECTION,
+            header::CONTENT_LENGTH,
+            header::TRANSFER_ENCODING,
+        ];
+        if !own.contains(name) {
+            outgoing = outgoing.header(name, value);
+        }
+    }
+    let outgoing = match outgoing
+        .header(FORWARDED, "1")
+        .body(Body::from(body.clone()))
+    {
+        Ok(outgoing) => outgoing,
+        Err(e) => return Ok(bad_gateway(e)),
+    };
+    let answer = match exchange(shared, key, &addr, outgoing).await {
+        None => return Err(Request::from_parts(parts, Body::from(body))),
+        Some(Ok(answer)) => answer.map(Body::from),
+        Some(Err(e)) => bad_gateway(e),
+    };
+    if answer.status() == StatusCode::SERVICE_UNAVAILABLE {
+        forget(shared, key);
+    }
+    Ok(answer)
 }
 
 /// A connection to the live node other than this one that has `key`, and its address; `None`:
@@ -161,7 +219,7 @@ async fn exchange(
     key: &AgentKey,
     addr: &Arc<str>,
     mut request: Request,
-) -> Option<Result<(StatusCode, Bytes), RawError>> {
+) -> Option<Result<axum::http::Response<Bytes>, RawError>> {
     loop {
         let idle = lock(&IDLE).get_mut(addr).and_then(Vec::pop);
         let (mut sender, reused) = match idle {
@@ -176,9 +234,8 @@ async fn exchange(
         };
         match sender.try_send_request(request).await {
             Ok(response) => {
-                let status = response.status();
-                let body = Body::new(response.into_body());
-                let body = match axum::body::to_bytes(body, usize::MAX).await {
+                let (parts, body) = response.into_parts();
+                let body = match axum::body::to_bytes(Body::new(body), usize::MAX).await {
                     Ok(body) => body,
                     Err(e) => return Some(Err(unanswered(e))),
                 };
@@ -187,7 +244,7 @@ async fn exchange(
                 if kept.len() < MAX_IDLE && !sender.is_closed() {
                     kept.push(sender);
                 }
-                return Some(Ok((status, body)));
+                return Some(Ok(axum::http::Response::from_parts(parts, body)));
             }
             Err(mut e) => match e.take_message() {
                 // An idle connection had closed before the request left: again, on another.
@@ -254,11 +311,11 @@ pub(crate) async fn call(
             format!("no reply from {key} (at {addr}) before the deadline"),
         )),
     };
-    Some(answer.and_then(|(status, body)| {
-        if status == StatusCode::SERVICE_UNAVAILABLE {
+    Some(answer.and_then(|answer| {
+        if answer.status() == StatusCode::SERVICE_UNAVAILABLE {
             forget(shared, key);
         }
-        decode(status, &body, content_type == POSTCARD)
+        decode(answer.status(), answer.body(), content_type == POSTCARD)
     }))
 }
 

@@ -291,7 +291,8 @@ async fn call_agent(runtime: Runtime, key: AgentKey, method: String, request: Re
     if let Some(refused) = not_json(request.headers(), "a call's body is a JSON array") {
         return refused;
     }
-    let request = match elsewhere(&runtime, &key, request).await {
+    #[cfg(feature = "cluster")]
+    let request = match crate::forward::call_elsewhere(&runtime, &key, request).await {
         Ok(forwarded) => return forwarded,
         Err(here) => here,
     };
