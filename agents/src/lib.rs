@@ -66,6 +66,14 @@
 //! [`Ctx::destroy`] and [`Runtime::destroy`] delete an agent; [`Runtime::fetch`] hands a
 //! request from a gateway of your own to an agent.
 //!
+//! ## Beyond one machine
+//! With the `cluster` feature, `Builder::cluster` makes the runtime one node of several on one
+//! PostgreSQL database: each agent lives on one node at a time, its batches durable once they
+//! are in PostgreSQL under a fence that a node which lost the agent cannot pass; any node
+//! accepts any request and forwards it to the agent's node, agents' calls to each other reach
+//! the callee's node, and the agents of a node that dies are taken over by the others (their
+//! alarms too). See the README's "Beyond one machine" for what is guaranteed.
+//!
 //! ## Testing
 //! [`testing::TestRuntime`] runs on a temporary data dir and can hibernate agents and restart.
 #![warn(missing_docs)]

@@ -121,7 +121,9 @@ impl Builder {
     /// PostgreSQL database, and each agent lives on one of them at a time, its durable state
     /// in PostgreSQL (see the README's "Beyond one machine"). The data dir holds this node's
     /// copies of the agents it serves; [`durability`](Builder::durability) no longer applies
-    /// (a batch is durable once PostgreSQL has it).
+    /// (a batch is durable once PostgreSQL has it). Serve its [`router`](crate::router) at the
+    /// root of the address the options advertise: the other nodes send it the requests and
+    /// calls for the agents it has there.
     #[cfg(feature = "cluster")]
     pub fn cluster(mut self, options: crate::cluster::ClusterOptions) -> Self {
         self.cluster = Some(options);
