@@ -360,6 +360,7 @@ impl Builder {
             ));
         }
         let dir_lock = storage::lock_data_dir(&config.data_dir)?;
+        storage::make_dirs(&config.data_dir, config.durability)?;
         let alarms = AlarmIndex::open(&config.data_dir)?;
         let catalog = Catalog::open(&config.data_dir)?;
         let unregistered = unregistered(&catalog, |class| self.classes.contains_key(class))?;

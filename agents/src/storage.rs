@@ -87,6 +87,29 @@ pub(crate) fn db_path(data_dir: &Path, key: &AgentKey) -> PathBuf {
         .join(format!("{id}.sqlite"))
 }
 
+/// Makes the agents' directories (`agents/00` to `agents/ff`, by the first byte of an agent's
+/// id) if they are missing, and syncs their parents once (under `Durability::Full`): an
+/// agent's first file never waits for a new directory's entry to be synced. Blocking.
+pub(crate) fn make_dirs(data_dir: &Path, durability: Durability) -> Result<(), Error> {
+    let agents = data_dir.join("agents");
+    // Made last: when it is there, so are the others (and `open` makes any that went).
+    if agents.join("ff").is_dir() {
+        return Ok(());
+    }
+    for byte in 0..=u8::MAX {
+        let dir = agents.join(format!("{byte:02x}"));
+        fs::create_dir_all(&dir).map_err(io(&dir))?;
+    }
+    if durability == Durability::Full {
+        for dir in [agents.as_path(), data_dir] {
+            fs::File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(io(dir))?;
+        }
+    }
+    Ok(())
+}
+
 /// Makes an i/o error on `path` an [`Error::Io`].
 pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
     move |source| Error::Io {
@@ -844,6 +867,22 @@ mod tests {
             .query_row("PRAGMA application_id", [], |r| r.get(0))
             .unwrap();
         assert_eq!(version, RUNTIME_SCHEMA);
+    }
+
+    #[test]
+    fn the_agents_directories_are_made_once() {
+        let dir = tempfile::tempdir().unwrap();
+        make_dirs(dir.path(), Durability::Full).unwrap();
+        let agents = dir.path().join("agents");
+        let made = std::fs::read_dir(&agents).unwrap().count();
+        assert_eq!(made, 256);
+        // An agent's file goes into its own: no directory is made for it.
+        let key = AgentKey::new("counter", "bob").unwrap();
+        assert!(db_path(dir.path(), &key).parent().unwrap().is_dir());
+        // Again: nothing to do (and one that went is made again when an agent needs it).
+        std::fs::remove_dir(agents.join("00")).unwrap();
+        make_dirs(dir.path(), Durability::Full).unwrap();
+        assert_eq!(std::fs::read_dir(&agents).unwrap().count(), 255);
     }
 
     #[test]
