@@ -411,20 +411,27 @@ fn template_path(data_dir: &Path) -> PathBuf {
 fn from_template(data_dir: &Path, path: &Path, durability: Durability) -> Result<(), Error> {
     let template = template_path(data_dir);
     let copy = path.with_extension("sqlite-new");
+    let sync = durability == Durability::Full;
     // Made when the first copy finds none (not looked for before every copy).
-    if let Err(e) = fs::copy(&template, &copy) {
+    if let Err(e) = copy_file(&template, &copy, sync) {
         if e.kind() != std::io::ErrorKind::NotFound || template.exists() {
             return Err(io(&copy)(e));
         }
         make_template(&template)?;
-        fs::copy(&template, &copy).map_err(io(&copy))?;
-    }
-    if durability == Durability::Full {
-        fs::File::open(&copy)
-            .and_then(|f| f.sync_data())
-            .map_err(io(&copy))?;
+        copy_file(&template, &copy, sync).map_err(io(&copy))?;
     }
     fs::rename(&copy, path).map_err(io(path))
+}
+
+/// Copies `from` to a new file `to` (its data synced if `sync`), through one handle of each.
+fn copy_file(from: &Path, to: &Path, sync: bool) -> std::io::Result<()> {
+    let mut source = fs::File::open(from)?;
+    let mut copy = fs::File::create(to)?;
+    std::io::copy(&mut source, &mut copy)?;
+    if sync {
+        copy.sync_data()?;
+    }
+    Ok(())
 }
 
 /// Makes the template (see [`template_path`]) under a name of its own, then renames it into
