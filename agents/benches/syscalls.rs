@@ -31,30 +31,22 @@ fn main() {
                     .unwrap();
             }
         }
-        Some("new") => {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async {
-                let rt = TestRuntime::start(Runtime::builder().agent::<Counter>()).unwrap();
-                for i in 0..n {
-                    rt.agent::<Counter>(&format!("a{i}")).add(i).await.unwrap();
-                }
-            });
-        }
-        _ => {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async {
-                let rt = TestRuntime::start(Runtime::builder().agent::<Counter>()).unwrap();
-                let counter = rt.agent::<Counter>("one");
-                for i in 0..n {
-                    counter.add(i).await.unwrap();
-                }
-            });
-        }
+        // Each call to an agent not seen before.
+        Some("new") => calls(n, |i| format!("a{i}")),
+        _ => calls(n, |_| "one".to_owned()),
     }
+}
+
+/// `n` sequential durable calls, call `i` to the agent named `name(i)`.
+fn calls(n: i64, name: impl Fn(i64) -> String) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let rt = TestRuntime::start(Runtime::builder().agent::<Counter>()).unwrap();
+        for i in 0..n {
+            rt.agent::<Counter>(&name(i)).add(i).await.unwrap();
+        }
+    });
 }

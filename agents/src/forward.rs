@@ -58,11 +58,7 @@ pub(crate) async fn elsewhere(
         Ok(upgrade) => websocket(runtime, stream, &addr, &target, parts, upgrade).await,
         Err(_) => http(stream, &target, Request::from_parts(parts, body)).await,
     };
-    if response.status() == StatusCode::SERVICE_UNAVAILABLE
-        || response.status() == StatusCode::BAD_GATEWAY
-    {
-        forget(runtime.shared(), key);
-    }
+    forget_if_refused(runtime.shared(), key, response.status());
     Ok(response)
 }
 
@@ -112,21 +108,17 @@ pub(crate) async fn call_elsewhere(
             outgoing = outgoing.header(name, value);
         }
     }
-    let outgoing = match outgoing
-        .header(FORWARDED, "1")
-        .body(Body::from(body.clone()))
-    {
+    let mut outgoing = match outgoing.body(Body::from(body.clone())) {
         Ok(outgoing) => outgoing,
         Err(e) => return Ok(bad_gateway(e)),
     };
+    mark(outgoing.headers_mut());
     let answer = match exchange(shared, key, &addr, outgoing).await {
         None => return Err(Request::from_parts(parts, Body::from(body))),
         Some(Ok(answer)) => answer.map(Body::from),
         Some(Err(e)) => bad_gateway(e),
     };
-    if answer.status() == StatusCode::SERVICE_UNAVAILABLE {
-        forget(shared, key);
-    }
+    forget_if_refused(shared, key, answer.status());
     Ok(answer)
 }
 
@@ -169,6 +161,14 @@ async fn connect(shared: &Shared, key: &AgentKey, addr: &str) -> Option<tokio::n
 fn forget(shared: &Shared, key: &AgentKey) {
     if let Some(node) = &shared.cluster {
         node.forget(key);
+    }
+}
+
+/// Forgets where `key` was found if the answer from there was 503 (that node no longer has it,
+/// or is overloaded: ask again) or 502 (from here: it did not answer).
+fn forget_if_refused(shared: &Shared, key: &AgentKey, status: StatusCode) {
+    if status == StatusCode::SERVICE_UNAVAILABLE || status == StatusCode::BAD_GATEWAY {
+        forget(shared, key);
     }
 }
 
@@ -312,9 +312,7 @@ pub(crate) async fn call(
         )),
     };
     Some(answer.and_then(|answer| {
-        if answer.status() == StatusCode::SERVICE_UNAVAILABLE {
-            forget(shared, key);
-        }
+        forget_if_refused(shared, key, answer.status());
         decode(answer.status(), answer.body(), content_type == POSTCARD)
     }))
 }
