@@ -8,8 +8,8 @@
 //!   refused too (it may be stale);
 //! - the alarms of a killed node's agents fire on another node, no later than the lease + 2 s
 //!   after they were due, with nothing else to wake them;
-//! - an agent's typed calls reach the node that has the callee (an internal class too), and
-//!   a cycle of calls across nodes is told as one in a process is;
+//! - an agent's typed calls reach the node that has the callee (an internal class too), in
+//!   the caller's trace, and a cycle of calls across nodes is told as one in a process is;
 //! - a WebSocket forwarded to an owner that is killed is closed with 1012; the client connects
 //!   again (through another node) and goes on where it was.
 
@@ -111,6 +111,17 @@ impl Tally {
         Ok(ctx.agent::<Vault>(&vault).deposit(amount).await?)
     }
 
+    /// The trace this call runs in, and the one the vault's call made from it runs in.
+    #[callable]
+    pub async fn traces(
+        &mut self,
+        ctx: &mut Ctx<Self>,
+        vault: String,
+    ) -> Result<(String, String), AppError> {
+        let theirs = ctx.agent::<Vault>(&vault).trace_id().await?;
+        Ok((trace_id(), theirs))
+    }
+
     /// Asks the tally `other` to ask this one how many adds it has: a cycle.
     #[callable]
     pub async fn bounce(&mut self, ctx: &mut Ctx<Self>, other: String) -> Result<i64, AppError> {
@@ -166,6 +177,20 @@ impl Vault {
         self.balance += amount;
         self.balance
     }
+
+    /// The trace this call runs in.
+    #[callable]
+    pub async fn trace_id(&mut self, _ctx: &mut Ctx<Self>) -> String {
+        trace_id()
+    }
+}
+
+/// The trace id of the event running on this task.
+fn trace_id() -> String {
+    let current = agents::client::trace::current();
+    current
+        .map(|t| t.trace_id().to_string())
+        .unwrap_or_default()
 }
 
 fn now_ms() -> u64 {
@@ -542,6 +567,10 @@ async fn typed_calls_reach_the_node_that_has_the_agent() {
     // Node 0's tally calls it (not live on node 0: forwarded to node 2, internal as it is).
     assert_eq!(ok(a0, "t0", "relay", json!(["v", 7])).await, 12);
     assert_eq!(ok(a1, "t1", "relay", json!(["v", 1])).await, 13);
+    // One trace across the two nodes: the vault's call on node 2 joins t0's on node 0.
+    let traces: (String, String) =
+        serde_json::from_value(ok(a0, "t0", "traces", json!(["v"])).await).unwrap();
+    assert!(!traces.0.is_empty() && traces.0 == traces.1, "{traces:?}");
     // The network still cannot reach it.
     assert_eq!(call(a0, "v", "deposit", json!([1])).await.unwrap().0, 404);
 

@@ -274,11 +274,12 @@ pub(crate) async fn call(
     call: &OutgoingCall,
     chain: &Chain,
 ) -> Option<Result<Payload, RawError>> {
+    let node = shared.cluster.as_ref()?;
     if matches!(call.args, Payload::Value(_)) || chain.contains(key) {
         return None; // (a cycle is told as it is in a process)
     }
-    let secret = shared.cluster.as_ref()?.secret().await.ok()?;
     let addr = elsewhere_at(shared, key).await?;
+    let secret = node.secret().await.ok()?;
     let timeout = call.timeout.unwrap_or(shared.config.call_timeout);
     let (content_type, body) = match &call.args {
         Payload::Json(value) => ("application/json", value.to_string().into_bytes()),

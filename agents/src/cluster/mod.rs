@@ -283,15 +283,7 @@ impl Node {
         }
         let store = self.store().await.ok()?;
         match store.locate(&self.id, key).await {
-            Ok(found) => {
-                let addr: Arc<str> = found?.into();
-                let mut owners = lock(&self.owners);
-                if owners.len() >= MAX_REMEMBERED {
-                    owners.clear();
-                }
-                owners.insert(key.clone(), addr.clone());
-                Some(addr)
-            }
+            Ok(found) => Some(self.remember(key, found?)),
             Err(e) => {
                 tracing::warn!("cluster: where {key} is could not be read: {e}");
                 None
@@ -322,6 +314,17 @@ impl Node {
             tracing::warn!("cluster: due alarms could not be read: {e}");
             Vec::new()
         })
+    }
+
+    /// Remembers that `key` is at the node at `addr`.
+    fn remember(&self, key: &AgentKey, addr: String) -> Arc<str> {
+        let addr: Arc<str> = addr.into();
+        let mut owners = lock(&self.owners);
+        if owners.len() >= MAX_REMEMBERED {
+            owners.clear();
+        }
+        owners.insert(key.clone(), addr.clone());
+        addr
     }
 
     /// Forgets where `key` was found.
@@ -372,9 +375,11 @@ impl Node {
                 )))
             }
             Owner::Other { addr, .. } => {
+                // The next request for it goes there without asking PostgreSQL again.
+                let addr = self.remember(key, addr);
                 return Err(Error::Moved(format!(
                     "{key} is served by the node at {addr}"
-                )))
+                )));
             }
         };
         let restored = store.restore(key).await.map_err(pg)?;
