@@ -209,33 +209,23 @@ impl Syncer {
                     committed.and(&more.committed);
                     covered.push(more);
                 }
+                let after: Vec<AfterDurable> =
+                    covered.iter_mut().filter_map(|b| b.after.take()).collect();
                 let (gate, sync) = (gate.clone(), sync.clone());
-                // The replies leave from the thread that made them durable (no hop back to
-                // this task first).
-                let released = blocking(move || {
+                let durable = blocking(move || {
                     let started = std::time::Instant::now();
-                    let durable = gate.make_durable(&committed);
-                    if durable.is_ok() {
-                        sync.observe(started.elapsed().as_secs_f64());
-                    }
-                    let durable = durable.map_err(|e| e.told("the write may not be durable"));
-                    for Sealed { outbox, after, .. } in covered {
-                        if durable.is_ok() {
-                            if let Some(after) = after {
-                                after();
-                            }
-                        }
-                        match &durable {
-                            Ok(()) => release(outbox),
-                            Err(e) => fail(outbox, e),
-                        }
-                    }
+                    gate.make_durable(&committed)?;
+                    sync.observe(started.elapsed().as_secs_f64());
+                    after.into_iter().for_each(|a| a());
                     Ok(())
                 })
-                .await;
-                if let Err(e) = released {
-                    // (A panic: the outboxes it held are dropped, and their callers told so.)
-                    tracing::error!("releasing replies: {e}");
+                .await
+                .map_err(|e| e.told("the write may not be durable"));
+                for Sealed { outbox, .. } in covered {
+                    match &durable {
+                        Ok(()) => release(outbox),
+                        Err(e) => fail(outbox, e),
+                    }
                 }
             }
         });
