@@ -209,11 +209,23 @@ fn rss_bytes() -> u64 {
     kib * 1024
 }
 
+/// This process's resident set once the allocator has returned the memory it holds free to the
+/// system (glibc's `malloc_trim`): what is in use, with its fragmentation.
+fn rss_in_use() -> u64 {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks the allocator's own free lists.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+    rss_bytes()
+}
+
 /// The child process of `rss_per_live_agent`: opens `n` databases (the table and one row each),
-/// keeps them open, and prints its RSS growth per database.
+/// keeps them open, and prints its RSS growth per database, right away and in use (see
+/// [`rss_in_use`]).
 fn raw_connections(n: usize) {
     let dir = tempfile::tempdir().unwrap();
-    let before = rss_bytes();
+    let (before, before_in_use) = (rss_bytes(), rss_in_use());
     let conns: Vec<_> = (0..n)
         .map(|i| {
             let conn = common::raw_open(&dir.path().join(format!("{i}.sqlite")), "FULL");
@@ -226,13 +238,15 @@ fn raw_connections(n: usize) {
         })
         .collect();
     let per = (rss_bytes().saturating_sub(before)) as f64 / n as f64;
-    println!("{per:.0}");
+    let in_use = (rss_in_use().saturating_sub(before_in_use)) as f64 / n as f64;
+    println!("{per:.0} {in_use:.0}");
     drop(conns);
 }
 
 /// The child process of `rss_per_live_agent` that measures ours, on a fresh heap whatever ran
 /// before: `n` agents, each woken by one durable write (its table and one row), all kept live;
-/// prints the RSS growth per agent.
+/// prints the RSS growth per agent right after the calls, and in use (see [`rss_in_use`]) once
+/// every agent has been quiet long enough to drop SQLite's caches.
 fn live_agents(n: usize) {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -248,32 +262,42 @@ fn live_agents(n: usize) {
         .unwrap();
         // Warm up what every runtime has once (threads, the first database's code paths).
         rt.agent::<Counter>("warm").add(1).await.unwrap();
-        let before = rss_bytes();
+        let (before, before_in_use) = (rss_bytes(), rss_in_use());
         for i in 0..n {
             rt.agent::<Counter>(&format!("a{i}")).add(1).await.unwrap();
         }
+        let per = (rss_bytes().saturating_sub(before)) as f64 / n as f64;
+        tokio::time::sleep(Duration::from_secs(2)).await; // the runtime's quiet period is 1 s
         assert_eq!(rt.runtime().live_count(), n + 1, "every agent stays live");
-        (rss_bytes().saturating_sub(before)) as f64 / n as f64
+        let in_use = (rss_in_use().saturating_sub(before_in_use)) as f64 / n as f64;
+        (per, in_use)
     });
-    println!("{per:.0}");
+    println!("{:.0} {:.0}", per.0, per.1);
 }
 
 /// RSS per live agent next to open raw connections, each measured in a child process.
 fn rss_per_live_agent(n: usize) {
-    let child = |flag: &str| -> f64 {
+    let child = |flag: &str| -> (f64, f64) {
         let out = std::process::Command::new(std::env::current_exe().unwrap())
             .args([flag, &n.to_string()])
             .output()
             .unwrap();
-        String::from_utf8_lossy(&out.stdout)
-            .trim()
-            .parse()
-            .unwrap_or(f64::NAN)
+        let out = String::from_utf8_lossy(&out.stdout);
+        let mut figures = out
+            .split_whitespace()
+            .map(|f| f.parse().unwrap_or(f64::NAN));
+        let mut next = || figures.next().unwrap_or(f64::NAN);
+        (next(), next())
     };
     let (ours, raw) = (child("--live-agents"), child("--raw-connections"));
     println!(
-        "{{\"bench\":\"rss_per_live_agent\",\"agents\":{n},\"bytes_per_agent\":{ours:.0},\"baseline\":\"raw_connections\",\"baseline_bytes_per_connection\":{raw:.0},\"ratio\":{:.3}}}",
-        ours / raw
+        "{{\"bench\":\"rss_per_live_agent\",\"agents\":{n},\"bytes_per_agent\":{:.0},\"baseline\":\"raw_connections\",\"baseline_bytes_per_connection\":{:.0},\"ratio\":{:.3},\"in_use_bytes_per_quiet_agent\":{:.0},\"baseline_in_use_bytes_per_connection\":{:.0},\"in_use_ratio\":{:.3}}}",
+        ours.0,
+        raw.0,
+        ours.0 / raw.0,
+        ours.1,
+        raw.1,
+        ours.1 / raw.1
     );
 }
 

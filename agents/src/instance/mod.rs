@@ -24,7 +24,7 @@ mod index;
 mod panics;
 mod store;
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Duration};
 
 use agents_client::{BoxFuture, ErrorKind, OutgoingCall, Payload, RawError};
 use tokio::{
@@ -57,6 +57,10 @@ use store::{end_savepoint, savepoint, Store};
 /// How many due rows one alarm event runs; the rest run on the next (immediate) alarm.
 const DUE_PER_BATCH: usize = 256;
 
+/// How long a live agent waits for its next event before it drops what SQLite caches for it
+/// (its prepared statements, its unused pages): a quiet agent keeps only its open database.
+const QUIET: Duration = Duration::from_secs(1);
+
 /// Starts an instance of `A` for `key` reading `rx`.
 pub(crate) fn spawn<A: AgentClass>(
     shared: Arc<Shared>,
@@ -68,7 +72,7 @@ pub(crate) fn spawn<A: AgentClass>(
     // open, and an exporter would never see that event end).
     let span = tracing::debug_span!(parent: None, "agent", class = key.class(), name = key.name());
     let metrics = shared.metrics.class(key.class());
-    let instance = Instance::<A> {
+    let mut instance = Instance::<A> {
         agent: None,
         index: AlarmEntry::new(shared.clone(), key.clone()),
         ctx: Ctx::new(shared.clone(), key),
@@ -84,6 +88,8 @@ pub(crate) fn spawn<A: AgentClass>(
     metrics.activations.inc();
     metrics.live.inc();
     shared.tracker.spawn(
+        // `instance` is borrowed, not moved, by `run`: a moved one would take its room twice in
+        // this future, which every live agent keeps.
         async move {
             instance.run(rx).await;
             metrics.live.dec();
@@ -123,6 +129,18 @@ enum Leave {
     /// The agent was destroyed (by `runtime.destroy`, answered once its files are gone, or by
     /// `ctx.destroy()`).
     Destroy(Option<oneshot::Sender<Result<(), RawError>>>),
+}
+
+/// Why an instance stops serving events.
+enum Exit {
+    /// The agent is another node's now (cluster mode), with the event that found it out.
+    Lost(Option<Event>),
+    /// The runtime shut down.
+    Shutdown,
+    /// Idle past the idle timeout, and detached: it hibernates.
+    Idle,
+    /// An event asked it to leave.
+    Leave(Leave),
 }
 
 /// What an event comes from: the agents waiting on it (its callers, for a call), the
@@ -206,65 +224,104 @@ fn empty() -> Payload {
 }
 
 impl<A: AgentClass> Instance<A> {
-    async fn run(mut self, mut rx: mpsc::Receiver<Event>) {
+    async fn run(&mut self, mut rx: mpsc::Receiver<Event>) {
+        let exit = self.serve(&mut rx).await;
+        // Boxed, as are the batches: what the future of a live agent holds while it waits for
+        // events is only this loop's state.
+        Box::pin(self.exit(exit, rx)).await;
+    }
+
+    /// Runs batches of events until the agent leaves, and says why.
+    async fn serve(&mut self, rx: &mut mpsc::Receiver<Event>) -> Exit {
         let idle = self.ctx.shared.config.idle_timeout;
         loop {
             if self.store.is_lost() {
-                return self.leave_lost(None, rx).await;
+                return Exit::Lost(None);
             }
-            let first = match tokio::time::timeout(idle, rx.recv()).await {
+            let first = match self.next_event(rx, idle).await {
                 Ok(Some(event)) => event,
-                Ok(None) => break, // the runtime shut down and the mailbox is drained
-                Err(_) if self.store.is_lost() => return self.leave_lost(None, rx).await,
+                Ok(None) => return Exit::Shutdown, // the mailbox is drained
+                Err(_) if self.store.is_lost() => return Exit::Lost(None),
                 Err(_) => {
                     if self
                         .ctx
                         .shared
-                        .detach(self.ctx.key(), self.generation, &mut rx, false)
+                        .detach(self.ctx.key(), self.generation, rx, false)
                     {
                         tracing::debug!("hibernating after {idle:?} idle");
-                        hand_over(&self.ctx.shared, self.ctx.key(), rx).await;
-                        break;
+                        return Exit::Idle;
                     }
                     continue;
                 }
             };
             if self.store.is_lost() {
-                return self.leave_lost(Some(first), rx).await;
+                return Exit::Lost(Some(first));
             }
-            match self.run_batch(first, &mut rx).await {
-                None => self.back_up().await,
-                Some(Leave::Hibernate(done)) => {
-                    tracing::debug!("hibernating on request");
-                    self.ctx
-                        .shared
-                        .detach(self.ctx.key(), self.generation, &mut rx, true);
-                    hand_over(&self.ctx.shared, self.ctx.key(), rx).await;
-                    self.close_db().await;
-                    let _ = done.send(());
-                    return;
-                }
-                Some(Leave::Destroy(done)) => {
-                    tracing::debug!("destroyed");
-                    // Events that come meanwhile wait in the mailbox: the next instance must
-                    // not open the files before they are gone.
-                    // An error is logged as it is told.
-                    let result = self
-                        .destroy()
-                        .await
-                        .map_err(|e| e.told("destroying the agent"));
-                    self.ctx
-                        .shared
-                        .detach(self.ctx.key(), self.generation, &mut rx, true);
-                    hand_over(&self.ctx.shared, self.ctx.key(), rx).await;
-                    if let Some(done) = done {
-                        let _ = done.send(result);
-                    }
-                    return;
+            match Box::pin(self.run_batch(first, rx)).await {
+                None if self.backups.is_empty() => {}
+                None => Box::pin(self.back_up()).await,
+                Some(leave) => return Exit::Leave(leave),
+            }
+        }
+    }
+
+    /// Leaves as `exit` says: the events still in (or yet to reach) the detached mailbox `rx`
+    /// go to the next instance.
+    async fn exit(&mut self, exit: Exit, mut rx: mpsc::Receiver<Event>) {
+        match exit {
+            Exit::Lost(first) => self.leave_lost(first, rx).await,
+            Exit::Shutdown => self.close_db().await,
+            Exit::Idle => {
+                hand_over(&self.ctx.shared, self.ctx.key(), rx).await;
+                self.close_db().await;
+            }
+            Exit::Leave(Leave::Hibernate(done)) => {
+                tracing::debug!("hibernating on request");
+                self.ctx
+                    .shared
+                    .detach(self.ctx.key(), self.generation, &mut rx, true);
+                hand_over(&self.ctx.shared, self.ctx.key(), rx).await;
+                self.close_db().await;
+                let _ = done.send(());
+            }
+            Exit::Leave(Leave::Destroy(done)) => {
+                tracing::debug!("destroyed");
+                // Events that come meanwhile wait in the mailbox: the next instance must
+                // not open the files before they are gone.
+                // An error is logged as it is told.
+                let result = self
+                    .destroy()
+                    .await
+                    .map_err(|e| e.told("destroying the agent"));
+                self.ctx
+                    .shared
+                    .detach(self.ctx.key(), self.generation, &mut rx, true);
+                hand_over(&self.ctx.shared, self.ctx.key(), rx).await;
+                if let Some(done) = done {
+                    let _ = done.send(result);
                 }
             }
         }
-        self.close_db().await;
+    }
+
+    /// The next event, or `Err` once none came for `idle`; after [`QUIET`] without one, the
+    /// agent's SQLite caches go.
+    async fn next_event(
+        &mut self,
+        rx: &mut mpsc::Receiver<Event>,
+        idle: Duration,
+    ) -> Result<Option<Event>, tokio::time::error::Elapsed> {
+        let quiet = QUIET.min(idle);
+        if let Ok(event) = tokio::time::timeout(quiet, rx.recv()).await {
+            return Ok(event);
+        }
+        if let Some(conn) = &self.ctx.conn {
+            conn.flush_prepared_statement_cache();
+            if let Err(e) = conn.release_memory() {
+                tracing::debug!("releasing SQLite's memory: {e}");
+            }
+        }
+        tokio::time::timeout(idle - quiet, rx.recv()).await
     }
 
     /// Cluster mode: the agent moved to another node while this one wrote (or a write may not
