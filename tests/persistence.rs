@@ -49,6 +49,50 @@ async fn idle_agents_hibernate_by_themselves_and_wake_on_the_next_call() {
     assert_eq!(c.get().await.unwrap(), 3);
 }
 
+/// The WAL files under the runtime's data dir, with their sizes.
+fn wal_sizes(dir: &std::path::Path) -> Vec<u64> {
+    let mut sizes = Vec::new();
+    for sub in std::fs::read_dir(dir.join("agents")).unwrap() {
+        let sub = sub.unwrap().path();
+        if !sub.is_dir() {
+            continue;
+        }
+        for file in std::fs::read_dir(sub).unwrap() {
+            let file = file.unwrap();
+            if file.path().to_string_lossy().ends_with("-wal") {
+                sizes.push(file.metadata().unwrap().len());
+            }
+        }
+    }
+    sizes
+}
+
+#[tokio::test]
+async fn quiet_agents_give_back_memory_and_stay_live_with_all_they_wrote() {
+    let mut rt = TestRuntime::start(
+        Runtime::builder()
+            .agent::<Counter>()
+            .quiet_after(Duration::from_millis(20)),
+    )
+    .unwrap();
+    let c = rt.agent::<Counter>("quiet");
+    for round in 1..=5 {
+        c.add(round).await.unwrap();
+        let sizes = wal_sizes(rt.dir());
+        assert!(sizes.len() == 1 && sizes[0] > 0, "written: {sizes:?}");
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        // Quiet: its WAL is checkpointed into the database (and its index given back), and it
+        // is still live, with its memory.
+        assert_eq!(wal_sizes(rt.dir()), [0], "checkpointed");
+        assert!(rt.is_live::<Counter>("quiet"));
+        assert_eq!(c.bump_memory_slowly().await.unwrap(), round);
+    }
+    assert_eq!(c.get().await.unwrap(), 15);
+    assert_eq!(c.starts().await.unwrap(), 1, "one activation throughout");
+    rt.restart().await.unwrap();
+    assert_eq!(rt.agent::<Counter>("quiet").get().await.unwrap(), 15);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_racing_a_hibernation_are_neither_lost_nor_run_twice() {
     let rt = TestRuntime::start(

@@ -257,6 +257,7 @@ fn live_agents(n: usize) {
             Runtime::builder()
                 .max_live_agents(n + 16)
                 .idle_timeout(Duration::from_secs(3600))
+                .quiet_after(Duration::from_secs(1))
                 .agent::<Counter>(),
         )
         .unwrap();
@@ -267,7 +268,7 @@ fn live_agents(n: usize) {
             rt.agent::<Counter>(&format!("a{i}")).add(1).await.unwrap();
         }
         let per = (rss_bytes().saturating_sub(before)) as f64 / n as f64;
-        tokio::time::sleep(Duration::from_secs(2)).await; // the runtime's quiet period is 1 s
+        tokio::time::sleep(Duration::from_secs(2)).await; // quiet, as set above
         assert_eq!(rt.runtime().live_count(), n + 1, "every agent stays live");
         let in_use = (rss_in_use().saturating_sub(before_in_use)) as f64 / n as f64;
         (per, in_use)

@@ -113,6 +113,8 @@ mod storage;
 mod stream;
 mod telemetry;
 pub mod testing;
+#[cfg(target_os = "linux")]
+mod vfs;
 mod ws;
 
 pub use address::{AgentKey, MAX_CLASS_LEN, MAX_NAME_LEN};

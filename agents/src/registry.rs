@@ -51,6 +51,7 @@ pub(crate) struct Config {
     pub durability: Durability,
     pub locking: crate::storage::Locking,
     pub idle_timeout: Duration,
+    pub quiet_after: Duration,
     pub mailbox_capacity: usize,
     pub call_timeout: Duration,
     pub max_batch: usize,

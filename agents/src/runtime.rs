@@ -69,6 +69,7 @@ impl Default for Builder {
                 durability: Durability::Full,
                 locking: storage::Locking::Exclusive,
                 idle_timeout: Duration::from_secs(60),
+                quiet_after: Duration::from_secs(10),
                 mailbox_capacity: 1024,
                 call_timeout: Duration::from_secs(30),
                 max_batch: 256,
@@ -150,6 +151,20 @@ impl Builder {
     /// database closed). Default 60 s.
     pub fn idle_timeout(mut self, idle: Duration) -> Self {
         self.config.idle_timeout = idle;
+        self
+    }
+
+    /// How long a live agent may go without events before it gives back the memory it needs
+    /// only while busy. Default 10 s.
+    ///
+    /// Then SQLite's caches go (its prepared statements and cached pages), and its WAL is
+    /// checkpointed into the database (syncing it, under `Durability::Full`), which lets the
+    /// 32 KiB WAL index go too (Linux). A quiet agent keeps its instance, its connections and
+    /// its open database: its next event pays only for statements prepared again. (In cluster
+    /// mode the WAL stays: a checkpoint stores a snapshot.) No effect if the
+    /// [idle timeout](Builder::idle_timeout) is shorter: hibernation gives back everything.
+    pub fn quiet_after(mut self, quiet: Duration) -> Self {
+        self.config.quiet_after = quiet;
         self
     }
 

@@ -140,15 +140,19 @@ fn no_lookaside(conn: &Connection) {
     }
 }
 
-/// Opens `path` for the runtime alone (Linux): without SQLite's own POSIX file locks (its
-/// `unix-none` VFS), as those keep a process-wide list of open files that every open walks: with
-/// thousands of live agents, most of an activation's CPU. Other processes are kept out by the
-/// lock SQLite itself checks, taken here: an open-file-description lock on SQLite's lock bytes,
-/// which conflicts with the lock any other SQLite takes to read or write the file (in this
-/// process too). The returned file holds it: keep it as long as the connection. Elsewhere,
-/// SQLite's own locks.
+/// Opens `path` for the runtime alone (Linux): without SQLite's own POSIX file locks (the
+/// `agents` VFS: `unix-none` with a WAL index in memory, see [`crate::vfs`]), as those keep a
+/// process-wide list of open files that every open walks: with thousands of live agents, most of
+/// an activation's CPU. Other processes are kept out by the lock SQLite itself checks, taken
+/// here: an open-file-description lock on SQLite's lock bytes, which conflicts with the lock any
+/// other SQLite takes to read or write the file (in this process too). The returned file holds
+/// it: keep it as long as the connection. Elsewhere, SQLite's own locks. The `bool` says whether
+/// the connection needs SQLite's exclusive locking mode for WAL (it has no WAL index of ours).
 #[cfg(target_os = "linux")]
-fn open_unlocked(path: &Path, key: &AgentKey) -> Result<(Connection, Option<fs::File>), Error> {
+fn open_unlocked(
+    path: &Path,
+    key: &AgentKey,
+) -> Result<(Connection, Option<fs::File>, bool), Error> {
     use std::os::fd::AsRawFd;
     let file = fs::OpenOptions::new()
         .read(true)
@@ -177,13 +181,15 @@ fn open_unlocked(path: &Path, key: &AgentKey) -> Result<(Connection, Option<fs::
         });
     }
     let flags = rusqlite::OpenFlags::default();
-    let conn = Connection::open_with_flags_and_vfs(path, flags, c"unix-none")?;
-    Ok((conn, Some(file)))
+    let ours = crate::vfs::register();
+    let vfs = if ours { crate::vfs::NAME } else { c"unix-none" };
+    let conn = Connection::open_with_flags_and_vfs(path, flags, vfs)?;
+    Ok((conn, Some(file), !ours))
 }
 
 #[cfg(not(target_os = "linux"))]
-fn open_unlocked(path: &Path, _: &AgentKey) -> Result<(Connection, Option<fs::File>), Error> {
-    Ok((Connection::open(path)?, None))
+fn open_unlocked(path: &Path, _: &AgentKey) -> Result<(Connection, Option<fs::File>, bool), Error> {
+    Ok((Connection::open(path)?, None, true))
 }
 
 /// Whether opening failed because another holder has the database's lock: worth trying again
@@ -269,15 +275,16 @@ pub(crate) fn open(
     if created {
         from_template(data_dir, &path, durability)?;
     }
-    let (conn, guard) = match locking {
+    let (conn, guard, exclusive) = match locking {
         Locking::Exclusive => open_unlocked(&path, key)?,
-        Locking::Shared => (Connection::open(&path)?, None),
+        Locking::Shared => (Connection::open(&path)?, None, false),
     };
     no_lookaside(&conn);
-    if locking == Locking::Exclusive {
+    if exclusive {
         // Only this runtime opens the file (it holds the data dir's lock, see `lock_data_dir`):
         // in exclusive locking mode SQLite takes the file lock once, at the first transaction,
-        // and keeps the WAL index in memory: no lock calls per transaction, no `-shm` file.
+        // and keeps the WAL index on its heap: no lock calls per transaction, no `-shm` file.
+        // (The `agents` VFS does the same with less memory, and needs none of this.)
         conn.pragma_update(None, "locking_mode", "EXCLUSIVE")?;
     }
     // Durability is the runtime's business (see `Durability`): no syncs inside SQLite's commits,

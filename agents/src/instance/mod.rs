@@ -57,10 +57,6 @@ use store::{end_savepoint, savepoint, Store};
 /// How many due rows one alarm event runs; the rest run on the next (immediate) alarm.
 const DUE_PER_BATCH: usize = 256;
 
-/// How long a live agent waits for its next event before it drops what SQLite caches for it
-/// (its prepared statements, its unused pages): a quiet agent keeps only its open database.
-const QUIET: Duration = Duration::from_secs(1);
-
 /// Starts an instance of `A` for `key` reading `rx`.
 pub(crate) fn spawn<A: AgentClass>(
     shared: Arc<Shared>,
@@ -304,24 +300,23 @@ impl<A: AgentClass> Instance<A> {
         }
     }
 
-    /// The next event, or `Err` once none came for `idle`; after [`QUIET`] without one, the
-    /// agent's SQLite caches go.
+    /// The next event, or `Err` once none came for `idle`; if none came for the quiet period
+    /// (see `Builder::quiet_after`) before, the agent gives back the memory it needs only while
+    /// busy.
     async fn next_event(
         &mut self,
         rx: &mut mpsc::Receiver<Event>,
         idle: Duration,
     ) -> Result<Option<Event>, tokio::time::error::Elapsed> {
-        let quiet = QUIET.min(idle);
-        if let Ok(event) = tokio::time::timeout(quiet, rx.recv()).await {
-            return Ok(event);
-        }
-        if let Some(conn) = &self.ctx.conn {
-            conn.flush_prepared_statement_cache();
-            if let Err(e) = conn.release_memory() {
-                tracing::debug!("releasing SQLite's memory: {e}");
+        let quiet = self.ctx.shared.config.quiet_after;
+        if quiet < idle && self.ctx.conn.is_some() {
+            if let Ok(event) = tokio::time::timeout(quiet, rx.recv()).await {
+                return Ok(event);
             }
+            self.store.quiet(&mut self.ctx.conn).await;
+            return tokio::time::timeout(idle - quiet, rx.recv()).await;
         }
-        tokio::time::timeout(idle - quiet, rx.recv()).await
+        tokio::time::timeout(idle, rx.recv()).await
     }
 
     /// Cluster mode: the agent moved to another node while this one wrote (or a write may not

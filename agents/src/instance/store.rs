@@ -52,6 +52,8 @@ pub(super) struct Store {
     /// Cluster mode: another node has the agent (its activation here was refused), so this
     /// instance goes, and requests for it are forwarded there.
     elsewhere: bool,
+    /// Cluster mode: the open database is replicated (a checkpoint stores a snapshot).
+    replicated: bool,
 }
 
 impl Store {
@@ -70,6 +72,7 @@ impl Store {
             schedules_seen: false,
             path: std::path::PathBuf::new(),
             elsewhere: false,
+            replicated: false,
         }
     }
 
@@ -133,7 +136,10 @@ impl Store {
         };
         #[cfg(feature = "cluster")]
         let gate: Arc<dyn CommitGate> = match log {
-            Some((node, log)) => Arc::new(node.gate(log, &path)),
+            Some((node, log)) => {
+                self.replicated = true;
+                Arc::new(node.gate(log, &path))
+            }
             None => gate,
         };
         if !gate.is_open() {
@@ -240,7 +246,32 @@ impl Store {
     /// Checkpoints on a blocking thread once the WAL has grown past its limit, after every
     /// batch before it is durable (a gate may read their frames until then).
     pub(super) async fn checkpoint_if_large(&mut self, slot: &mut Option<Connection>) {
-        if self.wal_frames < self.checkpoint_at {
+        self.checkpoint_from(self.checkpoint_at, slot).await;
+    }
+
+    /// Gives back what the open database needs only while the agent is busy (see
+    /// `Builder::quiet_after`): SQLite's caches, and the WAL index once the WAL is checkpointed
+    /// (not in cluster mode, where every checkpoint stores a snapshot).
+    pub(super) async fn quiet(&mut self, slot: &mut Option<Connection>) {
+        if !self.replicated {
+            self.checkpoint_from(1, slot).await;
+        }
+        if let Some(conn) = slot {
+            conn.flush_prepared_statement_cache();
+            if let Err(e) = conn.release_memory() {
+                tracing::debug!("releasing SQLite's memory: {e}");
+            }
+            #[cfg(target_os = "linux")]
+            if self.wal_frames == 0 {
+                crate::vfs::release_index(conn);
+            }
+        }
+    }
+
+    /// Checkpoints on a blocking thread if the WAL holds `frames` or more, once every batch
+    /// before is durable (a gate may read their frames until then).
+    async fn checkpoint_from(&mut self, frames: u32, slot: &mut Option<Connection>) {
+        if self.wal_frames < frames {
             return;
         }
         if let Some(syncer) = &self.syncer {
