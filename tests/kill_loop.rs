@@ -5,6 +5,8 @@
 //!   that journals what each write overwrites; at the cut the process is killed and every write
 //!   that no fsync made durable is undone, as a machine losing power would lose it.
 //!
+//! Clients pause now and then, long enough for their agents to go quiet (checkpoint their WAL).
+//!
 //! Afterwards no acknowledged write is missing (under `Durability::Full`), every acknowledged
 //! schedule has run — woken by the alarm index, with no call to the agent — and every database
 //! passes `PRAGMA integrity_check`. Under `Durability::Normal` a power cut loses the last
@@ -110,7 +112,12 @@ fn kill_loop_server() {
                 Ok("normal") => Durability::Normal,
                 _ => Durability::Full,
             };
-            Runtime::builder().durability(durability).agent::<Mixed>()
+            // Quiet after 5 ms: agents checkpoint (and give back their WAL index) between
+            // their clients' bursts, so crashes and cuts find them in every state.
+            Runtime::builder()
+                .durability(durability)
+                .quiet_after(Duration::from_millis(5))
+                .agent::<Mixed>()
         },
     );
 }
@@ -185,6 +192,10 @@ async fn client(addr: std::net::SocketAddr, name: String, first_id: u64) -> Acke
         };
         let Some(reply) = reply else { break };
         assert!(reply.get("err").is_none(), "{name}: {reply}");
+        if n % 16 == 15 {
+            // A pause past the server's quiet period (see `kill_loop_server`).
+            tokio::time::sleep(Duration::from_millis(15)).await;
+        }
         match method {
             "add" => *acked.adds.entry(name.clone()).or_default() += 1,
             "post" => _ = acked.posts.entry(name.clone()).or_default().insert(id),

@@ -112,11 +112,13 @@ impl AlarmIndex {
 
     /// Records that `key` is next due at `at` (`None`: never). Blocking. A `durable` write is
     /// synced before it returns (needed when the entry moves earlier); otherwise a crash may
-    /// lose it, which leaves the older, earlier entry: early, never late.
+    /// lose it, which leaves the older, earlier entry: early, never late. (Not synced is
+    /// SQLite's `synchronous=NORMAL`, not `OFF`: an automatic checkpoint still syncs the file
+    /// before the WAL starts over, or a power cut would take durable entries with it.)
     pub fn set(&self, key: &AgentKey, at: Option<u64>, durable: bool) -> Result<(), Error> {
         {
             let db = lock(&self.db);
-            db.pragma_update(None, "synchronous", if durable { "FULL" } else { "OFF" })?;
+            db.pragma_update(None, "synchronous", if durable { "FULL" } else { "NORMAL" })?;
             match at {
                 Some(at) => db
                     .prepare_cached(
