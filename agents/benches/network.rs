@@ -218,6 +218,74 @@ async fn raw_echo(
     (sockets * per_socket) as f64 / started.elapsed().as_secs_f64()
 }
 
+/// `n` sequential round trips of a 16-byte frame on one socket to `addr`: per second, and each
+/// one's latency in µs, sorted.
+async fn sequential_round_trips(addr: std::net::SocketAddr, n: usize) -> (f64, Vec<f64>) {
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/"))
+        .await
+        .unwrap();
+    ws.send(Message::Binary(vec![0; 16].into())).await.unwrap();
+    ws.next().await.unwrap().unwrap();
+    let (started, mut us) = (Instant::now(), Vec::with_capacity(n));
+    for _ in 0..n {
+        let t = Instant::now();
+        ws.send(Message::Binary(vec![1; 16].into())).await.unwrap();
+        ws.next().await.unwrap().unwrap();
+        us.push(micros(t));
+    }
+    per_sec_and_sorted(started, us)
+}
+
+/// `n` sequential typed calls on one socket, each a durable write: per second, and each one's
+/// latency in µs, sorted.
+async fn sequential_calls(base: &str, n: usize) -> (f64, Vec<f64>) {
+    let client = CounterClient::connect(&format!("{base}/hot"))
+        .await
+        .unwrap();
+    client.add(0).await.unwrap();
+    let (started, mut us) = (Instant::now(), Vec::with_capacity(n));
+    for _ in 0..n {
+        let t = Instant::now();
+        client.add(1).await.unwrap();
+        us.push(micros(t));
+    }
+    per_sec_and_sorted(started, us)
+}
+
+/// The µs since `t`.
+fn micros(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1e6
+}
+
+/// Steps timed in `us` from `started`: how many per second, and their times sorted.
+fn per_sec_and_sorted(started: Instant, mut us: Vec<f64>) -> (f64, Vec<f64>) {
+    let rate = us.len() as f64 / started.elapsed().as_secs_f64();
+    us.sort_by(f64::total_cmp);
+    (rate, us)
+}
+
+/// `n` writes of a WAL frame (a 4 KiB page and its 24-byte header) to a file at `path` whose
+/// blocks are already written, as a WAL's are once it starts over (1 MiB, cycled through),
+/// each followed by an fdatasync: each one's time in µs, sorted.
+fn fdatasync_latencies(path: &std::path::Path, n: usize) -> Vec<f64> {
+    use std::os::unix::fs::FileExt;
+    const FRAME: usize = 4096 + 24;
+    const FRAMES: usize = (1 << 20) / FRAME;
+    let file = std::fs::File::create(path).unwrap();
+    file.write_all_at(&vec![0; FRAME * FRAMES], 0).unwrap();
+    file.sync_all().unwrap();
+    let frame = vec![7u8; FRAME];
+    let (started, mut us) = (Instant::now(), Vec::with_capacity(n));
+    for i in 0..n {
+        let t = Instant::now();
+        file.write_all_at(&frame, ((i % FRAMES) * FRAME) as u64)
+            .unwrap();
+        file.sync_data().unwrap();
+        us.push(micros(t));
+    }
+    per_sec_and_sorted(started, us).1
+}
+
 /// The same shape through the runtime: typed calls, each a durable write, timed from when
 /// every client is connected and has made one call (so the agent is awake).
 async fn rpc(base: &str, sockets: usize, window: usize, per_socket: usize) -> f64 {
@@ -601,13 +669,26 @@ fn main() {
 
         if run("sequential") {
             let n = 2_000 / scale;
-            let ours = rpc(&base, 1, 1, n).await;
-            let raw = raw_echo(echo, 1, 1, n).await;
-            let hand = raw_echo(durable, 1, 1, n).await;
+            let (ours, ours_us) = sequential_calls(&base, n).await;
+            let (raw, raw_us) = sequential_round_trips(echo, n).await;
+            let (hand, hand_us) = sequential_round_trips(durable, n).await;
+            // The floor of any durable reply: one fdatasync (of a WAL frame) and one loopback
+            // round trip.
+            let path = dir.path().join("floor");
+            let sync_us = tokio::task::spawn_blocking(move || fdatasync_latencies(&path, n))
+                .await
+                .unwrap();
+            let p50 = |us: &[f64]| percentile(us, 0.5);
+            let floor = p50(&sync_us) + p50(&raw_us);
             println!(
-                "{{\"bench\":\"sequential_rpc_one_socket\",\"calls\":{n},\"calls_per_sec\":{ours:.0},\"baseline\":\"raw_tungstenite_echo\",\"baseline_per_sec\":{raw:.0},\"ratio\":{:.3},\"hand_written_durable_per_sec\":{hand:.0},\"ratio_to_hand_written\":{:.3}}}",
+                "{{\"bench\":\"sequential_rpc_one_socket\",\"calls\":{n},\"calls_per_sec\":{ours:.0},\"p50_us\":{:.0},\"baseline\":\"raw_tungstenite_echo\",\"baseline_per_sec\":{raw:.0},\"ratio\":{:.3},\"hand_written_durable_per_sec\":{hand:.0},\"hand_written_p50_us\":{:.0},\"ratio_to_hand_written\":{:.3},\"echo_p50_us\":{:.0},\"fdatasync_p50_us\":{:.0},\"floor_p50_us\":{floor:.0},\"p50_over_floor_us\":{:.0}}}",
+                p50(&ours_us),
                 ours / raw,
-                ours / hand
+                p50(&hand_us),
+                ours / hand,
+                p50(&raw_us),
+                p50(&sync_us),
+                p50(&ours_us) - floor,
             );
         }
 

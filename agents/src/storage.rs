@@ -50,8 +50,25 @@ pub enum Durability {
 /// record their protocol.
 const RUNTIME_SCHEMA: i64 = 0x4167_0004;
 
-/// Checkpoint once the WAL is larger than this.
-pub(crate) const CHECKPOINT_WAL_BYTES: u64 = 8 << 20;
+/// Checkpoint once the WAL is larger than this (see [`checkpoint_wal_bytes`]).
+const CHECKPOINT_WAL_BYTES: u64 = 8 << 20;
+
+/// Under `Durability::Full`, checkpoint once the WAL is larger than this. The WAL then starts
+/// over from its first frame, in the same file: commits overwrite blocks already written, and
+/// the fdatasync of each costs less than one that makes the file longer (~130 µs against
+/// ~200 µs on the development machine).
+const SYNCED_CHECKPOINT_WAL_BYTES: u64 = 1 << 20;
+
+/// How large the WAL grows before a checkpoint: small under `Durability::Full`, whose commits
+/// then mostly overwrite (see [`SYNCED_CHECKPOINT_WAL_BYTES`]); larger under `Normal`, whose
+/// commits are not synced anyway, and if the database is `replicated` (cluster mode), where
+/// every checkpoint stores a snapshot of it.
+pub(crate) fn checkpoint_wal_bytes(durability: Durability, replicated: bool) -> u64 {
+    match durability {
+        Durability::Full if !replicated => SYNCED_CHECKPOINT_WAL_BYTES,
+        _ => CHECKPOINT_WAL_BYTES,
+    }
+}
 
 /// The columns that runtime schema 4 added to tables that existed before it.
 const ADDED_IN_4: &[(&str, &str)] = &[
@@ -292,6 +309,9 @@ pub(crate) fn open(
     conn.pragma_update(None, "synchronous", "OFF")?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+    // A WAL that one large transaction made longer is cut back when it starts over.
+    let limit = checkpoint_wal_bytes(durability, false);
+    conn.pragma_update(None, "journal_size_limit", limit)?;
     conn.wal_hook(Some(record_wal_frames));
     conn.set_prepared_statement_cache_capacity(64);
     // The runtime's tables: the header's application_id records their version, so reopening a
@@ -557,10 +577,16 @@ pub(crate) fn wal_frames_for(bytes: u64, page_size: u64) -> u32 {
     u32::try_from(bytes / (page_size + 24)).unwrap_or(u32::MAX)
 }
 
-/// Copies the WAL into the database and empties it, syncing both. Blocking.
-pub(crate) fn checkpoint(conn: &Connection) -> Result<(), Error> {
+/// Copies the WAL into the database, syncing both. The next write starts the WAL over from its
+/// first frame, in the file as it is, or, if `truncate`, in a file emptied now. Blocking.
+pub(crate) fn checkpoint(conn: &Connection, truncate: bool) -> Result<(), Error> {
     conn.pragma_update(None, "synchronous", "FULL")?;
-    let result = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
+    let checkpoint = if truncate {
+        "PRAGMA wal_checkpoint(TRUNCATE)"
+    } else {
+        "PRAGMA wal_checkpoint(RESTART)"
+    };
+    let result = conn.query_row(checkpoint, [], |_| Ok(()));
     conn.pragma_update(None, "synchronous", "OFF")?;
     Ok(result?)
 }
@@ -726,7 +752,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_commit_says_how_far_the_wal_reaches_and_a_checkpoint_empties_it() {
+    fn a_commit_says_how_far_the_wal_reaches_and_a_checkpoint_starts_it_over() {
         let dir = tempfile::tempdir().unwrap();
         let key = AgentKey::new("t", "wal").unwrap();
         let Opened { conn, wal, .. } =
@@ -758,13 +784,23 @@ mod tests {
         conn.query_row("SELECT count(*) FROM t", [], |r| r.get::<_, i64>(0))
             .unwrap();
         assert_eq!(commit(&conn).unwrap(), None);
-        // After a checkpoint the WAL starts again from its first frame.
-        checkpoint(&conn).unwrap();
+        // After a checkpoint the WAL starts again from its first frame: in the same file...
+        let size = wal.metadata().unwrap().len();
+        checkpoint(&conn, false).unwrap();
         let again = write(3).unwrap();
         assert!(
             again < second,
             "{again} frames after the checkpoint, {second} before"
         );
+        assert_eq!(wal.metadata().unwrap().len(), size, "frames overwritten");
+        // ... or in one emptied at the checkpoint.
+        checkpoint(&conn, true).unwrap();
+        assert_eq!(wal.metadata().unwrap().len(), 0);
+        assert_eq!(write(4), Some(again));
+        let count: i64 = conn
+            .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(count, 4);
     }
 
     #[test]

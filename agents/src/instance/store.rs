@@ -147,7 +147,8 @@ impl Store {
         }
         self.gate = Some(gate);
         let page_size: u64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
-        self.checkpoint_at = storage::wal_frames_for(storage::CHECKPOINT_WAL_BYTES, page_size);
+        let limit = storage::checkpoint_wal_bytes(shared.config.durability, self.replicated);
+        self.checkpoint_at = storage::wal_frames_for(limit, page_size);
         // Counted from the WAL's start: a WAL a crash left behind is covered by the first range
         // a gate is told of (a clean close leaves none).
         self.wal_frames = 0;
@@ -246,7 +247,9 @@ impl Store {
     /// Checkpoints on a blocking thread once the WAL has grown past its limit, after every
     /// batch before it is durable (a gate may read their frames until then).
     pub(super) async fn checkpoint_if_large(&mut self, slot: &mut Option<Connection>) {
-        self.checkpoint_from(self.checkpoint_at, slot).await;
+        // The WAL's file is kept for the frames to come, unless a replicator reads it.
+        self.checkpoint_from(self.checkpoint_at, self.replicated, slot)
+            .await;
     }
 
     /// Gives back what the open database needs only while the agent is busy (see
@@ -254,7 +257,8 @@ impl Store {
     /// (not in cluster mode, where every checkpoint stores a snapshot).
     pub(super) async fn quiet(&mut self, slot: &mut Option<Connection>) {
         if !self.replicated {
-            self.checkpoint_from(1, slot).await;
+            // Emptied: a quiet agent keeps no WAL on disk either.
+            self.checkpoint_from(1, true, slot).await;
         }
         if let Some(conn) = slot {
             conn.flush_prepared_statement_cache();
@@ -269,8 +273,14 @@ impl Store {
     }
 
     /// Checkpoints on a blocking thread if the WAL holds `frames` or more, once every batch
-    /// before is durable (a gate may read their frames until then).
-    async fn checkpoint_from(&mut self, frames: u32, slot: &mut Option<Connection>) {
+    /// before is durable (a gate may read their frames until then); `truncate`: and empties the
+    /// WAL's file.
+    async fn checkpoint_from(
+        &mut self,
+        frames: u32,
+        truncate: bool,
+        slot: &mut Option<Connection>,
+    ) {
         if self.wal_frames < frames {
             return;
         }
@@ -283,7 +293,7 @@ impl Store {
         // On a panic the connection is lost with the task: the next event reopens the database.
         let gate = self.gate.clone();
         let checkpointed = move || {
-            let result = storage::checkpoint(&conn);
+            let result = storage::checkpoint(&conn, truncate);
             let result = match (result, gate) {
                 (Ok(()), Some(gate)) => gate.checkpointed(),
                 (result, _) => result,
