@@ -32,6 +32,7 @@ const CORE: &[&str] = &[
     "storage",
     "telemetry",
     "stream",
+    "vfs",
 ];
 /// The wing (`ws/`: sockets, frames, calls in flight, outbound queues), the HTTP routes (the
 /// admin ones too), their origins check and the accept loop.

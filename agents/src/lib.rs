@@ -51,7 +51,8 @@
 //!   one commit (group commit), run on a blocking thread so that an fsync never stalls the async
 //!   workers. See [`Durability`].
 //! - **Memory is a cache.** An idle agent is hibernated: its struct dropped, its database
-//!   closed. The next event re-creates it (`Default`, then [`Agent::on_start`]).
+//!   closed. The next event re-creates it (`Default`, then [`Agent::on_start`]). One that stays
+//!   live but quiet gives back what it needs only while busy (see [`Builder::quiet_after`]).
 //!
 //! ## Storage
 //! [`Ctx::sql`] is the agent's own rusqlite connection; [`Ctx::kv`] a typed key-value store;
