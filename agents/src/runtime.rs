@@ -158,8 +158,8 @@ impl Builder {
     /// only while busy. Default 10 s.
     ///
     /// Then SQLite's caches go (its prepared statements and cached pages), and its WAL is
-    /// checkpointed into the database (syncing it, under `Durability::Full`), which lets the
-    /// 32 KiB WAL index go too (Linux). A quiet agent keeps its instance, its connections and
+    /// checkpointed into the database (synced) and emptied, which lets the 32 KiB WAL index go
+    /// too (Linux). A quiet agent keeps its instance, its connections and
     /// its open database: its next event pays only for statements prepared again. (In cluster
     /// mode the WAL stays: a checkpoint stores a snapshot.) No effect if the
     /// [idle timeout](Builder::idle_timeout) is shorter: hibernation gives back everything.
