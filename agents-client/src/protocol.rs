@@ -628,6 +628,11 @@ mod tests {
             args,
             deadline_ms: Some(5),
         };
+        // Numbers read back exactly, however many digits they came with (serde_json's
+        // `float_roundtrip`; found by the json_frame fuzz target).
+        let text = r#"{"type":"call","id":1,"method":"add","args":[5555555555455555555555555555555555555555555555555]}"#;
+        let frame = ClientFrame::<serde_json::Value>::from_json(text).unwrap();
+        assert_eq!(ClientFrame::from_json(&frame.to_json()), Ok(frame));
         for frame in [
             calls(json!([1])),
             ClientFrame::Cancel { id: 7 },
