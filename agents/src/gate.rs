@@ -9,7 +9,12 @@
 //! the instance releases the outbox at once. (As workerd's actor-sqlite lets the output gate
 //! wait on a commit callback.)
 
-use std::{fs::File, ops::Range, sync::Arc};
+use std::{
+    fs::File,
+    ops::Range,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+};
 
 use agents_client::{BoxFuture, RawError, RawStream};
 use tokio::sync::{mpsc, oneshot};
@@ -21,6 +26,7 @@ use crate::{
     agent::HttpResponse,
     conn::Effect,
     error::Error,
+    lock::lock,
     metrics::Timed,
     registry::{Reply, ReplyTo, Shared},
     storage::blocking,
@@ -85,13 +91,35 @@ pub(crate) trait CommitGate: Send + Sync + 'static {
 }
 
 /// Durable once the database's WAL is fsynced (`Durability::Full`).
-pub(crate) struct WalSync(pub File);
+pub(crate) struct WalSync {
+    wal: File,
+    /// The WAL's directory while the WAL's entry there is not durable: synced once, after the
+    /// WAL's first sync (as SQLite does itself when it syncs a WAL it made).
+    dir: Mutex<Option<PathBuf>>,
+}
+
+impl WalSync {
+    /// Syncs `wal`, and once `dir` (if the WAL is new there).
+    pub fn new(wal: File, dir: Option<PathBuf>) -> Self {
+        WalSync {
+            wal,
+            dir: Mutex::new(dir),
+        }
+    }
+}
 
 impl CommitGate for WalSync {
     fn make_durable(&self, _: &Committed) -> Result<(), Error> {
-        self.0
-            .sync_data()
-            .map_err(|e| Error::Internal(format!("fsync failed: {e}")))
+        let failed = |e| Error::Internal(format!("fsync failed: {e}"));
+        self.wal.sync_data().map_err(failed)?;
+        let mut dir = lock(&self.dir);
+        if let Some(path) = dir.as_ref() {
+            File::open(path)
+                .and_then(|d| d.sync_all())
+                .map_err(failed)?;
+            *dir = None;
+        }
+        Ok(())
     }
 }
 
@@ -315,6 +343,20 @@ mod tests {
             told: Mutex::default(),
         };
         (Arc::new(gate), open)
+    }
+
+    #[test]
+    fn a_new_wal_syncs_its_directory_once_and_again_after_a_failure() {
+        let dir = tempfile::tempdir().unwrap();
+        let wal = File::create(dir.path().join("a-wal")).unwrap();
+        let committed = Committed { frames: 0..1 };
+        let gate = WalSync::new(wal, Some(dir.path().join("gone")));
+        assert!(gate.make_durable(&committed).is_err(), "a directory that is not there");
+        assert!(lock(&gate.dir).is_some(), "kept for the next sync");
+        *lock(&gate.dir) = Some(dir.path().to_owned());
+        gate.make_durable(&committed).unwrap();
+        assert!(lock(&gate.dir).is_none(), "synced once");
+        gate.make_durable(&committed).unwrap();
     }
 
     /// A histogram for the syncer's timings.

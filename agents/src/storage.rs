@@ -292,6 +292,10 @@ pub(crate) fn open(
     if created {
         from_template(data_dir, &path, durability)?;
     }
+    let wal_path = path.with_extension("sqlite-wal");
+    // A WAL this open makes (SQLite removes it at a clean close) has a directory entry that is
+    // not durable yet (a new database's is synced below).
+    let wal_is_new = !created && durability == Durability::Full && !wal_path.exists();
     let (conn, guard, exclusive) = match locking {
         Locking::Exclusive => open_unlocked(&path, key)?,
         Locking::Shared => (Connection::open(&path)?, None, false),
@@ -354,7 +358,6 @@ pub(crate) fn open(
     // The handle the gate syncs the WAL through: only durability that syncs needs it.
     let wal = match durability {
         Durability::Full => {
-            let wal_path = path.with_extension("sqlite-wal");
             let opened = fs::OpenOptions::new()
                 .read(true)
                 .write(true)
@@ -385,6 +388,7 @@ pub(crate) fn open(
     Ok(Opened {
         conn,
         wal,
+        wal_is_new,
         guard,
         created,
         path,
@@ -397,6 +401,9 @@ pub(crate) struct Opened {
     /// Its WAL file, for the gate to sync (`Durability::Full`; `None` otherwise: one descriptor
     /// fewer).
     pub wal: Option<fs::File>,
+    /// The WAL was made by this open (of a database that was there): its directory entry is to
+    /// be synced with its first sync.
+    pub wal_is_new: bool,
     /// What keeps other processes out (see `open_unlocked`): drop it after the connection.
     pub guard: Option<fs::File>,
     /// Whether this open created the file.
@@ -750,6 +757,37 @@ pub(crate) fn migrate(conn: &Connection, migrations: &[&str]) -> Result<(), Erro
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_wal_an_open_makes_is_new_and_one_a_crash_left_is_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = AgentKey::new("t", "wal-new").unwrap();
+        let reopen = || open(dir.path(), &key, Durability::Full, Locking::Exclusive).unwrap();
+        let first = reopen();
+        // A new database's directory is synced before the open returns.
+        assert!(first.created && !first.wal_is_new);
+        close(first.conn).unwrap();
+        drop(first.guard);
+        assert!(!first.path.with_extension("sqlite-wal").exists());
+        let again = reopen();
+        assert!(
+            !again.created && again.wal_is_new,
+            "its entry waits for its first sync"
+        );
+        again
+            .conn
+            .execute_batch("CREATE TABLE t(x); INSERT INTO t VALUES (1)")
+            .unwrap();
+        std::mem::forget(again.conn); // a crash: the WAL stays
+        drop(again.guard);
+        let after = reopen();
+        assert!(!after.wal_is_new);
+        let n: i64 = after
+            .conn
+            .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(n, 1);
+    }
 
     #[test]
     fn a_commit_says_how_far_the_wal_reaches_and_a_checkpoint_starts_it_over() {

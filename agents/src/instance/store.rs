@@ -107,6 +107,7 @@ impl Store {
         let storage::Opened {
             conn,
             wal,
+            wal_is_new,
             guard,
             created,
             path,
@@ -131,7 +132,10 @@ impl Store {
             }
         };
         let gate: Arc<dyn CommitGate> = match wal {
-            Some(wal) => Arc::new(WalSync(wal)),
+            Some(wal) => {
+                let dir = wal_is_new.then(|| path.parent().expect("a file's").to_owned());
+                Arc::new(WalSync::new(wal, dir))
+            }
             None => Arc::new(NoSync),
         };
         #[cfg(feature = "cluster")]
