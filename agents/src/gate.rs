@@ -351,7 +351,10 @@ mod tests {
         let wal = File::create(dir.path().join("a-wal")).unwrap();
         let committed = Committed { frames: 0..1 };
         let gate = WalSync::new(wal, Some(dir.path().join("gone")));
-        assert!(gate.make_durable(&committed).is_err(), "a directory that is not there");
+        assert!(
+            gate.make_durable(&committed).is_err(),
+            "a directory that is not there"
+        );
         assert!(lock(&gate.dir).is_some(), "kept for the next sync");
         *lock(&gate.dir) = Some(dir.path().to_owned());
         gate.make_durable(&committed).unwrap();
