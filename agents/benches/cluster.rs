@@ -4,8 +4,9 @@
 //! call through a node that forwards it costs.
 //!
 //! `cargo bench -p agents --features cluster --bench cluster` (add `-- --quick` for a smoke
-//! run, `-- routing` for the calls through another node alone). It makes a PostgreSQL database of its own and drops it (`testing::TestDatabase`: the
-//! server `AGENTS_TEST_PG` names, by default the one on 127.0.0.1:5432).
+//! run, `-- routing` for the calls through another node alone). It makes a PostgreSQL
+//! database of its own and drops it (`testing::TestDatabase`: the server `AGENTS_TEST_PG`
+//! names, by default the one on 127.0.0.1:5432).
 
 use std::time::{Duration, Instant};
 
@@ -43,15 +44,6 @@ fn node(url: &str, advertise: &str) -> TestRuntime {
     TestRuntime::start(Runtime::builder().cluster(options).agent::<Counter>()).unwrap()
 }
 
-/// `n` sequential typed calls through `agent`: calls/s.
-async fn typed(agent: <Counter as agents::AgentClass>::Client, n: usize) -> f64 {
-    let start = Instant::now();
-    for _ in 0..n {
-        agent.add(1).await.unwrap();
-    }
-    n as f64 / start.elapsed().as_secs_f64()
-}
-
 /// A node serving HTTP on a port of 127.0.0.1, which it advertises.
 async fn serving(url: &str) -> (TestRuntime, std::net::SocketAddr) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -67,8 +59,10 @@ fn percentile(sorted: &[Duration], p: f64) -> u128 {
 }
 
 /// `calls` sequential calls to one agent: calls/s, p50 and p99 in µs.
-async fn sequential(rt: &TestRuntime, calls: usize) -> (f64, u128, u128) {
-    let agent = rt.agent::<Counter>("seq");
+async fn sequential(
+    agent: <Counter as agents::AgentClass>::Client,
+    calls: usize,
+) -> (f64, u128, u128) {
     agent.add(1).await.unwrap();
     let mut took = Vec::with_capacity(calls);
     let start = Instant::now();
@@ -130,12 +124,12 @@ async fn durability(
 ) {
     // One agent, sequential calls.
     let baseline = full();
-    let (full_rate, full_p50, full_p99) = sequential(&baseline, calls).await;
+    let (full_rate, full_p50, full_p99) = sequential(baseline.agent::<Counter>("seq"), calls).await;
     let (base_first, base_later) = many(&baseline, agents, rounds).await;
     drop(baseline);
     let mut one = node(url, "127.0.0.1:1");
     let before = transactions(db).await;
-    let (rate, p50, p99) = sequential(&one, calls).await;
+    let (rate, p50, p99) = sequential(one.agent::<Counter>("seq"), calls).await;
     let sequential_tx = transactions(db).await - before;
     line(serde_json::json!({
         "bench": "cluster_sequential_one_agent", "calls": calls,
@@ -225,9 +219,8 @@ fn main() {
         }));
         // Typed calls from node B's runtime to an agent of node A's (sent to A), next to the
         // same calls from A's own runtime.
-        let remote = b.agent::<Counter>("routed");
-        let local = a.agent::<Counter>("routed");
-        let (from_b, from_a) = (typed(remote, n).await, typed(local, n).await);
+        let (from_b, ..) = sequential(b.agent::<Counter>("routed"), n).await;
+        let (from_a, ..) = sequential(a.agent::<Counter>("routed"), n).await;
         line(serde_json::json!({
             "bench": "cluster_typed_calls_to_another_node", "calls": n,
             "calls_per_sec": from_b.round(),

@@ -1,7 +1,8 @@
 //! The workload whose system calls `scripts/syscalls` counts (with `strace -c`): `N` sequential
 //! durable calls to one agent (`ours`), or the same `N` UPSERTs on raw rusqlite, each its own
-//! transaction with `synchronous=FULL` (`raw`), or `N` calls each to a new agent (`new`). Run twice with different `N`, the difference
-//! divided by the difference in `N` is the count per call, start-up excluded.
+//! transaction with `synchronous=FULL` (`raw`), or `N` calls each to a new agent (`new`). Run
+//! twice with different `N`, the difference divided by the difference in `N` is the count per
+//! call, start-up excluded.
 //!
 //! `cargo bench -p agents --bench syscalls -- ours 2000` runs it without counting.
 

@@ -205,7 +205,8 @@ async fn handshake(stream: tokio::net::TcpStream) -> Result<Sender, hyper::Error
 }
 
 /// Connections to other nodes left idle by the calls forwarded over them, by address (a call's
-/// answer is read whole before its connection goes back).
+/// answer is read whole before its connection goes back): at most [`MAX_IDLE`] a node, and a
+/// node that cannot be reached loses its entry.
 static IDLE: std::sync::LazyLock<std::sync::Mutex<HashMap<Arc<str>, Vec<Sender>>>> =
     std::sync::LazyLock::new(Default::default);
 
@@ -225,7 +226,10 @@ async fn exchange(
         let (mut sender, reused) = match idle {
             Some(sender) => (sender, true),
             None => {
-                let stream = connect(shared, key, addr).await?;
+                let Some(stream) = connect(shared, key, addr).await else {
+                    lock(&IDLE).remove(addr);
+                    return None;
+                };
                 match handshake(stream).await {
                     Ok(sender) => (sender, false),
                     Err(e) => return Some(Err(unanswered(e))),

@@ -4,9 +4,9 @@
 //! A gate that must be waited for (the WAL's fsync under `Durability::Full`) gets a [`Syncer`]
 //! per open database: a task that takes the outboxes of the batches committed so far, makes them
 //! durable with one [`CommitGate::make_durable`] (off the async workers: group commit, while
-//! the agent goes on), and then releases them, or fails every reply they hold if that failed. A gate
-//! that is open as soon as a batch committed (`Durability::Normal`: [`NoSync`]) has no syncer:
-//! the instance releases the outbox at once. (As workerd's actor-sqlite lets the output gate
+//! the agent goes on), and then releases them, or fails every reply they hold if that failed.
+//! A gate that is open as soon as a batch committed (`Durability::Normal`: [`NoSync`]) has no
+//! syncer: the instance releases the outbox at once. (As workerd's actor-sqlite lets the output gate
 //! wait on a commit callback.)
 
 use std::{

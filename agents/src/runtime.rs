@@ -134,10 +134,10 @@ impl Builder {
     /// Lets other processes (the `sqlite3` shell, a backup tool) read an agent's database
     /// while the agent is live. By default (`false`) each database is the runtime's alone while
     /// it is open: one lock taken at the open keeps others out, and the WAL index is kept in
-    /// memory (on Linux, in pages a quiet agent gives back), so transactions make no lock calls
-    /// (about 15 % more sequential durable calls per second in the core bench), and the file
-    /// can be read once the agent hibernates or the runtime has stopped. With `true`, every transaction takes SQLite's shared file locks and a `-shm`
-    /// file sits beside each open database.
+    /// memory (on Linux, in pages a quiet agent gives back), so transactions make no lock calls,
+    /// and the file can be read once the agent hibernates or the runtime has stopped. With
+    /// `true`, every transaction takes SQLite's shared file locks and a `-shm` file sits beside
+    /// each open database.
     pub fn readable_while_live(mut self, readable: bool) -> Self {
         self.config.locking = if readable {
             storage::Locking::Shared
@@ -159,10 +159,10 @@ impl Builder {
     ///
     /// Then SQLite's caches go (its prepared statements and cached pages), and its WAL is
     /// checkpointed into the database (synced) and emptied, which lets the 32 KiB WAL index go
-    /// too (Linux). A quiet agent keeps its instance, its connections and
-    /// its open database: its next event pays only for statements prepared again. (In cluster
-    /// mode the WAL stays: a checkpoint stores a snapshot.) No effect if the
-    /// [idle timeout](Builder::idle_timeout) is shorter: hibernation gives back everything.
+    /// too (Linux). A quiet agent keeps its instance, its connections and its open database:
+    /// its next event pays only for statements prepared again. (In cluster mode the WAL stays:
+    /// a checkpoint stores a snapshot.) No effect if the [idle timeout](Builder::idle_timeout)
+    /// is shorter: hibernation gives back everything.
     pub fn quiet_after(mut self, quiet: Duration) -> Self {
         self.config.quiet_after = quiet;
         self
