@@ -3,11 +3,11 @@
 //!
 //! A gate that must be waited for (the WAL's fsync under `Durability::Full`) gets a [`Syncer`]
 //! per open database: a task that takes the outboxes of the batches committed so far, makes them
-//! durable with one [`CommitGate::make_durable`] (off the async workers: group commit, while
+//! durable with one [`CommitGate::make_durable`] (on a blocking thread: group commit, while
 //! the agent goes on), and then releases them, or fails every reply they hold if that failed.
 //! A gate that is open as soon as a batch committed (`Durability::Normal`: [`NoSync`]) has no
-//! syncer: the instance releases the outbox at once. (As workerd's actor-sqlite lets the output gate
-//! wait on a commit callback.)
+//! syncer: the instance releases the outbox at once. (As workerd's actor-sqlite lets the output
+//! gate wait on a commit callback.)
 
 use std::{
     fs::File,
@@ -211,23 +211,6 @@ pub(crate) fn fail(outbox: Outbox, error: &RawError) {
     );
 }
 
-/// Runs the blocking `work` of a syncer so that no other task waits for it. On a multi-threaded
-/// runtime, in place: the worker first hands its other tasks to another thread, and the
-/// syncer goes on from here once it is done, releasing the replies with no hop back to a
-/// worker (measured against a blocking thread: sequential calls over a socket ~5 % faster,
-/// p50 ~10 µs lower; 16 concurrent callers and pipelined calls unchanged). Elsewhere, on a
-/// blocking thread.
-async fn off_the_workers<T: Send + 'static>(
-    work: impl FnOnce() -> Result<T, Error> + Send + 'static,
-) -> Result<T, Error> {
-    use tokio::runtime::{Handle, RuntimeFlavor};
-    if Handle::current().runtime_flavor() == RuntimeFlavor::MultiThread {
-        tokio::task::block_in_place(work)
-    } else {
-        blocking(work).await
-    }
-}
-
 /// The syncer of one open database: releases each committed batch's outbox once its
 /// [`CommitGate`] made it durable; one `make_durable` covers every batch committed meanwhile.
 pub(crate) struct Syncer {
@@ -257,7 +240,7 @@ impl Syncer {
                 let after: Vec<AfterDurable> =
                     covered.iter_mut().filter_map(|b| b.after.take()).collect();
                 let (gate, sync) = (gate.clone(), sync.clone());
-                let durable = off_the_workers(move || {
+                let durable = blocking(move || {
                     let started = std::time::Instant::now();
                     gate.make_durable(&committed)?;
                     sync.observe(started.elapsed().as_secs_f64());
