@@ -32,6 +32,30 @@ async fn storage_survives_restart_and_hibernation_but_memory_does_not() {
     assert_eq!(c.bump_memory_slowly().await.unwrap(), 1);
 }
 
+#[cfg(unix)]
+#[tokio::test]
+async fn a_hibernation_keeps_the_wal_file_emptied_and_the_wake_uses_it_again() {
+    use std::os::unix::fs::MetadataExt;
+    let rt = TestRuntime::start(Runtime::builder().agent::<Counter>()).unwrap();
+    let c = rt.agent::<Counter>("kept");
+    c.add(2).await.unwrap();
+    let wal = rt
+        .database_path::<Counter>("kept")
+        .unwrap()
+        .with_extension("sqlite-wal");
+    let made = std::fs::metadata(&wal).unwrap();
+    assert!(made.len() > 0);
+    for round in 1..=3 {
+        assert!(rt.hibernate::<Counter>("kept").await.unwrap());
+        let kept = std::fs::metadata(&wal).expect("the WAL stays");
+        assert_eq!(kept.len(), 0, "checkpointed into the database and emptied");
+        assert_eq!(c.add(1).await.unwrap(), 2 + round);
+        let woken = std::fs::metadata(&wal).unwrap();
+        assert_eq!(woken.ino(), made.ino(), "the same file, not a new one");
+        assert!(woken.len() > 0);
+    }
+}
+
 #[tokio::test]
 async fn idle_agents_hibernate_by_themselves_and_wake_on_the_next_call() {
     let rt = TestRuntime::start(

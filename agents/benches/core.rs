@@ -9,6 +9,8 @@
 //! - `raw_batch_16`: 16 writes per commit (the best any system can batch with 16 callers that
 //!   each wait for their reply);
 //! - `raw_files`: open a new database, create the table, write, close (activation cost);
+//! - `raw_open_write_close`: open an existing database, write, close (a wake after a
+//!   hibernation, and the hibernation);
 //! - `raw_connections`: open databases kept open, each with the table and one row, in a child
 //!   process (what a live agent's database costs in memory at least).
 
@@ -198,6 +200,49 @@ async fn spread(d: Durability, agents: usize, callers: usize) {
     );
 }
 
+/// `cycles` times: hibernate one agent, then call it (the call wakes it: opens its database,
+/// writes, commits). Against raw rusqlite opening the same kind of file, writing once and
+/// closing it (the close checkpoints, as a hibernation does).
+async fn wake(d: Durability, cycles: usize) {
+    let rt = runtime(d);
+    let c = rt.agent::<Counter>("sleeper");
+    c.add(0).await.unwrap();
+    let mut lat = Vec::with_capacity(cycles);
+    let start = Instant::now();
+    for _ in 0..cycles {
+        rt.hibernate::<Counter>("sleeper").await.unwrap();
+        let t = Instant::now();
+        c.add(1).await.unwrap();
+        lat.push(t.elapsed());
+    }
+    let secs = start.elapsed().as_secs_f64();
+    lat.sort();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("raw.sqlite");
+    drop(common::raw_open(&path, pragma(d)));
+    let raw_start = Instant::now();
+    for _ in 0..cycles {
+        let conn = common::raw_open(&path, pragma(d));
+        let _: i64 = conn
+            .prepare_cached(UPSERT)
+            .unwrap()
+            .query_row([1], |r| r.get(0))
+            .unwrap();
+        drop(conn);
+    }
+    let base = cycles as f64 / raw_start.elapsed().as_secs_f64();
+    let extra = format!(",\"wake_p50_us\":{:.0}", percentile(&lat, 0.5));
+    report(
+        "wake_after_hibernation",
+        d,
+        cycles,
+        secs,
+        "raw_open_write_close",
+        base,
+        &extra,
+    );
+}
+
 /// This process's resident set, in bytes.
 fn rss_bytes() -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
@@ -326,6 +371,9 @@ fn main() {
             }
             if run("concurrent_16_one_agent") {
                 concurrent(d, 16, 32_000 / scale).await;
+            }
+            if run("wake_after_hibernation") {
+                wake(d, 2_000 / scale).await;
             }
             if run("spread_activation") {
                 spread(d, 10_000 / scale, 16).await;

@@ -157,6 +157,28 @@ fn no_lookaside(conn: &Connection) {
     }
 }
 
+/// Makes SQLite keep the WAL file when the connection closes, emptied, instead of removing it:
+/// the next open (every wake after a hibernation) finds it, so it neither makes a file (a new
+/// inode, and a directory entry to sync before its first reply) nor removes one at each
+/// hibernation. A database whose WAL is kept reads as before in any SQLite (an empty WAL is no
+/// WAL), and one without a WAL gets one at its next open.
+fn keep_wal(conn: &Connection) {
+    let mut keep: std::ffi::c_int = 1;
+    // SAFETY: the handle is `conn`'s own and open; SQLITE_FCNTL_PERSIST_WAL reads (and writes
+    // back) the `int` its argument points to, which outlives the call.
+    let rc = unsafe {
+        rusqlite::ffi::sqlite3_file_control(
+            conn.handle(),
+            c"main".as_ptr(),
+            rusqlite::ffi::SQLITE_FCNTL_PERSIST_WAL,
+            (&raw mut keep).cast(),
+        )
+    };
+    if rc != rusqlite::ffi::SQLITE_OK {
+        tracing::debug!("the WAL goes at each close (SQLite said {rc})");
+    }
+}
+
 /// Opens `path` for the runtime alone (Linux): without SQLite's own POSIX file locks (the
 /// `agents` VFS: `unix-none` with a WAL index in memory, see [`crate::vfs`]), as those keep a
 /// process-wide list of open files that every open walks: with thousands of live agents, most of
@@ -293,14 +315,16 @@ pub(crate) fn open(
         from_template(data_dir, &path, durability)?;
     }
     let wal_path = path.with_extension("sqlite-wal");
-    // A WAL this open makes (SQLite removes it at a clean close) has a directory entry that is
-    // not durable yet (a new database's is synced below).
+    // A WAL this open makes (the WAL is kept at a clean close, see `keep_wal`, but a database
+    // last closed by an older runtime has none) has a directory entry that is not durable yet
+    // (a new database's is synced below).
     let wal_is_new = !created && durability == Durability::Full && !wal_path.exists();
     let (conn, guard, exclusive) = match locking {
         Locking::Exclusive => open_unlocked(&path, key)?,
         Locking::Shared => (Connection::open(&path)?, None, false),
     };
     no_lookaside(&conn);
+    keep_wal(&conn);
     if exclusive {
         // Only this runtime opens the file (it holds the data dir's lock, see `lock_data_dir`):
         // in exclusive locking mode SQLite takes the file lock once, at the first transaction,
@@ -598,7 +622,8 @@ pub(crate) fn checkpoint(conn: &Connection, truncate: bool) -> Result<(), Error>
     Ok(result?)
 }
 
-/// Closes the database; the final checkpoint syncs the database before the WAL goes. Blocking.
+/// Closes the database; the final checkpoint syncs the database before the WAL is emptied (it
+/// stays, see `keep_wal`). Blocking.
 pub(crate) fn close(conn: Connection) -> Result<(), Error> {
     conn.pragma_update(None, "synchronous", "FULL")?;
     conn.close().map_err(|(_, e)| Error::Storage(e))
@@ -759,16 +784,25 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_wal_an_open_makes_is_new_and_one_a_crash_left_is_not() {
+    fn a_close_keeps_the_wal_empty_and_a_wal_an_open_makes_is_new() {
         let dir = tempfile::tempdir().unwrap();
         let key = AgentKey::new("t", "wal-new").unwrap();
         let reopen = || open(dir.path(), &key, Durability::Full, Locking::Exclusive).unwrap();
         let first = reopen();
         // A new database's directory is synced before the open returns.
         assert!(first.created && !first.wal_is_new);
+        first.conn.execute_batch("CREATE TABLE t(x)").unwrap();
         close(first.conn).unwrap();
         drop(first.guard);
-        assert!(!first.path.with_extension("sqlite-wal").exists());
+        let wal = first.path.with_extension("sqlite-wal");
+        let kept = fs::metadata(&wal).expect("a close keeps the WAL");
+        assert_eq!(kept.len(), 0, "checkpointed and emptied");
+        let kept = reopen();
+        assert!(!kept.created && !kept.wal_is_new);
+        close(kept.conn).unwrap();
+        drop(kept.guard);
+        // Closed by a runtime that removed the WAL at each close.
+        fs::remove_file(&wal).unwrap();
         let again = reopen();
         assert!(
             !again.created && again.wal_is_new,
@@ -776,7 +810,7 @@ mod tests {
         );
         again
             .conn
-            .execute_batch("CREATE TABLE t(x); INSERT INTO t VALUES (1)")
+            .execute_batch("INSERT INTO t VALUES (1)")
             .unwrap();
         std::mem::forget(again.conn); // a crash: the WAL stays
         drop(again.guard);
