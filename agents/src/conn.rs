@@ -563,6 +563,7 @@ mod tests {
             &key,
             storage::Durability::Normal,
             storage::Locking::Exclusive,
+            false,
         )
         .unwrap()
         .conn;

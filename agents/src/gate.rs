@@ -93,13 +93,14 @@ pub(crate) trait CommitGate: Send + Sync + 'static {
 /// Durable once the database's WAL is fsynced (`Durability::Full`).
 pub(crate) struct WalSync {
     wal: File,
-    /// The WAL's directory while the WAL's entry there is not durable: synced once, after the
-    /// WAL's first sync (as SQLite does itself when it syncs a WAL it made).
+    /// The WAL's directory while an entry there is not durable (a new database's, a new WAL's):
+    /// synced once, after the WAL's first sync (as SQLite does itself when it syncs a WAL it
+    /// made).
     dir: Mutex<Option<PathBuf>>,
 }
 
 impl WalSync {
-    /// Syncs `wal`, and once `dir` (if the WAL is new there).
+    /// Syncs `wal`, and once `dir` (if it holds new entries).
     pub fn new(wal: File, dir: Option<PathBuf>) -> Self {
         WalSync {
             wal,

@@ -296,29 +296,51 @@ pub(crate) fn lock_data_dir(data_dir: &Path) -> Result<fs::File, Error> {
     Ok(file)
 }
 
-/// Opens (creating if needed) the database of `key`, and its WAL file for the syncer.
-/// Blocking: call it off the async workers.
+/// Makes the database of `key` from the template if it has none; whether it did. Its bytes are
+/// synced (under `Durability::Full`), its directory entry is not: that waits for the first sync
+/// of its WAL (see [`Opened::dir_unsynced`]). Blocking: call it off the async workers; it mostly
+/// waits for the disk, so it needs no `opening` permit.
+pub(crate) fn create(
+    data_dir: &Path,
+    key: &AgentKey,
+    durability: Durability,
+) -> Result<bool, Error> {
+    let path = db_path(data_dir, key);
+    if path.exists() {
+        return Ok(false);
+    }
+    let dir = path.parent().expect("db_path has a parent");
+    if !dir.exists() {
+        // Gone since `make_dirs`: made again, its own entry synced now (rare).
+        fs::create_dir_all(dir).map_err(io(dir))?;
+        if durability == Durability::Full {
+            let agents = dir.parent().expect("agents dir");
+            fs::File::open(agents)
+                .and_then(|f| f.sync_all())
+                .map_err(io(agents))?;
+        }
+    }
+    from_template(data_dir, &path, durability)?;
+    Ok(true)
+}
+
+/// Opens the database of `key` (made first if it has none, see [`create`]; `made`: the caller
+/// made it just before), and its WAL file for the syncer. Blocking: call it off the async
+/// workers.
 pub(crate) fn open(
     data_dir: &Path,
     key: &AgentKey,
     durability: Durability,
     locking: Locking,
+    made: bool,
 ) -> Result<Opened, Error> {
+    let created = create(data_dir, key, durability)? || made;
     let path = db_path(data_dir, key);
-    let dir = path.parent().expect("db_path has a parent");
-    let created = !path.exists();
-    let created_dir = created && !dir.exists();
-    if created_dir {
-        fs::create_dir_all(dir).map_err(io(dir))?;
-    }
-    if created {
-        from_template(data_dir, &path, durability)?;
-    }
     let wal_path = path.with_extension("sqlite-wal");
-    // A WAL this open makes (the WAL is kept at a clean close, see `keep_wal`, but a database
-    // last closed by an older runtime has none) has a directory entry that is not durable yet
-    // (a new database's is synced below).
-    let wal_is_new = !created && durability == Durability::Full && !wal_path.exists();
+    // The entries this open makes, or found made (a new database, and the WAL SQLite makes for
+    // one, or for a database last closed by an older runtime, which removed it: see
+    // `keep_wal`), are not durable until their directory is synced.
+    let dir_unsynced = durability == Durability::Full && (created || !wal_path.exists());
     let (conn, guard, exclusive) = match locking {
         Locking::Exclusive => open_unlocked(&path, key)?,
         Locking::Shared => (Connection::open(&path)?, None, false),
@@ -371,7 +393,7 @@ pub(crate) fn open(
         drop(conn);
         drop(guard);
         remove(data_dir, key)?;
-        return open(data_dir, key, durability, locking);
+        return open(data_dir, key, durability, locking, false);
     }
     if class != key.class() || name != key.name() {
         return Err(Error::InvalidAddress(format!(
@@ -390,19 +412,6 @@ pub(crate) fn open(
         }
         Durability::Normal => None,
     };
-    if created && durability == Durability::Full {
-        // Make the new files' directory entries durable too (their bytes are: the database's
-        // by `from_template`, the WAL's by the gate, before any reply that needs them).
-        let mut dirs = vec![dir];
-        if created_dir {
-            dirs.push(dir.parent().expect("agents dir"));
-        }
-        for d in dirs {
-            fs::File::open(d)
-                .and_then(|f| f.sync_all())
-                .map_err(io(d))?;
-        }
-    }
     // What opening read (the schema, the address) need not stay cached: a small agent's cache
     // holds only what its events read.
     conn.flush_prepared_statement_cache();
@@ -412,7 +421,7 @@ pub(crate) fn open(
     Ok(Opened {
         conn,
         wal,
-        wal_is_new,
+        dir_unsynced,
         guard,
         created,
         path,
@@ -425,9 +434,11 @@ pub(crate) struct Opened {
     /// Its WAL file, for the gate to sync (`Durability::Full`; `None` otherwise: one descriptor
     /// fewer).
     pub wal: Option<fs::File>,
-    /// The WAL was made by this open (of a database that was there): its directory entry is to
-    /// be synced with its first sync.
-    pub wal_is_new: bool,
+    /// Its directory holds entries not durable yet (a new database's, a new WAL's: see
+    /// [`open`]), to be synced after the WAL's first sync, before any reply that needs them
+    /// (`Durability::Full`; the bytes are durable by then: the database's since `create`, the
+    /// WAL's by that sync).
+    pub dir_unsynced: bool,
     /// What keeps other processes out (see `open_unlocked`): drop it after the connection.
     pub guard: Option<fs::File>,
     /// Whether this open created the file.
@@ -784,13 +795,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_close_keeps_the_wal_empty_and_a_wal_an_open_makes_is_new() {
+    fn new_entries_wait_for_the_first_sync_and_a_close_keeps_the_wal_empty() {
         let dir = tempfile::tempdir().unwrap();
         let key = AgentKey::new("t", "wal-new").unwrap();
-        let reopen = || open(dir.path(), &key, Durability::Full, Locking::Exclusive).unwrap();
-        let first = reopen();
-        // A new database's directory is synced before the open returns.
-        assert!(first.created && !first.wal_is_new);
+        let open_as = |d, made| open(dir.path(), &key, d, Locking::Exclusive, made).unwrap();
+        let reopen = || open_as(Durability::Full, false);
+        // Made beforehand (without an `opening` permit), then opened: new all the same, and
+        // its directory is left for the first sync (the open syncs nothing).
+        assert!(create(dir.path(), &key, Durability::Full).unwrap());
+        assert!(
+            !create(dir.path(), &key, Durability::Full).unwrap(),
+            "made once"
+        );
+        let first = open_as(Durability::Full, true);
+        assert!(first.created && first.dir_unsynced);
         first.conn.execute_batch("CREATE TABLE t(x)").unwrap();
         close(first.conn).unwrap();
         drop(first.guard);
@@ -798,14 +816,19 @@ mod tests {
         let kept = fs::metadata(&wal).expect("a close keeps the WAL");
         assert_eq!(kept.len(), 0, "checkpointed and emptied");
         let kept = reopen();
-        assert!(!kept.created && !kept.wal_is_new);
+        assert!(!kept.created && !kept.dir_unsynced, "nothing new");
         close(kept.conn).unwrap();
         drop(kept.guard);
-        // Closed by a runtime that removed the WAL at each close.
+        // Closed by a runtime that removed the WAL at each close: the open makes one.
+        fs::remove_file(&wal).unwrap();
+        let normal = open_as(Durability::Normal, false);
+        assert!(!normal.dir_unsynced, "Normal syncs no directory");
+        close(normal.conn).unwrap();
+        drop(normal.guard);
         fs::remove_file(&wal).unwrap();
         let again = reopen();
         assert!(
-            !again.created && again.wal_is_new,
+            !again.created && again.dir_unsynced,
             "its entry waits for its first sync"
         );
         again
@@ -815,7 +838,7 @@ mod tests {
         std::mem::forget(again.conn); // a crash: the WAL stays
         drop(again.guard);
         let after = reopen();
-        assert!(!after.wal_is_new);
+        assert!(!after.dir_unsynced);
         let n: i64 = after
             .conn
             .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
@@ -827,8 +850,14 @@ mod tests {
     fn a_commit_says_how_far_the_wal_reaches_and_a_checkpoint_starts_it_over() {
         let dir = tempfile::tempdir().unwrap();
         let key = AgentKey::new("t", "wal").unwrap();
-        let Opened { conn, wal, .. } =
-            open(dir.path(), &key, Durability::Full, Locking::Exclusive).unwrap();
+        let Opened { conn, wal, .. } = open(
+            dir.path(),
+            &key,
+            Durability::Full,
+            Locking::Exclusive,
+            false,
+        )
+        .unwrap();
         let wal = wal.expect("Full syncs the WAL through a handle of its own");
         conn.execute_batch("CREATE TABLE t(x)").unwrap();
         let write = |n: i64| {
@@ -879,9 +908,15 @@ mod tests {
     fn kv_round_trips_and_lists_by_prefix() {
         let dir = tempfile::tempdir().unwrap();
         let key = AgentKey::new("t", "x").unwrap();
-        let conn = open(dir.path(), &key, Durability::Normal, Locking::Exclusive)
-            .unwrap()
-            .conn;
+        let conn = open(
+            dir.path(),
+            &key,
+            Durability::Normal,
+            Locking::Exclusive,
+            false,
+        )
+        .unwrap()
+        .conn;
         let kv = Kv::new(&conn);
         kv.put("a/1", &1u32).unwrap();
         kv.put("a/2", &2u32).unwrap();
@@ -910,9 +945,15 @@ mod tests {
     fn migrations_run_once_and_refuse_downgrades() {
         let dir = tempfile::tempdir().unwrap();
         let key = AgentKey::new("t", "m").unwrap();
-        let conn = open(dir.path(), &key, Durability::Normal, Locking::Exclusive)
-            .unwrap()
-            .conn;
+        let conn = open(
+            dir.path(),
+            &key,
+            Durability::Normal,
+            Locking::Exclusive,
+            false,
+        )
+        .unwrap()
+        .conn;
         let m = ["CREATE TABLE a(x)", "ALTER TABLE a ADD COLUMN y"];
         migrate(&conn, &m[..1]).unwrap();
         migrate(&conn, &m).unwrap();
@@ -956,9 +997,15 @@ mod tests {
             )
             .unwrap();
         }
-        let conn = open(dir.path(), &key, Durability::Normal, Locking::Exclusive)
-            .unwrap()
-            .conn;
+        let conn = open(
+            dir.path(),
+            &key,
+            Durability::Normal,
+            Locking::Exclusive,
+            false,
+        )
+        .unwrap()
+        .conn;
         let rows = crate::schedule::list(&conn).unwrap();
         assert_eq!(
             (rows[0].method.as_str(), rows[0].target.as_ref()),
@@ -1015,9 +1062,15 @@ mod tests {
         let path = db_path(dir.path(), &key);
         fs::create_dir_all(path.parent().unwrap()).unwrap();
         fs::write(path.with_extension("sqlite-new"), b"torn").unwrap();
-        let conn = open(dir.path(), &key, Durability::Full, Locking::Exclusive)
-            .unwrap()
-            .conn;
+        let conn = open(
+            dir.path(),
+            &key,
+            Durability::Full,
+            Locking::Exclusive,
+            false,
+        )
+        .unwrap()
+        .conn;
         assert!(template_path(dir.path()).exists());
         let (class, name, tables): (String, String, i64) = conn
             .query_row(
@@ -1042,9 +1095,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let key = AgentKey::new("t", "a\0b/../c").unwrap();
         close(
-            open(dir.path(), &key, Durability::Full, Locking::Exclusive)
-                .unwrap()
-                .conn,
+            open(
+                dir.path(),
+                &key,
+                Durability::Full,
+                Locking::Exclusive,
+                false,
+            )
+            .unwrap()
+            .conn,
         )
         .unwrap();
         let path = db_path(dir.path(), &key);
@@ -1054,7 +1113,13 @@ mod tests {
         fs::create_dir_all(db_path(dir.path(), &other).parent().unwrap()).unwrap();
         fs::copy(&path, db_path(dir.path(), &other)).unwrap();
         assert!(matches!(
-            open(dir.path(), &other, Durability::Full, Locking::Exclusive),
+            open(
+                dir.path(),
+                &other,
+                Durability::Full,
+                Locking::Exclusive,
+                false
+            ),
             Err(Error::InvalidAddress(_))
         ));
     }

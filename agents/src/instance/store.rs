@@ -100,6 +100,14 @@ impl Store {
             }
             None => None,
         };
+        // A new agent's file is made first, holding no `opening` permit: copying the template
+        // and syncing the copy mostly wait for the disk.
+        let (maker, k) = (shared.clone(), key.clone());
+        let made = blocking(move || {
+            let config = &maker.config;
+            storage::create(&config.data_dir, &k, config.durability)
+        })
+        .await?;
         // The file's lock may be held a moment (the instance before this one is closing it) or
         // longer (another process): try again every millisecond, for `LOCK_WAIT`, holding no
         // `opening` permit meanwhile, so that other agents open as usual.
@@ -107,7 +115,7 @@ impl Store {
         let storage::Opened {
             conn,
             wal,
-            wal_is_new,
+            dir_unsynced,
             guard,
             created,
             path,
@@ -120,7 +128,13 @@ impl Store {
             let (opener, key) = (shared.clone(), key.clone());
             let opened = blocking(move || {
                 let config = &opener.config;
-                storage::open(&config.data_dir, &key, config.durability, config.locking)
+                storage::open(
+                    &config.data_dir,
+                    &key,
+                    config.durability,
+                    config.locking,
+                    made,
+                )
             })
             .await;
             match opened {
@@ -133,7 +147,7 @@ impl Store {
         };
         let gate: Arc<dyn CommitGate> = match wal {
             Some(wal) => {
-                let dir = wal_is_new.then(|| path.parent().expect("a file's").to_owned());
+                let dir = dir_unsynced.then(|| path.parent().expect("a file's").to_owned());
                 Arc::new(WalSync::new(wal, dir))
             }
             None => Arc::new(NoSync),
