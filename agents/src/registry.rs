@@ -39,7 +39,8 @@ use crate::{
 };
 
 /// How many databases may be opening at the same time: half the cores, so that the async
-/// workers keep the other half.
+/// workers keep the other half. (A new agent's file is made before its open, without a permit:
+/// copying the template and syncing the copy mostly wait for the disk.)
 fn opening_at_once() -> usize {
     std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1))
 }
