@@ -334,7 +334,7 @@ pub(crate) fn open(
     locking: Locking,
     made: bool,
 ) -> Result<Opened, Error> {
-    let created = create(data_dir, key, durability)? || made;
+    let created = made || create(data_dir, key, durability)?;
     let path = db_path(data_dir, key);
     let wal_path = path.with_extension("sqlite-wal");
     // The entries this open makes, or found made (a new database, and the WAL SQLite makes for
