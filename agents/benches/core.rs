@@ -67,15 +67,20 @@ fn raw_files(d: Durability, files: usize) -> f64 {
     for i in 0..files {
         let sub = dir.path().join(format!("{:02x}", i % 256));
         std::fs::create_dir_all(&sub).unwrap();
-        let conn = common::raw_open(&sub.join(format!("{i}.sqlite")), pragma(d));
-        let _: i64 = conn
-            .prepare_cached(UPSERT)
-            .unwrap()
-            .query_row([1], |r| r.get(0))
-            .unwrap();
-        drop(conn);
+        open_write_close(&sub.join(format!("{i}.sqlite")), d);
     }
     files as f64 / start.elapsed().as_secs_f64()
+}
+
+/// Raw rusqlite: opens the database at `path` (making it if it is not there), writes once, and
+/// closes it (the close checkpoints).
+fn open_write_close(path: &std::path::Path, d: Durability) {
+    let conn = common::raw_open(path, pragma(d));
+    let _: i64 = conn
+        .prepare_cached(UPSERT)
+        .unwrap()
+        .query_row([1], |r| r.get(0))
+        .unwrap();
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> f64 {
@@ -222,13 +227,7 @@ async fn wake(d: Durability, cycles: usize) {
     drop(common::raw_open(&path, pragma(d)));
     let raw_start = Instant::now();
     for _ in 0..cycles {
-        let conn = common::raw_open(&path, pragma(d));
-        let _: i64 = conn
-            .prepare_cached(UPSERT)
-            .unwrap()
-            .query_row([1], |r| r.get(0))
-            .unwrap();
-        drop(conn);
+        open_write_close(&path, d);
     }
     let base = cycles as f64 / raw_start.elapsed().as_secs_f64();
     let extra = format!(",\"wake_p50_us\":{:.0}", percentile(&lat, 0.5));

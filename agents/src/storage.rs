@@ -794,12 +794,16 @@ pub(crate) fn migrate(conn: &Connection, migrations: &[&str]) -> Result<(), Erro
 mod tests {
     use super::*;
 
+    /// Opens `key`'s database in `dir` as the runtime does.
+    fn opened(dir: &Path, key: &AgentKey, durability: Durability) -> Result<Opened, Error> {
+        open(dir, key, durability, Locking::Exclusive, false)
+    }
+
     #[test]
     fn new_entries_wait_for_the_first_sync_and_a_close_keeps_the_wal_empty() {
         let dir = tempfile::tempdir().unwrap();
         let key = AgentKey::new("t", "wal-new").unwrap();
-        let open_as = |d, made| open(dir.path(), &key, d, Locking::Exclusive, made).unwrap();
-        let reopen = || open_as(Durability::Full, false);
+        let reopen = || opened(dir.path(), &key, Durability::Full).unwrap();
         // Made beforehand (without an `opening` permit), then opened: new all the same, and
         // its directory is left for the first sync (the open syncs nothing).
         assert!(create(dir.path(), &key, Durability::Full).unwrap());
@@ -807,7 +811,7 @@ mod tests {
             !create(dir.path(), &key, Durability::Full).unwrap(),
             "made once"
         );
-        let first = open_as(Durability::Full, true);
+        let first = open(dir.path(), &key, Durability::Full, Locking::Exclusive, true).unwrap();
         assert!(first.created && first.dir_unsynced);
         first.conn.execute_batch("CREATE TABLE t(x)").unwrap();
         close(first.conn).unwrap();
@@ -821,7 +825,7 @@ mod tests {
         drop(kept.guard);
         // Closed by a runtime that removed the WAL at each close: the open makes one.
         fs::remove_file(&wal).unwrap();
-        let normal = open_as(Durability::Normal, false);
+        let normal = opened(dir.path(), &key, Durability::Normal).unwrap();
         assert!(!normal.dir_unsynced, "Normal syncs no directory");
         close(normal.conn).unwrap();
         drop(normal.guard);
@@ -850,14 +854,7 @@ mod tests {
     fn a_commit_says_how_far_the_wal_reaches_and_a_checkpoint_starts_it_over() {
         let dir = tempfile::tempdir().unwrap();
         let key = AgentKey::new("t", "wal").unwrap();
-        let Opened { conn, wal, .. } = open(
-            dir.path(),
-            &key,
-            Durability::Full,
-            Locking::Exclusive,
-            false,
-        )
-        .unwrap();
+        let Opened { conn, wal, .. } = opened(dir.path(), &key, Durability::Full).unwrap();
         let wal = wal.expect("Full syncs the WAL through a handle of its own");
         conn.execute_batch("CREATE TABLE t(x)").unwrap();
         let write = |n: i64| {
@@ -908,15 +905,7 @@ mod tests {
     fn kv_round_trips_and_lists_by_prefix() {
         let dir = tempfile::tempdir().unwrap();
         let key = AgentKey::new("t", "x").unwrap();
-        let conn = open(
-            dir.path(),
-            &key,
-            Durability::Normal,
-            Locking::Exclusive,
-            false,
-        )
-        .unwrap()
-        .conn;
+        let conn = opened(dir.path(), &key, Durability::Normal).unwrap().conn;
         let kv = Kv::new(&conn);
         kv.put("a/1", &1u32).unwrap();
         kv.put("a/2", &2u32).unwrap();
@@ -945,15 +934,7 @@ mod tests {
     fn migrations_run_once_and_refuse_downgrades() {
         let dir = tempfile::tempdir().unwrap();
         let key = AgentKey::new("t", "m").unwrap();
-        let conn = open(
-            dir.path(),
-            &key,
-            Durability::Normal,
-            Locking::Exclusive,
-            false,
-        )
-        .unwrap()
-        .conn;
+        let conn = opened(dir.path(), &key, Durability::Normal).unwrap().conn;
         let m = ["CREATE TABLE a(x)", "ALTER TABLE a ADD COLUMN y"];
         migrate(&conn, &m[..1]).unwrap();
         migrate(&conn, &m).unwrap();
@@ -997,15 +978,7 @@ mod tests {
             )
             .unwrap();
         }
-        let conn = open(
-            dir.path(),
-            &key,
-            Durability::Normal,
-            Locking::Exclusive,
-            false,
-        )
-        .unwrap()
-        .conn;
+        let conn = opened(dir.path(), &key, Durability::Normal).unwrap().conn;
         let rows = crate::schedule::list(&conn).unwrap();
         assert_eq!(
             (rows[0].method.as_str(), rows[0].target.as_ref()),
@@ -1062,15 +1035,7 @@ mod tests {
         let path = db_path(dir.path(), &key);
         fs::create_dir_all(path.parent().unwrap()).unwrap();
         fs::write(path.with_extension("sqlite-new"), b"torn").unwrap();
-        let conn = open(
-            dir.path(),
-            &key,
-            Durability::Full,
-            Locking::Exclusive,
-            false,
-        )
-        .unwrap()
-        .conn;
+        let conn = opened(dir.path(), &key, Durability::Full).unwrap().conn;
         assert!(template_path(dir.path()).exists());
         let (class, name, tables): (String, String, i64) = conn
             .query_row(
@@ -1094,18 +1059,7 @@ mod tests {
     fn a_file_remembers_its_address() {
         let dir = tempfile::tempdir().unwrap();
         let key = AgentKey::new("t", "a\0b/../c").unwrap();
-        close(
-            open(
-                dir.path(),
-                &key,
-                Durability::Full,
-                Locking::Exclusive,
-                false,
-            )
-            .unwrap()
-            .conn,
-        )
-        .unwrap();
+        close(opened(dir.path(), &key, Durability::Full).unwrap().conn).unwrap();
         let path = db_path(dir.path(), &key);
         assert!(path.starts_with(dir.path()) && path.exists());
         // Pretend another address hashed to the same file.
@@ -1113,13 +1067,7 @@ mod tests {
         fs::create_dir_all(db_path(dir.path(), &other).parent().unwrap()).unwrap();
         fs::copy(&path, db_path(dir.path(), &other)).unwrap();
         assert!(matches!(
-            open(
-                dir.path(),
-                &other,
-                Durability::Full,
-                Locking::Exclusive,
-                false
-            ),
+            opened(dir.path(), &other, Durability::Full),
             Err(Error::InvalidAddress(_))
         ));
     }
