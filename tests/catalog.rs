@@ -86,6 +86,31 @@ async fn listed(runtime: &Runtime) -> Vec<AgentInfo> {
     }
 }
 
+#[tokio::test]
+async fn an_agent_whose_file_a_stopped_activation_made_is_listed_while_live() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime(dir.path());
+    rt.agent::<Notes>("first").keep(1, false).await.unwrap();
+    // An activation makes the file (a copy of the template) before it opens it: one stopped
+    // in between (a shutdown) leaves the copy, which the next activation opens.
+    let template = std::fs::read_dir(dir.path().join("agents"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with(".template-")
+        })
+        .expect("the first agent's file was made from the template");
+    let left = rt.database_path::<Notes>("left").unwrap();
+    std::fs::copy(template, left).unwrap();
+    rt.agent::<Notes>("left").keep(1, false).await.unwrap();
+    assert!(rt.is_live::<Notes>("left"));
+    let names: Vec<String> = listed(&rt).await.into_iter().map(|a| a.name).collect();
+    assert_eq!(names, ["first", "left"]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_agent_is_listed_across_restarts_a_sigkill_and_hibernations() {
     let dir = tempfile::tempdir().unwrap();

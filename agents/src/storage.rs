@@ -378,14 +378,14 @@ pub(crate) fn open(
     let read = |r: &rusqlite::Row<'_>| -> rusqlite::Result<(Option<String>, Option<String>, bool)> {
         Ok((r.get(0)?, r.get(1)?, r.get(2)?))
     };
-    let (class, name, destroyed) = match conn.query_row(address, [], read)? {
-        (Some(class), Some(name), destroyed) => (class, name, destroyed),
+    let (class, name, destroyed, addressed) = match conn.query_row(address, [], read)? {
+        (Some(class), Some(name), destroyed) => (class, name, destroyed, false),
         _ => {
             conn.execute(
                 "INSERT OR IGNORE INTO _agents_meta(k, v) VALUES ('class', ?1), ('name', ?2)",
                 [key.class(), key.name()],
             )?;
-            (key.class().to_owned(), key.name().to_owned(), false)
+            (key.class().to_owned(), key.name().to_owned(), false, true)
         }
     };
     if destroyed && class == key.class() && name == key.name() {
@@ -424,6 +424,7 @@ pub(crate) fn open(
         dir_unsynced,
         guard,
         created,
+        addressed,
         path,
     })
 }
@@ -443,6 +444,9 @@ pub(crate) struct Opened {
     pub guard: Option<fs::File>,
     /// Whether this open created the file.
     pub created: bool,
+    /// Whether this open recorded the file's address: the agent is new to the catalog, whoever
+    /// made the file (a new one, or one an activation made and was stopped before it opened).
+    pub addressed: bool,
     /// The database's path.
     pub path: PathBuf,
 }
@@ -812,7 +816,7 @@ mod tests {
             "made once"
         );
         let first = open(dir.path(), &key, Durability::Full, Locking::Exclusive, true).unwrap();
-        assert!(first.created && first.dir_unsynced);
+        assert!(first.created && first.dir_unsynced && first.addressed);
         first.conn.execute_batch("CREATE TABLE t(x)").unwrap();
         close(first.conn).unwrap();
         drop(first.guard);
@@ -820,7 +824,10 @@ mod tests {
         let kept = fs::metadata(&wal).expect("a close keeps the WAL");
         assert_eq!(kept.len(), 0, "checkpointed and emptied");
         let kept = reopen();
-        assert!(!kept.created && !kept.dir_unsynced, "nothing new");
+        assert!(
+            !kept.created && !kept.dir_unsynced && !kept.addressed,
+            "nothing new"
+        );
         close(kept.conn).unwrap();
         drop(kept.guard);
         // Closed by a runtime that removed the WAL at each close: the open makes one.

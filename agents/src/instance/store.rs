@@ -118,6 +118,7 @@ impl Store {
             dir_unsynced,
             guard,
             created,
+            addressed,
             path,
         } = loop {
             let _permit = shared
@@ -175,7 +176,7 @@ impl Store {
         self.guard = guard;
         self.database = Some(database);
         self.unused = created;
-        self.uncataloged = created;
+        self.uncataloged = addressed;
         self.path = path;
         Ok(())
     }
