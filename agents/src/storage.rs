@@ -324,23 +324,23 @@ pub(crate) fn create(
     Ok(true)
 }
 
-/// Opens the database of `key` (made first if it has none, see [`create`]; `made`: the caller
-/// made it just before), and its WAL file for the syncer. Blocking: call it off the async
-/// workers.
+/// Opens the database of `key`, and its WAL file for the syncer; `None` if it has none yet
+/// (see [`create`]). Blocking: call it off the async workers.
 pub(crate) fn open(
     data_dir: &Path,
     key: &AgentKey,
     durability: Durability,
     locking: Locking,
-    made: bool,
-) -> Result<Opened, Error> {
-    let created = made || create(data_dir, key, durability)?;
+) -> Result<Option<Opened>, Error> {
     let path = db_path(data_dir, key);
+    if !path.exists() {
+        return Ok(None);
+    }
     let wal_path = path.with_extension("sqlite-wal");
-    // The entries this open makes, or found made (a new database, and the WAL SQLite makes for
-    // one, or for a database last closed by an older runtime, which removed it: see
-    // `keep_wal`), are not durable until their directory is synced.
-    let dir_unsynced = durability == Durability::Full && (created || !wal_path.exists());
+    // A database without a WAL is new (`create` makes none), or was last closed by an older
+    // runtime, which removed it (see `keep_wal`): its entry, or the WAL's that SQLite is about
+    // to make, is not durable until their directory is synced.
+    let dir_unsynced = durability == Durability::Full && !wal_path.exists();
     let (conn, guard, exclusive) = match locking {
         Locking::Exclusive => open_unlocked(&path, key)?,
         Locking::Shared => (Connection::open(&path)?, None, false),
@@ -378,7 +378,7 @@ pub(crate) fn open(
     let read = |r: &rusqlite::Row<'_>| -> rusqlite::Result<(Option<String>, Option<String>, bool)> {
         Ok((r.get(0)?, r.get(1)?, r.get(2)?))
     };
-    let (class, name, destroyed, addressed) = match conn.query_row(address, [], read)? {
+    let (class, name, destroyed, created) = match conn.query_row(address, [], read)? {
         (Some(class), Some(name), destroyed) => (class, name, destroyed, false),
         _ => {
             conn.execute(
@@ -393,7 +393,8 @@ pub(crate) fn open(
         drop(conn);
         drop(guard);
         remove(data_dir, key)?;
-        return open(data_dir, key, durability, locking, false);
+        create(data_dir, key, durability)?;
+        return open(data_dir, key, durability, locking);
     }
     if class != key.class() || name != key.name() {
         return Err(Error::InvalidAddress(format!(
@@ -418,15 +419,14 @@ pub(crate) fn open(
     if let Err(e) = conn.release_memory() {
         tracing::debug!("releasing SQLite's memory: {e}");
     }
-    Ok(Opened {
+    Ok(Some(Opened {
         conn,
         wal,
         dir_unsynced,
         guard,
         created,
-        addressed,
         path,
-    })
+    }))
 }
 
 /// An agent's open database.
@@ -442,11 +442,10 @@ pub(crate) struct Opened {
     pub dir_unsynced: bool,
     /// What keeps other processes out (see `open_unlocked`): drop it after the connection.
     pub guard: Option<fs::File>,
-    /// Whether this open created the file.
+    /// Whether the agent is new: this open recorded the file's address (every open does, so a
+    /// file without one holds nothing: `create` made it, for this activation or for one
+    /// stopped before its open).
     pub created: bool,
-    /// Whether this open recorded the file's address: the agent is new to the catalog, whoever
-    /// made the file (a new one, or one an activation made and was stopped before it opened).
-    pub addressed: bool,
     /// The database's path.
     pub path: PathBuf,
 }
@@ -798,9 +797,10 @@ pub(crate) fn migrate(conn: &Connection, migrations: &[&str]) -> Result<(), Erro
 mod tests {
     use super::*;
 
-    /// Opens `key`'s database in `dir` as the runtime does.
+    /// Opens `key`'s database in `dir` as the runtime does, made first if it has none.
     fn opened(dir: &Path, key: &AgentKey, durability: Durability) -> Result<Opened, Error> {
-        open(dir, key, durability, Locking::Exclusive, false)
+        create(dir, key, durability)?;
+        Ok(open(dir, key, durability, Locking::Exclusive)?.expect("made"))
     }
 
     #[test]
@@ -808,15 +808,17 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let key = AgentKey::new("t", "wal-new").unwrap();
         let reopen = || opened(dir.path(), &key, Durability::Full).unwrap();
-        // Made beforehand (without an `opening` permit), then opened: new all the same, and
-        // its directory is left for the first sync (the open syncs nothing).
+        // None until made (without an `opening` permit); then new, and its directory is left
+        // for the first sync (the open syncs nothing).
+        let open_full = || open(dir.path(), &key, Durability::Full, Locking::Exclusive).unwrap();
+        assert!(open_full().is_none(), "no file yet");
         assert!(create(dir.path(), &key, Durability::Full).unwrap());
         assert!(
             !create(dir.path(), &key, Durability::Full).unwrap(),
             "made once"
         );
-        let first = open(dir.path(), &key, Durability::Full, Locking::Exclusive, true).unwrap();
-        assert!(first.created && first.dir_unsynced && first.addressed);
+        let first = open_full().unwrap();
+        assert!(first.created && first.dir_unsynced);
         first.conn.execute_batch("CREATE TABLE t(x)").unwrap();
         close(first.conn).unwrap();
         drop(first.guard);
@@ -824,10 +826,7 @@ mod tests {
         let kept = fs::metadata(&wal).expect("a close keeps the WAL");
         assert_eq!(kept.len(), 0, "checkpointed and emptied");
         let kept = reopen();
-        assert!(
-            !kept.created && !kept.dir_unsynced && !kept.addressed,
-            "nothing new"
-        );
+        assert!(!kept.created && !kept.dir_unsynced, "nothing new");
         close(kept.conn).unwrap();
         drop(kept.guard);
         // Closed by a runtime that removed the WAL at each close: the open makes one.

@@ -100,25 +100,19 @@ impl Store {
             }
             None => None,
         };
-        // A new agent's file is made first, holding no `opening` permit: copying the template
-        // and syncing the copy mostly wait for the disk.
-        let (maker, k) = (shared.clone(), key.clone());
-        let made = blocking(move || {
-            let config = &maker.config;
-            storage::create(&config.data_dir, &k, config.durability)
-        })
-        .await?;
         // The file's lock may be held a moment (the instance before this one is closing it) or
         // longer (another process): try again every millisecond, for `LOCK_WAIT`, holding no
-        // `opening` permit meanwhile, so that other agents open as usual.
+        // `opening` permit meanwhile, so that other agents open as usual. A new agent's file is
+        // made between two tries, holding no permit either: copying the template and syncing
+        // the copy mostly wait for the disk.
         let waiting = std::time::Instant::now();
+        let mut made = false;
         let storage::Opened {
             conn,
             wal,
             dir_unsynced,
             guard,
             created,
-            addressed,
             path,
         } = loop {
             let _permit = shared
@@ -126,24 +120,32 @@ impl Store {
                 .acquire()
                 .await
                 .map_err(|_| Error::Shutdown)?;
-            let (opener, key) = (shared.clone(), key.clone());
+            let (opener, k) = (shared.clone(), key.clone());
             let opened = blocking(move || {
                 let config = &opener.config;
-                storage::open(
-                    &config.data_dir,
-                    &key,
-                    config.durability,
-                    config.locking,
-                    made,
-                )
+                storage::open(&config.data_dir, &k, config.durability, config.locking)
             })
             .await;
             match opened {
+                Ok(None) if !made => {
+                    drop(_permit);
+                    made = true;
+                    let (maker, k) = (shared.clone(), key.clone());
+                    blocking(move || {
+                        let config = &maker.config;
+                        storage::create(&config.data_dir, &k, config.durability)
+                    })
+                    .await?;
+                }
                 Err(e) if storage::is_busy(&e) && waiting.elapsed() < LOCK_WAIT => {
                     drop(_permit);
                     tokio::time::sleep(std::time::Duration::from_millis(1)).await;
                 }
-                opened => break opened?,
+                opened => {
+                    let gone =
+                        || Error::Internal(format!("the database of {key} went as it was made"));
+                    break opened?.ok_or_else(gone)?;
+                }
             }
         };
         let gate: Arc<dyn CommitGate> = match wal {
@@ -169,14 +171,14 @@ impl Store {
         let limit = storage::checkpoint_wal_bytes(shared.config.durability, self.replicated);
         self.checkpoint_at = storage::wal_frames_for(limit, page_size);
         // Counted from the WAL's start: a WAL a crash left behind is covered by the first range
-        // a gate is told of (a clean close leaves none).
+        // a gate is told of (a clean close leaves it empty).
         self.wal_frames = 0;
         storage::guard_transaction(&conn, self.in_handler.clone());
         *slot = Some(conn);
         self.guard = guard;
         self.database = Some(database);
         self.unused = created;
-        self.uncataloged = addressed;
+        self.uncataloged = created;
         self.path = path;
         Ok(())
     }
