@@ -100,13 +100,30 @@ impl Store {
             }
             None => None,
         };
+        // A new agent's file is made holding no `opening` permit: copying the template and
+        // syncing the copy mostly wait for the disk. When a permit is free, the open comes first
+        // (a wake: one hop), and says when there is no file; when others hold them all, the file
+        // is made (if new) while this waits for one.
+        let create = || {
+            let (maker, k) = (shared.clone(), key.clone());
+            blocking(move || {
+                let config = &maker.config;
+                storage::create(&config.data_dir, &k, config.durability)
+            })
+        };
+        let acquire = || async { shared.opening.acquire().await.map_err(|_| Error::Shutdown) };
+        let mut made = false;
+        let mut held = shared.opening.try_acquire().ok();
+        if held.is_none() {
+            let (new, permit) = tokio::join!(create(), acquire());
+            made = true;
+            new?;
+            held = Some(permit?);
+        }
         // The file's lock may be held a moment (the instance before this one is closing it) or
         // longer (another process): try again every millisecond, for `LOCK_WAIT`, holding no
-        // `opening` permit meanwhile, so that other agents open as usual. A new agent's file is
-        // made between two tries, holding no permit either: copying the template and syncing
-        // the copy mostly wait for the disk.
+        // `opening` permit meanwhile, so that other agents open as usual.
         let waiting = std::time::Instant::now();
-        let mut made = false;
         let storage::Opened {
             conn,
             wal,
@@ -115,30 +132,23 @@ impl Store {
             created,
             path,
         } = loop {
-            let _permit = shared
-                .opening
-                .acquire()
-                .await
-                .map_err(|_| Error::Shutdown)?;
+            let permit = match held.take() {
+                Some(permit) => permit,
+                None => acquire().await?,
+            };
             let (opener, k) = (shared.clone(), key.clone());
             let opened = blocking(move || {
                 let config = &opener.config;
                 storage::open(&config.data_dir, &k, config.durability, config.locking)
             })
             .await;
+            drop(permit);
             match opened {
                 Ok(None) if !made => {
-                    drop(_permit);
                     made = true;
-                    let (maker, k) = (shared.clone(), key.clone());
-                    blocking(move || {
-                        let config = &maker.config;
-                        storage::create(&config.data_dir, &k, config.durability)
-                    })
-                    .await?;
+                    create().await?;
                 }
                 Err(e) if storage::is_busy(&e) && waiting.elapsed() < LOCK_WAIT => {
-                    drop(_permit);
                     tokio::time::sleep(std::time::Duration::from_millis(1)).await;
                 }
                 opened => {
