@@ -20,6 +20,7 @@ const CORE: &[&str] = &[
     "clock",
     "conn",
     "context",
+    "database",
     "error",
     "gate",
     "instance",

@@ -133,6 +133,9 @@ async fn raw_file_per_socket_server(dir: std::path::PathBuf) -> std::net::Socket
 struct Round {
     /// Typed calls through the runtime, each a durable write.
     ours: f64,
+    /// The same calls sent by the raw load generator, as the baselines are: what the server
+    /// side does, without the typed client's share of the two cores.
+    ours_raw: f64,
     /// The raw echo: no work, no storage.
     echo: f64,
     /// The hand-written durable server.
@@ -159,20 +162,74 @@ fn sql_only(path: &std::path::Path, n: usize) -> f64 {
     n as f64 / started.elapsed().as_secs_f64()
 }
 
-/// `sockets` connections with `window` requests in flight each; returns round trips per second,
-/// timed from when every socket is open and has made one round trip.
-async fn raw_echo(
-    addr: std::net::SocketAddr,
+/// What the raw load generator talks to: a WebSocket URL, the subprotocol it asks for, how many
+/// frames the server sends before answering anything, and the frame it sends as request `id`.
+struct RawTarget {
+    url: String,
+    protocol: Option<&'static str>,
+    greeting: usize,
+    frame: fn(u64) -> Message,
+}
+
+impl RawTarget {
+    /// A raw server of this file (the echo, the hand-written durable server): a 16-byte frame,
+    /// the size of a call to `add`.
+    fn raw(addr: std::net::SocketAddr) -> Self {
+        RawTarget {
+            url: format!("ws://{addr}/"),
+            protocol: None,
+            greeting: 0,
+            frame: |_| Message::Binary(vec![1; 16].into()),
+        }
+    }
+
+    /// An agent over `agents.v1.postcard`: each request a call of `add(1)`, encoded as the typed
+    /// client encodes it, with the id the generator gives it; the server's first frame is the
+    /// connection's identity.
+    fn counter(url: String) -> Self {
+        use agents_client::protocol::{to_postcard, PostcardClientFrame, POSTCARD_PROTOCOL};
+        RawTarget {
+            url,
+            protocol: Some(POSTCARD_PROTOCOL),
+            greeting: 1,
+            frame: |id| {
+                Message::Binary(
+                    to_postcard(&PostcardClientFrame::Call {
+                        id,
+                        method: "add".into(),
+                        args: to_postcard(&(1i64,)),
+                        deadline_ms: None,
+                    })
+                    .into(),
+                )
+            },
+        }
+    }
+}
+
+/// `sockets` connections to `target` with `window` requests in flight each; returns round trips
+/// per second, timed from when every socket is open and has made one round trip. The same load
+/// generator for every server: it reads each answer as a frame and nothing more.
+async fn raw_pipelined(
+    target: &RawTarget,
     sockets: usize,
     window: usize,
     per_socket: usize,
 ) -> f64 {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
     let mut open = Vec::new();
     for _ in 0..sockets {
-        let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/"))
-            .await
-            .unwrap();
-        ws.send(Message::Binary(vec![0; 16].into())).await.unwrap();
+        let mut request = target.url.as_str().into_client_request().unwrap();
+        if let Some(protocol) = target.protocol {
+            request
+                .headers_mut()
+                .insert("sec-websocket-protocol", protocol.parse().unwrap());
+        }
+        let (mut ws, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+        for _ in 0..target.greeting {
+            ws.next().await.unwrap().unwrap();
+        }
+        ws.send((target.frame)(0)).await.unwrap();
         ws.next().await.unwrap().unwrap();
         open.push(ws);
     }
@@ -181,23 +238,23 @@ async fn raw_echo(
     for ws in open {
         let (mut sink, mut stream) = ws.split();
         let credits = Arc::new(Semaphore::new(window));
+        let frame = target.frame;
         let sender = {
             let credits = credits.clone();
             tokio::spawn(async move {
                 // Frames that have credit go out together, as `WsTransport` writes them.
-                let frame = || Message::Binary(vec![1; 16].into()); // the size of a call to `add`
                 let mut sent = 0;
                 while sent < per_socket {
                     credits.acquire().await.unwrap().forget();
-                    sink.feed(frame()).await.unwrap();
                     sent += 1;
+                    sink.feed(frame(sent as u64)).await.unwrap();
                     while sent < per_socket {
                         let Ok(credit) = credits.try_acquire() else {
                             break;
                         };
                         credit.forget();
-                        sink.feed(frame()).await.unwrap();
                         sent += 1;
+                        sink.feed(frame(sent as u64)).await.unwrap();
                     }
                     sink.flush().await.unwrap();
                 }
@@ -323,6 +380,21 @@ async fn rpc(base: &str, sockets: usize, window: usize, per_socket: usize) -> f6
         (sockets * per_socket) as i64,
         "every call ran"
     );
+    rate
+}
+
+/// `rpc`'s calls sent by the raw load generator (`RawTarget::counter`); checks that each ran.
+async fn raw_calls(base: &str, sockets: usize, window: usize, per_socket: usize) -> f64 {
+    let check = CounterClient::connect(&format!("{base}/hot"))
+        .await
+        .unwrap();
+    let before = check.add(0).await.unwrap();
+    let target = RawTarget::counter(format!("{base}/hot"));
+    let rate = raw_pipelined(&target, sockets, window, per_socket).await;
+    let after = check.add(0).await.unwrap();
+    // Each socket's first round trip is a call too.
+    let calls = sockets * (per_socket + 1);
+    assert_eq!(after - before, calls as i64, "every call ran");
     rate
 }
 
@@ -701,14 +773,16 @@ fn main() {
             let mut rounds = Vec::new();
             for round in 0..3 {
                 let ours = rpc(&base, 16, 32, per_socket).await;
-                let raw = raw_echo(echo, 16, 32, per_socket).await;
-                let hand = raw_echo(durable, 16, 32, per_socket).await;
+                let ours_raw = raw_calls(&base, 16, 32, per_socket).await;
+                let raw = raw_pipelined(&RawTarget::raw(echo), 16, 32, per_socket).await;
+                let hand = raw_pipelined(&RawTarget::raw(durable), 16, 32, per_socket).await;
                 let path = dir.path().join(format!("sql-{round}.sqlite"));
                 let sql = tokio::task::spawn_blocking(move || sql_only(&path, 16 * per_socket))
                     .await
                     .unwrap();
                 rounds.push(Round {
                     ours,
+                    ours_raw,
                     echo: raw,
                     hand,
                     sql,
@@ -721,7 +795,7 @@ fn main() {
                 all.join(",")
             };
             println!(
-                "{{\"bench\":\"pipelined_rpc_16x32_one_agent\",\"calls\":{},\"calls_per_sec\":{:.0},\"baseline\":\"raw_tungstenite_echo\",\"baseline_per_sec\":{:.0},\"ratio\":{:.3},\"ratios\":[{}],\"hand_written_durable_per_sec\":{:.0},\"ratio_to_hand_written\":{:.3},\"ratios_to_hand_written\":[{}],\"hand_written_to_echo\":[{}],\"sql_only_per_sec\":{:.0},\"sql_only_to_echo\":[{}]}}",
+                "{{\"bench\":\"pipelined_rpc_16x32_one_agent\",\"calls\":{},\"calls_per_sec\":{:.0},\"baseline\":\"raw_tungstenite_echo\",\"baseline_per_sec\":{:.0},\"ratio\":{:.3},\"ratios\":[{}],\"hand_written_durable_per_sec\":{:.0},\"ratio_to_hand_written\":{:.3},\"ratios_to_hand_written\":[{}],\"raw_generator_per_sec\":{:.0},\"raw_generator_ratio_to_hand_written\":{:.3},\"raw_generator_ratios_to_hand_written\":[{}],\"hand_written_to_echo\":[{}],\"sql_only_per_sec\":{:.0},\"sql_only_to_echo\":[{}]}}",
                 16 * per_socket,
                 r.ours,
                 r.echo,
@@ -730,6 +804,9 @@ fn main() {
                 r.hand,
                 r.ours / r.hand,
                 ratios(|r| r.ours / r.hand),
+                r.ours_raw,
+                r.ours_raw / r.hand,
+                ratios(|r| r.ours_raw / r.hand),
                 ratios(|r| r.hand / r.echo),
                 r.sql,
                 ratios(|r| r.sql / r.echo),

@@ -20,6 +20,7 @@ use crate::{
     agent::AgentClass,
     clock::{from_ms, to_ms},
     conn::{self, Conn, ConnId, Effect, Effects, Encoded, Outgoing, Speaks},
+    database::Database,
     error::Error,
     lock::lock,
     registry::{Chain, Shared},
@@ -37,7 +38,7 @@ pub struct Ctx<A> {
     key: AgentKey,
     id: String,
     pub(crate) shared: Arc<Shared>,
-    pub(crate) conn: Option<Connection>,
+    pub(crate) conn: Option<Database>,
     /// What belongs to the event being handled (a fresh one for each event).
     pub(crate) turn: Turn,
     /// Set when a dead letter was retried or discarded: the catalog's counts are taken again
@@ -149,6 +150,11 @@ impl<A> Ctx<A> {
     /// Use savepoints freely; do not run `BEGIN`, `COMMIT` or `ROLLBACK` yourself: the runtime
     /// owns the transaction (and fails the event if it finds it ended).
     pub fn sql(&self) -> &Connection {
+        self.database()
+    }
+
+    /// The open database (with the runtime's own statements).
+    pub(crate) fn database(&self) -> &Database {
         self.conn
             .as_ref()
             .expect("the database is open while a handler runs")

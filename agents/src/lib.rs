@@ -93,6 +93,7 @@ mod clock;
 mod cluster;
 mod conn;
 mod context;
+mod database;
 mod error;
 #[cfg(feature = "cluster")]
 mod forward;

@@ -810,7 +810,7 @@ impl<A: AgentClass> Instance<A> {
         let (span, context) = telemetry::event_span(self.ctx.key(), work.method(), parent);
         self.ctx.turn.chain.set_trace(context);
         let started = self.ensure_started().await;
-        let started = started.and_then(|()| savepoint(self.ctx.sql()));
+        let started = started.and_then(|()| savepoint(self.ctx.database()));
         let result = match started {
             Ok(()) => self.run_in_turn(work).instrument(span.clone()).await,
             Err(e) => {
@@ -831,7 +831,7 @@ impl<A: AgentClass> Instance<A> {
                 .map(|()| payload)
                 .map_err(|e| Failure::runtime("the connections' changes cannot be stored", e))
         });
-        let result = end_savepoint(self.ctx.sql(), result);
+        let result = end_savepoint(self.ctx.database(), result);
         let outcome = match &result {
             Ok(_) => "ok",
             Err(e) => e.kind().as_str(),
@@ -947,7 +947,7 @@ impl<A: AgentClass> Instance<A> {
         }
         let mut agent = A::default();
         let chain = self.ctx.turn.chain.clone();
-        savepoint(self.ctx.sql())?;
+        savepoint(self.ctx.database())?;
         let start = async {
             agent
                 .on_start(&mut self.ctx)
@@ -955,7 +955,7 @@ impl<A: AgentClass> Instance<A> {
                 .map_err(|e| Failure::Told(RawError::internal(format!("on_start failed: {e}"))))
         };
         let result = self.store.user_code(catch_panic(chain.scope(start))).await;
-        end_savepoint(self.ctx.sql(), result)?;
+        end_savepoint(self.ctx.database(), result)?;
         self.agent = Some(agent);
         Ok(())
     }

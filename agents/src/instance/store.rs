@@ -13,6 +13,7 @@ use rusqlite::Connection;
 use crate::{
     address::AgentKey,
     catalog::{self, Figures},
+    database::Database,
     error::{Error, Failure},
     gate::{release, AfterDurable, CommitGate, Committed, NoSync, Outbox, Syncer, WalSync},
     registry::Shared,
@@ -80,7 +81,7 @@ impl Store {
     /// `sync`.
     pub(super) async fn open(
         &mut self,
-        slot: &mut Option<Connection>,
+        slot: &mut Option<Database>,
         shared: &Arc<Shared>,
         key: &AgentKey,
         sync: &prometheus::Histogram,
@@ -184,7 +185,7 @@ impl Store {
         // a gate is told of (a clean close leaves it empty).
         self.wal_frames = 0;
         storage::guard_transaction(&conn, self.in_handler.clone());
-        *slot = Some(conn);
+        *slot = Some(Database::new(conn));
         self.guard = guard;
         self.database = Some(database);
         self.unused = created;
@@ -277,7 +278,7 @@ impl Store {
 
     /// Checkpoints on a blocking thread once the WAL has grown past its limit, after every
     /// batch before it is durable (a gate may read their frames until then).
-    pub(super) async fn checkpoint_if_large(&mut self, slot: &mut Option<Connection>) {
+    pub(super) async fn checkpoint_if_large(&mut self, slot: &mut Option<Database>) {
         // The WAL's file is kept for the frames to come, unless a replicator reads it.
         self.checkpoint_from(self.checkpoint_at, self.replicated, slot)
             .await;
@@ -286,12 +287,13 @@ impl Store {
     /// Gives back what the open database needs only while the agent is busy (see
     /// `Builder::quiet_after`): SQLite's caches, and the WAL index once the WAL is checkpointed
     /// (not in cluster mode, where every checkpoint stores a snapshot).
-    pub(super) async fn quiet(&mut self, slot: &mut Option<Connection>) {
+    pub(super) async fn quiet(&mut self, slot: &mut Option<Database>) {
         if !self.replicated {
             // Emptied: a quiet agent keeps no WAL on disk either.
             self.checkpoint_from(1, true, slot).await;
         }
         if let Some(conn) = slot {
+            conn.forget_statements();
             conn.flush_prepared_statement_cache();
             if let Err(e) = conn.release_memory() {
                 tracing::debug!("releasing SQLite's memory: {e}");
@@ -306,12 +308,7 @@ impl Store {
     /// Checkpoints on a blocking thread if the WAL holds `frames` or more, once every batch
     /// before is durable (a gate may read their frames until then); `truncate`: and empties the
     /// WAL's file.
-    async fn checkpoint_from(
-        &mut self,
-        frames: u32,
-        truncate: bool,
-        slot: &mut Option<Connection>,
-    ) {
+    async fn checkpoint_from(&mut self, frames: u32, truncate: bool, slot: &mut Option<Database>) {
         if self.wal_frames < frames {
             return;
         }
@@ -359,7 +356,7 @@ impl Store {
     /// thread, and tells the catalog its figures.
     pub(super) async fn close(
         &mut self,
-        slot: &mut Option<Connection>,
+        slot: &mut Option<Database>,
         shared: &Arc<Shared>,
         key: &AgentKey,
     ) {
@@ -373,7 +370,7 @@ impl Store {
             let (closer, key, path) = (shared.clone(), key.clone(), self.path.clone());
             let closed = blocking(move || {
                 let counts = count.then(|| catalog::counts(&conn));
-                storage::close(conn)?;
+                storage::close(conn.into_connection())?;
                 let figures = Figures {
                     at_ms: closer.config.clock.now_ms(),
                     size: catalog::files_size(&path),
@@ -427,24 +424,17 @@ async fn open_database_permit(
 }
 
 /// Opens the savepoint of one event (see `storage::RUNTIME_SAVEPOINTS`).
-pub(super) fn savepoint(conn: &Connection) -> Result<(), Failure> {
-    conn.prepare_cached("SAVEPOINT agents_event")
-        .and_then(|mut s| s.execute([]))
-        .map(drop)
+pub(super) fn savepoint(db: &Database) -> Result<(), Failure> {
+    db.savepoint()
         .map_err(|e| Failure::runtime("could not open a savepoint", e))
 }
 
 /// Ends the savepoint of one event: `Ok` releases it, `Err` rolls it back first.
-pub(super) fn end_savepoint<T>(
-    conn: &Connection,
-    result: Result<T, Failure>,
-) -> Result<T, Failure> {
+pub(super) fn end_savepoint<T>(db: &Database, result: Result<T, Failure>) -> Result<T, Failure> {
     let end = if result.is_ok() {
-        conn.prepare_cached("RELEASE agents_event")
-            .and_then(|mut s| s.execute([]))
-            .map(drop)
+        db.release()
     } else {
-        conn.execute_batch("ROLLBACK TO agents_event; RELEASE agents_event")
+        db.execute_batch("ROLLBACK TO agents_event; RELEASE agents_event")
     };
     end.map_err(|e| Failure::runtime("could not end the event's savepoint", e))?;
     result
