@@ -43,19 +43,22 @@ impl Database {
 
     /// Opens the savepoint of one event.
     pub(crate) fn savepoint(&self) -> rusqlite::Result<()> {
-        self.run(|s| s.savepoint)
+        self.run(|s| &s.savepoint)
     }
 
     /// Releases the savepoint of one event (its writes join the batch's transaction).
     pub(crate) fn release(&self) -> rusqlite::Result<()> {
-        self.run(|s| s.release)
+        self.run(|s| &s.release)
     }
 
-    fn run(&self, which: fn(&EventStatements) -> Statement) -> rusqlite::Result<()> {
+    fn run(&self, which: fn(&EventStatements) -> &Statement) -> rusqlite::Result<()> {
         let event = match self.event.get() {
             Some(event) => event,
             None => {
-                let prepared = EventStatements::prepare(&self.conn)?;
+                let prepared = EventStatements {
+                    savepoint: Statement::prepare(&self.conn, c"SAVEPOINT agents_event")?,
+                    release: Statement::prepare(&self.conn, c"RELEASE agents_event")?,
+                };
                 self.event.get_or_init(|| prepared)
             }
         };
@@ -71,38 +74,20 @@ impl std::ops::Deref for Database {
     }
 }
 
-/// `SAVEPOINT agents_event` and `RELEASE agents_event`, prepared; finalized on drop.
+/// `SAVEPOINT agents_event` and `RELEASE agents_event`, prepared.
 struct EventStatements {
     savepoint: Statement,
     release: Statement,
 }
 
-// SAFETY: the statements belong to the connection next to them in `Database`, move between
-// threads with it (as rusqlite's `Connection` does) and are only used through it, one thread
-// at a time (`Database` is not `Sync`: its connection is not).
-unsafe impl Send for EventStatements {}
-
-impl EventStatements {
-    fn prepare(conn: &Connection) -> rusqlite::Result<Self> {
-        let savepoint = Statement::prepare(conn, c"SAVEPOINT agents_event")?;
-        let release = Statement::prepare(conn, c"RELEASE agents_event")?;
-        Ok(EventStatements { savepoint, release })
-    }
-}
-
-impl Drop for EventStatements {
-    fn drop(&mut self) {
-        for s in [self.savepoint, self.release] {
-            // SAFETY: prepared on the connection that is still open (dropped after this, see
-            // `Database`), finalized once, here.
-            unsafe { ffi::sqlite3_finalize(s.0.as_ptr()) };
-        }
-    }
-}
-
-/// A prepared statement that takes no parameters and returns no rows.
-#[derive(Clone, Copy)]
+/// A prepared statement that takes no parameters and returns no rows; finalized on drop, which
+/// must come before its connection's close (see `Database`).
 struct Statement(NonNull<ffi::sqlite3_stmt>);
+
+// SAFETY: a statement belongs to the connection next to it in `Database`, moves between threads
+// with it (as rusqlite's `Connection` does) and is only used through it, one thread at a time
+// (`Database` is not `Sync`: its connection is not).
+unsafe impl Send for Statement {}
 
 impl Statement {
     fn prepare(conn: &Connection, sql: &CStr) -> rusqlite::Result<Self> {
@@ -125,18 +110,25 @@ impl Statement {
     }
 
     /// Runs it to its end, and resets it for the next time.
-    fn run(self, conn: &Connection) -> rusqlite::Result<()> {
-        // SAFETY: a statement prepared on `conn`, not finalized (see `EventStatements`).
-        let rc = unsafe { ffi::sqlite3_step(self.0.as_ptr()) };
-        // After a failed step the reset says the same error; after `SQLITE_DONE` it succeeds.
-        let reset = unsafe { ffi::sqlite3_reset(self.0.as_ptr()) };
+    fn run(&self, conn: &Connection) -> rusqlite::Result<()> {
+        // SAFETY: prepared on `conn`, which is open, and not finalized (that is its drop).
+        let (rc, reset) = unsafe {
+            let rc = ffi::sqlite3_step(self.0.as_ptr());
+            (rc, ffi::sqlite3_reset(self.0.as_ptr()))
+        };
         match rc {
             ffi::SQLITE_DONE => Ok(()),
-            _ => Err(error(
-                conn,
-                if reset == ffi::SQLITE_OK { rc } else { reset },
-            )),
+            // After a failed step the reset says the same error (or the one it ran into).
+            _ if reset != ffi::SQLITE_OK => Err(error(conn, reset)),
+            _ => Err(error(conn, rc)),
         }
+    }
+}
+
+impl Drop for Statement {
+    fn drop(&mut self) {
+        // SAFETY: its connection is still open (see `Database`); finalized once, here.
+        unsafe { ffi::sqlite3_finalize(self.0.as_ptr()) };
     }
 }
 
