@@ -505,6 +505,26 @@ async fn a_later_set_alarm_replaces_the_earlier_one_and_failed_alarms_retry() {
 }
 
 #[tokio::test]
+async fn a_new_agent_whose_first_calls_failed_still_gets_its_static_schedules() {
+    let rt = runtime();
+    let name = "failed-first";
+    // Every event of the first batch fails: the agent's new files go (junk leaves nothing)...
+    let failed = rt.agent::<Jobs>(name).fail("first".into()).await;
+    assert!(failed.is_err());
+    // ...and the next call starts it afresh in new ones, `#[schedule]` rows included, while
+    // the same instance stays live.
+    let rows = rt.agent::<Jobs>(name).list().await.unwrap();
+    assert!(rt.is_live::<Jobs>(name));
+    assert_eq!(
+        rows.iter().filter(|r| r.1 == "hourly").count(),
+        1,
+        "{rows:?}"
+    );
+    rt.advance(secs(3600)).await;
+    assert_eq!(attempts(name, "hourly").len(), 1);
+}
+
+#[tokio::test]
 async fn static_schedules_are_registered_once_and_survive_restarts() {
     let mut rt = runtime();
     let name = "static";

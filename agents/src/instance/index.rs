@@ -30,6 +30,14 @@ impl AlarmEntry {
         }
     }
 
+    /// The entry was removed with the agent's files: the next batch writes it again if the
+    /// agent (made afresh) has a schedule. (Any raise computed before is not applied.)
+    pub(super) fn removed(&self) {
+        let mut state = lock(&self.state);
+        state.seq += 1;
+        state.at = None;
+    }
+
     /// The timer took the entry (an alarm event runs): write it after this batch, whatever it
     /// looks like.
     pub(super) fn refresh(&mut self) {

@@ -74,8 +74,6 @@ pub(crate) fn spawn<A: AgentClass>(
         ctx: Ctx::new(shared.clone(), key),
         generation,
         store: Store::new(),
-        statics_synced: false,
-        conns_checked: false,
         destroying: false,
         spare_effects: None,
         backups: Vec::new(),
@@ -104,10 +102,6 @@ struct Instance<A> {
     store: Store,
     /// This agent's entry in the runtime's alarm index.
     index: AlarmEntry,
-    /// Whether the `#[schedule]` rows were registered by this instance.
-    statics_synced: bool,
-    /// Whether this instance forgot the connections that closed while nobody listened.
-    conns_checked: bool,
     /// An event of this batch destroyed the agent (`ctx.destroy()`, `runtime.destroy`).
     destroying: bool,
     /// The last event's effects list, empty, for the next one.
@@ -364,6 +358,7 @@ impl<A: AgentClass> Instance<A> {
         let gate = self.store.gate();
         self.close_db().await;
         let (shared, key) = (self.ctx.shared.clone(), self.ctx.key().clone());
+        self.index.removed();
         blocking(move || {
             shared.alarms.set(&key, None, true)?;
             storage::remove(&shared.config.data_dir, &key)?;
@@ -975,15 +970,19 @@ impl<A: AgentClass> Instance<A> {
     async fn begin(&mut self) -> Result<(), Error> {
         self.open().await?;
         self.store.begin(self.ctx.sql())?;
-        if !self.statics_synced {
-            let now = self.ctx.shared.config.clock.now_ms();
-            schedule::sync_static(self.ctx.sql(), A::SCHEDULES, now)?;
-            self.statics_synced = true;
-        }
-        if !self.conns_checked {
-            let (sockets, key) = (&self.ctx.shared.sockets, self.ctx.key());
-            conn::remove_stale(self.ctx.sql(), |id| sockets.is_open(key, id))?;
-            self.conns_checked = true;
+        if !self.store.checked {
+            // A database this activation made holds no rows yet: only a class's own
+            // `#[schedule]`s are to be registered in it, and no connection can be stale.
+            let new = self.store.unused;
+            if !(new && A::SCHEDULES.is_empty()) {
+                let now = self.ctx.shared.config.clock.now_ms();
+                schedule::sync_static(self.ctx.sql(), A::SCHEDULES, now)?;
+            }
+            if !new {
+                let (sockets, key) = (&self.ctx.shared.sockets, self.ctx.key());
+                conn::remove_stale(self.ctx.sql(), |id| sockets.is_open(key, id))?;
+            }
+            self.store.checked = true;
         }
         Ok(())
     }

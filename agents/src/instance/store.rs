@@ -45,6 +45,10 @@ pub(super) struct Store {
     /// The open database was created by this instance and the catalog was not told yet: it is
     /// told once an event succeeded (junk never enters it).
     uncataloged: bool,
+    /// The open database's `#[schedule]` rows were registered, and the connections that closed
+    /// while nobody listened forgotten (once per open: a database made again after its junk
+    /// went needs them as much as the first).
+    pub(super) checked: bool,
     /// The agent had schedules in this activation (or changed its dead letters): the catalog's
     /// counts are taken again at the close (a query not worth making otherwise).
     pub(super) schedules_seen: bool,
@@ -70,6 +74,7 @@ impl Store {
             database: None,
             unused: false,
             uncataloged: false,
+            checked: false,
             schedules_seen: false,
             path: std::path::PathBuf::new(),
             elsewhere: false,
@@ -190,6 +195,7 @@ impl Store {
         self.database = Some(database);
         self.unused = created;
         self.uncataloged = created;
+        self.checked = false;
         self.path = path;
         Ok(())
     }
