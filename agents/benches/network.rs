@@ -144,6 +144,38 @@ struct Round {
     sql: f64,
 }
 
+/// One round of the sequential bench: each server's calls per second and latencies (µs,
+/// sorted), and the floor's fsync latencies.
+struct SequentialRound {
+    ours: (f64, Vec<f64>),
+    echo: (f64, Vec<f64>),
+    hand: (f64, Vec<f64>),
+    sync_us: Vec<f64>,
+}
+
+/// Rounds of a bench that runs ours and the baselines in each (so that all see the same spells
+/// of a noisy machine), sorted by `ratio`: the one to report is `median()`.
+struct Rounds<R> {
+    rounds: Vec<R>,
+}
+
+impl<R> Rounds<R> {
+    fn new(mut rounds: Vec<R>, ratio: fn(&R) -> f64) -> Self {
+        rounds.sort_by(|a, b| ratio(a).total_cmp(&ratio(b)));
+        Rounds { rounds }
+    }
+
+    fn median(&self) -> &R {
+        &self.rounds[self.rounds.len() / 2]
+    }
+
+    /// `f` of every round, as a JSON list's items.
+    fn each(&self, f: fn(&R) -> f64) -> String {
+        let all: Vec<String> = self.rounds.iter().map(|r| format!("{:.3}", f(r))).collect();
+        all.join(",")
+    }
+}
+
 /// The SQL alone, on this thread: `n` times the same UPSERT, 512 to a transaction, and no fsync
 /// at all (`synchronous=OFF`). No server whose writes to one database go through one writer
 /// can answer more calls per second than this, whatever it does about the network.
@@ -747,7 +779,7 @@ fn main() {
             let mut rounds = Vec::new();
             for _ in 0..3 {
                 let ours = sequential_calls(&base, n).await;
-                let raw = sequential_round_trips(echo, n).await;
+                let echo = sequential_round_trips(echo, n).await;
                 let hand = sequential_round_trips(durable, n).await;
                 // The floor of any durable reply: one fdatasync (of a WAL frame) and one
                 // loopback round trip.
@@ -755,14 +787,20 @@ fn main() {
                 let sync_us = tokio::task::spawn_blocking(move || fdatasync_latencies(&path, n))
                     .await
                     .unwrap();
-                rounds.push((ours, raw, hand, sync_us));
+                rounds.push(SequentialRound {
+                    ours,
+                    echo,
+                    hand,
+                    sync_us,
+                });
             }
-            rounds.sort_by(|a, b| (a.0 .0 / a.2 .0).total_cmp(&(b.0 .0 / b.2 .0)));
-            let ratios: Vec<String> = rounds
-                .iter()
-                .map(|r| format!("{:.3}", r.0 .0 / r.2 .0))
-                .collect();
-            let ((ours, ours_us), (raw, raw_us), (hand, hand_us), sync_us) = &rounds[1];
+            let rounds = Rounds::new(rounds, |r| r.ours.0 / r.hand.0);
+            let SequentialRound {
+                ours: (ours, ours_us),
+                echo: (raw, raw_us),
+                hand: (hand, hand_us),
+                sync_us,
+            } = rounds.median();
             let p50 = |us: &[f64]| percentile(us, 0.5);
             let floor = p50(sync_us) + p50(raw_us);
             println!(
@@ -771,7 +809,7 @@ fn main() {
                 ours / raw,
                 p50(hand_us),
                 ours / hand,
-                ratios.join(","),
+                rounds.each(|r| r.ours.0 / r.hand.0),
                 p50(raw_us),
                 p50(sync_us),
                 p50(ours_us) - floor,
@@ -803,12 +841,9 @@ fn main() {
                     sql,
                 });
             }
-            rounds.sort_by(|a, b| (a.ours / a.echo).total_cmp(&(b.ours / b.echo)));
-            let r = &rounds[1];
-            let ratios = |f: fn(&Round) -> f64| {
-                let all: Vec<String> = rounds.iter().map(|r| format!("{:.3}", f(r))).collect();
-                all.join(",")
-            };
+            let rounds = Rounds::new(rounds, |r| r.ours / r.echo);
+            let r = rounds.median();
+            let ratios = |f| rounds.each(f);
             println!(
                 "{{\"bench\":\"pipelined_rpc_16x32_one_agent\",\"calls\":{},\"calls_per_sec\":{:.0},\"baseline\":\"raw_tungstenite_echo\",\"baseline_per_sec\":{:.0},\"ratio\":{:.3},\"ratios\":[{}],\"hand_written_durable_per_sec\":{:.0},\"ratio_to_hand_written\":{:.3},\"ratios_to_hand_written\":[{}],\"raw_generator_per_sec\":{:.0},\"raw_generator_ratio_to_hand_written\":{:.3},\"raw_generator_ratios_to_hand_written\":[{}],\"hand_written_to_echo\":[{}],\"sql_only_per_sec\":{:.0},\"sql_only_to_echo\":[{}]}}",
                 16 * per_socket,

@@ -120,14 +120,10 @@ fn sync_tree(dir: &Path) -> Result<(), Error> {
         if path.is_dir() {
             sync_tree(&path)?;
         } else {
-            fs::File::open(&path)
-                .and_then(|f| f.sync_all())
-                .map_err(io(&path))?;
+            storage::sync_path(&path)?;
         }
     }
-    fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io(dir))
+    storage::sync_path(dir)
 }
 
 /// Copies the database of `key` under `data_dir` to `to` from outside its runtime. `Ok(false)`

@@ -558,16 +558,9 @@ mod tests {
     fn connection_state_written_by_one_version_reads_in_the_next() {
         let dir = tempfile::tempdir().unwrap();
         let key = AgentKey::new("room", "r").unwrap();
-        storage::create(dir.path(), &key, storage::Durability::Normal).unwrap();
-        let sql = storage::open(
-            dir.path(),
-            &key,
-            storage::Durability::Normal,
-            storage::Locking::Exclusive,
-        )
-        .unwrap()
-        .expect("made")
-        .conn;
+        let sql = storage::opened(dir.path(), &key, storage::Durability::Normal)
+            .unwrap()
+            .conn;
         let id = ConnId::new("c1".into());
         insert(&sql, &id, Protocol::Json, Some("ann")).unwrap();
         let effects = Effects::default();

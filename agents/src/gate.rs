@@ -115,9 +115,7 @@ impl CommitGate for WalSync {
         self.wal.sync_data().map_err(failed)?;
         let mut dir = lock(&self.dir);
         if let Some(path) = dir.as_ref() {
-            File::open(path)
-                .and_then(|d| d.sync_all())
-                .map_err(failed)?;
+            crate::storage::sync_path(path)?;
             *dir = None;
         }
         Ok(())

@@ -119,12 +119,18 @@ pub(crate) fn make_dirs(data_dir: &Path, durability: Durability) -> Result<(), E
     }
     if durability == Durability::Full {
         for dir in [agents.as_path(), data_dir] {
-            fs::File::open(dir)
-                .and_then(|d| d.sync_all())
-                .map_err(io(dir))?;
+            sync_path(dir)?;
         }
     }
     Ok(())
+}
+
+/// Fsyncs the file or directory at `path` (a directory: the entries made or removed in it
+/// become durable). Blocking.
+pub(crate) fn sync_path(path: &Path) -> Result<(), Error> {
+    fs::File::open(path)
+        .and_then(|f| f.sync_all())
+        .map_err(io(path))
 }
 
 /// Makes an i/o error on `path` an [`Error::Io`].
@@ -314,10 +320,7 @@ pub(crate) fn create(
         // Gone since `make_dirs`: made again, its own entry synced now (rare).
         fs::create_dir_all(dir).map_err(io(dir))?;
         if durability == Durability::Full {
-            let agents = dir.parent().expect("agents dir");
-            fs::File::open(agents)
-                .and_then(|f| f.sync_all())
-                .map_err(io(agents))?;
+            sync_path(dir.parent().expect("agents dir"))?;
         }
     }
     from_template(data_dir, &path, durability)?;
@@ -517,9 +520,7 @@ fn make_template(template: &Path) -> Result<(), Error> {
     create_tables(&conn, 0)?;
     // Closing the last connection checkpoints the WAL into the file and removes it.
     conn.close().map_err(|(_, e)| Error::Storage(e))?;
-    fs::File::open(&making)
-        .and_then(|f| f.sync_all())
-        .map_err(io(&making))?;
+    sync_path(&making)?;
     fs::rename(&making, template).map_err(io(template))
 }
 
@@ -572,10 +573,7 @@ pub(crate) fn remove(data_dir: &Path, key: &AgentKey) -> Result<(), Error> {
             _ => {}
         }
     }
-    let dir = path.parent().expect("db_path has a parent");
-    fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io(dir))
+    sync_path(path.parent().expect("db_path has a parent"))
 }
 
 /// Runs blocking storage work (file I/O, fsync) off the async workers; a panic in it becomes
@@ -793,15 +791,16 @@ pub(crate) fn migrate(conn: &Connection, migrations: &[&str]) -> Result<(), Erro
     Ok(())
 }
 
+/// Opens `key`'s database in `dir` as the runtime does, made first if it has none (tests).
+#[cfg(test)]
+pub(crate) fn opened(dir: &Path, key: &AgentKey, durability: Durability) -> Result<Opened, Error> {
+    create(dir, key, durability)?;
+    Ok(open(dir, key, durability, Locking::Exclusive)?.expect("made"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Opens `key`'s database in `dir` as the runtime does, made first if it has none.
-    fn opened(dir: &Path, key: &AgentKey, durability: Durability) -> Result<Opened, Error> {
-        create(dir, key, durability)?;
-        Ok(open(dir, key, durability, Locking::Exclusive)?.expect("made"))
-    }
 
     #[test]
     fn new_entries_wait_for_the_first_sync_and_a_close_keeps_the_wal_empty() {

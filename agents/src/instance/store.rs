@@ -440,7 +440,7 @@ pub(super) fn end_savepoint<T>(db: &Database, result: Result<T, Failure>) -> Res
     let end = if result.is_ok() {
         db.release()
     } else {
-        db.execute_batch("ROLLBACK TO agents_event; RELEASE agents_event")
+        db.roll_back()
     };
     end.map_err(|e| Failure::runtime("could not end the event's savepoint", e))?;
     result
