@@ -1,7 +1,10 @@
 //! Network benchmarks, printed as JSON lines, next to raw baselines measured in the same run:
 //! a tokio-tungstenite echo server (no work at all), and for RPC also a hand-written durable
 //! server (tokio-tungstenite and rusqlite, no framework, the same write per call). Every agent
-//! call does a durable SQLite write (Durability::Full).
+//! call does a durable SQLite write (Durability::Full). The sequential and pipelined lines
+//! give ours twice: through the typed client, and driven by the baselines' own load generator
+//! (`raw_generator_*`: the same loop, the frames a typed call sends), which compares the
+//! servers alone.
 //!
 //! `cargo bench -p agents --bench network` (add `-- --quick` for a smoke run, `-- pipelined` to
 //! run only the benches whose name has `pipelined`, `-- --normal` for Durability::Normal).
@@ -148,6 +151,8 @@ struct Round {
 /// sorted), and the floor's fsync latencies.
 struct SequentialRound {
     ours: (f64, Vec<f64>),
+    /// Ours driven by the baselines' own loop.
+    ours_raw: (f64, Vec<f64>),
     echo: (f64, Vec<f64>),
     hand: (f64, Vec<f64>),
     sync_us: Vec<f64>,
@@ -237,6 +242,24 @@ impl RawTarget {
             },
         }
     }
+
+    /// A socket to the target that has made one round trip (with request id 0).
+    async fn connect(&self) -> Ws {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let mut request = self.url.as_str().into_client_request().unwrap();
+        if let Some(protocol) = self.protocol {
+            request
+                .headers_mut()
+                .insert("sec-websocket-protocol", protocol.parse().unwrap());
+        }
+        let (mut ws, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+        for _ in 0..self.greeting {
+            ws.next().await.unwrap().unwrap();
+        }
+        ws.send((self.frame)(0)).await.unwrap();
+        ws.next().await.unwrap().unwrap();
+        ws
+    }
 }
 
 /// `sockets` connections to `target` with `window` requests in flight each; returns round trips
@@ -248,22 +271,9 @@ async fn raw_pipelined(
     window: usize,
     per_socket: usize,
 ) -> f64 {
-    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
     let mut open = Vec::new();
     for _ in 0..sockets {
-        let mut request = target.url.as_str().into_client_request().unwrap();
-        if let Some(protocol) = target.protocol {
-            request
-                .headers_mut()
-                .insert("sec-websocket-protocol", protocol.parse().unwrap());
-        }
-        let (mut ws, _) = tokio_tungstenite::connect_async(request).await.unwrap();
-        for _ in 0..target.greeting {
-            ws.next().await.unwrap().unwrap();
-        }
-        ws.send((target.frame)(0)).await.unwrap();
-        ws.next().await.unwrap().unwrap();
-        open.push(ws);
+        open.push(target.connect().await);
     }
     let started = Instant::now();
     let mut tasks = Vec::new();
@@ -307,18 +317,14 @@ async fn raw_pipelined(
     (sockets * per_socket) as f64 / started.elapsed().as_secs_f64()
 }
 
-/// `n` sequential round trips of a 16-byte frame on one socket to `addr`: per second, and each
-/// one's latency in µs, sorted.
-async fn sequential_round_trips(addr: std::net::SocketAddr, n: usize) -> (f64, Vec<f64>) {
-    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/"))
-        .await
-        .unwrap();
-    ws.send(Message::Binary(vec![0; 16].into())).await.unwrap();
-    ws.next().await.unwrap().unwrap();
+/// `n` sequential round trips on one socket to `target` (the same loop for every server): per
+/// second, and each one's latency in µs, sorted.
+async fn sequential_round_trips(target: &RawTarget, n: usize) -> (f64, Vec<f64>) {
+    let mut ws = target.connect().await;
     let (started, mut us) = (Instant::now(), Vec::with_capacity(n));
-    for _ in 0..n {
+    for id in 1..=n {
         let t = Instant::now();
-        ws.send(Message::Binary(vec![1; 16].into())).await.unwrap();
+        ws.send((target.frame)(id as u64)).await.unwrap();
         ws.next().await.unwrap().unwrap();
         us.push(micros(t));
     }
@@ -415,19 +421,17 @@ async fn rpc(base: &str, sockets: usize, window: usize, per_socket: usize) -> f6
     rate
 }
 
-/// `rpc`'s calls sent by the raw load generator (`RawTarget::counter`); checks that each ran.
-async fn raw_calls(base: &str, sockets: usize, window: usize, per_socket: usize) -> f64 {
+/// Runs `load` against the counter agent at `base` through the raw load generator
+/// (`RawTarget::counter`), which makes `calls` calls in all; checks that each ran.
+async fn raw_calls<T>(base: &str, calls: usize, load: impl AsyncFnOnce(&RawTarget) -> T) -> T {
     let check = CounterClient::connect(&format!("{base}/hot"))
         .await
         .unwrap();
     let before = check.add(0).await.unwrap();
-    let target = RawTarget::counter(format!("{base}/hot"));
-    let rate = raw_pipelined(&target, sockets, window, per_socket).await;
+    let outcome = load(&RawTarget::counter(format!("{base}/hot"))).await;
     let after = check.add(0).await.unwrap();
-    // Each socket's first round trip is a call too.
-    let calls = sockets * (per_socket + 1);
     assert_eq!(after - before, calls as i64, "every call ran");
-    rate
+    outcome
 }
 
 /// An agent that broadcasts: each `shout` is a durable write and one event to every socket.
@@ -779,8 +783,12 @@ fn main() {
             let mut rounds = Vec::new();
             for _ in 0..3 {
                 let ours = sequential_calls(&base, n).await;
-                let echo = sequential_round_trips(echo, n).await;
-                let hand = sequential_round_trips(durable, n).await;
+                let ours_raw = raw_calls(&base, n + 1, async |target| {
+                    sequential_round_trips(target, n).await
+                })
+                .await;
+                let echo = sequential_round_trips(&RawTarget::raw(echo), n).await;
+                let hand = sequential_round_trips(&RawTarget::raw(durable), n).await;
                 // The floor of any durable reply: one fdatasync (of a WAL frame) and one
                 // loopback round trip.
                 let path = dir.path().join("floor");
@@ -789,6 +797,7 @@ fn main() {
                     .unwrap();
                 rounds.push(SequentialRound {
                     ours,
+                    ours_raw,
                     echo,
                     hand,
                     sync_us,
@@ -797,6 +806,7 @@ fn main() {
             let rounds = Rounds::new(rounds, |r| r.ours.0 / r.hand.0);
             let SequentialRound {
                 ours: (ours, ours_us),
+                ours_raw: (ours_raw, ours_raw_us),
                 echo: (raw, raw_us),
                 hand: (hand, hand_us),
                 sync_us,
@@ -804,7 +814,7 @@ fn main() {
             let p50 = |us: &[f64]| percentile(us, 0.5);
             let floor = p50(sync_us) + p50(raw_us);
             println!(
-                "{{\"bench\":\"sequential_rpc_one_socket\",\"calls\":{n},\"calls_per_sec\":{ours:.0},\"p50_us\":{:.0},\"baseline\":\"raw_tungstenite_echo\",\"baseline_per_sec\":{raw:.0},\"ratio\":{:.3},\"hand_written_durable_per_sec\":{hand:.0},\"hand_written_p50_us\":{:.0},\"ratio_to_hand_written\":{:.3},\"ratios_to_hand_written\":[{}],\"echo_p50_us\":{:.0},\"fdatasync_p50_us\":{:.0},\"floor_p50_us\":{floor:.0},\"p50_over_floor_us\":{:.0},\"hand_written_p50_over_floor_us\":{:.0}}}",
+                "{{\"bench\":\"sequential_rpc_one_socket\",\"calls\":{n},\"calls_per_sec\":{ours:.0},\"p50_us\":{:.0},\"baseline\":\"raw_tungstenite_echo\",\"baseline_per_sec\":{raw:.0},\"ratio\":{:.3},\"hand_written_durable_per_sec\":{hand:.0},\"hand_written_p50_us\":{:.0},\"ratio_to_hand_written\":{:.3},\"ratios_to_hand_written\":[{}],\"echo_p50_us\":{:.0},\"fdatasync_p50_us\":{:.0},\"floor_p50_us\":{floor:.0},\"p50_over_floor_us\":{:.0},\"hand_written_p50_over_floor_us\":{:.0},\"raw_generator_per_sec\":{ours_raw:.0},\"raw_generator_p50_us\":{:.0},\"raw_generator_ratio_to_hand_written\":{:.3},\"raw_generator_ratios_to_hand_written\":[{}],\"raw_generator_p50_over_floor_us\":{:.0}}}",
                 p50(ours_us),
                 ours / raw,
                 p50(hand_us),
@@ -814,6 +824,10 @@ fn main() {
                 p50(sync_us),
                 p50(ours_us) - floor,
                 p50(hand_us) - floor,
+                p50(ours_raw_us),
+                ours_raw / hand,
+                rounds.each(|r| r.ours_raw.0 / r.hand.0),
+                p50(ours_raw_us) - floor,
             );
         }
 
@@ -826,7 +840,11 @@ fn main() {
             let mut rounds = Vec::new();
             for round in 0..3 {
                 let ours = rpc(&base, 16, 32, per_socket).await;
-                let ours_raw = raw_calls(&base, 16, 32, per_socket).await;
+                // Each socket's first round trip is a call too.
+                let ours_raw = raw_calls(&base, 16 * (per_socket + 1), async |target| {
+                    raw_pipelined(target, 16, 32, per_socket).await
+                })
+                .await;
                 let raw = raw_pipelined(&RawTarget::raw(echo), 16, 32, per_socket).await;
                 let hand = raw_pipelined(&RawTarget::raw(durable), 16, 32, per_socket).await;
                 let path = dir.path().join(format!("sql-{round}.sqlite"));
