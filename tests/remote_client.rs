@@ -161,3 +161,61 @@ async fn bad_addresses_fail_to_connect_and_a_lost_connection_fails_calls_clearly
     // A call that cannot reach the agent before its deadline says so.
     drop(rt);
 }
+
+/// A server that completes the handshake, says who it is, and then never reads a frame: once
+/// the socket's buffers are full, no frame the client writes can go out.
+#[allow(clippy::result_large_err)] // tungstenite's handshake callback's type
+async fn a_server_that_stops_reading() -> std::net::SocketAddr {
+    use agents::client::protocol::{to_postcard, ServerFrame, POSTCARD_PROTOCOL};
+    use futures_util::SinkExt;
+    use tokio_tungstenite::tungstenite::{handshake::server, Message};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.unwrap();
+        let chose = |_: &server::Request, mut response: server::Response| {
+            let protocol = POSTCARD_PROTOCOL.parse().unwrap();
+            response
+                .headers_mut()
+                .insert("sec-websocket-protocol", protocol);
+            Ok(response)
+        };
+        let mut ws = tokio_tungstenite::accept_hdr_async(stream, chose)
+            .await
+            .unwrap();
+        let identity = ServerFrame::<Vec<u8>>::Identity {
+            class: "counter".into(),
+            name: "deaf".into(),
+            conn: "c1".into(),
+        };
+        ws.send(Message::Binary(to_postcard(&identity).into()))
+            .await
+            .unwrap();
+        std::future::pending::<()>().await;
+        drop(ws);
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_that_cannot_be_written_fails_by_its_deadline() {
+    use agents::client::{OutgoingCall, Payload, Transport, WsTransport};
+    let addr = a_server_that_stops_reading().await;
+    let transport = WsTransport::connect(&format!("ws://{addr}/agents/counter/deaf"))
+        .await
+        .unwrap();
+    // 4 MiB calls, each timing out after 300 ms: the first ones fill the socket's buffers,
+    // and then a call waits to be written. Each one fails by its deadline, however far it got.
+    for _ in 0..8 {
+        let call = OutgoingCall {
+            method: "add".into(),
+            args: Payload::Postcard(vec![7; 4 << 20]),
+            timeout: Some(Duration::from_millis(300)),
+        };
+        let outcome = tokio::time::timeout(Duration::from_secs(5), transport.call(call)).await;
+        let err = outcome
+            .expect("the call outlived its deadline")
+            .unwrap_err();
+        assert_eq!(err.kind, agents::client::ErrorKind::Timeout, "{err}");
+    }
+}

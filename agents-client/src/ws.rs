@@ -1,9 +1,11 @@
 //! [`WsTransport`]: calls over a WebSocket with the `agents.v1.postcard` subprotocol (or
 //! `agents.v1.json`, see [`ConnectOptions::codec`]).
 //!
-//! One socket carries any number of concurrent calls, matched to replies by id. Each call has a
-//! timeout; dropping a call's future (or its timeout passing) sends `cancel`, so a call that has
-//! not run yet never runs. The events and shared state the agent pushes are kept for
+//! One socket carries any number of concurrent calls, matched to replies by id. A call made
+//! while no other is in flight (as the one before it was) writes its frame itself; calls made
+//! together queue for the connection's writer task, which writes them in one go. Each call has
+//! a timeout, which also bounds the wait to write its frame; dropping a call's future (or its
+//! timeout passing) sends `cancel`, so a call that has not run yet never runs. The events and shared state the agent pushes are kept for
 //! [`events`](crate::Transport::events) and [`state`](crate::Transport::state).
 //!
 //! A streaming call's chunks arrive on its [`RawStream`] as their frames come in; the timeout
@@ -171,6 +173,74 @@ impl Waiter {
 type Pending = Mutex<HashMap<u64, Waiter>>;
 type Socket =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+type Sink = futures_util::stream::SplitSink<Socket, Message>;
+
+/// The way out of one connection. A call alone on it writes its frame itself (no hand-over to
+/// another task, whose wake-up costs a sequential call tens of microseconds); calls made
+/// together queue their frames for the connection's writer task, which writes them in one go
+/// (so does the first call after a burst: the burst's next calls are on their way).
+struct Way {
+    queue: mpsc::UnboundedSender<Message>,
+    sink: tokio::sync::Mutex<Sink>,
+    /// Whether the last call was alone in flight too.
+    alone: std::sync::atomic::AtomicBool,
+}
+
+/// One connection's way out, shared by its calls (one reference count to touch per call).
+#[derive(Clone)]
+struct Outgoing(Arc<Way>);
+
+impl Outgoing {
+    /// The way out through `sink`, and what its writer task takes from the queue.
+    fn new(sink: Sink) -> (Self, mpsc::UnboundedReceiver<Message>) {
+        let (queue, queued) = mpsc::unbounded_channel();
+        let sink = tokio::sync::Mutex::new(sink);
+        let alone = Default::default();
+        (Outgoing(Arc::new(Way { queue, sink, alone })), queued)
+    }
+
+    /// Queues `frame` for the writer task.
+    fn queue(&self, frame: Message) -> Result<(), RawError> {
+        self.0.queue.send(frame).map_err(|_| disconnected())
+    }
+
+    /// Writes `frames`, in order: now if `alone` (no other call is in flight), as the last
+    /// call was, and the socket is free; or else through the queue. A write that waits (the server does not read) holds
+    /// the socket until `deadline`, and other frames queue meanwhile; what it buffered goes
+    /// with the next write.
+    async fn send(
+        &self,
+        frames: impl IntoIterator<Item = Message>,
+        alone: bool,
+        deadline: Instant,
+    ) -> Result<(), RawError> {
+        let twice = self.0.alone.swap(alone, Ordering::Relaxed) && alone;
+        let free = if twice {
+            self.0.sink.try_lock().ok()
+        } else {
+            None
+        };
+        let Some(mut sink) = free else {
+            return frames.into_iter().try_for_each(|f| self.queue(f));
+        };
+        // Boxed: the future of every call holds a pointer to it, not all it holds.
+        let write = Box::pin(async move {
+            for frame in frames {
+                sink.feed(frame).await?;
+            }
+            sink.flush().await
+        });
+        match tokio::time::timeout_at(deadline, write).await {
+            Ok(Ok(())) => Ok(()),
+            // The connection is lost: its reader sees it too, and reconnects.
+            Ok(Err(_)) => Err(disconnected()),
+            Err(_) => Err(RawError::new(
+                ErrorKind::Timeout,
+                "the server took no frame before the deadline: the call may not have been sent",
+            )),
+        }
+    }
+}
 
 /// The first reconnection attempt waits this long; each failure doubles it, up to
 /// [`MAX_BACKOFF`].
@@ -181,8 +251,8 @@ pub const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// Whether the transport has a connection to send on.
 #[derive(Clone)]
 enum Link {
-    /// Connected: the `generation`-th connection, and its outgoing queue.
-    Up(u64, mpsc::UnboundedSender<Message>),
+    /// Connected: the `generation`-th connection, and its way out.
+    Up(u64, Outgoing),
     /// Reconnecting.
     Down,
     /// Dropped for good.
@@ -347,9 +417,10 @@ async fn supervise(inner: Arc<Inner>, mut socket: Socket, mut stopped: oneshot::
     let mut generation = 0;
     loop {
         generation += 1;
-        let (out, outbound) = mpsc::unbounded_channel();
-        inner.link.send_replace(Link::Up(generation, out));
-        let stop = run(&inner, socket, outbound, &mut stopped).await;
+        let (sink, stream) = socket.split();
+        let (out, queued) = Outgoing::new(sink);
+        inner.link.send_replace(Link::Up(generation, out.clone()));
+        let stop = run(&inner, stream, out, queued, &mut stopped).await;
         // Marked down before the calls in flight are failed: a call either sees the link down
         // or is failed here.
         inner
@@ -386,17 +457,17 @@ async fn supervise(inner: Arc<Inner>, mut socket: Socket, mut stopped: oneshot::
 }
 
 /// Serves one connection; returns `true` if the transport was dropped, `false` if the
-/// connection was lost. Frames are written by a task of their own, so that replies are read
-/// while calls are being written.
+/// connection was lost. Queued frames are written by a task of their own, so that replies are
+/// read while calls are being written.
 async fn run(
     inner: &Inner,
-    socket: Socket,
-    outbound: mpsc::UnboundedReceiver<Message>,
+    mut stream: futures_util::stream::SplitStream<Socket>,
+    out: Outgoing,
+    queued: mpsc::UnboundedReceiver<Message>,
     stopped: &mut oneshot::Receiver<()>,
 ) -> bool {
-    let (sink, mut stream) = socket.split();
     let (stop_writer, writer_stopped) = oneshot::channel();
-    let mut writer = tokio::spawn(write(sink, outbound, writer_stopped));
+    let mut writer = tokio::spawn(write(out, queued, writer_stopped));
     let dropped = loop {
         tokio::select! {
             _ = &mut *stopped => break true,
@@ -418,15 +489,16 @@ async fn run(
     dropped
 }
 
-/// Writes the calls (and cancels) queued for one connection until it fails or is stopped.
+/// Writes the frames queued for one connection until it fails or is stopped.
 async fn write(
-    mut sink: futures_util::stream::SplitSink<Socket, Message>,
+    out: Outgoing,
     mut outbound: mpsc::UnboundedReceiver<Message>,
     mut stopped: oneshot::Receiver<()>,
 ) {
     loop {
         tokio::select! {
             _ = &mut stopped => {
+                let mut sink = out.0.sink.lock().await;
                 let bye = CloseFrame { code: CloseCode::Normal, reason: "".into() };
                 let _ = sink.send(Message::Close(Some(bye))).await;
                 let _ = sink.close().await;
@@ -434,6 +506,7 @@ async fn write(
             }
             message = outbound.recv() => {
                 // What is queued goes out together: one write for many frames.
+                let mut sink = out.0.sink.lock().await;
                 let mut next = message;
                 let mut yielded = false;
                 while let Some(message) = next.take() {
@@ -514,7 +587,7 @@ fn closed() -> RawError {
 /// its reply (an answered or disconnected call is no longer pending).
 struct CancelOnDrop {
     id: u64,
-    out: mpsc::UnboundedSender<Message>,
+    out: Outgoing,
     inner: Arc<Inner>,
 }
 
@@ -532,26 +605,26 @@ impl CancelOnDrop {
     fn credit(&self, chunks: u32) {
         let _ = self
             .out
-            .send(framing::credit(self.inner.codec(), self.id, chunks));
+            .queue(framing::credit(self.inner.codec(), self.id, chunks));
     }
 }
 
 impl Drop for CancelOnDrop {
     fn drop(&mut self) {
         if self.inner.pending().remove(&self.id).is_some() {
-            let _ = self.out.send(framing::cancel(self.inner.codec(), self.id));
+            let _ = self.out.queue(framing::cancel(self.inner.codec(), self.id));
         }
     }
 }
 
 /// Waits (until `deadline`) for a connection, registers call `id` on it, and returns the
-/// connection's queue.
+/// connection's way out, and whether the call is alone in flight on it.
 async fn register(
     inner: &Inner,
     id: u64,
     waiter: Waiter,
     deadline: Instant,
-) -> Result<mpsc::UnboundedSender<Message>, RawError> {
+) -> Result<(Outgoing, bool), RawError> {
     let connected = match &*inner.link.borrow() {
         Link::Up(generation, out) => Some((*generation, out.clone())),
         _ => None,
@@ -560,7 +633,11 @@ async fn register(
         Some(up) => up,
         None => reconnected(inner, deadline).await?,
     };
-    inner.pending().insert(id, waiter);
+    let alone = {
+        let mut pending = inner.pending();
+        pending.insert(id, waiter);
+        pending.len() == 1
+    };
     // Checked after registering: the supervisor marks the link down before it fails what is
     // pending, so the call is either failed by it or sees the change here.
     let still = matches!(&*inner.link.borrow(), Link::Up(g, _) if *g == generation);
@@ -568,14 +645,11 @@ async fn register(
         inner.pending().remove(&id);
         return Err(disconnected());
     }
-    Ok(out)
+    Ok((out, alone))
 }
 
 /// Waits (until `deadline`) for the transport to be connected again.
-async fn reconnected(
-    inner: &Inner,
-    deadline: Instant,
-) -> Result<(u64, mpsc::UnboundedSender<Message>), RawError> {
+async fn reconnected(inner: &Inner, deadline: Instant) -> Result<(u64, Outgoing), RawError> {
     let mut link = inner.link.subscribe();
     loop {
         let current = link.borrow_and_update().clone();
@@ -616,11 +690,14 @@ async fn start(
     }
     let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
     let streams = matches!(waiter, Waiter::Stream(_));
-    let out = register(inner, id, waiter, deadline).await?;
-    if streams {
-        // Flow control from the first chunk: the credit goes before the call.
-        let _ = out.send(framing::credit(inner.codec(), id, STREAM_WINDOW));
-    }
+    let (out, alone) = register(inner, id, waiter, deadline).await?;
+    // From here on, dropping the guard takes the call back (and cancels it, in case it went
+    // out whole or in part; a cancel of a call the server never saw is ignored).
+    let guard = CancelOnDrop {
+        id,
+        out,
+        inner: inner.clone(),
+    };
     let remaining = deadline.saturating_duration_since(Instant::now());
     let deadline_ms = remaining.as_millis() as u64;
     let frame = framing::call(
@@ -631,15 +708,11 @@ async fn start(
         deadline_ms,
         crate::trace::current(),
     )?;
-    if out.send(frame).is_err() {
-        inner.pending().remove(&id);
-        return Err(disconnected());
-    }
-    Ok(CancelOnDrop {
-        id,
-        out,
-        inner: inner.clone(),
-    })
+    // Flow control from the first chunk: the credit goes before the call.
+    let credit = streams.then(|| framing::credit(inner.codec(), id, STREAM_WINDOW));
+    let frames = credit.into_iter().chain([frame]);
+    guard.out.send(frames, alone, deadline).await?;
+    Ok(guard)
 }
 
 impl Transport for WsTransport {
