@@ -5,8 +5,9 @@
 //! while no other is in flight (as the one before it was) writes its frame itself; calls made
 //! together queue for the connection's writer task, which writes them in one go. Each call has
 //! a timeout, which also bounds the wait to write its frame; dropping a call's future (or its
-//! timeout passing) sends `cancel`, so a call that has not run yet never runs. The events and shared state the agent pushes are kept for
-//! [`events`](crate::Transport::events) and [`state`](crate::Transport::state).
+//! timeout passing) sends `cancel`, so a call that has not run yet never runs. The events and
+//! shared state the agent pushes are kept for [`events`](crate::Transport::events) and
+//! [`state`](crate::Transport::state).
 //!
 //! A streaming call's chunks arrive on its [`RawStream`] as their frames come in; the timeout
 //! then applies to each wait for a chunk, and dropping the stream sends `cancel`. The transport
@@ -205,9 +206,9 @@ impl Outgoing {
     }
 
     /// Writes `frames`, in order: now if `alone` (no other call is in flight), as the last
-    /// call was, and the socket is free; or else through the queue. A write that waits (the server does not read) holds
-    /// the socket until `deadline`, and other frames queue meanwhile; what it buffered goes
-    /// with the next write.
+    /// call was, and the socket is free; or else through the queue. A write that waits (the
+    /// server does not read) holds the socket until `deadline`, and other frames queue
+    /// meanwhile; what it buffered goes with the next write.
     async fn send(
         &self,
         frames: impl IntoIterator<Item = Message>,
