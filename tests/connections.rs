@@ -7,7 +7,7 @@ mod common;
 use std::{net::SocketAddr, time::Duration};
 
 use agents::{prelude::*, testing::TestRuntime};
-use common::{call, next_frame as next, next_json, ws_connect, Socket};
+use common::{call, next_frame as next, next_json, send_json, ws_connect, Socket};
 use futures_util::SinkExt;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -1019,5 +1019,37 @@ async fn shutdown_closes_connections_with_1001() {
             Message::Text(_) => continue,
             other => panic!("expected a close, got {other:?}"),
         }
+    }
+}
+
+/// A reply the agent writes straight into the socket (the only call in flight, see
+/// `Outbound::send_now`) never overtakes the frames its event queued before it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_comes_after_the_events_its_call_sent() {
+    let (_rt, addr) = serve(Runtime::builder()).await;
+    let (mut ws, _) = member(addr, "order", "me").await;
+    for round in 1..=20u64 {
+        let n = 50 * round as usize;
+        send_json(
+            &mut ws,
+            json!({"type": "call", "id": round, "method": "flood", "args": ["me", n, 100]}),
+        )
+        .await;
+        let mut events = 0;
+        loop {
+            let frame = next_json(&mut ws).await;
+            match frame["type"].as_str() {
+                Some("event") => events += 1,
+                Some("reply") => {
+                    assert_eq!(frame["id"], round, "{frame}");
+                    break;
+                }
+                _ => {}
+            }
+        }
+        assert_eq!(
+            events, n,
+            "every event of call {round} came before its reply"
+        );
     }
 }

@@ -28,7 +28,7 @@ use axum::{
     http::request::Parts,
     response::Response,
 };
-use futures_util::{SinkExt, StreamExt};
+use futures_util::StreamExt;
 use tokio::{sync::oneshot, time::Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -38,7 +38,7 @@ use crate::port::{AgentKey, ConnCall, ConnId, Limits, Protocol, Refusal};
 use super::{
     frames::{close, Incoming},
     inflight::InFlight,
-    outbound::{self, Outbound},
+    outbound::{self, Next, Outbound},
     timer::Timer,
     Wing,
 };
@@ -170,9 +170,10 @@ struct Connection {
 struct Held(#[allow(dead_code)] axum::http::Extensions);
 
 impl Connection {
-    async fn serve(self, (mut sink, stream): Halves) {
+    async fn serve(self, (sink, stream): Halves) {
         let closed = CancellationToken::new();
-        let (out, outbound) = outbound::queue(self.limits.outbound_queue, closed.clone());
+        let (out, outbound) =
+            outbound::queue(self.limits.outbound_queue, closed.clone(), Some(sink));
         // Tells the reader that the server closed the connection (the agent, or a shutdown).
         let (server_closed, mut closing) = oneshot::channel::<Ending>();
         let writer = tokio::spawn({
@@ -180,10 +181,14 @@ impl Connection {
             let (slow, key) = (self.wing.sockets.clone(), self.key.clone());
             async move {
                 let write = async {
-                    while let Some(first) = outbound.recv().await {
+                    while let Some(next) = outbound.next().await {
                         // What is queued goes out together: one write for many frames.
-                        let mut next = Some(first);
+                        let mut next = match next {
+                            Next::Frame(frame) => Some(frame),
+                            Next::Flush => None,
+                        };
                         let mut yielded = false;
+                        let mut sink = outbound.hold();
                         while let Some(message) = next.take() {
                             if let Message::Close(frame) = &message {
                                 let (code, reason) = frame
@@ -207,6 +212,8 @@ impl Connection {
                         if sink.flush().await.is_err() {
                             return;
                         }
+                        drop(sink);
+                        outbound.written();
                     }
                 };
                 tokio::select! {
@@ -215,7 +222,7 @@ impl Connection {
                         slow.closed_slow(&key);
                         // Say why, but do not wait on a client that does not read.
                         let close = close(close_code::POLICY, SLOW_READER);
-                        let _ = tokio::time::timeout(Duration::from_millis(100), sink.send(close)).await;
+                        let _ = tokio::time::timeout(Duration::from_millis(100), outbound.hold().send(close)).await;
                     }
                 }
             }

@@ -191,10 +191,17 @@ impl SocketReply {
         }
     }
 
-    /// Takes the call out and sends its reply (the caller checked that it holds the call).
+    /// Takes the call out and sends its reply (the caller checked that it holds the call):
+    /// written at once if it was the only call in flight (see `Outbound::send_now`); queued
+    /// with the others otherwise, which the writer task writes together.
     fn answer(&self, table: &mut Table, result: &Result<Payload, RawError>) {
         table.calls.remove(&self.id);
-        self.out.send(self.wire.reply(self.id, result));
+        let reply = self.wire.reply(self.id, result);
+        if table.calls.is_empty() {
+            self.out.send_now(reply);
+        } else {
+            self.out.send(reply);
+        }
     }
 
     /// Waits until the client has credit for one more chunk (if it uses flow control), and
@@ -259,7 +266,7 @@ mod tests {
     use super::*;
 
     fn socket() -> (Arc<InFlight>, Outbound, Frames) {
-        let (out, frames) = outbound::queue(16, CancellationToken::new());
+        let (out, frames) = outbound::queue(16, CancellationToken::new(), None);
         (Arc::default(), out, frames)
     }
 

@@ -12,6 +12,12 @@
 //! [`STALL`] without the writer taking one, because the client does not take what was written.
 //! A burst (one event that sends thousands of frames to a client that reads) passes, up to
 //! [`BURST`] times the capacity, which bounds what a connection can hold in any case.
+//!
+//! The queue also holds the socket's sending half, which the writer task writes through. A
+//! reply that finds the writer idle and nothing queued is written at once by whoever sends it
+//! ([`Outbound::send_now`]), as far as the socket takes it without waiting: a sequential call
+//! does not wait for the writer task to wake up; what the socket does not take at once is left
+//! to the writer.
 
 use std::{
     collections::VecDeque,
@@ -19,10 +25,12 @@ use std::{
         atomic::{AtomicUsize, Ordering},
         Arc, Mutex, MutexGuard,
     },
+    task::{Context, Poll, Waker},
     time::Duration,
 };
 
-use axum::extract::ws::Message;
+use axum::extract::ws::{Message, WebSocket};
+use futures_util::{stream::SplitSink, SinkExt};
 use tokio::{sync::Notify, time::Instant};
 use tokio_util::sync::CancellationToken;
 
@@ -35,12 +43,21 @@ pub(crate) const STALL: Duration = Duration::from_secs(1);
 /// How many times its capacity a queue may hold while its writer keeps taking frames.
 pub(crate) const BURST: usize = 16;
 
-/// A queue of `capacity` frames; `overflow` is cancelled when a frame finds it past that and
-/// the writer stalled, or past `BURST` times that.
-pub(crate) fn queue(capacity: usize, overflow: CancellationToken) -> (Outbound, Frames) {
+/// The sending half of a socket.
+pub(crate) type Sink = SplitSink<WebSocket, Message>;
+
+/// A queue of `capacity` frames to `sink` (none: frames are only queued); `overflow` is
+/// cancelled when a frame finds it past that and the writer stalled, or past `BURST` times
+/// that.
+pub(crate) fn queue(
+    capacity: usize,
+    overflow: CancellationToken,
+    sink: Option<Sink>,
+) -> (Outbound, Frames) {
     let capacity = capacity.max(1);
     let shared = Arc::new(Shared {
         state: Mutex::default(),
+        sink: Mutex::new(sink),
         senders: AtomicUsize::new(1),
         queued: Notify::new(),
         taken: Notify::new(),
@@ -59,6 +76,9 @@ pub(crate) fn queue(capacity: usize, overflow: CancellationToken) -> (Outbound, 
 
 struct Shared {
     state: Mutex<State>,
+    /// The socket's sending half: held by the writer task while `State::writing`, written by
+    /// a sender while not (under the state's lock); gone with the writer.
+    sink: Mutex<Option<Sink>>,
     /// How many `Outbound`s there are: the writer ends when none is left and all is sent.
     senders: AtomicUsize,
     /// Wakes the writer: a frame was queued, or the last sender went away.
@@ -80,6 +100,9 @@ struct State {
     progress: Option<Instant>,
     /// The writer is gone (the connection closed): frames are dropped.
     writer_gone: bool,
+    /// The writer task has frames in hand, or bytes in the socket's buffer to flush: a frame
+    /// sent now must queue behind them.
+    writing: bool,
 }
 
 impl Shared {
@@ -136,6 +159,46 @@ impl Outbound {
         self.shared.queued.notify_one();
     }
 
+    /// Sends `frame` as [`send`](Self::send) does, but writes it at once if nothing is queued
+    /// or being written, as far as the socket takes it without waiting (what it does not take
+    /// is left to the writer task).
+    pub fn send_now(&self, frame: Message) {
+        let mut state = self.shared.state();
+        if state.writing || !state.frames.is_empty() || state.writer_gone {
+            drop(state);
+            return self.send(frame);
+        }
+        let mut sink = lock(&self.shared.sink);
+        let Some(sink) = sink.as_mut() else {
+            drop((sink, state));
+            return self.send(frame);
+        };
+        // Polled with a waker that does nothing: nobody waits here; the writer task, woken
+        // below, polls again with its own.
+        let mut cx = Context::from_waker(Waker::noop());
+        match sink.poll_ready_unpin(&mut cx) {
+            Poll::Ready(Ok(())) => {}
+            // The connection failed: the reader sees it and ends it.
+            Poll::Ready(Err(_)) => return,
+            Poll::Pending => {
+                state.frames.push_back(frame);
+                state.progress = Some(Instant::now());
+                state.writing = true;
+                drop(state);
+                return self.shared.queued.notify_one();
+            }
+        }
+        if sink.start_send_unpin(frame).is_err() {
+            return;
+        }
+        if sink.poll_flush_unpin(&mut cx).is_pending() {
+            state.progress = Some(Instant::now());
+            state.writing = true;
+            drop(state);
+            self.shared.queued.notify_one();
+        }
+    }
+
     /// Waits until half the queue is free, for a frame that can wait (a chunk of a stream), so
     /// that the frames that cannot (replies, events) still find room. `false` if the
     /// connection is gone.
@@ -163,31 +226,67 @@ pub(crate) struct Frames {
     shared: Arc<Shared>,
 }
 
+/// What the writer is to do next.
+pub(crate) enum Next {
+    /// Write this frame.
+    Frame(Message),
+    /// Flush what a sender left in the socket's buffer.
+    Flush,
+}
+
 impl Frames {
-    /// The next frame; `None` once every sender is gone and everything was taken.
-    pub async fn recv(&self) -> Option<Message> {
+    /// What to do next: a frame to write, or a flush to finish; `None` once every sender is
+    /// gone and everything was taken. Until [`written`](Self::written), the writer is writing:
+    /// senders queue.
+    pub async fn next(&self) -> Option<Next> {
         loop {
-            if let Some(frame) = self.try_recv() {
-                return Some(frame);
+            if let Some(next) = self.try_next() {
+                return Some(next);
             }
             // Nothing queued: wait, having checked again once registered for a wake-up.
             let queued = self.shared.queued.notified();
             tokio::pin!(queued);
             queued.as_mut().enable();
-            if let Some(frame) = self.try_recv() {
-                return Some(frame);
+            if let Some(next) = self.try_next() {
+                return Some(next);
             }
             if self.shared.senders.load(Ordering::Acquire) == 0 {
-                return self.try_recv();
+                return self.try_next();
             }
             queued.await;
         }
     }
 
-    /// The next frame if one is queued.
+    fn try_next(&self) -> Option<Next> {
+        if let Some(frame) = self.try_recv() {
+            return Some(Next::Frame(frame));
+        }
+        self.shared.state().writing.then_some(Next::Flush)
+    }
+
+    /// The writer wrote and flushed what it took: if nothing was queued meanwhile, senders
+    /// may write again themselves.
+    pub fn written(&self) {
+        let mut state = self.shared.state();
+        if state.frames.is_empty() {
+            state.writing = false;
+        }
+    }
+
+    /// The socket's sending half, for the writer while it writes (senders queue meanwhile);
+    /// it goes back when the returned guard is dropped.
+    pub fn hold(&self) -> Held<'_> {
+        Held {
+            sink: lock(&self.shared.sink).take(),
+            frames: self,
+        }
+    }
+
+    /// The next frame if one is queued (the writer is then writing).
     pub fn try_recv(&self) -> Option<Message> {
         let mut state = self.shared.state();
         let frame = state.frames.pop_front()?;
+        state.writing = true;
         let left = state.frames.len();
         if left > 0 {
             state.progress = Some(Instant::now());
@@ -200,14 +299,51 @@ impl Frames {
     }
 }
 
+/// The socket's sending half while the writer holds it (see [`Frames::hold`]).
+pub(crate) struct Held<'a> {
+    sink: Option<Sink>,
+    frames: &'a Frames,
+}
+
+impl Held<'_> {
+    /// Writes `frame` into the socket's buffer (its flush may wait for the next frames).
+    pub async fn feed(&mut self, frame: Message) -> Result<(), axum::Error> {
+        match &mut self.sink {
+            Some(sink) => sink.feed(frame).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Writes what the socket's buffer holds.
+    pub async fn flush(&mut self) -> Result<(), axum::Error> {
+        match &mut self.sink {
+            Some(sink) => sink.flush().await,
+            None => Ok(()),
+        }
+    }
+
+    /// Writes `frame` and flushes.
+    pub async fn send(&mut self, frame: Message) -> Result<(), axum::Error> {
+        self.feed(frame).await?;
+        self.flush().await
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        *lock(&self.frames.shared.sink) = self.sink.take();
+    }
+}
+
 impl Drop for Frames {
     fn drop(&mut self) {
-        let frames = {
+        let (frames, sink) = {
             let mut state = self.shared.state();
             state.writer_gone = true;
-            std::mem::take(&mut state.frames)
+            let sink = lock(&self.shared.sink).take();
+            (std::mem::take(&mut state.frames), sink)
         };
-        drop(frames);
+        drop((frames, sink));
         self.shared.taken.notify_waiters();
     }
 }
@@ -228,22 +364,26 @@ mod tests {
 
     #[tokio::test]
     async fn frames_leave_in_order_and_the_writer_ends_with_the_last_sender() {
-        let (out, frames) = queue(8, CancellationToken::new());
+        let (out, frames) = queue(8, CancellationToken::new(), None);
         let other = out.clone();
         out.send(text("a"));
         other.send(text("b"));
-        assert_eq!(frames.recv().await.unwrap().to_text().unwrap(), "a");
+        let Some(Next::Frame(a)) = frames.next().await else {
+            panic!("a frame is queued")
+        };
+        assert_eq!(a.to_text().unwrap(), "a");
         drop(out);
         other.send(text("c"));
         drop(other);
         assert_eq!(taken(&frames), ["b", "c"]);
-        assert!(frames.recv().await.is_none(), "every sender is gone");
+        frames.written();
+        assert!(frames.next().await.is_none(), "every sender is gone");
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_full_queue_whose_writer_stalled_closes_the_connection_instead_of_waiting() {
         let overflow = CancellationToken::new();
-        let (out, frames) = queue(3, overflow.clone());
+        let (out, frames) = queue(3, overflow.clone(), None);
         for f in ["1", "2", "3", "4"] {
             out.send(text(f));
         }
@@ -264,7 +404,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_writer_that_keeps_taking_frames_is_not_stalled_but_a_burst_is_bounded() {
         let overflow = CancellationToken::new();
-        let (out, frames) = queue(3, overflow.clone());
+        let (out, frames) = queue(3, overflow.clone(), None);
         for round in 0..10 {
             for _ in 0..3 {
                 out.send(text(&round.to_string()));
@@ -284,7 +424,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_stream_waits_for_half_the_queue_and_stops_when_the_writer_is_gone() {
-        let (out, frames) = queue(4, CancellationToken::new());
+        let (out, frames) = queue(4, CancellationToken::new(), None);
         for f in ["1", "2", "3"] {
             out.send(text(f));
         }
