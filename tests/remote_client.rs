@@ -219,3 +219,23 @@ async fn a_call_that_cannot_be_written_fails_by_its_deadline() {
         assert_eq!(err.kind, agents::client::ErrorKind::Timeout, "{err}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_larger_than_the_socket_takes_at_once_arrives_whole_and_the_socket_goes_on() {
+    let (_rt, base) = serve().await;
+    let remote = CounterClient::connect(&format!("{base}/net-large"))
+        .await
+        .unwrap();
+    // The only call in flight: its reply is written by the agent's side at once, as far as the
+    // socket takes it, and the connection's writer task flushes the rest.
+    let rounds = async {
+        for round in 1..=3 {
+            let blob = remote.blob(6 << 20).await.unwrap();
+            assert_eq!(blob.len(), 6 << 20);
+            assert_eq!(remote.add(1).await.unwrap(), round, "the socket goes on");
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(60), rounds)
+        .await
+        .expect("a reply's rest was left unwritten");
+}
