@@ -238,4 +238,22 @@ async fn a_reply_larger_than_the_socket_takes_at_once_arrives_whole_and_the_sock
     tokio::time::timeout(Duration::from_secs(60), rounds)
         .await
         .expect("a reply's rest was left unwritten");
+    // Larger than tungstenite's default frame limit (16 MiB), within the client's (64 MiB).
+    assert_eq!(remote.blob(24 << 20).await.unwrap().len(), 24 << 20);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_past_the_clients_limit_fails_its_call_saying_so() {
+    let (_rt, base) = serve().await;
+    let options = agents::client::ConnectOptions::new().max_message_bytes(1 << 20);
+    let remote = CounterClient::connect_with(&format!("{base}/net-limit"), options)
+        .await
+        .unwrap();
+    let err = remote.blob(2 << 20).await.unwrap_err();
+    assert!(
+        matches!(&err, RpcError::Internal(m) if m.contains("too long") && m.contains("may or may not have run")),
+        "{err}"
+    );
+    // The client reconnects by itself, and the next call goes through.
+    assert_eq!(remote.add(1).await.unwrap(), 1);
 }

@@ -29,7 +29,9 @@ pub use stream::{CallStream, EventStream, StateStream, StreamError};
 pub use transport::{
     BoxFuture, ClientCore, MethodCall, MethodInfo, OutgoingCall, RawStream, Transport,
 };
-pub use ws::{ConnectError, ConnectOptions, WsTransport, DEFAULT_TIMEOUT};
+pub use ws::{
+    ConnectError, ConnectOptions, WsTransport, DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_TIMEOUT,
+};
 
 /// Declares an agent's API as a trait, in a crate that needs nothing but this one (and serde):
 /// no SQLite, no server. The trait is written as its client calls it; the macro generates the

@@ -50,6 +50,9 @@ use crate::{
 /// The timeout of calls that set none.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// The largest frame a client takes from the server unless told otherwise (64 MiB).
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 64 << 20;
+
 /// Why a connection could not be opened. URLs in it have their query string hidden (it may
 /// hold a token).
 #[derive(Debug, thiserror::Error)]
@@ -101,6 +104,7 @@ pub struct ConnectOptions {
     headers: Vec<(String, String)>,
     codec: Codec,
     timeout: Duration,
+    max_message_bytes: usize,
 }
 
 impl Default for ConnectOptions {
@@ -109,6 +113,7 @@ impl Default for ConnectOptions {
             headers: Vec::new(),
             codec: Codec::Postcard,
             timeout: DEFAULT_TIMEOUT,
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
         }
     }
 }
@@ -142,6 +147,14 @@ impl ConnectOptions {
     /// The timeout of calls that set none.
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
+        self
+    }
+
+    /// The largest frame the client takes from the server (a reply, an event, a chunk);
+    /// [`DEFAULT_MAX_MESSAGE_BYTES`] unless set. A larger one ends the connection, and the
+    /// calls in flight fail saying so.
+    pub fn max_message_bytes(mut self, bytes: usize) -> Self {
+        self.max_message_bytes = bytes;
         self
     }
 }
@@ -290,11 +303,15 @@ pub struct WsTransport {
 }
 
 /// Small buffers: tungstenite zeroes the whole read buffer before every read, and replies are
-/// small (a large one still arrives whole: the buffer grows for it).
-fn socket_config() -> WebSocketConfig {
+/// small (a large one still arrives whole: the buffer grows for it). The server sends each
+/// message as one frame: the largest frame is the largest message.
+fn socket_config(options: &ConnectOptions) -> WebSocketConfig {
+    let max = Some(options.max_message_bytes);
     WebSocketConfig::default()
         .read_buffer_size(8 * 1024)
         .write_buffer_size(16 * 1024)
+        .max_message_size(max)
+        .max_frame_size(max)
 }
 
 /// Opens one connection and reads the server's identity frame.
@@ -328,7 +345,7 @@ async fn open(
         headers.append(name, value);
     }
     let (mut socket, response) =
-        tokio_tungstenite::connect_async_with_config(request, Some(socket_config()), false)
+        tokio_tungstenite::connect_async_with_config(request, Some(socket_config(options)), false)
             .await
             .map_err(|e| match e {
                 tokio_tungstenite::tungstenite::Error::Http(response) => ConnectError::Refused {
@@ -421,14 +438,20 @@ async fn supervise(inner: Arc<Inner>, mut socket: Socket, mut stopped: oneshot::
         let (sink, stream) = socket.split();
         let (out, queued) = Outgoing::new(sink);
         inner.link.send_replace(Link::Up(generation, out.clone()));
-        let stop = run(&inner, stream, out, queued, &mut stopped).await;
+        let ended = run(&inner, stream, out, queued, &mut stopped).await;
+        let stop = matches!(ended, Ended::Dropped);
         // Marked down before the calls in flight are failed: a call either sees the link down
         // or is failed here.
         inner
             .link
             .send_replace(if stop { Link::Closed } else { Link::Down });
         for (_, waiter) in inner.pending().drain() {
-            waiter.fail(disconnected());
+            waiter.fail(match &ended {
+                Ended::Lost(Some(why)) => RawError::internal(format!(
+                    "the connection failed before the reply arrived ({why}); the call may or may not have run"
+                )),
+                _ => disconnected(),
+            });
         }
         if stop {
             return;
@@ -457,8 +480,15 @@ async fn supervise(inner: Arc<Inner>, mut socket: Socket, mut stopped: oneshot::
     }
 }
 
-/// Serves one connection; returns `true` if the transport was dropped, `false` if the
-/// connection was lost. Queued frames are written by a task of their own, so that replies are
+/// How a connection ended.
+enum Ended {
+    /// The transport was dropped.
+    Dropped,
+    /// The connection was lost; why, if reading it failed.
+    Lost(Option<String>),
+}
+
+/// Serves one connection until the transport is dropped or the connection lost. Queued frames are written by a task of their own, so that replies are
 /// read while calls are being written.
 async fn run(
     inner: &Inner,
@@ -466,28 +496,35 @@ async fn run(
     out: Outgoing,
     queued: mpsc::UnboundedReceiver<Message>,
     stopped: &mut oneshot::Receiver<()>,
-) -> bool {
+) -> Ended {
     let (stop_writer, writer_stopped) = oneshot::channel();
     let mut writer = tokio::spawn(write(out, queued, writer_stopped));
-    let dropped = loop {
+    let ended = loop {
         tokio::select! {
-            _ = &mut *stopped => break true,
-            _ = &mut writer => break false, // it could not write: the connection is lost
+            _ = &mut *stopped => break Ended::Dropped,
+            _ = &mut writer => break Ended::Lost(None), // it could not write
             frame = stream.next() => {
-                let Some(Ok(frame)) = frame else { break false };
+                let frame = match frame {
+                    Some(Ok(frame)) => frame,
+                    Some(Err(e)) => {
+                        tracing::debug!(url = %redact(&inner.url), "the connection failed: {e}");
+                        break Ended::Lost(Some(e.to_string()));
+                    }
+                    None => break Ended::Lost(None),
+                };
                 if let Some(received) = framing::read(inner.options.codec, &frame) {
                     read(inner, received);
                 }
             }
         }
     };
-    if dropped {
+    if let Ended::Dropped = ended {
         let _ = stop_writer.send(()); // it closes the socket
         let _ = writer.await;
     } else {
         writer.abort();
     }
-    dropped
+    ended
 }
 
 /// Writes the frames queued for one connection until it fails or is stopped.
