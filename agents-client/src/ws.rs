@@ -447,9 +447,7 @@ async fn supervise(inner: Arc<Inner>, mut socket: Socket, mut stopped: oneshot::
             .send_replace(if stop { Link::Closed } else { Link::Down });
         for (_, waiter) in inner.pending().drain() {
             waiter.fail(match &ended {
-                Ended::Lost(Some(why)) => RawError::internal(format!(
-                    "the connection failed before the reply arrived ({why}); the call may or may not have run"
-                )),
+                Ended::Lost(Some(why)) => failed(why),
                 _ => disconnected(),
             });
         }
@@ -488,8 +486,9 @@ enum Ended {
     Lost(Option<String>),
 }
 
-/// Serves one connection until the transport is dropped or the connection lost. Queued frames are written by a task of their own, so that replies are
-/// read while calls are being written.
+/// Serves one connection until the transport is dropped or the connection lost. Queued
+/// frames are written by a task of their own, so that replies are read while calls are being
+/// written.
 async fn run(
     inner: &Inner,
     mut stream: futures_util::stream::SplitStream<Socket>,
@@ -609,6 +608,13 @@ pub async fn next_queued<M>(
     }
     tokio::task::yield_now().await;
     try_recv()
+}
+
+/// What the calls in flight are told when reading their connection failed `why`.
+fn failed(why: &str) -> RawError {
+    RawError::internal(format!(
+        "the connection failed before the reply arrived ({why}); the call may or may not have run"
+    ))
 }
 
 fn disconnected() -> RawError {
