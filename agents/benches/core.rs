@@ -12,7 +12,9 @@
 //! - `raw_open_write_close`: open an existing database, write, close (a wake after a
 //!   hibernation, and the hibernation);
 //! - `raw_connections`: open databases kept open, each with the table and one row, in a child
-//!   process (what a live agent's database costs in memory at least).
+//!   process (what a live agent's database costs in memory at least);
+//! - `same_agent_before_the_burst`: an awake agent's sequential calls with nothing else
+//!   running, against the same calls while 1,000 new agents are called at once.
 
 use std::time::{Duration, Instant};
 
@@ -205,6 +207,59 @@ async fn spread(d: Durability, agents: usize, callers: usize) {
     );
 }
 
+/// One agent's sequential calls (their latencies, sorted) while `burst` new agents are called
+/// all at once, until they all answered; with no burst, `calls` calls.
+async fn hot_during_burst(
+    rt: &TestRuntime,
+    burst: usize,
+    tag: &str,
+    calls: usize,
+) -> Vec<Duration> {
+    let hot = rt.agent::<Counter>("hot");
+    hot.add(0).await.unwrap();
+    let tasks: Vec<_> = (0..burst)
+        .map(|i| {
+            let rt = rt.runtime().clone();
+            let name = format!("burst-{tag}-{i}");
+            tokio::spawn(async move { rt.agent::<Counter>(&name).add(1).await.unwrap() })
+        })
+        .collect();
+    let mut lat = Vec::new();
+    let going = |lat: &Vec<Duration>| match burst {
+        0 => lat.len() < calls,
+        _ => tasks.iter().any(|t| !t.is_finished()),
+    };
+    while going(&lat) {
+        let t = Instant::now();
+        hot.add(1).await.unwrap();
+        lat.push(t.elapsed());
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    lat.sort();
+    lat
+}
+
+/// What a burst of `n` new agents (a careless or hostile client's new names) does to an agent
+/// already awake: its sequential calls' latencies during the burst, against the same calls
+/// before it, in the same runtime.
+async fn burst(n: usize) {
+    let rt = runtime(Durability::Full);
+    let quiet = hot_during_burst(&rt, 0, "none", 500).await;
+    let during = hot_during_burst(&rt, n, "new", 0).await;
+    println!(
+        "{{\"bench\":\"hot_agent_during_burst\",\"durability\":\"full\",\"burst\":{n},\"calls_during\":{},\"p50_us\":{:.0},\"p99_us\":{:.0},\"max_us\":{:.0},\"baseline\":\"same_agent_before_the_burst\",\"baseline_p50_us\":{:.0},\"baseline_p99_us\":{:.0},\"p50_ratio\":{:.2}}}",
+        during.len(),
+        percentile(&during, 0.5),
+        percentile(&during, 0.99),
+        percentile(&during, 1.0),
+        percentile(&quiet, 0.5),
+        percentile(&quiet, 0.99),
+        percentile(&during, 0.5) / percentile(&quiet, 0.5),
+    );
+}
+
 /// `cycles` times: hibernate one agent, then call it (the call wakes it: opens its database,
 /// writes, commits). Against raw rusqlite opening the same kind of file, writing once and
 /// closing it (the close checkpoints, as a hibernation does).
@@ -380,6 +435,9 @@ fn main() {
         }
         if run("rss_per_live_agent") {
             rss_per_live_agent(2_000 / scale);
+        }
+        if run("hot_agent_during_burst") {
+            burst(1_000 / scale).await;
         }
     });
 }
