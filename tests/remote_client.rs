@@ -12,12 +12,17 @@ async fn serve() -> (TestRuntime, String) {
     (rt, format!("ws://{addr}/agents/counter"))
 }
 
+/// A typed client of the counter `name` under `base`.
+async fn client(base: &str, name: &str) -> CounterClient {
+    CounterClient::connect(&format!("{base}/{name}"))
+        .await
+        .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_same_typed_client_works_over_the_network() {
     let (rt, base) = serve().await;
-    let remote = CounterClient::connect(&format!("{base}/net-bob"))
-        .await
-        .unwrap();
+    let remote = client(&base, "net-bob").await;
     assert_eq!(remote.add(5).await.unwrap(), 5);
     assert_eq!(remote.add(2).await.unwrap(), 7);
     assert_eq!(
@@ -50,9 +55,7 @@ async fn the_same_typed_client_works_over_the_network() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_connection_carries_many_concurrent_calls() {
     let (_rt, base) = serve().await;
-    let remote = CounterClient::connect(&format!("{base}/net-shared"))
-        .await
-        .unwrap();
+    let remote = client(&base, "net-shared").await;
     let tasks: Vec<_> = (0..16)
         .map(|_| {
             let remote = remote.clone();
@@ -72,9 +75,7 @@ async fn one_connection_carries_many_concurrent_calls() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn timeouts_and_dropped_calls_cancel_on_the_server() {
     let (rt, base) = serve().await;
-    let remote = CounterClient::connect(&format!("{base}/net-cancel"))
-        .await
-        .unwrap();
+    let remote = client(&base, "net-cancel").await;
     let quick = remote.clone().with_timeout(Duration::from_millis(50));
     assert_eq!(quick.sleep_ms(500).await.unwrap_err(), RpcError::Timeout);
     // Queue an add behind a slow call, then drop it: it never runs.
@@ -223,9 +224,7 @@ async fn a_call_that_cannot_be_written_fails_by_its_deadline() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reply_larger_than_the_socket_takes_at_once_arrives_whole_and_the_socket_goes_on() {
     let (_rt, base) = serve().await;
-    let remote = CounterClient::connect(&format!("{base}/net-large"))
-        .await
-        .unwrap();
+    let remote = client(&base, "net-large").await;
     // The only call in flight: its reply is written by the agent's side at once, as far as the
     // socket takes it, and the connection's writer task flushes the rest.
     let rounds = async {

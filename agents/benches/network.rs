@@ -245,14 +245,7 @@ impl RawTarget {
 
     /// A socket to the target that has made one round trip (with request id 0).
     async fn connect(&self) -> Ws {
-        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-        let mut request = self.url.as_str().into_client_request().unwrap();
-        if let Some(protocol) = self.protocol {
-            request
-                .headers_mut()
-                .insert("sec-websocket-protocol", protocol.parse().unwrap());
-        }
-        let (mut ws, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+        let mut ws = open(&self.url, self.protocol).await;
         for _ in 0..self.greeting {
             ws.next().await.unwrap().unwrap();
         }
@@ -454,14 +447,20 @@ impl Hub {
 type Ws =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
-async fn open_postcard(url: &str) -> Ws {
+/// A WebSocket to `url`, asking for `protocol` if any.
+async fn open(url: &str, protocol: Option<&str>) -> Ws {
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
     let mut request = url.into_client_request().unwrap();
-    request.headers_mut().insert(
-        "Sec-WebSocket-Protocol",
-        agents::client::protocol::POSTCARD_PROTOCOL.parse().unwrap(),
-    );
+    if let Some(protocol) = protocol {
+        request
+            .headers_mut()
+            .insert("sec-websocket-protocol", protocol.parse().unwrap());
+    }
     tokio_tungstenite::connect_async(request).await.unwrap().0
+}
+
+async fn open_postcard(url: &str) -> Ws {
+    open(url, Some(agents::client::protocol::POSTCARD_PROTOCOL)).await
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {

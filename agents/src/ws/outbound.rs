@@ -176,27 +176,25 @@ impl Outbound {
         // Polled with a waker that does nothing: nobody waits here; the writer task, woken
         // below, polls again with its own.
         let mut cx = Context::from_waker(Waker::noop());
-        match sink.poll_ready_unpin(&mut cx) {
-            Poll::Ready(Ok(())) => {}
+        let left = match sink.poll_ready_unpin(&mut cx) {
             // The connection failed: the reader sees it and ends it.
             Poll::Ready(Err(_)) => return,
-            Poll::Pending => {
-                state.frames.push_back(frame);
-                state.progress = Some(Instant::now());
-                state.writing = true;
-                drop(state);
-                return self.shared.queued.notify_one();
-            }
-        }
-        if sink.start_send_unpin(frame).is_err() {
+            Poll::Ready(Ok(())) => match sink.start_send_unpin(frame) {
+                Err(_) => return,
+                Ok(()) => None,
+            },
+            // The socket's buffer is full: the frame waits for the writer.
+            Poll::Pending => Some(frame),
+        };
+        if left.is_none() && sink.poll_flush_unpin(&mut cx).is_ready() {
             return;
         }
-        if sink.poll_flush_unpin(&mut cx).is_pending() {
-            state.progress = Some(Instant::now());
-            state.writing = true;
-            drop(state);
-            self.shared.queued.notify_one();
-        }
+        // What is left (the frame, or its bytes in the socket's buffer) is the writer's.
+        state.frames.extend(left);
+        state.progress = Some(Instant::now());
+        state.writing = true;
+        drop(state);
+        self.shared.queued.notify_one();
     }
 
     /// Waits until half the queue is free, for a frame that can wait (a chunk of a stream), so
@@ -308,18 +306,19 @@ pub(crate) struct Held<'a> {
 impl Held<'_> {
     /// Writes `frame` into the socket's buffer (its flush may wait for the next frames).
     pub async fn feed(&mut self, frame: Message) -> Result<(), axum::Error> {
-        match &mut self.sink {
-            Some(sink) => sink.feed(frame).await,
-            None => Ok(()),
-        }
+        self.sink()?.feed(frame).await
     }
 
     /// Writes what the socket's buffer holds.
     pub async fn flush(&mut self) -> Result<(), axum::Error> {
-        match &mut self.sink {
-            Some(sink) => sink.flush().await,
-            None => Ok(()),
-        }
+        self.sink()?.flush().await
+    }
+
+    /// The sending half; an error if the queue has none (it was made without a socket).
+    fn sink(&mut self) -> Result<&mut Sink, axum::Error> {
+        self.sink
+            .as_mut()
+            .ok_or_else(|| axum::Error::new("the queue has no socket to write to"))
     }
 
     /// Writes `frame` and flushes.
