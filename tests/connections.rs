@@ -72,7 +72,11 @@ impl Agent for Room {
 
     async fn on_connect(&mut self, ctx: &mut Ctx<Self>, conn: &Conn<Self>) -> Result<(), AppError> {
         let name = conn.principal().unwrap_or("anonymous").to_owned();
-        if name == "banned" {
+        if name == "slow-banned" {
+            // Refuses after a while: the frames its client sends meanwhile are read.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        if name.ends_with("banned") {
             return Err(AppError::msg("banned users may not join"));
         }
         log(ctx, format!("connect {name}"))?;
@@ -324,7 +328,8 @@ async fn next_said(ws: &mut Socket) -> String {
 
 /// A JSON-protocol member of room `room`, admitted; returns the socket and its connection id.
 /// The identity frame comes before `on_connect` runs; a call answered on the socket proves it
-/// ran (calls are read only once it has), so broadcasts from then on reach this member.
+/// ran (the call runs after it, and its reply leaves after the admission), so broadcasts from
+/// then on reach this member.
 async fn member(addr: SocketAddr, room: &str, user: &str) -> (Socket, String) {
     let path = format!("/agents/room/{room}?user={user}");
     let mut ws = ws_connect(addr, &path, Some("agents.v1.json"))
@@ -734,6 +739,44 @@ async fn admission_hooks_refuse_without_waking_the_agent() {
         }
         other => panic!("expected a close, got {other:?}"),
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_sent_before_on_connect_refuses_never_run() {
+    let (rt, addr) = serve(Runtime::builder()).await;
+    // Frames are read while on_connect runs (slowly, here): these calls reach the agent
+    // before it refuses the connection, and must never run.
+    let mut ws = ws_connect(
+        addr,
+        "/agents/room/sneaky?user=slow-banned",
+        Some("agents.v1.json"),
+    )
+    .await
+    .unwrap();
+    for id in 0..5 {
+        let frame = json!({"type": "call", "id": id, "method": "post", "args": ["sneaked in"]});
+        send_json(&mut ws, frame).await;
+    }
+    loop {
+        match next(&mut ws).await {
+            Message::Close(Some(f)) => {
+                assert_eq!(f.code, CloseCode::Policy);
+                assert!(f.reason.contains("banned users may not join"), "{f:?}");
+                break;
+            }
+            Message::Text(t) => {
+                let frame: Value = serde_json::from_str(&t).unwrap();
+                assert_eq!(
+                    frame["type"], "identity",
+                    "a refused connection got {frame}"
+                );
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    // None of them was posted: the room's first post is this one.
+    let room = rt.runtime().agent::<Room>("sneaky");
+    assert_eq!(room.post("after".into()).await.unwrap(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -4,7 +4,13 @@
 //! implements the first and uses the second; it names nothing else of the core, and the core
 //! names nothing of it (`tests/layering.rs` checks both).
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    future::Future,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
 
 use tokio::{sync::oneshot, time::Instant};
 
@@ -18,7 +24,7 @@ pub(crate) use crate::{
 use crate::{
     agent::Invocation,
     error::Error,
-    registry::{CallEvent, Chain, Event, ReplyTo, Shared},
+    registry::{CallEvent, Chain, Event, Reply, ReplyTo, Shared},
 };
 use agents_client::{trace::TraceContext, Payload, RawError};
 use axum::{http::StatusCode, response::IntoResponse};
@@ -91,6 +97,21 @@ pub(crate) struct Limits {
 #[derive(Clone)]
 pub(crate) struct Door(Arc<Shared>);
 
+/// What a connection's `Connect` event comes to, once durable (see [`Door::connect`]): an
+/// error if the agent refused the connection or cannot run.
+pub(crate) struct Admitting(oneshot::Receiver<Reply>);
+
+impl Future for Admitting {
+    type Output = Result<(), RawError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Pin::new(&mut self.0).poll(cx).map(|outcome| match outcome {
+            Ok(result) => result.map(drop),
+            Err(_) => Err(RawError::internal("the agent stopped")),
+        })
+    }
+}
+
 impl Door {
     pub(crate) fn new(shared: Arc<Shared>) -> Self {
         Door(shared)
@@ -117,27 +138,28 @@ impl Door {
         (class.before_connect)(key.name(), head).await
     }
 
-    /// Connection `conn` to `key` opened: records it and runs `on_connect`; done once that is
-    /// durable (an error: the agent refused it, or cannot run).
+    /// Connection `conn` to `key` opened: hands the agent the event that records it and runs
+    /// `on_connect`, and returns (once it is in the mailbox: the connection's frames may be
+    /// routed from then on) what that event comes to, once durable: an error if the agent
+    /// refused the connection or cannot run. `refused` is called as soon as it is refused.
     pub(crate) async fn connect(
         &self,
         key: &AgentKey,
         conn: ConnId,
         protocol: Protocol,
         principal: Option<String>,
-    ) -> Result<(), RawError> {
+        refused: Box<dyn FnOnce() + Send>,
+    ) -> Result<Admitting, RawError> {
         let (done, connected) = oneshot::channel();
         let event = Event::Connect {
             conn,
             protocol,
             principal,
             done,
+            refused,
         };
         match self.0.route(key, event).await {
-            Ok(()) => match connected.await {
-                Ok(result) => result.map(drop),
-                Err(_) => Err(RawError::internal("the agent stopped")),
-            },
+            Ok(()) => Ok(Admitting(connected)),
             Err((e, _)) => Err(e.told("the agent cannot be reached")),
         }
     }

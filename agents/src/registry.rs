@@ -101,11 +101,15 @@ pub(crate) enum Event {
     /// An alarm is about to go off: open the database now, so that it runs on time.
     Warm,
     /// A WebSocket connected: record it, run `on_connect`; answered once that is durable.
+    /// The connection's frames are routed meanwhile (their events come after this one):
+    /// `refused` is called as soon as `on_connect` refuses it (or the event cannot run), so
+    /// that the calls it made never run.
     Connect {
         conn: ConnId,
         protocol: Protocol,
         principal: Option<String>,
         done: oneshot::Sender<Reply>,
+        refused: Box<dyn FnOnce() + Send>,
     },
     /// A message for `on_message`.
     Message { conn: ConnId, message: WsMessage },
@@ -176,7 +180,8 @@ impl Event {
             Event::Hibernate(done) | Event::Alarm(Some(done)) => {
                 let _ = done.send(());
             }
-            Event::Connect { done, .. } => {
+            Event::Connect { done, refused, .. } => {
+                refused();
                 let _ = done.send(Err(why));
             }
             Event::Destroy(done) => {

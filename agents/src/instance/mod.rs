@@ -415,6 +415,7 @@ impl<A: AgentClass> Instance<A> {
                     protocol,
                     principal,
                     done,
+                    refused,
                 } => {
                     let span = tracing::debug_span!("connect", conn = %conn);
                     let result = self
@@ -425,8 +426,9 @@ impl<A: AgentClass> Instance<A> {
                         )
                         .instrument(span)
                         .await;
-                    if result.is_ok() {
-                        self.frames(&mut outbox, vec![Effect::Admit(conn)]);
+                    match &result {
+                        Ok(_) => self.frames(&mut outbox, vec![Effect::Admit(conn)]),
+                        Err(_) => refused(),
                     }
                     outbox.push((Responder::Hook(done), told(result)));
                 }

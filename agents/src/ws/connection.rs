@@ -33,7 +33,7 @@ use tokio::{sync::oneshot, time::Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::port::{AgentKey, ConnCall, ConnId, Limits, Protocol, Refusal};
+use crate::port::{Admitting, AgentKey, ConnCall, ConnId, Limits, Protocol, Refusal};
 
 use super::{
     frames::{close, Incoming},
@@ -233,17 +233,30 @@ impl Connection {
             out.send(self.wire.identity(&self.key, self.conn.as_str()));
         }
         let principal = self.principal.as_deref().map(str::to_owned);
-        let connected = door
-            .connect(&self.key, self.conn.clone(), self.wire, principal)
+        // Frames are read as soon as the agent has the connection's event, not once it is
+        // durable: a call sent right after the handshake joins its commit. If `on_connect`
+        // refuses, the calls made meanwhile never run.
+        let calls = Arc::new(InFlight::default());
+        let refused = Box::new({
+            let calls = calls.clone();
+            move || calls.refuse()
+        });
+        let admitting = door
+            .connect(&self.key, self.conn.clone(), self.wire, principal, refused)
             .await;
-        let ending = match connected {
-            Ok(_) => Some(self.read(stream, &out, &closed, &mut closing).await),
-            Err(e) => {
+        let ending = match admitting {
+            Ok(admitting) => {
+                let read = self.read(stream, &out, &closed, &mut closing, &calls, admitting);
+                read.await
+            }
+            Err(e) => Err(e),
+        };
+        let ending = ending
+            .inspect_err(|e| {
                 tracing::debug!("on_connect refused the connection: {e}");
                 out.send(close(close_code::POLICY, &e.message));
-                None
-            }
-        };
+            })
+            .ok();
         let registered = sockets.remove(&self.key, &self.conn);
         if let Some(Ending {
             code,
@@ -260,28 +273,39 @@ impl Connection {
         let _ = writer.await;
     }
 
-    /// Reads frames until the connection ends, and says how it ended.
+    /// Reads frames until the connection ends, and says how it ended; an error if the agent
+    /// refused it (`admitting`).
     async fn read(
         &self,
         mut stream: futures_util::stream::SplitStream<WebSocket>,
         out: &Outbound,
         closed: &CancellationToken,
         server_closed: &mut oneshot::Receiver<Ending>,
-    ) -> Ending {
+        calls: &Arc<InFlight>,
+        admitting: Admitting,
+    ) -> Result<Ending, RawError> {
         let limits = self.limits;
-        let calls = Arc::new(InFlight::default());
+        let mut admitting = Some(admitting);
         let mut timer = Timer::new(limits.connection_idle);
         let mut writer_gone = false;
         let ending = loop {
             let frame = tokio::select! {
                 frame = stream.next() => frame,
+                admitted = async { admitting.as_mut().expect("pending").await }, if admitting.is_some() => {
+                    admitting = None;
+                    match admitted {
+                        Ok(()) => continue,
+                        // The agent skips the calls made meanwhile (see `InFlight::refuse`).
+                        Err(e) => return Err(e),
+                    }
+                }
                 () = &mut timer.sleep, if timer.armed => {
                     if let Some(idle) = timer.idle.filter(|_| timer.is_idle()) {
                         let reason = format!("no frame for {idle:?}");
                         out.send(close(close_code::NORMAL, &reason));
                         break Ending { code: close_code::NORMAL, reason, error: None };
                     }
-                    self.expire(&mut timer, &calls, out);
+                    self.expire(&mut timer, calls, out);
                     continue;
                 }
                 () = closed.cancelled() => break Ending { code: close_code::POLICY, reason: SLOW_READER.into(), error: Some(SLOW_READER.into()) },
@@ -366,7 +390,7 @@ impl Connection {
                         trace,
                     };
                     let routed = self.wing.door.call(&self.key, call);
-                    self.waiting(routed, &mut timer, &calls, out).await;
+                    self.waiting(routed, &mut timer, calls, out).await;
                 }
                 Ok(Incoming::Cancel { id }) => {
                     // If it has not run, it never will: the agent skips a call taken out.
@@ -385,7 +409,7 @@ impl Connection {
                         .wing
                         .door
                         .message(&self.key, self.conn.clone(), message);
-                    if let Err(e) = self.waiting(routed, &mut timer, &calls, out).await {
+                    if let Err(e) = self.waiting(routed, &mut timer, calls, out).await {
                         let e = RawError::internal(format!("the message cannot be delivered: {e}"));
                         out.send(self.wire.error(&e));
                     }
@@ -393,7 +417,7 @@ impl Connection {
             }
         };
         calls.clear();
-        ending
+        Ok(ending)
     }
 
     /// Waits for `routed` (an event handed to the agent, in the order the frames came). A full

@@ -32,6 +32,8 @@ struct Table {
     next_seq: u64,
     /// Credit that came before its call (at most `EARLY_CREDITS` ids).
     early: HashMap<u64, u64>,
+    /// The agent refused the connection: calls are no longer entered (so never run).
+    refused: bool,
 }
 
 /// How many calls not yet made a connection may hold credit for.
@@ -73,7 +75,9 @@ impl InFlight {
             stream: None,
             credit: table.early.remove(&id),
         };
-        table.calls.insert(id, entry);
+        if !table.refused {
+            table.calls.insert(id, entry);
+        }
         Some(SocketReply {
             id,
             seq,
@@ -118,6 +122,13 @@ impl InFlight {
             _ => true,
         });
         table.calls.values().filter_map(|e| e.deadline).min()
+    }
+
+    /// The agent refused the connection: the calls made on it never run, those to come
+    /// neither (the agent skips a call that is not in flight).
+    pub fn refuse(&self) {
+        self.table().refused = true;
+        self.clear();
     }
 
     /// Forgets every call (the connection ended): none of them will be answered, those not yet
