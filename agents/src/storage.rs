@@ -492,7 +492,14 @@ fn from_template(data_dir: &Path, path: &Path, durability: Durability) -> Result
         if e.kind() != std::io::ErrorKind::NotFound || template.exists() {
             return Err(io(&copy)(e));
         }
-        make_template(&template)?;
+        // One maker at a time in this process: the activations that find none at once (the
+        // first burst on a new data dir) wait for it rather than each making one.
+        static MAKING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let making = crate::lock::lock(&MAKING);
+        if !template.exists() {
+            make_template(&template)?;
+        }
+        drop(making);
         copy_file(&template, &copy, sync).map_err(io(&copy))?;
     }
     fs::rename(&copy, path).map_err(io(path))
