@@ -374,6 +374,7 @@ impl Builder {
                     .into(),
             ));
         }
+        storage::configure_sqlite();
         let dir_lock = storage::lock_data_dir(&config.data_dir)?;
         storage::make_dirs(&config.data_dir, config.durability)?;
         let alarms = AlarmIndex::open(&config.data_dir)?;
