@@ -45,8 +45,9 @@
 //! Server → client:
 //! - `{"type":"identity","class":"counter","name":"bob","conn":"<id>"}`: the first frame, sent
 //!   before the agent's `on_connect` has run. Broadcasts reach the connection once
-//!   `on_connect` has admitted it, and what the client sends is read from then on, so the reply
-//!   to a first call tells the client it is admitted.
+//!   `on_connect` has admitted it. What the client sends is read at once and runs after
+//!   `on_connect` (never, if it refuses the connection, which is then closed), and a reply
+//!   leaves after the admission, so the reply to a first call tells the client it is admitted.
 //! - `{"type":"state","state":<state>}`: the agent's shared state, right after `identity` if
 //!   the agent has one, and again on every change.
 //! - `{"type":"reply","id":7,"ok":<result>}`, or
