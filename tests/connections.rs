@@ -11,7 +11,10 @@ use common::{call, next_frame as next, next_json, send_json, ws_connect, Socket}
 use futures_util::SinkExt;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use tokio_tungstenite::tungstenite::{protocol::frame::coding::CloseCode, Message};
+use tokio_tungstenite::tungstenite::{
+    protocol::{frame::coding::CloseCode, CloseFrame},
+    Message,
+};
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Member {
@@ -343,6 +346,24 @@ async fn member(addr: SocketAddr, room: &str, user: &str) -> (Socket, String) {
         "{admitted}"
     );
     (ws, identity["conn"].as_str().unwrap().to_owned())
+}
+
+/// Reads a refused connection to its end: nothing but its identity may come before the close,
+/// which is returned.
+async fn closed_unadmitted(ws: &mut Socket) -> Option<CloseFrame> {
+    loop {
+        match next(ws).await {
+            Message::Close(frame) => return frame,
+            Message::Text(t) => {
+                let frame: Value = serde_json::from_str(&t).unwrap();
+                assert_eq!(
+                    frame["type"], "identity",
+                    "a refused connection got {frame}"
+                );
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
 }
 
 /// Polls the room's log until it has an entry starting with `prefix`.
@@ -757,23 +778,9 @@ async fn calls_sent_before_on_connect_refuses_never_run() {
         let frame = json!({"type": "call", "id": id, "method": "post", "args": ["sneaked in"]});
         send_json(&mut ws, frame).await;
     }
-    loop {
-        match next(&mut ws).await {
-            Message::Close(Some(f)) => {
-                assert_eq!(f.code, CloseCode::Policy);
-                assert!(f.reason.contains("banned users may not join"), "{f:?}");
-                break;
-            }
-            Message::Text(t) => {
-                let frame: Value = serde_json::from_str(&t).unwrap();
-                assert_eq!(
-                    frame["type"], "identity",
-                    "a refused connection got {frame}"
-                );
-            }
-            other => panic!("unexpected {other:?}"),
-        }
-    }
+    let f = closed_unadmitted(&mut ws).await.expect("a close frame");
+    assert_eq!(f.code, CloseCode::Policy);
+    assert!(f.reason.contains("banned users may not join"), "{f:?}");
     // None of them was posted: the room's first post is this one.
     let room = rt.runtime().agent::<Room>("sneaky");
     assert_eq!(room.post("after".into()).await.unwrap(), 1);
@@ -956,19 +963,7 @@ async fn a_connection_gets_no_broadcast_before_on_connect_admits_it() {
         )
         .await
         .unwrap();
-        loop {
-            match next(&mut ws).await {
-                Message::Close(_) => break,
-                Message::Text(t) => {
-                    let frame: Value = serde_json::from_str(&t).unwrap();
-                    assert_eq!(
-                        frame["type"], "identity",
-                        "a refused connection got {frame}"
-                    );
-                }
-                other => panic!("unexpected {other:?}"),
-            }
-        }
+        closed_unadmitted(&mut ws).await;
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     poster.await.unwrap();
