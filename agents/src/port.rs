@@ -24,7 +24,7 @@ pub(crate) use crate::{
 use crate::{
     agent::Invocation,
     error::Error,
-    registry::{CallEvent, Chain, Event, Reply, ReplyTo, Shared},
+    registry::{CallEvent, Chain, Event, Refused, Reply, ReplyTo, Shared},
 };
 use agents_client::{trace::TraceContext, Payload, RawError};
 use axum::{http::StatusCode, response::IntoResponse};
@@ -148,7 +148,7 @@ impl Door {
         conn: ConnId,
         protocol: Protocol,
         principal: Option<String>,
-        refused: Box<dyn FnOnce() + Send>,
+        refused: Refused,
     ) -> Result<Admitting, RawError> {
         let (done, connected) = oneshot::channel();
         let event = Event::Connect {

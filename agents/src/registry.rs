@@ -109,7 +109,7 @@ pub(crate) enum Event {
         protocol: Protocol,
         principal: Option<String>,
         done: oneshot::Sender<Reply>,
-        refused: Box<dyn FnOnce() + Send>,
+        refused: Refused,
     },
     /// A message for `on_message`.
     Message { conn: ConnId, message: WsMessage },
@@ -128,6 +128,9 @@ pub(crate) enum Event {
 }
 
 pub(crate) type Reply = Result<Payload, RawError>;
+
+/// What a connection does when the agent refuses it (see `Event::Connect`).
+pub(crate) type Refused = Box<dyn FnOnce() + Send>;
 
 /// The outcome of a call: a value or a stream.
 pub(crate) type CallReply = Result<Returned, RawError>;

@@ -295,8 +295,13 @@ impl Connection {
                     admitting = None;
                     match admitted {
                         Ok(()) => continue,
-                        // The agent skips the calls made meanwhile (see `InFlight::refuse`).
-                        Err(e) => return Err(e),
+                        // The agent refused it (and so closed the calls table already), or
+                        // could not run or store its connect event: the calls made meanwhile
+                        // that have not run never run, and streams stop.
+                        Err(e) => {
+                            calls.refuse();
+                            return Err(e);
+                        }
                     }
                 }
                 () = &mut timer.sleep, if timer.armed => {
