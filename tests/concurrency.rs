@@ -8,6 +8,21 @@ use agents::{prelude::*, testing::TestRuntime};
 use common::Counter;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_keeps_no_memory_statistics_behind_its_process_wide_lock() {
+    // Turned off as the runtime starts, before SQLite does (every test of this file starts a
+    // runtime before it touches SQLite): with them on, every allocation of every agent's
+    // connection takes one lock and counts into this figure.
+    let rt = TestRuntime::start(Runtime::builder().agent::<Counter>()).unwrap();
+    rt.agent::<Counter>("stats").add(1).await.unwrap();
+    // SAFETY: reads one of SQLite's counters; no argument, no state.
+    let used = unsafe { rusqlite::ffi::sqlite3_memory_used() };
+    assert_eq!(
+        used, 0,
+        "SQLite counted {used} bytes in use: its statistics are on"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_concurrent_increments_end_at_ten_thousand() {
     let rt = TestRuntime::start(Runtime::builder().agent::<Counter>()).unwrap();
     let c = rt.agent::<Counter>("hot");
