@@ -513,11 +513,7 @@ async fn connect_and_call(base: &str, n: usize) -> (f64, f64) {
 /// The raw baselines: connect + one round trip (to the echo, or to the file-per-socket server).
 async fn raw_connect_and_round_trip(addr: std::net::SocketAddr, n: usize) -> (f64, f64) {
     timed_jobs(n, |_| async move {
-        let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/"))
-            .await
-            .unwrap();
-        ws.send(Message::Binary(vec![1; 16].into())).await.unwrap();
-        ws.next().await.unwrap().unwrap();
+        RawTarget::raw(addr).connect().await;
     })
     .await
 }
