@@ -279,10 +279,7 @@ struct Inner {
     options: ConnectOptions,
     pending: Pending,
     link: watch::Sender<Link>,
-    events: broadcast::Sender<Payload>,
-    /// Subscribed when the transport connected: the first `events()` takes it, so that no
-    /// event after the connection opened (say, what `on_connect` sent) is lost to it.
-    first_events: Mutex<Option<broadcast::Receiver<Payload>>>,
+    events: Mutex<Events>,
     state: watch::Sender<Option<Payload>>,
     /// `class`, `name` and connection id, as the server last announced them.
     identity: Mutex<(String, String, String)>,
@@ -292,6 +289,43 @@ struct Inner {
 impl Inner {
     fn pending(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Waiter>> {
         lock(&self.pending)
+    }
+}
+
+/// The events an agent pushes to the transport, for [`Transport::events`]. Their channel (1,024
+/// slots, about 100 KB) is made by the first event or the first `events()`, not by every
+/// connection: most clients only call.
+#[derive(Default)]
+struct Events {
+    sender: Option<broadcast::Sender<Payload>>,
+    /// Subscribed when an event made the channel: the first `events()` takes it, so that no
+    /// event since the transport connected (say, what `on_connect` sent) is lost to it.
+    first: Option<broadcast::Receiver<Payload>>,
+}
+
+impl Events {
+    /// How many events a subscriber may fall behind before it misses some.
+    const CAPACITY: usize = 1024;
+
+    fn send(&mut self, event: Payload) {
+        let sender = match &mut self.sender {
+            Some(sender) => sender,
+            None => {
+                let (sender, first) = broadcast::channel(Self::CAPACITY);
+                self.first = Some(first);
+                self.sender.insert(sender)
+            }
+        };
+        let _ = sender.send(event);
+    }
+
+    fn subscribe(&mut self) -> broadcast::Receiver<Payload> {
+        if let Some(first) = self.first.take() {
+            return first;
+        }
+        self.sender
+            .get_or_insert_with(|| broadcast::channel(Self::CAPACITY).0)
+            .subscribe()
     }
 }
 
@@ -401,14 +435,12 @@ impl WsTransport {
     /// Connects with `options` (headers, codec, timeout).
     pub async fn connect_with(url: &str, options: ConnectOptions) -> Result<Self, ConnectError> {
         let (socket, identity) = open(url, &options).await?;
-        let events = broadcast::channel(1024).0;
         let inner = Arc::new(Inner {
             url: url.to_owned(),
             options,
             pending: Mutex::default(),
             link: watch::channel(Link::Down).0,
-            first_events: Mutex::new(Some(events.subscribe())),
-            events,
+            events: Mutex::default(),
             state: watch::channel(None).0,
             identity: Mutex::new(identity),
             next_id: AtomicU64::new(1),
@@ -581,7 +613,7 @@ fn read(inner: &Inner, received: Received) {
             }
         }
         Received::Event(data) => {
-            let _ = inner.events.send(data);
+            lock(&inner.events).send(data);
         }
         Received::State(state) => {
             inner.state.send_replace(Some(state));
@@ -818,11 +850,49 @@ impl Transport for WsTransport {
     }
 
     fn events(&self) -> Option<broadcast::Receiver<Payload>> {
-        let first = lock(&self.inner.first_events).take();
-        Some(first.unwrap_or_else(|| self.inner.events.subscribe()))
+        Some(lock(&self.inner.events).subscribe())
     }
 
     fn state(&self) -> Option<watch::Receiver<Option<Payload>>> {
         Some(self.inner.state.subscribe())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(n: u32) -> Payload {
+        Codec::Json.encode(&n).unwrap()
+    }
+
+    fn next(rx: &mut broadcast::Receiver<Payload>) -> Option<u32> {
+        rx.try_recv().ok().map(|p| p.decode().unwrap())
+    }
+
+    #[test]
+    fn the_first_subscriber_gets_every_event_and_a_client_that_only_calls_makes_no_channel() {
+        let mut events = Events::default();
+        assert!(events.sender.is_none(), "no channel before an event");
+        events.send(event(1));
+        events.send(event(2));
+        let mut first = events.subscribe();
+        let mut later = events.subscribe();
+        events.send(event(3));
+        assert_eq!([next(&mut first), next(&mut first)], [Some(1), Some(2)]);
+        assert_eq!(next(&mut first), Some(3));
+        assert_eq!(next(&mut later), Some(3), "a later one from when it came");
+        assert_eq!(next(&mut later), None);
+    }
+
+    #[test]
+    fn a_subscriber_before_any_event_gets_them_all() {
+        let mut events = Events::default();
+        let mut rx = events.subscribe();
+        events.send(event(1));
+        assert_eq!(next(&mut rx), Some(1));
+        let mut second = events.subscribe();
+        events.send(event(2));
+        assert_eq!((next(&mut rx), next(&mut second)), (Some(2), Some(2)));
     }
 }

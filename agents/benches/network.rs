@@ -510,6 +510,20 @@ async fn connect_and_call(base: &str, n: usize) -> (f64, f64) {
     .await
 }
 
+/// Waits until the `n` agents of [`connect_and_call`] have no connection left, then hibernates
+/// them.
+async fn hibernate_all(runtime: &Runtime, n: usize) {
+    while runtime.connection_count() > 0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for i in 0..n {
+        runtime
+            .hibernate::<Counter>(&format!("first-{i}"))
+            .await
+            .unwrap();
+    }
+}
+
 /// The raw baselines: connect + one round trip (to the echo, or to the file-per-socket server).
 async fn raw_connect_and_round_trip(addr: std::net::SocketAddr, n: usize) -> (f64, f64) {
     timed_jobs(n, |_| async move {
@@ -658,37 +672,49 @@ fn rss_bytes() -> u64 {
     pages * 4096
 }
 
-/// In a child process: opens `n` connections to `url` and holds them until stdin closes.
-fn hold_connections(url: &str, n: usize) {
+/// In a child process: opens `n` connections to `url` (raw sockets, or typed clients if
+/// `typed`), says its own RSS growth per connection, and holds them until stdin closes.
+fn hold_connections(url: &str, n: usize, typed: bool) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
     rt.block_on(async {
-        let mut sockets = Vec::new();
+        let (mut sockets, mut clients) = (Vec::new(), Vec::new());
+        // Warm up the paths (allocator arenas) with a connection of each kind.
+        drop(open_postcard(url).await);
+        drop(HubClient::connect(url).await.unwrap());
+        let before = rss_bytes();
         for _ in 0..n {
-            let mut ws = open_postcard(url).await;
-            ws.next().await.unwrap().unwrap(); // identity
-            sockets.push(ws);
+            if typed {
+                clients.push(HubClient::connect(url).await.unwrap());
+            } else {
+                let mut ws = open_postcard(url).await;
+                ws.next().await.unwrap().unwrap(); // identity
+                sockets.push(ws);
+            }
         }
-        println!("ready");
+        let per = rss_bytes().saturating_sub(before) / n as u64;
+        println!("ready {per}");
         let mut line = String::new();
         let _ = std::io::stdin().read_line(&mut line);
-        drop(sockets);
+        drop((sockets, clients));
     });
 }
 
-/// Server RSS growth per idle connection: a child process opens `n` connections to one agent,
-/// which is then hibernated; this process measures its own RSS before and after.
-async fn rss_per_connection(runtime: &Runtime, base: &str, n: usize) -> f64 {
+/// RSS growth per idle connection: a child process opens `n` connections to one agent, which
+/// is then hibernated; this process measures its own RSS before and after (the server's
+/// share), the child its own (the client's). Server and child bytes per connection.
+async fn rss_per_connection(runtime: &Runtime, base: &str, n: usize, typed: bool) -> (f64, f64) {
     use std::io::BufRead;
     let url = format!("{}/hub/idle", base.trim_end_matches("/counter"));
     // Warm up the paths (allocator arenas, the agent's first activation).
     runtime.agent::<Hub>("idle").shout(0).await.unwrap();
     let _ = runtime.hibernate::<Hub>("idle").await;
     let before = rss_bytes();
+    let hold = if typed { "--hold-typed" } else { "--hold" };
     let mut child = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--hold", &url, &n.to_string()])
+        .args([hold, &url, &n.to_string()])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .spawn()
@@ -703,7 +729,12 @@ async fn rss_per_connection(runtime: &Runtime, base: &str, n: usize) -> f64 {
     })
     .await
     .unwrap();
-    assert_eq!(ready.trim(), "ready");
+    let client = ready
+        .trim()
+        .strip_prefix("ready ")
+        .unwrap()
+        .parse::<f64>()
+        .unwrap();
     while runtime.connection_count() < n {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -718,13 +749,14 @@ async fn rss_per_connection(runtime: &Runtime, base: &str, n: usize) -> f64 {
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
     let _ = runtime.hibernate::<Hub>("idle").await;
-    (after.saturating_sub(before)) as f64 / n as f64
+    ((after.saturating_sub(before)) as f64 / n as f64, client)
 }
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    if let Some(i) = args.iter().position(|a| a == "--hold") {
-        return hold_connections(&args[i + 1], args[i + 2].parse().unwrap());
+    if let Some(i) = args.iter().position(|a| a.starts_with("--hold")) {
+        let typed = args[i] == "--hold-typed";
+        return hold_connections(&args[i + 1], args[i + 2].parse().unwrap(), typed);
     }
     let quick = args.iter().any(|a| a == "--quick");
     let normal = args.iter().any(|a| a == "--normal");
@@ -764,9 +796,11 @@ fn main() {
         // for the connections and the growth per connection would look smaller than it is.
         if run("rss") {
             let n = 2_000 / scale;
-            let per = rss_per_connection(agents.runtime(), &base, n).await;
+            let (per, raw) = rss_per_connection(agents.runtime(), &base, n, false).await;
+            let (_, typed) = rss_per_connection(agents.runtime(), &base, n, true).await;
             println!(
-                "{{\"bench\":\"rss_per_idle_connection\",\"connections\":{n},\"bytes_per_connection\":{per:.0}}}"
+                "{{\"bench\":\"rss_per_idle_connection\",\"connections\":{n},\"bytes_per_connection\":{per:.0},\"typed_client_bytes_per_connection\":{typed:.0},\"baseline\":\"raw_tungstenite_client\",\"baseline_bytes_per_connection\":{raw:.0},\"client_ratio\":{:.2}}}",
+                typed / raw
             );
         }
 
@@ -885,6 +919,17 @@ fn main() {
             println!(
                 "{{\"bench\":\"connect_and_first_call_distinct_agents\",\"agents\":{n},\"per_sec\":{ours:.0},\"p99_ms\":{p99:.2},\"baseline\":\"raw_connect_and_round_trip\",\"baseline_per_sec\":{raw:.0},\"baseline_p99_ms\":{raw_p99:.2},\"ratio\":{:.3},\"hand_written_file_per_socket_per_sec\":{hand:.0},\"hand_written_p99_ms\":{hand_p99:.2},\"ratio_to_hand_written\":{:.3}}}",
                 ours / raw,
+                ours / hand
+            );
+            // The same agents again, hibernated, and the hand-written server again on the files
+            // it made: connect + first call to an agent whose files exist (what a pool of
+            // files made ahead of time could give a new agent at best).
+            hibernate_all(agents.runtime(), n).await;
+            let (ours, p99) = connect_and_call(&base, n).await;
+            let files = raw_file_per_socket_server(dir.path().join("files")).await;
+            let (hand, hand_p99) = raw_connect_and_round_trip(files, n).await;
+            println!(
+                "{{\"bench\":\"connect_and_first_call_hibernated_agents\",\"agents\":{n},\"per_sec\":{ours:.0},\"p99_ms\":{p99:.2},\"hand_written_file_per_socket_per_sec\":{hand:.0},\"hand_written_p99_ms\":{hand_p99:.2},\"ratio_to_hand_written\":{:.3}}}",
                 ours / hand
             );
         }
