@@ -7,7 +7,10 @@
 //! a timeout, which also bounds the wait to write its frame; dropping a call's future (or its
 //! timeout passing) sends `cancel`, so a call that has not run yet never runs. The events and
 //! shared state the agent pushes are kept for [`events`](crate::Transport::events) and
-//! [`state`](crate::Transport::state).
+//! [`state`](crate::Transport::state): the first `events()` gets every event since the
+//! connection opened, and a subscriber may fall 1,024 events behind before it misses some. (The
+//! events' buffer is made by the first event or the first `events()`: a client that only calls
+//! holds none.)
 //!
 //! A streaming call's chunks arrive on its [`RawStream`] as their frames come in; the timeout
 //! then applies to each wait for a chunk, and dropping the stream sends `cancel`. The transport
