@@ -145,8 +145,9 @@ pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
 /// statistics, which SQLite otherwise keeps under one process-wide mutex taken by every
 /// allocation of every connection (with no lookaside, see [`no_lookaside`], that is most of
 /// what a statement allocates: 12.8 % of `perf`'s samples of the pipelined network bench went
-/// to taking and leaving it, 5.5 % after). Nothing here reads those statistics. Too late once SQLite was initialized
-/// (by the application's own use of SQLite before the runtime started): then it stays as is.
+/// to taking and leaving it, 5.5 % after). Nothing here reads those statistics. Too late once
+/// SQLite was initialized (by the application's own use of SQLite before the runtime started):
+/// then it stays as is.
 pub(crate) fn configure_sqlite() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {

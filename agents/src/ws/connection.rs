@@ -253,7 +253,7 @@ impl Connection {
         };
         let ending = ending
             .inspect_err(|e| {
-                tracing::debug!("on_connect refused the connection: {e}");
+                tracing::debug!("the connection was not admitted: {e}");
                 out.send(close(close_code::POLICY, &e.message));
             })
             .ok();
