@@ -2,9 +2,10 @@
 //! once the batch is durable, and what "durable" means is a [`CommitGate`].
 //!
 //! A gate that must be waited for (the WAL's fsync under `Durability::Full`) gets a [`Syncer`]
-//! per open database: a task that takes the outboxes of the batches committed so far, makes them
-//! durable with one [`CommitGate::make_durable`] (on a blocking thread: group commit, while
-//! the agent goes on), and then releases them, or fails every reply they hold if that failed.
+//! per open database: a blocking thread, while batches come, that takes the outboxes of the
+//! batches committed so far, makes them durable with one [`CommitGate::make_durable`] (group
+//! commit, while the agent goes on), and then releases them, or fails every reply they hold if
+//! that failed.
 //! A gate that is open as soon as a batch committed (`Durability::Normal`: [`NoSync`]) has no
 //! syncer: the instance releases the outbox at once. (As workerd's actor-sqlite lets the output
 //! gate wait on a commit callback.)
@@ -17,7 +18,7 @@ use std::{
 };
 
 use agents_client::{BoxFuture, RawError, RawStream};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 use prometheus::Histogram;
 
@@ -29,7 +30,6 @@ use crate::{
     lock::lock,
     metrics::Timed,
     registry::{Reply, ReplyTo, Shared},
-    storage::blocking,
     stream::Returned,
 };
 
@@ -212,9 +212,28 @@ pub(crate) fn fail(outbox: Outbox, error: &RawError) {
 
 /// The syncer of one open database: releases each committed batch's outbox once its
 /// [`CommitGate`] made it durable; one `make_durable` covers every batch committed meanwhile.
-pub(crate) struct Syncer {
-    tx: mpsc::UnboundedSender<Sealed>,
-    task: tokio::task::JoinHandle<()>,
+///
+/// No task waits for batches: the first batch handed over while none is being synced starts a
+/// blocking thread, which syncs and releases whatever is queued until nothing is (so a reply
+/// leaves from where its sync finished, with no hop back to a worker), then stops.
+pub(crate) struct Syncer(Arc<SyncState>);
+
+struct SyncState {
+    gate: Arc<dyn CommitGate>,
+    /// Each `make_durable`'s time.
+    sync: Histogram,
+    queue: Mutex<Queue>,
+}
+
+/// What waits for the syncer.
+#[derive(Default)]
+struct Queue {
+    /// Batches committed and not yet taken by a sync.
+    sealed: Vec<Sealed>,
+    /// A blocking thread is syncing, and takes `sealed` once it is done.
+    running: bool,
+    /// Who waits for every batch handed over to be released.
+    idle: Vec<oneshot::Sender<()>>,
 }
 
 /// A committed batch as the syncer takes it.
@@ -227,36 +246,11 @@ struct Sealed {
 impl Syncer {
     /// A syncer for `gate`, timing each `make_durable` into `sync`.
     pub fn start(gate: Arc<dyn CommitGate>, sync: Histogram) -> Self {
-        let (tx, mut rx) = mpsc::unbounded_channel::<Sealed>();
-        let task = tokio::spawn(async move {
-            while let Some(first) = rx.recv().await {
-                let mut committed = first.committed.clone();
-                let mut covered = vec![first];
-                while let Ok(more) = rx.try_recv() {
-                    committed.and(&more.committed);
-                    covered.push(more);
-                }
-                let after: Vec<AfterDurable> =
-                    covered.iter_mut().filter_map(|b| b.after.take()).collect();
-                let (gate, sync) = (gate.clone(), sync.clone());
-                let durable = blocking(move || {
-                    let started = std::time::Instant::now();
-                    gate.make_durable(&committed)?;
-                    sync.observe(started.elapsed().as_secs_f64());
-                    after.into_iter().for_each(|a| a());
-                    Ok(())
-                })
-                .await
-                .map_err(|e| e.told("the write may not be durable"));
-                for Sealed { outbox, .. } in covered {
-                    match &durable {
-                        Ok(()) => release(outbox),
-                        Err(e) => fail(outbox, e),
-                    }
-                }
-            }
-        });
-        Syncer { tx, task }
+        Syncer(Arc::new(SyncState {
+            gate,
+            sync,
+            queue: Mutex::default(),
+        }))
     }
 
     /// Hands over the outbox of a batch that just committed what `committed` says (and what to
@@ -267,8 +261,12 @@ impl Syncer {
             committed,
             after,
         };
-        if let Err(mpsc::error::SendError(sealed)) = self.tx.send(sealed) {
-            fail(sealed.outbox, &RawError::internal("the syncer stopped"));
+        let mut queue = lock(&self.0.queue);
+        queue.sealed.push(sealed);
+        if !std::mem::replace(&mut queue.running, true) {
+            drop(queue);
+            let state = self.0.clone();
+            drop(tokio::task::spawn_blocking(move || state.run()));
         }
     }
 
@@ -285,8 +283,64 @@ impl Syncer {
 
     /// Waits until every outbox handed over is released.
     pub async fn finish(self) {
-        drop(self.tx);
-        let _ = self.task.await;
+        let idle = {
+            let mut queue = lock(&self.0.queue);
+            if !queue.running {
+                return;
+            }
+            let (tx, rx) = oneshot::channel();
+            queue.idle.push(tx);
+            rx
+        };
+        let _ = idle.await;
+    }
+}
+
+impl SyncState {
+    /// Syncs and releases the batches queued, until none is (on a blocking thread).
+    fn run(&self) {
+        loop {
+            let covered = {
+                let mut queue = lock(&self.queue);
+                if queue.sealed.is_empty() {
+                    queue.running = false;
+                    for idle in queue.idle.drain(..) {
+                        let _ = idle.send(());
+                    }
+                    return;
+                }
+                std::mem::take(&mut queue.sealed)
+            };
+            // The outboxes of a release that panicked are dropped (their callers are told
+            // that the agent is gone); the batches after them are still released.
+            let sync = std::panic::AssertUnwindSafe(|| self.sync(covered));
+            if std::panic::catch_unwind(sync).is_err() {
+                tracing::error!("releasing a durable batch panicked");
+            }
+        }
+    }
+
+    /// Makes `covered` durable with one `make_durable`, runs what follows it, and releases
+    /// their outboxes (or fails them).
+    fn sync(&self, mut covered: Vec<Sealed>) {
+        let mut committed = Committed::default();
+        covered.iter().for_each(|b| committed.and(&b.committed));
+        let after: Vec<AfterDurable> = covered.iter_mut().filter_map(|b| b.after.take()).collect();
+        let durable = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let started = std::time::Instant::now();
+            self.gate.make_durable(&committed)?;
+            self.sync.observe(started.elapsed().as_secs_f64());
+            after.into_iter().for_each(|a| a());
+            Ok(())
+        }))
+        .unwrap_or_else(|_| Err(Error::Internal("making a batch durable panicked".into())))
+        .map_err(|e| e.told("the write may not be durable"));
+        for Sealed { outbox, .. } in covered {
+            match &durable {
+                Ok(()) => release(outbox),
+                Err(e) => fail(outbox, e),
+            }
+        }
     }
 }
 
@@ -410,6 +464,32 @@ mod tests {
         assert_eq!(gate.calls.load(Ordering::SeqCst), 2, "one sync for the two");
         // The gate was told which WAL frames each sync covers.
         assert_eq!(*gate.told.lock().unwrap(), [0..3, 3..9]);
+        syncer.finish().await;
+    }
+
+    /// A gate whose first `make_durable` panics.
+    struct PanicsOnce(AtomicUsize);
+
+    impl CommitGate for PanicsOnce {
+        fn make_durable(&self, _: &Committed) -> Result<(), Error> {
+            if self.0.fetch_add(1, Ordering::SeqCst) == 0 {
+                panic!("the gate panicked");
+            }
+            Ok(())
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_sync_that_panics_fails_its_batch_and_the_next_batch_is_still_released() {
+        let syncer = Syncer::start(Arc::new(PanicsOnce(AtomicUsize::new(0))), sync());
+        let (first, first_reply) = batch();
+        syncer.send(first, frames(0..1), None);
+        let e = first_reply.await.unwrap().unwrap_err();
+        assert!(e.message.contains("may not be durable"), "{e}");
+        let (second, second_reply) = batch();
+        syncer.send(second, frames(1..2), None);
+        let released = tokio::time::timeout(std::time::Duration::from_secs(10), second_reply);
+        assert!(released.await.expect("the syncer stopped").unwrap().is_ok());
         syncer.finish().await;
     }
 
