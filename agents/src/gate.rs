@@ -214,8 +214,8 @@ pub(crate) fn fail(outbox: Outbox, error: &RawError) {
 /// [`CommitGate`] made it durable; one `make_durable` covers every batch committed meanwhile.
 ///
 /// No task waits for batches: the first batch handed over while none is being synced starts a
-/// blocking thread, which syncs and releases whatever is queued until nothing is (so a reply
-/// leaves from where its sync finished, with no hop back to a worker), then stops.
+/// sync on a blocking thread, which releases the replies from there (no hop back to a worker),
+/// and then starts the next sync if batches were committed meanwhile.
 pub(crate) struct Syncer(Arc<SyncState>);
 
 struct SyncState {
@@ -265,8 +265,7 @@ impl Syncer {
         queue.sealed.push(sealed);
         if !std::mem::replace(&mut queue.running, true) {
             drop(queue);
-            let state = self.0.clone();
-            drop(tokio::task::spawn_blocking(move || state.run()));
+            self.0.clone().start();
         }
     }
 
@@ -297,26 +296,30 @@ impl Syncer {
 }
 
 impl SyncState {
-    /// Syncs and releases the batches queued, until none is (on a blocking thread).
-    fn run(&self) {
-        loop {
-            let covered = {
-                let mut queue = lock(&self.queue);
-                if queue.sealed.is_empty() {
-                    queue.running = false;
-                    for idle in queue.idle.drain(..) {
-                        let _ = idle.send(());
-                    }
-                    return;
-                }
-                std::mem::take(&mut queue.sealed)
-            };
-            // The outboxes of a release that panicked are dropped (their callers are told
-            // that the agent is gone); the batches after them are still released.
-            let sync = std::panic::AssertUnwindSafe(|| self.sync(covered));
-            if std::panic::catch_unwind(sync).is_err() {
-                tracing::error!("releasing a durable batch panicked");
-            }
+    /// Syncs and releases what is queued, on a blocking thread.
+    fn start(self: Arc<Self>) {
+        drop(tokio::task::spawn_blocking(move || self.run()));
+    }
+
+    /// Syncs and releases the batches queued (on a blocking thread). The batches committed
+    /// meanwhile are synced next on the blocking pool again, behind the work that waits there:
+    /// a busy agent does not keep a thread to itself.
+    fn run(self: Arc<Self>) {
+        let covered = std::mem::take(&mut lock(&self.queue).sealed);
+        // The outboxes of a release that panicked are dropped (their callers are told that the
+        // agent is gone); the batches after them are still released.
+        let sync = std::panic::AssertUnwindSafe(|| self.sync(covered));
+        if std::panic::catch_unwind(sync).is_err() {
+            tracing::error!("releasing a durable batch panicked");
+        }
+        let mut queue = lock(&self.queue);
+        if !queue.sealed.is_empty() {
+            drop(queue);
+            return self.start();
+        }
+        queue.running = false;
+        for idle in queue.idle.drain(..) {
+            let _ = idle.send(());
         }
     }
 
@@ -491,6 +494,51 @@ mod tests {
         let released = tokio::time::timeout(std::time::Duration::from_secs(10), second_reply);
         assert!(released.await.expect("the syncer stopped").unwrap().is_ok());
         syncer.finish().await;
+    }
+
+    /// A gate whose every sync takes 5 ms.
+    struct Slow;
+
+    impl CommitGate for Slow {
+        fn make_durable(&self, _: &Committed) -> Result<(), Error> {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_busy_agent_does_not_keep_the_blocking_pool_to_itself() {
+        // One blocking thread, and an agent that commits faster than it syncs: its syncer has
+        // batches waiting after every sync, and other blocking work still gets the thread.
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .max_blocking_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let syncer = Syncer::start(Arc::new(Slow), sync());
+            let (stop, mut stopped) = oneshot::channel::<()>();
+            let busy = tokio::spawn(async move {
+                let mut replies = Vec::new();
+                while stopped.try_recv().is_err() {
+                    let (outbox, reply) = batch();
+                    syncer.send(outbox, frames(0..1), None);
+                    replies.push(reply);
+                    tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                }
+                syncer.finish().await;
+                replies
+            });
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            let other = tokio::task::spawn_blocking(|| 42);
+            let other = tokio::time::timeout(std::time::Duration::from_secs(5), other).await;
+            stop.send(()).unwrap();
+            assert_eq!(other.expect("starved by the syncer").unwrap(), 42);
+            for reply in busy.await.unwrap() {
+                assert!(reply.await.unwrap().is_ok());
+            }
+        });
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
