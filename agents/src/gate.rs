@@ -2,10 +2,10 @@
 //! once the batch is durable, and what "durable" means is a [`CommitGate`].
 //!
 //! A gate that must be waited for (the WAL's fsync under `Durability::Full`) gets a [`Syncer`]
-//! per open database: a blocking thread, while batches come, that takes the outboxes of the
-//! batches committed so far, makes them durable with one [`CommitGate::make_durable`] (group
-//! commit, while the agent goes on), and then releases them, or fails every reply they hold if
-//! that failed.
+//! per open database: a sync on a blocking thread, started by a batch committed while none runs,
+//! that takes the outboxes of the batches committed so far, makes them durable with one
+//! [`CommitGate::make_durable`] (group commit, while the agent goes on), and then releases them
+//! from there, or fails every reply they hold if that failed.
 //! A gate that is open as soon as a batch committed (`Durability::Normal`: [`NoSync`]) has no
 //! syncer: the instance releases the outbox at once. (As workerd's actor-sqlite lets the output
 //! gate wait on a commit callback.)
