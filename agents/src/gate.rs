@@ -230,7 +230,7 @@ struct SyncState {
 struct Queue {
     /// Batches committed and not yet taken by a sync.
     sealed: Vec<Sealed>,
-    /// A blocking thread is syncing, and takes `sealed` once it is done.
+    /// A sync runs (or waits for a blocking thread); the next one takes `sealed`.
     running: bool,
     /// Who waits for every batch handed over to be released.
     idle: Vec<oneshot::Sender<()>>,
