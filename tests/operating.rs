@@ -55,12 +55,38 @@ impl Meter {
     }
 }
 
+/// Records each connection that closed.
+#[derive(Default)]
+pub struct Leaver;
+
+impl Agent for Leaver {
+    async fn on_close(
+        &mut self,
+        ctx: &mut Ctx<Self>,
+        conn: &Conn<Self>,
+        _code: u16,
+        _reason: &str,
+    ) -> Result<(), AppError> {
+        ctx.kv().put(&format!("left/{}", conn.id()), &true)?;
+        Ok(())
+    }
+}
+
+#[agent]
+impl Leaver {
+    #[callable]
+    pub async fn hello(&mut self, _ctx: &mut Ctx<Self>) -> Result<(), AppError> {
+        Ok(())
+    }
+}
+
 /// The admin hook of the test: `?token=t`. (`Admission`'s refusal is a whole response.)
 #[allow(clippy::result_large_err)]
 fn builder() -> agents::Builder {
     Runtime::builder()
         .clock(Clock::manual(SystemTime::now()))
         .agent::<Meter>()
+        .agent::<Leaver>()
         .admin(|request| match request.uri.query() {
             Some("token=t") => Ok(None),
             _ => Err(agents::refuse(401, "who are you?")),
@@ -300,4 +326,77 @@ async fn the_status_page_shows_the_runtime_in_a_real_browser() {
         "{} bytes",
         png.len()
     );
+}
+
+/// A sample of the metrics, 0 if absent.
+async fn sample(addr: std::net::SocketAddr, name: &str) -> f64 {
+    let (_, text) = common::http_request(addr, "GET", "/admin/metrics?token=t", "").await;
+    samples(text.as_str().unwrap())
+        .get(name)
+        .copied()
+        .unwrap_or(0.0)
+}
+
+/// Waits (up to 10 s) until the sample `name` is past `was`.
+async fn past(addr: std::net::SocketAddr, name: &str, was: f64) -> f64 {
+    for _ in 0..1_000 {
+        let now = sample(addr, name).await;
+        if now > was {
+            return now;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("{name} stayed at {was}");
+}
+
+/// Under `Durability::Full`, a socket's close whose hooks write nothing (only the runtime forgets
+/// the connection: nobody is told anything) has no fsync of its own; the next sync covers it,
+/// here the one of the hibernation. A close whose `on_close` writes is synced at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_close_that_writes_nothing_waits_for_the_next_sync() {
+    let (rt, addr) = common::serve(builder()).await;
+    for (class, writes) in [("meter", false), ("leaver", true)] {
+        let batches = format!(r#"agents_batch_events_count{{class="{class}"}}"#);
+        let syncs = format!(r#"agents_sync_seconds_count{{class="{class}"}}"#);
+        let mut ws =
+            common::ws_connect(addr, &format!("/agents/{class}/a"), Some("agents.v1.json"))
+                .await
+                .unwrap();
+        common::next_json(&mut ws).await; // identity
+        let method = if writes { "hello" } else { "add" };
+        let args = if writes { json!([]) } else { json!([1]) };
+        assert!(common::call(&mut ws, 1, method, args)
+            .await
+            .get("ok")
+            .is_some());
+        let (before, synced) = (sample(addr, &batches).await, sample(addr, &syncs).await);
+        drop(ws);
+        past(addr, &batches, before).await; // the close's batch committed
+        if writes {
+            past(addr, &syncs, synced).await;
+        } else {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            assert_eq!(
+                sample(addr, &syncs).await,
+                synced,
+                "the close was synced alone"
+            );
+        }
+        let synced = sample(addr, &syncs).await;
+        if writes {
+            assert!(rt.hibernate::<Leaver>("a").await.unwrap());
+            assert_eq!(
+                sample(addr, &syncs).await,
+                synced,
+                "nothing was left to sync"
+            );
+        } else {
+            assert!(rt.hibernate::<Meter>("a").await.unwrap());
+            assert_eq!(
+                sample(addr, &syncs).await,
+                synced + 1.0,
+                "the hibernation synced it"
+            );
+        }
+    }
 }

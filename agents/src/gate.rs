@@ -269,6 +269,18 @@ impl Syncer {
         }
     }
 
+    /// Hands over a batch that has nothing to release and nothing to run once durable (only the
+    /// runtime's own bookkeeping): no sync starts for it; the next one covers it (a later
+    /// batch's, a drain's, or the one `finish` starts). If it is lost in a crash meanwhile,
+    /// nobody was told of it.
+    pub fn defer(&self, committed: Committed) {
+        lock(&self.0.queue).sealed.push(Sealed {
+            outbox: Outbox::new(),
+            committed,
+            after: None,
+        });
+    }
+
     /// Waits until every batch handed over so far is durable (or failed to be).
     pub async fn drain(&self) {
         let (done, drained) = oneshot::channel();
@@ -280,17 +292,23 @@ impl Syncer {
         let _ = drained.await;
     }
 
-    /// Waits until every outbox handed over is released.
+    /// Waits until every batch handed over is durable (a deferred one too) and its outbox
+    /// released.
     pub async fn finish(self) {
-        let idle = {
+        let (idle, start) = {
             let mut queue = lock(&self.0.queue);
-            if !queue.running {
+            let start = !queue.running && !queue.sealed.is_empty();
+            if !queue.running && !start {
                 return;
             }
+            queue.running = true;
             let (tx, rx) = oneshot::channel();
             queue.idle.push(tx);
-            rx
+            (rx, start)
         };
+        if start {
+            self.0.clone().start();
+        }
         let _ = idle.await;
     }
 }
@@ -468,6 +486,29 @@ mod tests {
         // The gate was told which WAL frames each sync covers.
         assert_eq!(*gate.told.lock().unwrap(), [0..3, 3..9]);
         syncer.finish().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_deferred_batch_starts_no_sync_and_the_next_sync_or_the_finish_covers_it() {
+        let (gate, open) = held();
+        let syncer = Syncer::start(gate.clone(), sync());
+        syncer.defer(frames(0..2));
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert_eq!(
+            gate.calls.load(Ordering::SeqCst),
+            0,
+            "a sync for bookkeeping alone"
+        );
+        // The next batch's sync covers it.
+        let (outbox, reply) = batch();
+        syncer.send(outbox, frames(2..3), None);
+        open.send(Ok(())).unwrap();
+        assert!(reply.await.unwrap().is_ok());
+        // A deferred batch that nothing follows is synced by the finish.
+        syncer.defer(frames(3..5));
+        open.send(Ok(())).unwrap();
+        syncer.finish().await;
+        assert_eq!(*gate.told.lock().unwrap(), [0..3, 3..5]);
     }
 
     /// A gate whose first `make_durable` panics.

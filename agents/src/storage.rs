@@ -28,7 +28,10 @@ use crate::{address::AgentKey, error::Error};
 /// - commits append to the write-ahead log (WAL) and become visible at once;
 /// - under `Full`, a per-agent syncer `fdatasync`s the WAL and only then releases the replies
 ///   of every commit it covers (group commit: one sync serves every batch committed meanwhile,
-///   and the agent goes on working while it runs);
+///   and the agent goes on working while it runs); a commit that has nothing to release and
+///   holds only the runtime's own bookkeeping (a socket's close whose `on_error` and `on_close`
+///   changed no row) starts no sync: the next one covers it, at the latest when the agent
+///   hibernates (lost in a crash before, the stale connection row is removed at the next open);
 /// - checkpoints (copying the WAL into the database) are run by the runtime with SQLite's
 ///   `synchronous=FULL`, so the database file is synced before the WAL is ever reused.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

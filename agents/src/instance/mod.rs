@@ -377,8 +377,12 @@ impl<A: AgentClass> Instance<A> {
         let mut next = Some(first);
         let mut leave = None;
         let mut events = 0u32;
+        // Whether the batch wrote nothing but the runtime's bookkeeping (closes whose hooks
+        // changed nothing): then no sync of its own (see `Store::seal`).
+        let mut bookkeeping = true;
         while let Some(event) = next.take() {
             events += 1;
+            bookkeeping &= matches!(event, Event::Close { .. });
             match event {
                 Event::Call(call) => self.call(*call, &mut outbox).await,
                 Event::Alarm(done) => self.alarm(done, &mut outbox).await,
@@ -457,9 +461,11 @@ impl<A: AgentClass> Instance<A> {
                     reason,
                     error,
                 } => {
-                    self.close(conn, code, reason, error, &mut outbox)
+                    let hooks_wrote = self
+                        .close(conn, code, reason, error, &mut outbox)
                         .instrument(tracing::debug_span!("close", code))
-                        .await
+                        .await;
+                    bookkeeping &= !hooks_wrote;
                 }
                 Event::Request { request, reply } => {
                     let span = tracing::debug_span!("request", method = %request.method(), uri = %request.uri());
@@ -529,7 +535,7 @@ impl<A: AgentClass> Instance<A> {
                 // Listed before any reply says that the agent exists.
                 self.store.catalog_if_used(&self.ctx.shared, self.ctx.key());
                 let after = raise.map(|r| Box::new(move || r.apply()) as AfterDurable);
-                self.store.seal(outbox, committed, after).await;
+                self.store.seal(outbox, committed, after, bookkeeping).await;
             }
         }
         self.store.checkpoint_if_large(&mut self.ctx.conn).await;
@@ -585,7 +591,9 @@ impl<A: AgentClass> Instance<A> {
         }
     }
 
-    /// A connection closed: `on_error` (if it failed), `on_close`, then its row goes.
+    /// A connection closed: `on_error` (if it failed), `on_close`, then its row goes. Returns
+    /// whether the hooks (or anything around them: `on_start`, the connection's state) may
+    /// have changed a row.
     async fn close(
         &mut self,
         conn: ConnId,
@@ -593,7 +601,17 @@ impl<A: AgentClass> Instance<A> {
         reason: String,
         error: Option<String>,
         outbox: &mut Outbox,
-    ) {
+    ) -> bool {
+        let changes = |this: &Self| {
+            this.ctx
+                .conn
+                .as_ref()
+                .map(|_| this.ctx.sql().total_changes())
+        };
+        let before = match self.begin().await {
+            Ok(()) => changes(self),
+            Err(_) => None,
+        };
         if let Some(error) = error {
             if let Err(e) = self
                 .run_handler(Work::ConnError(&conn, error), Cause::default(), outbox)
@@ -608,11 +626,13 @@ impl<A: AgentClass> Instance<A> {
         {
             tracing::debug!("on_close failed: {e}");
         }
+        let wrote = before.is_none() || changes(self) != before;
         if self.store.in_txn() {
             if let Err(e) = conn::remove(self.ctx.sql(), &conn) {
                 tracing::warn!("forgetting connection {conn}: {e}");
             }
         }
+        wrote
     }
 
     async fn call(&mut self, call: CallEvent, outbox: &mut Outbox) {

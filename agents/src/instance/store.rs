@@ -252,14 +252,19 @@ impl Store {
     }
 
     /// Releases `outbox` once what `committed` says is durable, and runs `after` (blocking)
-    /// just before.
+    /// just before. A batch that wrote only the runtime's bookkeeping (`bookkeeping`), with
+    /// nothing to release or to run, is made durable by the next sync rather than its own.
     pub(super) async fn seal(
         &self,
         outbox: Outbox,
         committed: Committed,
         after: Option<AfterDurable>,
+        bookkeeping: bool,
     ) {
         match &self.syncer {
+            Some(syncer) if bookkeeping && outbox.is_empty() && after.is_none() => {
+                syncer.defer(committed)
+            }
             Some(syncer) => syncer.send(outbox, committed, after),
             None => {
                 if let Some(after) = after {
