@@ -39,6 +39,11 @@ impl Meter {
     }
 
     #[callable]
+    pub async fn total(&mut self, ctx: &mut Ctx<Self>) -> Result<i64, AppError> {
+        Ok(ctx.kv().get::<i64>("total")?.unwrap_or(0))
+    }
+
+    #[callable]
     pub async fn refuse(&mut self, _ctx: &mut Ctx<Self>) -> Result<(), AppError> {
         Err(AppError::msg("no"))
     }
@@ -399,4 +404,22 @@ async fn a_close_that_writes_nothing_waits_for_the_next_sync() {
             );
         }
     }
+}
+
+/// Under `Durability::Full`, a call that only reads has nothing to sync: once every write before
+/// it is durable, its reply leaves at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_that_only_reads_has_no_sync() {
+    let (rt, addr) = common::serve(builder()).await;
+    let syncs = r#"agents_sync_seconds_count{class="meter"}"#;
+    let m = rt.agent::<Meter>("reader");
+    assert_eq!(m.add(3).await.unwrap(), 3);
+    let synced = sample(addr, syncs).await;
+    assert!(synced >= 1.0, "the write was synced");
+    for _ in 0..10 {
+        assert_eq!(m.total().await.unwrap(), 3);
+    }
+    assert_eq!(sample(addr, syncs).await, synced, "a read was synced");
+    assert_eq!(m.add(1).await.unwrap(), 4);
+    assert_eq!(sample(addr, syncs).await, synced + 1.0);
 }

@@ -4,8 +4,10 @@
 //! `cargo bench -p agents --bench core` (add `-- --quick` for a smoke run, `-- sequential` to run
 //! only the benches whose name has that word).
 //!
-//! Every call does one durable SQLite write (an UPSERT on the agent's counter row). Baselines:
+//! Every call does one durable SQLite write (an UPSERT on the agent's counter row), but in
+//! `sequential_reads_one_agent`, whose calls only read it. Baselines:
 //! - `raw_commit_each`: one transaction per write (what a sequential caller can get at best);
+//! - `raw_read_each`: one read transaction per `SELECT`;
 //! - `raw_batch_16`: 16 writes per commit (the best any system can batch with 16 callers that
 //!   each wait for their reply);
 //! - `raw_files`: open a new database, create the table, write, close (activation cost);
@@ -60,6 +62,24 @@ fn raw_batched(d: Durability, writes: usize, batch: usize) -> f64 {
         conn.execute_batch("COMMIT").unwrap();
     }
     writes as f64 / start.elapsed().as_secs_f64()
+}
+
+/// Raw rusqlite: `reads` read transactions of one `SELECT` each, on a database with a row.
+fn raw_reads(d: Durability, reads: usize) -> f64 {
+    let dir = tempfile::tempdir().unwrap();
+    let conn = common::raw_open(&dir.path().join("raw.sqlite"), pragma(d));
+    let _: i64 = conn.query_row(UPSERT, [1], |r| r.get(0)).unwrap();
+    let start = Instant::now();
+    for _ in 0..reads {
+        conn.execute_batch("BEGIN").unwrap();
+        let _: i64 = conn
+            .prepare_cached(common::SELECT)
+            .unwrap()
+            .query_row([], |r| r.get(0))
+            .unwrap();
+        conn.execute_batch("COMMIT").unwrap();
+    }
+    reads as f64 / start.elapsed().as_secs_f64()
 }
 
 /// Raw rusqlite: `files` new databases, each created, written once and closed.
@@ -133,6 +153,38 @@ async fn sequential(d: Durability, calls: usize) {
         calls,
         secs,
         "raw_commit_each",
+        base,
+        &extra,
+    );
+}
+
+/// Sequential calls that only read: nothing to sync, so a reply leaves at once once every write
+/// before it is durable.
+async fn sequential_reads(d: Durability, calls: usize) {
+    let rt = runtime(d);
+    let c = rt.agent::<Counter>("reads");
+    c.add(1).await.unwrap();
+    let mut lat = Vec::with_capacity(calls);
+    let start = Instant::now();
+    for _ in 0..calls {
+        let t = Instant::now();
+        assert_eq!(c.get().await.unwrap(), 1);
+        lat.push(t.elapsed());
+    }
+    let secs = start.elapsed().as_secs_f64();
+    lat.sort();
+    let base = raw_reads(d, calls);
+    let extra = format!(
+        ",\"p50_us\":{:.0},\"p99_us\":{:.0}",
+        percentile(&lat, 0.5),
+        percentile(&lat, 0.99)
+    );
+    report(
+        "sequential_reads_one_agent",
+        d,
+        calls,
+        secs,
+        "raw_read_each",
         base,
         &extra,
     );
@@ -422,6 +474,9 @@ fn main() {
         for d in [Durability::Full, Durability::Normal] {
             if run("sequential_one_agent") {
                 sequential(d, 2_000 / scale).await;
+            }
+            if run("sequential_reads_one_agent") {
+                sequential_reads(d, 2_000 / scale).await;
             }
             if run("concurrent_16_one_agent") {
                 concurrent(d, 16, 32_000 / scale).await;

@@ -67,7 +67,9 @@ pub(crate) trait CommitGate: Send + Sync + 'static {
         false
     }
 
-    /// Makes what `committed` describes durable (and every batch before it).
+    /// Makes what `committed` describes durable (and every batch before it). Told of a batch
+    /// that wrote nothing while every batch before it is durable, it says only whether what
+    /// the batch read may be released, without blocking: it is then called on the agent's task.
     fn make_durable(&self, committed: &Committed) -> Result<(), Error>;
 
     /// The database was checkpointed (its file holds everything committed, its WAL is empty):
@@ -110,7 +112,11 @@ impl WalSync {
 }
 
 impl CommitGate for WalSync {
-    fn make_durable(&self, _: &Committed) -> Result<(), Error> {
+    fn make_durable(&self, committed: &Committed) -> Result<(), Error> {
+        if committed.frames.is_empty() {
+            // Nothing new in the WAL: what the batches before wrote was synced by theirs.
+            return Ok(());
+        }
         let failed = |e| Error::Internal(format!("fsync failed: {e}"));
         self.wal.sync_data().map_err(failed)?;
         let mut dir = lock(&self.dir);
@@ -254,7 +260,8 @@ impl Syncer {
     }
 
     /// Hands over the outbox of a batch that just committed what `committed` says (and what to
-    /// do once it is durable).
+    /// do once it is durable). A batch that wrote nothing, handed over while every batch before
+    /// it is durable, is released at once (if the gate agrees: see `CommitGate::make_durable`).
     pub fn send(&self, outbox: Outbox, committed: Committed, after: Option<AfterDurable>) {
         let sealed = Sealed {
             outbox,
@@ -262,6 +269,11 @@ impl Syncer {
             after,
         };
         let mut queue = lock(&self.0.queue);
+        let read_only = sealed.committed.frames.is_empty() && sealed.after.is_none();
+        if read_only && !queue.running && queue.sealed.is_empty() {
+            drop(queue);
+            return self.0.sync(vec![sealed], false);
+        }
         queue.sealed.push(sealed);
         if !std::mem::replace(&mut queue.running, true) {
             drop(queue);
@@ -324,12 +336,7 @@ impl SyncState {
     /// a busy agent does not keep a thread to itself.
     fn run(self: Arc<Self>) {
         let covered = std::mem::take(&mut lock(&self.queue).sealed);
-        // The outboxes of a release that panicked are dropped (their callers are told that the
-        // agent is gone); the batches after them are still released.
-        let sync = std::panic::AssertUnwindSafe(|| self.sync(covered));
-        if std::panic::catch_unwind(sync).is_err() {
-            tracing::error!("releasing a durable batch panicked");
-        }
+        self.sync(covered, true);
         let mut queue = lock(&self.queue);
         if !queue.sealed.is_empty() {
             drop(queue);
@@ -341,16 +348,26 @@ impl SyncState {
         }
     }
 
-    /// Makes `covered` durable with one `make_durable`, runs what follows it, and releases
-    /// their outboxes (or fails them).
-    fn sync(&self, mut covered: Vec<Sealed>) {
+    /// Makes `covered` durable with one `make_durable` (timed into the histogram if `timed`),
+    /// runs what follows it, and releases their outboxes (or fails them). The outboxes of a
+    /// release that panicked are dropped (their callers are told that the agent is gone).
+    fn sync(&self, covered: Vec<Sealed>, timed: bool) {
+        let sync = std::panic::AssertUnwindSafe(|| self.sync_uncaught(covered, timed));
+        if std::panic::catch_unwind(sync).is_err() {
+            tracing::error!("releasing a durable batch panicked");
+        }
+    }
+
+    fn sync_uncaught(&self, mut covered: Vec<Sealed>, timed: bool) {
         let mut committed = Committed::default();
         covered.iter().for_each(|b| committed.and(&b.committed));
         let after: Vec<AfterDurable> = covered.iter_mut().filter_map(|b| b.after.take()).collect();
         let durable = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             let started = std::time::Instant::now();
             self.gate.make_durable(&committed)?;
-            self.sync.observe(started.elapsed().as_secs_f64());
+            if timed {
+                self.sync.observe(started.elapsed().as_secs_f64());
+            }
             after.into_iter().for_each(|a| a());
             Ok(())
         }))
@@ -509,6 +526,38 @@ mod tests {
         open.send(Ok(())).unwrap();
         syncer.finish().await;
         assert_eq!(*gate.told.lock().unwrap(), [0..3, 3..5]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_batch_that_wrote_nothing_is_released_at_once_unless_a_sync_is_due_before_it() {
+        let (gate, open) = held();
+        let syncer = Syncer::start(gate.clone(), sync());
+        // Every batch before it is durable: the gate is asked on the spot, and the reply leaves.
+        open.send(Ok(())).unwrap();
+        let (read, mut reply) = batch();
+        syncer.send(read, Committed::default(), None);
+        assert!(
+            reply.try_recv().unwrap().is_ok(),
+            "released when handed over"
+        );
+        // A sync runs: what the batch read may be what that sync is making durable.
+        let (write, write_reply) = batch();
+        syncer.send(write, frames(0..1), None);
+        while gate.calls.load(Ordering::SeqCst) == 1 {
+            tokio::task::yield_now().await;
+        }
+        let (read, mut reply) = batch();
+        syncer.send(read, Committed::default(), None);
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(
+            reply.try_recv().is_err(),
+            "released before the write it may have read"
+        );
+        open.send(Ok(())).unwrap();
+        open.send(Ok(())).unwrap();
+        assert!(write_reply.await.unwrap().is_ok());
+        assert!(reply.await.unwrap().is_ok());
+        syncer.finish().await;
     }
 
     /// A gate whose first `make_durable` panics.

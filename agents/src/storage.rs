@@ -32,6 +32,8 @@ use crate::{address::AgentKey, error::Error};
 ///   holds only the runtime's own bookkeeping (a socket's close whose `on_error` and `on_close`
 ///   changed no row) starts no sync: the next one covers it, at the latest when the agent
 ///   hibernates (lost in a crash before, the stale connection row is removed at the next open);
+///   a commit that wrote nothing (calls that only read) has nothing to sync: its replies wait
+///   only for the syncs of the writes before it, and leave at once if there are none;
 /// - checkpoints (copying the WAL into the database) are run by the runtime with SQLite's
 ///   `synchronous=FULL`, so the database file is synced before the WAL is ever reused.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

@@ -9,6 +9,8 @@ pub const SCHEMA: &str =
 pub const UPSERT: &str =
     "INSERT INTO counter(id, n) VALUES (0, ?1) ON CONFLICT(id) DO UPDATE SET n = n + excluded.n RETURNING n";
 
+pub const SELECT: &str = "SELECT coalesce((SELECT n FROM counter WHERE id = 0), 0)";
+
 #[derive(Default)]
 pub struct Counter;
 
@@ -28,6 +30,15 @@ impl Counter {
             .sql()
             .prepare_cached(UPSERT)?
             .query_row([by], |r| r.get(0))?)
+    }
+
+    /// The total (a read: no write, no sync).
+    #[callable]
+    pub async fn get(&mut self, ctx: &mut Ctx<Self>) -> Result<i64, AppError> {
+        Ok(ctx
+            .sql()
+            .prepare_cached(SELECT)?
+            .query_row([], |r| r.get(0))?)
     }
 }
 
