@@ -128,66 +128,44 @@ fn report(
     );
 }
 
-async fn sequential(d: Durability, calls: usize) {
+/// `calls` sequential calls to one agent: `add(1)`, each a durable write, or (`reads`) `get()`,
+/// which only reads: nothing to sync, so its reply leaves once every write before it is durable.
+async fn sequential(d: Durability, calls: usize, reads: bool) {
     let rt = runtime(d);
-    let c = rt.agent::<Counter>("seq");
+    let c = rt.agent::<Counter>(if reads { "reads" } else { "seq" });
     c.add(0).await.unwrap(); // activation is measured elsewhere
     let mut lat = Vec::with_capacity(calls);
     let start = Instant::now();
     for _ in 0..calls {
         let t = Instant::now();
-        c.add(1).await.unwrap();
+        if reads {
+            c.get().await.unwrap();
+        } else {
+            c.add(1).await.unwrap();
+        }
         lat.push(t.elapsed());
     }
     let secs = start.elapsed().as_secs_f64();
     lat.sort();
-    let base = raw_batched(d, calls, 1);
+    let (bench, baseline, base) = if reads {
+        (
+            "sequential_reads_one_agent",
+            "raw_read_each",
+            raw_reads(d, calls),
+        )
+    } else {
+        (
+            "sequential_one_agent",
+            "raw_commit_each",
+            raw_batched(d, calls, 1),
+        )
+    };
     let extra = format!(
         ",\"p50_us\":{:.0},\"p99_us\":{:.0}",
         percentile(&lat, 0.5),
         percentile(&lat, 0.99)
     );
-    report(
-        "sequential_one_agent",
-        d,
-        calls,
-        secs,
-        "raw_commit_each",
-        base,
-        &extra,
-    );
-}
-
-/// Sequential calls that only read: nothing to sync, so a reply leaves at once once every write
-/// before it is durable.
-async fn sequential_reads(d: Durability, calls: usize) {
-    let rt = runtime(d);
-    let c = rt.agent::<Counter>("reads");
-    c.add(1).await.unwrap();
-    let mut lat = Vec::with_capacity(calls);
-    let start = Instant::now();
-    for _ in 0..calls {
-        let t = Instant::now();
-        assert_eq!(c.get().await.unwrap(), 1);
-        lat.push(t.elapsed());
-    }
-    let secs = start.elapsed().as_secs_f64();
-    lat.sort();
-    let base = raw_reads(d, calls);
-    let extra = format!(
-        ",\"p50_us\":{:.0},\"p99_us\":{:.0}",
-        percentile(&lat, 0.5),
-        percentile(&lat, 0.99)
-    );
-    report(
-        "sequential_reads_one_agent",
-        d,
-        calls,
-        secs,
-        "raw_read_each",
-        base,
-        &extra,
-    );
+    report(bench, d, calls, secs, baseline, base, &extra);
 }
 
 async fn concurrent(d: Durability, callers: usize, calls: usize) {
@@ -473,10 +451,10 @@ fn main() {
     rt.block_on(async {
         for d in [Durability::Full, Durability::Normal] {
             if run("sequential_one_agent") {
-                sequential(d, 2_000 / scale).await;
+                sequential(d, 2_000 / scale, false).await;
             }
             if run("sequential_reads_one_agent") {
-                sequential_reads(d, 2_000 / scale).await;
+                sequential(d, 2_000 / scale, true).await;
             }
             if run("concurrent_16_one_agent") {
                 concurrent(d, 16, 32_000 / scale).await;
