@@ -272,7 +272,7 @@ impl Syncer {
         let read_only = sealed.committed.frames.is_empty() && sealed.after.is_none();
         if read_only && !queue.running && queue.sealed.is_empty() {
             drop(queue);
-            return self.0.sync(vec![sealed], false);
+            return self.0.sync(vec![sealed]);
         }
         queue.sealed.push(sealed);
         if !std::mem::replace(&mut queue.running, true) {
@@ -284,7 +284,8 @@ impl Syncer {
     /// Hands over a batch that has nothing to release and nothing to run once durable (only the
     /// runtime's own bookkeeping): no sync starts for it; the next one covers it (a later
     /// batch's, a drain's, or the one `finish` starts). If it is lost in a crash meanwhile,
-    /// nobody was told of it.
+    /// nobody was told of it. What waits so is bounded by the WAL: once it outgrows its
+    /// checkpoint size, the checkpoint's drain syncs it.
     pub fn defer(&self, committed: Committed) {
         lock(&self.0.queue).sealed.push(Sealed {
             outbox: Outbox::new(),
@@ -336,7 +337,7 @@ impl SyncState {
     /// a busy agent does not keep a thread to itself.
     fn run(self: Arc<Self>) {
         let covered = std::mem::take(&mut lock(&self.queue).sealed);
-        self.sync(covered, true);
+        self.sync(covered);
         let mut queue = lock(&self.queue);
         if !queue.sealed.is_empty() {
             drop(queue);
@@ -348,24 +349,25 @@ impl SyncState {
         }
     }
 
-    /// Makes `covered` durable with one `make_durable` (timed into the histogram if `timed`),
-    /// runs what follows it, and releases their outboxes (or fails them). The outboxes of a
-    /// release that panicked are dropped (their callers are told that the agent is gone).
-    fn sync(&self, covered: Vec<Sealed>, timed: bool) {
-        let sync = std::panic::AssertUnwindSafe(|| self.sync_uncaught(covered, timed));
+    /// Makes `covered` durable with one `make_durable` (timed into the histogram if they wrote
+    /// anything), runs what follows it, and releases their outboxes (or fails them). The
+    /// outboxes of a release that panicked are dropped (their callers are told that the agent
+    /// is gone).
+    fn sync(&self, covered: Vec<Sealed>) {
+        let sync = std::panic::AssertUnwindSafe(|| self.sync_uncaught(covered));
         if std::panic::catch_unwind(sync).is_err() {
             tracing::error!("releasing a durable batch panicked");
         }
     }
 
-    fn sync_uncaught(&self, mut covered: Vec<Sealed>, timed: bool) {
+    fn sync_uncaught(&self, mut covered: Vec<Sealed>) {
         let mut committed = Committed::default();
         covered.iter().for_each(|b| committed.and(&b.committed));
         let after: Vec<AfterDurable> = covered.iter_mut().filter_map(|b| b.after.take()).collect();
         let durable = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             let started = std::time::Instant::now();
             self.gate.make_durable(&committed)?;
-            if timed {
+            if !committed.frames.is_empty() {
                 self.sync.observe(started.elapsed().as_secs_f64());
             }
             after.into_iter().for_each(|a| a());

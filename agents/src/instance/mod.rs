@@ -602,16 +602,11 @@ impl<A: AgentClass> Instance<A> {
         error: Option<String>,
         outbox: &mut Outbox,
     ) -> bool {
-        let changes = |this: &Self| {
-            this.ctx
-                .conn
-                .as_ref()
-                .map(|_| this.ctx.sql().total_changes())
-        };
-        let before = match self.begin().await {
-            Ok(()) => changes(self),
-            Err(_) => None,
-        };
+        let before = self
+            .begin()
+            .await
+            .ok()
+            .map(|()| self.ctx.sql().total_changes());
         if let Some(error) = error {
             if let Err(e) = self
                 .run_handler(Work::ConnError(&conn, error), Cause::default(), outbox)
@@ -626,7 +621,7 @@ impl<A: AgentClass> Instance<A> {
         {
             tracing::debug!("on_close failed: {e}");
         }
-        let wrote = before.is_none() || changes(self) != before;
+        let wrote = before.is_none_or(|before| self.ctx.sql().total_changes() != before);
         if self.store.in_txn() {
             if let Err(e) = conn::remove(self.ctx.sql(), &conn) {
                 tracing::warn!("forgetting connection {conn}: {e}");
