@@ -150,8 +150,12 @@ async fn serve(runtime: Runtime) -> Result<(), Box<dyn std::error::Error>> {
     let (out_tx, mut out_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
     let writer = tokio::spawn(async move {
         let mut stdout = tokio::io::stdout();
-        while let Some(line) = out_rx.recv().await {
-            if stdout.write_all(line.as_bytes()).await.is_err() || stdout.flush().await.is_err() {
+        while let Some(mut lines) = out_rx.recv().await {
+            // Whatever else is answered by now goes in the same write.
+            while let Ok(line) = out_rx.try_recv() {
+                lines.push_str(&line);
+            }
+            if stdout.write_all(lines.as_bytes()).await.is_err() || stdout.flush().await.is_err() {
                 break;
             }
         }

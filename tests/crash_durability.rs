@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::{collections::HashMap, time::Duration};
+use std::collections::HashMap;
 
 use tokio::io::AsyncWriteExt;
 
@@ -30,27 +30,29 @@ async fn next_ack(lines: &mut common::Lines) -> (usize, i64) {
     (words[1].parse().unwrap(), words[2].parse().unwrap())
 }
 
+/// Writes `line(0)`, `line(1)`, … to the server as fast as it reads them until it is killed
+/// (the pipe breaks), and returns how many lines went into the pipe. The server is never idle
+/// and never done, so a kill always lands mid-load, however fast the server has become.
+fn write_until_killed(
+    mut stdin: tokio::process::ChildStdin,
+    line: impl Fn(usize) -> String + Send + 'static,
+) -> tokio::task::JoinHandle<usize> {
+    tokio::spawn(async move {
+        let mut sent = 0;
+        while stdin.write_all(line(sent).as_bytes()).await.is_ok() {
+            sent += 1;
+        }
+        sent
+    })
+}
+
 async fn sigkill_mid_load(durability: &[&str]) {
     let exe = common::example_binary("counter");
     let dir = tempfile::tempdir().unwrap();
     const NAMES: usize = 4;
-    const SENT: usize = 200_000;
 
-    let (mut child, mut stdin, mut lines) =
-        common::start_server(&exe, dir.path(), durability).await;
-    let writer = tokio::spawn(async move {
-        for i in 0..SENT {
-            let line = format!("add k{} 1 {i}\n", i % NAMES);
-            if stdin.write_all(line.as_bytes()).await.is_err() {
-                break; // the child is dead
-            }
-            if i % 100 == 0 {
-                // Keep the server busy for a while instead of handing it everything at once.
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
-        }
-        stdin
-    });
+    let (mut child, stdin, mut lines) = common::start_server(&exe, dir.path(), durability).await;
+    let writer = write_until_killed(stdin, |i| format!("add k{} 1 {i}\n", i % NAMES));
 
     // Per name: how many adds were acknowledged, and the highest total acknowledged.
     let mut acked: HashMap<String, (i64, i64)> = HashMap::new();
@@ -65,7 +67,7 @@ async fn sigkill_mid_load(durability: &[&str]) {
     child.start_kill().unwrap(); // SIGKILL
     let status = child.wait().await.unwrap();
     assert!(!status.success(), "the server was killed, not stopped");
-    let _ = writer.await;
+    let sent = writer.await.unwrap();
 
     let (mut child, mut stdin, mut lines) =
         common::start_server(&exe, dir.path(), durability).await;
@@ -93,16 +95,16 @@ async fn sigkill_mid_load(durability: &[&str]) {
             "{name}: {count} adds acknowledged, found {now}"
         );
         assert!(
-            now <= (SENT / NAMES) as i64,
+            now <= sent.div_ceil(NAMES) as i64,
             "{name}: {now} is more than was sent"
         );
     }
     let survived: i64 = found.values().sum();
     assert!(
-        survived < SENT as i64,
-        "the kill landed mid-load (all {SENT} adds had already run)"
+        survived < sent as i64,
+        "the kill landed mid-load (all {sent} adds had already run)"
     );
-    eprintln!("{durability:?}: acknowledged {total_acked} of {SENT} before SIGKILL; found {found:?} after restart");
+    eprintln!("{durability:?}: acknowledged {total_acked} of {sent} before SIGKILL; found {found:?} after restart");
     drop(stdin);
     let _ = child.wait().await;
 }
@@ -113,28 +115,16 @@ async fn sigkill_mid_load(durability: &[&str]) {
 async fn agents_created_when_the_process_is_killed_are_whole() {
     let exe = common::example_binary("counter");
     let dir = tempfile::tempdir().unwrap();
-    const SENT: usize = 5_000;
-    let (mut child, mut stdin, mut lines) = common::start_server(&exe, dir.path(), &[]).await;
-    let writer = tokio::spawn(async move {
-        for i in 0..SENT {
-            // Every line a new agent.
-            if stdin
-                .write_all(format!("add new{i} 1 {i}\n").as_bytes())
-                .await
-                .is_err()
-            {
-                break;
-            }
-        }
-        stdin
-    });
+    let (mut child, stdin, mut lines) = common::start_server(&exe, dir.path(), &[]).await;
+    // Every line a new agent.
+    let writer = write_until_killed(stdin, |i| format!("add new{i} 1 {i}\n"));
     let mut acked = Vec::new();
     while acked.len() < 300 {
         acked.push(next_ack(&mut lines).await.0);
     }
     child.start_kill().unwrap(); // SIGKILL, mid-creation
     child.wait().await.unwrap();
-    let _ = writer.await;
+    let sent = writer.await.unwrap();
 
     let (mut child, mut stdin, mut lines) = common::start_server(&exe, dir.path(), &[]).await;
     for &i in &acked {
@@ -166,8 +156,8 @@ async fn agents_created_when_the_process_is_killed_are_whole() {
         acked.len()
     );
     assert!(
-        files < SENT,
-        "the kill landed mid-creation (all {SENT} were made)"
+        files < sent,
+        "the kill landed mid-creation (all {sent} were made)"
     );
     eprintln!(
         "{} acknowledged, {files} files whole after SIGKILL",
