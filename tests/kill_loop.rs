@@ -501,3 +501,62 @@ async fn power_cuts_under_normal_durability_lose_the_last_commits() {
     );
     eprintln!("power cut, Normal: {calls} acknowledged calls; lost {missing}");
 }
+
+/// Under `Durability::Full` every frame of a WAL is synced before its reply, so a checkpoint
+/// syncs only the database's file: the simulator's journal holds one sync of the WAL (the call's
+/// commit) and two of the database (its copy from the template, the checkpoint's copy of the
+/// WAL into it) for one call to a new agent that then goes quiet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_does_not_sync_a_wal_that_is_durable_already() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let library = simulator();
+    let journal = library.with_file_name("journal");
+    let env = [
+        ("LD_PRELOAD", library.as_os_str()),
+        ("POWERLOSS_ROOT", dir.path().as_os_str()),
+        ("POWERLOSS_JOURNAL", journal.as_os_str()),
+    ];
+    let (mut server, addr) =
+        common::start_child_with("kill_loop_server", CHILD, dir.path(), &env).await;
+    let (status, total) =
+        common::http_request(addr, "POST", "/agents/mixed/solo/call/add", "[]").await;
+    assert_eq!((status, total), (200, serde_json::json!(1)));
+    let db = common::agent_databases(dir.path())
+        .pop()
+        .expect("its database");
+    let wal = db.with_extension("sqlite-wal");
+    // Quiet after 5 ms (see `kill_loop_server`): checkpointed, and its WAL emptied.
+    let started = std::time::Instant::now();
+    while std::fs::metadata(&wal).unwrap().len() > 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the agent went quiet"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    server.start_kill().unwrap();
+    server.wait().await.unwrap();
+    let id = |path: &Path| {
+        let meta = std::fs::metadata(path).unwrap();
+        (meta.dev(), meta.ino())
+    };
+    let records = records(&std::fs::read(&journal).unwrap());
+    let _ = std::fs::remove_dir_all(library.parent().unwrap());
+    // Syncs of `file` since it was made (its inode number may have been another file's before).
+    let syncs = |file| {
+        let made = records
+            .iter()
+            .rposition(|r| r.kind == NEW && r.file == file);
+        let since = &records[made.map_or(0, |at| at + 1)..];
+        since
+            .iter()
+            .filter(|r| r.kind == SYNC && r.file == file)
+            .count()
+    };
+    assert_eq!(
+        (syncs(id(&wal)), syncs(id(&db))),
+        (1, 2),
+        "syncs of the WAL, of the database"
+    );
+}

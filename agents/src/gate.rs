@@ -14,7 +14,10 @@ use std::{
     fs::File,
     ops::Range,
     path::PathBuf,
-    sync::{Arc, Mutex},
+    sync::{
+        atomic::{AtomicU8, Ordering},
+        Arc, Mutex,
+    },
 };
 
 use agents_client::{BoxFuture, RawError, RawStream};
@@ -78,6 +81,13 @@ pub(crate) trait CommitGate: Send + Sync + 'static {
         Ok(())
     }
 
+    /// Whether every frame the local WAL holds is durable on this machine's disk, asked once
+    /// every batch handed over is (after a drain): a checkpoint then syncs only the database's
+    /// file, not the WAL again (see `storage::checkpoint`).
+    fn wal_is_durable(&self) -> bool {
+        false
+    }
+
     /// Whether the agent's local database stopped being the durable state's copy (a batch
     /// it committed was refused, or may not have been kept): the instance must close it and
     /// drop it.
@@ -99,7 +109,16 @@ pub(crate) struct WalSync {
     /// synced once, after the WAL's first sync (as SQLite does itself when it syncs a WAL it
     /// made).
     dir: Mutex<Option<PathBuf>>,
+    /// Whether the WAL was synced since it was opened ([`SYNCED`]; what a crash left in it is
+    /// durable from then on, as every sync covers the whole file), or a sync failed ([`FAILED`],
+    /// for good: what the failed sync held may be lost, whatever a later one says).
+    synced: AtomicU8,
 }
+
+/// [`WalSync::synced`]: a sync succeeded, and none failed.
+const SYNCED: u8 = 1;
+/// [`WalSync::synced`]: a sync failed.
+const FAILED: u8 = 2;
 
 impl WalSync {
     /// Syncs `wal`, and once `dir` (if it holds new entries).
@@ -107,6 +126,7 @@ impl WalSync {
         WalSync {
             wal,
             dir: Mutex::new(dir),
+            synced: Default::default(),
         }
     }
 }
@@ -117,14 +137,27 @@ impl CommitGate for WalSync {
             // Nothing new in the WAL: what the batches before wrote was synced by theirs.
             return Ok(());
         }
-        let failed = |e| Error::Internal(format!("fsync failed: {e}"));
+        let failed = |e| {
+            self.synced.store(FAILED, Ordering::Relaxed);
+            Error::Internal(format!("fsync failed: {e}"))
+        };
         self.wal.sync_data().map_err(failed)?;
+        let _ = self
+            .synced
+            .compare_exchange(0, SYNCED, Ordering::Relaxed, Ordering::Relaxed);
         let mut dir = lock(&self.dir);
         if let Some(path) = dir.as_ref() {
             crate::storage::sync_path(path)?;
             *dir = None;
         }
         Ok(())
+    }
+
+    /// Every batch was synced by the time this is asked (a drain waited for them), so the
+    /// WAL's frames are durable if a sync since the open covered what was there before it and
+    /// none failed.
+    fn wal_is_durable(&self) -> bool {
+        self.synced.load(Ordering::Relaxed) == SYNCED
     }
 }
 
@@ -436,6 +469,31 @@ mod tests {
         gate.make_durable(&committed).unwrap();
         assert!(lock(&gate.dir).is_none(), "synced once");
         gate.make_durable(&committed).unwrap();
+    }
+
+    #[test]
+    fn a_wal_is_durable_once_synced_and_never_again_after_a_failed_sync() {
+        let dir = tempfile::tempdir().unwrap();
+        let (some, none) = (Committed { frames: 0..1 }, Committed::default());
+        let gate = WalSync::new(File::create(dir.path().join("a-wal")).unwrap(), None);
+        assert!(!gate.wal_is_durable(), "not synced since the open");
+        gate.make_durable(&none).unwrap();
+        assert!(
+            !gate.wal_is_durable(),
+            "a batch that wrote nothing syncs nothing"
+        );
+        gate.make_durable(&some).unwrap();
+        assert!(gate.wal_is_durable());
+        // A pipe cannot be synced: the sync fails.
+        let (_read, write) = std::io::pipe().unwrap();
+        let gate = WalSync::new(File::from(std::os::fd::OwnedFd::from(write)), None);
+        assert!(gate.make_durable(&some).is_err());
+        assert!(!gate.wal_is_durable());
+        // One that failed before (as the pipe's did) stays so, whatever later syncs say.
+        let failed = WalSync::new(File::create(dir.path().join("b-wal")).unwrap(), None);
+        failed.synced.store(FAILED, Ordering::Relaxed);
+        failed.make_durable(&some).unwrap();
+        assert!(!failed.wal_is_durable());
     }
 
     /// A histogram for the syncer's timings.
