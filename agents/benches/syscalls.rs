@@ -1,8 +1,8 @@
 //! The workload whose system calls `scripts/syscalls` counts (with `strace -c`): `N` sequential
 //! durable calls to one agent (`ours`), or the same `N` UPSERTs on raw rusqlite, each its own
-//! transaction with `synchronous=FULL` (`raw`), or `N` calls each to a new agent (`new`). Run
-//! twice with different `N`, the difference divided by the difference in `N` is the count per
-//! call, start-up excluded.
+//! transaction with `synchronous=FULL` (`raw`), or `N` calls each to a new agent (`new`), or `N`
+//! calls to one agent, hibernated after each (`wake`). Run twice with different `N`, the
+//! difference divided by the difference in `N` is the count per call, start-up excluded.
 //!
 //! `cargo bench -p agents --bench syscalls -- ours 2000` runs it without counting.
 
@@ -33,13 +33,16 @@ fn main() {
             }
         }
         // Each call to an agent not seen before.
-        Some("new") => calls(n, |i| format!("a{i}")),
-        _ => calls(n, |_| "one".to_owned()),
+        Some("new") => calls(n, false, |i| format!("a{i}")),
+        // Each call to an agent hibernated after the call before.
+        Some("wake") => calls(n, true, |_| "one".to_owned()),
+        _ => calls(n, false, |_| "one".to_owned()),
     }
 }
 
-/// `n` sequential durable calls, call `i` to the agent named `name(i)`.
-fn calls(n: i64, name: impl Fn(i64) -> String) {
+/// `n` sequential durable calls, call `i` to the agent named `name(i)`, each agent hibernated
+/// after its call if `hibernate`.
+fn calls(n: i64, hibernate: bool, name: impl Fn(i64) -> String) {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -48,6 +51,9 @@ fn calls(n: i64, name: impl Fn(i64) -> String) {
         let rt = TestRuntime::start(Runtime::builder().agent::<Counter>()).unwrap();
         for i in 0..n {
             rt.agent::<Counter>(&name(i)).add(i).await.unwrap();
+            if hibernate {
+                rt.hibernate::<Counter>(&name(i)).await.unwrap();
+            }
         }
     });
 }
