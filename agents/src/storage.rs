@@ -34,8 +34,9 @@ use crate::{address::AgentKey, error::Error};
 ///   hibernates (lost in a crash before, the stale connection row is removed at the next open);
 ///   a commit that wrote nothing (calls that only read) has nothing to sync: its replies wait
 ///   only for the syncs of the writes before it, and leave at once if there are none;
-/// - checkpoints (copying the WAL into the database) are run by the runtime with SQLite's
-///   `synchronous=FULL`, so the database file is synced before the WAL is ever reused.
+/// - checkpoints (copying the WAL into the database) sync the database file before the WAL is
+///   ever reused: under `Full` the runtime syncs it, the WAL being durable already (one sync);
+///   under `Normal` SQLite's `synchronous=FULL` syncs the WAL first, then the database.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum Durability {
     /// A reply is released only after its writes are fsynced: it survives a process crash
