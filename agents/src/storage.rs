@@ -34,9 +34,9 @@ use crate::{address::AgentKey, error::Error};
 ///   hibernates (lost in a crash before, the stale connection row is removed at the next open);
 ///   a commit that wrote nothing (calls that only read) has nothing to sync: its replies wait
 ///   only for the syncs of the writes before it, and leave at once if there are none;
-/// - checkpoints (copying the WAL into the database) sync the database file before the WAL is
-///   ever reused: under `Full` the runtime syncs it, the WAL being durable already (one sync);
-///   under `Normal` SQLite's `synchronous=FULL` syncs the WAL first, then the database.
+/// - checkpoints (copying the WAL into the database) are run by the runtime with SQLite's
+///   `synchronous=FULL`, so the database file is synced before the WAL is ever reused; under
+///   `Full` the WAL is not synced again first, its frames being durable already.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum Durability {
     /// A reply is released only after its writes are fsynced: it survives a process crash
@@ -657,52 +657,53 @@ pub(crate) fn wal_frames_for(bytes: u64, page_size: u64) -> u32 {
     u32::try_from(bytes / (page_size + 24)).unwrap_or(u32::MAX)
 }
 
-/// Copies the WAL into the database and syncs the database's file before the next write starts
-/// the WAL over from its first frame (in the file as it is, or, if `truncate`, in a file emptied
-/// now). SQLite syncs the WAL first (a crash while pages are copied finds them there again)
-/// unless `durable_wal` is given: the database's file, when every frame of the WAL is durable
-/// already (the gate synced them, see `CommitGate::wal_is_durable`). Then the copy syncs
-/// nothing and the database's file is synced through it: one sync instead of two. Blocking.
+/// Copies the WAL into the database, syncing both (the WAL first: a crash while pages are
+/// copied finds them there again; then the database, before the frames count as copied). The
+/// next write starts the WAL over from its first frame, in the file as it is, or, if
+/// `truncate`, in a file emptied now. If `durable_wal` (every frame of the WAL is durable
+/// already: see `CommitGate::wal_is_durable`), the WAL is not synced again (see
+/// [`crate::vfs::with_durable_wal`]). Blocking.
 pub(crate) fn checkpoint(
     conn: &Connection,
     truncate: bool,
-    durable_wal: Option<&fs::File>,
+    durable_wal: bool,
 ) -> Result<(), Error> {
-    let restart = if truncate {
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    let checkpoint = if truncate {
         "PRAGMA wal_checkpoint(TRUNCATE)"
     } else {
         "PRAGMA wal_checkpoint(RESTART)"
     };
-    if let Some(db) = durable_wal {
-        // `synchronous` is OFF (see `open`): the copy syncs nothing.
-        // Its row: whether it was blocked, the WAL's frames, how many were copied.
-        let copied = |r: &rusqlite::Row<'_>| -> rusqlite::Result<bool> {
-            let (busy, frames, copied): (i64, i64, i64) = (r.get(0)?, r.get(1)?, r.get(2)?);
-            Ok(busy == 0 && frames == copied)
-        };
-        if conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], copied)? {
-            let path = Path::new(conn.path().unwrap_or_default());
-            db.sync_data().map_err(io(path))?;
-            // Nothing is left to copy: this only starts the WAL over.
-            return Ok(conn.query_row(restart, [], |_| Ok(()))?);
-        }
-    }
-    conn.pragma_update(None, "synchronous", "FULL")?;
-    let result = conn.query_row(restart, [], |_| Ok(()));
+    let run = || conn.query_row(checkpoint, [], |_| Ok(()));
+    let result = if durable_wal {
+        with_durable_wal(run)
+    } else {
+        run()
+    };
     conn.pragma_update(None, "synchronous", "OFF")?;
     Ok(result?)
 }
 
 /// Closes the database; the final checkpoint syncs the database before the WAL is emptied (it
-/// stays, see `keep_wal`), and syncs the WAL first unless `durable_wal` (see [`checkpoint`]).
+/// stays, see `keep_wal`), and the WAL first unless `durable_wal` (see [`checkpoint`]).
 /// Blocking.
-pub(crate) fn close(conn: Connection, durable_wal: Option<&fs::File>) -> Result<(), Error> {
-    // Checkpointed so, the close has nothing left to copy (or sync).
-    let checkpointed = durable_wal.is_some() && checkpoint(&conn, true, durable_wal).is_ok();
-    if !checkpointed {
-        conn.pragma_update(None, "synchronous", "FULL")?;
+pub(crate) fn close(conn: Connection, durable_wal: bool) -> Result<(), Error> {
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    let close = || conn.close().map_err(|(_, e)| Error::Storage(e));
+    if durable_wal {
+        with_durable_wal(close)
+    } else {
+        close()
     }
-    conn.close().map_err(|(_, e)| Error::Storage(e))
+}
+
+#[cfg(target_os = "linux")]
+use crate::vfs::with_durable_wal;
+
+/// Elsewhere the `agents` VFS is not there: SQLite syncs the WAL as usual.
+#[cfg(not(target_os = "linux"))]
+fn with_durable_wal<T>(f: impl FnOnce() -> T) -> T {
+    f()
 }
 
 /// A typed key-value store in the agent's database (`ctx.kv()`).
@@ -883,20 +884,20 @@ mod tests {
         let first = open_full().unwrap();
         assert!(first.created && first.dir_unsynced);
         first.conn.execute_batch("CREATE TABLE t(x)").unwrap();
-        close(first.conn, None).unwrap();
+        close(first.conn, false).unwrap();
         drop(first.guard);
         let wal = first.path.with_extension("sqlite-wal");
         let kept = fs::metadata(&wal).expect("a close keeps the WAL");
         assert_eq!(kept.len(), 0, "checkpointed and emptied");
         let kept = reopen();
         assert!(!kept.created && !kept.dir_unsynced, "nothing new");
-        close(kept.conn, None).unwrap();
+        close(kept.conn, false).unwrap();
         drop(kept.guard);
         // Closed by a runtime that removed the WAL at each close: the open makes one.
         fs::remove_file(&wal).unwrap();
         let normal = opened(dir.path(), &key, Durability::Normal).unwrap();
         assert!(!normal.dir_unsynced, "Normal syncs no directory");
-        close(normal.conn, None).unwrap();
+        close(normal.conn, false).unwrap();
         drop(normal.guard);
         fs::remove_file(&wal).unwrap();
         let again = reopen();
@@ -953,7 +954,7 @@ mod tests {
         assert_eq!(commit(&conn).unwrap(), None);
         // After a checkpoint the WAL starts again from its first frame: in the same file...
         let size = wal.metadata().unwrap().len();
-        checkpoint(&conn, false, None).unwrap();
+        checkpoint(&conn, false, false).unwrap();
         let again = write(3).unwrap();
         assert!(
             again < second,
@@ -961,7 +962,7 @@ mod tests {
         );
         assert_eq!(wal.metadata().unwrap().len(), size, "frames overwritten");
         // ... or in one emptied at the checkpoint.
-        checkpoint(&conn, true, None).unwrap();
+        checkpoint(&conn, true, false).unwrap();
         assert_eq!(wal.metadata().unwrap().len(), 0);
         assert_eq!(write(4), Some(again));
         let count: i64 = conn
@@ -974,10 +975,8 @@ mod tests {
     fn a_checkpoint_of_a_durable_wal_copies_it_all_and_starts_it_over() {
         let dir = tempfile::tempdir().unwrap();
         let key = AgentKey::new("t", "durable-wal").unwrap();
-        let Opened {
-            conn, wal, guard, ..
-        } = opened(dir.path(), &key, Durability::Full).unwrap();
-        let (wal, db) = (wal.unwrap(), guard.expect("the database's file"));
+        let Opened { conn, wal, .. } = opened(dir.path(), &key, Durability::Full).unwrap();
+        let wal = wal.unwrap();
         conn.execute_batch("CREATE TABLE t(x)").unwrap();
         let write = |n: i64| {
             conn.execute_batch("BEGIN").unwrap();
@@ -985,13 +984,12 @@ mod tests {
             commit(&conn).unwrap().unwrap()
         };
         let before = (1..=3).map(write).last().unwrap();
-        checkpoint(&conn, false, Some(&db)).unwrap();
+        checkpoint(&conn, false, true).unwrap();
         assert!(write(4) < before, "the WAL starts over");
-        checkpoint(&conn, true, Some(&db)).unwrap();
+        checkpoint(&conn, true, true).unwrap();
         assert_eq!(wal.metadata().unwrap().len(), 0, "emptied");
         write(5);
-        close(conn, Some(&db)).unwrap();
-        drop(db);
+        close(conn, true).unwrap();
         assert_eq!(wal.metadata().unwrap().len(), 0, "emptied at the close");
         // All of it is in the database's file.
         let again = opened(dir.path(), &key, Durability::Full).unwrap();
@@ -1162,7 +1160,7 @@ mod tests {
         let key = AgentKey::new("t", "a\0b/../c").unwrap();
         close(
             opened(dir.path(), &key, Durability::Full).unwrap().conn,
-            None,
+            false,
         )
         .unwrap();
         let path = db_path(dir.path(), &key);

@@ -115,7 +115,22 @@ unsafe extern "C" fn open(
         return ffi::SQLITE_CANTOPEN;
     };
     let rc = base_open(base, name, file, flags, out_flags);
-    if rc != ffi::SQLITE_OK || flags & ffi::SQLITE_OPEN_MAIN_DB == 0 || (*file).pMethods.is_null() {
+    if rc != ffi::SQLITE_OK || (*file).pMethods.is_null() {
+        return rc;
+    }
+    if flags & ffi::SQLITE_OPEN_WAL != 0 {
+        let methods = WAL_METHODS.get_or_init(|| {
+            let base = (*file).pMethods;
+            let mut ours = *base;
+            ours.xSync = Some(wal_sync);
+            Methods { ours, base }
+        });
+        if ptr::eq(methods.base, (*file).pMethods) {
+            (*file).pMethods = &methods.ours;
+        }
+        return rc;
+    }
+    if flags & ffi::SQLITE_OPEN_MAIN_DB == 0 {
         return rc;
     }
     let methods = METHODS.get_or_init(|| {
@@ -143,6 +158,46 @@ unsafe extern "C" fn open(
     );
     (*file).pMethods = &methods.ours;
     rc
+}
+
+/// The methods of our WAL files: the base VFS's, with a sync that [`with_durable_wal`] skips.
+static WAL_METHODS: OnceLock<Methods> = OnceLock::new();
+
+thread_local! {
+    /// Set by [`with_durable_wal`] on the thread it runs on.
+    static DURABLE_WAL: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` (a checkpoint, or a close that checkpoints), in which SQLite does not sync the WAL
+/// of a database of ours: the caller knows that every frame of it is durable already (the
+/// runtime synced them: see `CommitGate::wal_is_durable`). SQLite syncs the database's file as
+/// usual, and only then counts the frames as copied, so the WAL is started over only once the
+/// database holds them durably. Only on this thread, only for `f`.
+pub(crate) fn with_durable_wal<T>(f: impl FnOnce() -> T) -> T {
+    DURABLE_WAL.set(true);
+    struct Reset;
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            DURABLE_WAL.set(false);
+        }
+    }
+    let _reset = Reset;
+    f()
+}
+
+/// Syncs a WAL file through the base VFS, unless [`with_durable_wal`] says it is durable.
+unsafe extern "C" fn wal_sync(file: *mut ffi::sqlite3_file, flags: c_int) -> c_int {
+    if DURABLE_WAL.get() {
+        return ffi::SQLITE_OK;
+    }
+    let base = WAL_METHODS
+        .get()
+        .expect("set before a WAL of ours opens")
+        .base;
+    match (*base).xSync {
+        Some(sync) => sync(file, flags),
+        None => ffi::SQLITE_OK,
+    }
 }
 
 /// Releases the WAL index, then closes the file through the base VFS.
@@ -318,6 +373,17 @@ mod tests {
     use rusqlite::{Connection, OpenFlags};
 
     use super::*;
+
+    #[test]
+    fn the_wal_is_taken_as_durable_only_inside_the_closure_and_on_its_thread() {
+        assert!(with_durable_wal(|| DURABLE_WAL.get()));
+        assert!(!DURABLE_WAL.get());
+        let other = || std::thread::spawn(|| DURABLE_WAL.get()).join().unwrap();
+        assert!(!with_durable_wal(other), "another thread syncs as usual");
+        let panicked = std::panic::catch_unwind(|| with_durable_wal(|| panic!("in a checkpoint")));
+        assert!(panicked.is_err());
+        assert!(!DURABLE_WAL.get(), "reset by the unwinding too");
+    }
 
     fn open(path: &std::path::Path) -> Connection {
         assert!(register());

@@ -35,9 +35,8 @@ pub(super) struct Store {
     wal_frames: u32,
     /// Checkpoint once the WAL holds this many frames.
     checkpoint_at: u32,
-    /// Keeps other processes out of the open database (see `storage::Opened`); its handle
-    /// syncs the database's file at a checkpoint whose WAL is durable already.
-    guard: Option<Arc<std::fs::File>>,
+    /// Keeps other processes out of the open database (see `storage::Opened`).
+    guard: Option<std::fs::File>,
     /// The open database's permit among the runtime's (`Shared::databases`).
     database: Option<tokio::sync::OwnedSemaphorePermit>,
     /// The open database was created by this instance and no event has succeeded since: if
@@ -192,7 +191,7 @@ impl Store {
         self.wal_frames = 0;
         storage::guard_transaction(&conn, self.in_handler.clone());
         *slot = Some(Database::new(conn));
-        self.guard = guard.map(Arc::new);
+        self.guard = guard;
         self.database = Some(database);
         self.unused = created;
         self.uncataloged = created;
@@ -333,7 +332,7 @@ impl Store {
         // On a panic the connection is lost with the task: the next event reopens the database.
         let (gate, durable_wal) = (self.gate.clone(), self.durable_wal());
         let checkpointed = move || {
-            let result = storage::checkpoint(&conn, truncate, durable_wal.as_deref());
+            let result = storage::checkpoint(&conn, truncate, durable_wal);
             let result = match (result, gate) {
                 (Ok(()), Some(gate)) => gate.checkpointed(),
                 (result, _) => result,
@@ -352,11 +351,10 @@ impl Store {
         }
     }
 
-    /// The database's file, if every frame of its WAL is durable (asked once every batch is:
-    /// see `CommitGate::wal_is_durable`).
-    fn durable_wal(&self) -> Option<Arc<std::fs::File>> {
-        let durable = self.gate.as_ref().is_some_and(|g| g.wal_is_durable());
-        self.guard.clone().filter(|_| durable)
+    /// Whether every frame of the WAL is durable (asked once every batch is: see
+    /// `CommitGate::wal_is_durable`).
+    fn durable_wal(&self) -> bool {
+        self.gate.as_ref().is_some_and(|g| g.wal_is_durable())
     }
 
     /// What makes a commit durable, while the database is open.
@@ -390,7 +388,7 @@ impl Store {
             let durable_wal = self.durable_wal();
             let closed = blocking(move || {
                 let counts = count.then(|| catalog::counts(&conn));
-                storage::close(conn.into_connection(), durable_wal.as_deref())?;
+                storage::close(conn.into_connection(), durable_wal)?;
                 let figures = Figures {
                     at_ms: closer.config.clock.now_ms(),
                     size: catalog::files_size(&path),
