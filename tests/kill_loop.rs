@@ -346,25 +346,48 @@ async fn twenty_sigkills_under_mixed_load_lose_no_acknowledged_write() {
     eprintln!("kill loop: {KILLS} SIGKILLs, {calls} acknowledged calls, none lost");
 }
 
-/// The power-loss simulator, built for this run: `common/powerloss.c` as a shared library.
-fn simulator() -> PathBuf {
-    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/common/powerloss.c");
-    let out = tempfile::Builder::new()
-        .prefix("powerloss")
-        .tempdir()
-        .unwrap()
-        .keep();
-    let library = out.join("libpowerloss.so");
-    let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
-    let built = std::process::Command::new(&cc)
-        .args(["-shared", "-fPIC", "-O1", "-o"])
-        .arg(&library)
-        .arg(&source)
-        .arg("-ldl")
-        .status()
-        .unwrap_or_else(|e| panic!("{cc} builds the power-loss simulator: {e}"));
-    assert!(built.success(), "{cc} failed on {}", source.display());
-    library
+/// The power-loss simulator, built for this run (`common/powerloss.c` as a shared library), and
+/// the journal it keeps; both go when it is dropped.
+struct Simulator {
+    library: PathBuf,
+    journal: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Simulator {
+    fn build() -> Self {
+        let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/common/powerloss.c");
+        let dir = tempfile::Builder::new()
+            .prefix("powerloss")
+            .tempdir()
+            .unwrap();
+        let library = dir.path().join("libpowerloss.so");
+        let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
+        let built = std::process::Command::new(&cc)
+            .args(["-shared", "-fPIC", "-O1", "-o"])
+            .arg(&library)
+            .arg(&source)
+            .arg("-ldl")
+            .status()
+            .unwrap_or_else(|e| panic!("{cc} builds the power-loss simulator: {e}"));
+        assert!(built.success(), "{cc} failed on {}", source.display());
+        Simulator {
+            journal: dir.path().join("journal"),
+            library,
+            _dir: dir,
+        }
+    }
+
+    /// The environment of a server process that runs under it on the data dir `root`, with
+    /// `durability` (`full` or `normal`).
+    fn env<'a>(&'a self, root: &'a Path, durability: &'a str) -> [(&'static str, &'a OsStr); 4] {
+        [
+            ("LD_PRELOAD", self.library.as_os_str()),
+            ("POWERLOSS_ROOT", root.as_os_str()),
+            ("POWERLOSS_JOURNAL", self.journal.as_os_str()),
+            (DURABILITY, OsStr::new(durability)),
+        ]
+    }
 }
 
 /// One record of the simulator's journal (see `struct rec` in `common/powerloss.c`).
@@ -454,22 +477,15 @@ fn power_cut(journal: &Path, root: &Path) -> usize {
 /// runtime finds missing afterwards, and how many writes the cuts undid.
 async fn power_cuts(durability: &str, rounds: Range<usize>) -> (Acked, Missing, usize) {
     let dir = tempfile::tempdir().unwrap();
-    let library = simulator();
-    let journal = library.with_file_name("journal");
-    let env = [
-        ("LD_PRELOAD", library.as_os_str()),
-        ("POWERLOSS_ROOT", dir.path().as_os_str()),
-        ("POWERLOSS_JOURNAL", journal.as_os_str()),
-        (DURABILITY, OsStr::new(durability)),
-    ];
+    let simulator = Simulator::build();
+    let env = simulator.env(dir.path(), durability);
     let mut acked = Acked::default();
     let mut undone = 0;
     for (cut, number) in rounds.enumerate() {
         let load = Duration::from_millis(300 + 50 * cut as u64);
         acked.add(round(dir.path(), number, load, &env).await);
-        undone += power_cut(&journal, dir.path());
+        undone += power_cut(&simulator.journal, dir.path());
     }
-    let _ = std::fs::remove_dir_all(library.parent().unwrap());
     let missing = missing(dir.path(), &acked).await;
     (acked, missing, undone)
 }
@@ -510,13 +526,8 @@ async fn power_cuts_under_normal_durability_lose_the_last_commits() {
 async fn a_checkpoint_does_not_sync_a_wal_that_is_durable_already() {
     use std::os::unix::fs::MetadataExt;
     let dir = tempfile::tempdir().unwrap();
-    let library = simulator();
-    let journal = library.with_file_name("journal");
-    let env = [
-        ("LD_PRELOAD", library.as_os_str()),
-        ("POWERLOSS_ROOT", dir.path().as_os_str()),
-        ("POWERLOSS_JOURNAL", journal.as_os_str()),
-    ];
+    let simulator = Simulator::build();
+    let env = simulator.env(dir.path(), "full");
     let (mut server, addr) =
         common::start_child_with("kill_loop_server", CHILD, dir.path(), &env).await;
     let (status, total) =
@@ -541,8 +552,7 @@ async fn a_checkpoint_does_not_sync_a_wal_that_is_durable_already() {
         let meta = std::fs::metadata(path).unwrap();
         (meta.dev(), meta.ino())
     };
-    let records = records(&std::fs::read(&journal).unwrap());
-    let _ = std::fs::remove_dir_all(library.parent().unwrap());
+    let records = records(&std::fs::read(&simulator.journal).unwrap());
     // Syncs of `file` since it was made (its inode number may have been another file's before).
     let syncs = |file| {
         let made = records
