@@ -10,6 +10,9 @@
 //! on the index are no-ops: a database is open once (the open-file-description lock that
 //! `open_unlocked` takes keeps every other connection out, in this process too), so nothing
 //! contends for them, and a transaction makes no system call for them either.
+//!
+//! Its WAL files sync as SQLite's do, except inside [`with_durable_wal`]: a checkpoint of a WAL
+//! that the runtime has synced already does not sync it again.
 
 use std::{
     ffi::{c_int, c_void, CStr},
