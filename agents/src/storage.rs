@@ -36,7 +36,8 @@ use crate::{address::AgentKey, error::Error};
 ///   only for the syncs of the writes before it, and leave at once if there are none;
 /// - checkpoints (copying the WAL into the database) are run by the runtime with SQLite's
 ///   `synchronous=FULL`, so the database file is synced before the WAL is ever reused; under
-///   `Full` the WAL is not synced again first, its frames being durable already.
+///   `Full` the WAL is not synced again first, its frames being durable already (on Linux,
+///   where the runtime's own SQLite VFS opens it).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum Durability {
     /// A reply is released only after its writes are fsynced: it survives a process crash
