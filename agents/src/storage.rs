@@ -675,12 +675,7 @@ pub(crate) fn checkpoint(
     } else {
         "PRAGMA wal_checkpoint(RESTART)"
     };
-    let run = || conn.query_row(checkpoint, [], |_| Ok(()));
-    let result = if durable_wal {
-        with_durable_wal(run)
-    } else {
-        run()
-    };
+    let result = with_durable_wal(durable_wal, || conn.query_row(checkpoint, [], |_| Ok(())));
     conn.pragma_update(None, "synchronous", "OFF")?;
     Ok(result?)
 }
@@ -690,12 +685,9 @@ pub(crate) fn checkpoint(
 /// Blocking.
 pub(crate) fn close(conn: Connection, durable_wal: bool) -> Result<(), Error> {
     conn.pragma_update(None, "synchronous", "FULL")?;
-    let close = || conn.close().map_err(|(_, e)| Error::Storage(e));
-    if durable_wal {
-        with_durable_wal(close)
-    } else {
-        close()
-    }
+    with_durable_wal(durable_wal, || {
+        conn.close().map_err(|(_, e)| Error::Storage(e))
+    })
 }
 
 #[cfg(target_os = "linux")]
@@ -703,7 +695,7 @@ use crate::vfs::with_durable_wal;
 
 /// Elsewhere the `agents` VFS is not there: SQLite syncs the WAL as usual.
 #[cfg(not(target_os = "linux"))]
-fn with_durable_wal<T>(f: impl FnOnce() -> T) -> T {
+fn with_durable_wal<T>(_: bool, f: impl FnOnce() -> T) -> T {
     f()
 }
 

@@ -122,36 +122,26 @@ unsafe extern "C" fn open(
         return rc;
     }
     if flags & ffi::SQLITE_OPEN_WAL != 0 {
-        let methods = WAL_METHODS.get_or_init(|| {
-            let base = (*file).pMethods;
-            let mut ours = *base;
-            ours.xSync = Some(wal_sync);
-            Methods { ours, base }
-        });
-        if ptr::eq(methods.base, (*file).pMethods) {
-            (*file).pMethods = &methods.ours;
+        if let Some(ours) = ours(&WAL_METHODS, file, |m| m.xSync = Some(wal_sync)) {
+            (*file).pMethods = ours;
         }
         return rc;
     }
     if flags & ffi::SQLITE_OPEN_MAIN_DB == 0 {
         return rc;
     }
-    let methods = METHODS.get_or_init(|| {
-        let base = (*file).pMethods;
-        let mut ours = *base;
-        ours.iVersion = ours.iVersion.max(2);
-        ours.xClose = Some(close);
-        ours.xShmMap = Some(shm_map);
-        ours.xShmLock = Some(shm_lock);
-        ours.xShmBarrier = Some(shm_barrier);
-        ours.xShmUnmap = Some(shm_unmap);
-        Methods { ours, base }
-    });
-    if !ptr::eq(methods.base, (*file).pMethods) {
+    let Some(ours) = ours(&METHODS, file, |m| {
+        m.iVersion = m.iVersion.max(2);
+        m.xClose = Some(close);
+        m.xShmMap = Some(shm_map);
+        m.xShmLock = Some(shm_lock);
+        m.xShmBarrier = Some(shm_barrier);
+        m.xShmUnmap = Some(shm_unmap);
+    }) else {
         // Not the methods ours were made from (the base VFS has one set for main files): left
         // as it is, without a WAL index, SQLite refuses WAL for it unless exclusive.
         return rc;
-    }
+    };
     ptr::write(
         ext(file),
         Ext {
@@ -159,8 +149,27 @@ unsafe extern "C" fn open(
             size: 0,
         },
     );
-    (*file).pMethods = &methods.ours;
+    (*file).pMethods = ours;
     rc
+}
+
+/// Our methods for `file`, made once into `table` from its base VFS's by `change`; `None` if
+/// `file` has other methods than those they were made from.
+///
+/// # Safety
+/// `file` was just opened by the base VFS, with methods.
+unsafe fn ours(
+    table: &'static OnceLock<Methods>,
+    file: *mut ffi::sqlite3_file,
+    change: impl FnOnce(&mut ffi::sqlite3_io_methods),
+) -> Option<&'static ffi::sqlite3_io_methods> {
+    let methods = table.get_or_init(|| {
+        let base = (*file).pMethods;
+        let mut ours = *base;
+        change(&mut ours);
+        Methods { ours, base }
+    });
+    ptr::eq(methods.base, (*file).pMethods).then_some(&methods.ours)
 }
 
 /// The methods of our WAL files: the base VFS's, with a sync that [`with_durable_wal`] skips.
@@ -171,13 +180,13 @@ thread_local! {
     static DURABLE_WAL: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
-/// Runs `f` (a checkpoint, or a close that checkpoints), in which SQLite does not sync the WAL
-/// of a database of ours: the caller knows that every frame of it is durable already (the
-/// runtime synced them: see `CommitGate::wal_is_durable`). SQLite syncs the database's file as
-/// usual, and only then counts the frames as copied, so the WAL is started over only once the
-/// database holds them durably. Only on this thread, only for `f`.
-pub(crate) fn with_durable_wal<T>(f: impl FnOnce() -> T) -> T {
-    DURABLE_WAL.set(true);
+/// Runs `f` (a checkpoint, or a close that checkpoints), in which, if `durable`, SQLite does
+/// not sync the WAL of a database of ours: the caller knows that every frame of it is durable
+/// already (the runtime synced them: see `CommitGate::wal_is_durable`). SQLite syncs the
+/// database's file as usual, and only then counts the frames as copied, so the WAL is started
+/// over only once the database holds them durably. Only on this thread, only for `f`.
+pub(crate) fn with_durable_wal<T>(durable: bool, f: impl FnOnce() -> T) -> T {
+    DURABLE_WAL.set(durable);
     struct Reset;
     impl Drop for Reset {
         fn drop(&mut self) {
@@ -379,11 +388,16 @@ mod tests {
 
     #[test]
     fn the_wal_is_taken_as_durable_only_inside_the_closure_and_on_its_thread() {
-        assert!(with_durable_wal(|| DURABLE_WAL.get()));
+        assert!(with_durable_wal(true, || DURABLE_WAL.get()));
         assert!(!DURABLE_WAL.get());
+        assert!(!with_durable_wal(false, || DURABLE_WAL.get()));
         let other = || std::thread::spawn(|| DURABLE_WAL.get()).join().unwrap();
-        assert!(!with_durable_wal(other), "another thread syncs as usual");
-        let panicked = std::panic::catch_unwind(|| with_durable_wal(|| panic!("in a checkpoint")));
+        assert!(
+            !with_durable_wal(true, other),
+            "another thread syncs as usual"
+        );
+        let panicked =
+            std::panic::catch_unwind(|| with_durable_wal(true, || panic!("in a checkpoint")));
         assert!(panicked.is_err());
         assert!(!DURABLE_WAL.get(), "reset by the unwinding too");
     }
