@@ -109,8 +109,33 @@ impl When {
 }
 
 fn parse_cron(expr: &str) -> Result<Cron, Error> {
-    Cron::from_str(expr)
-        .map_err(|e| Error::Schedule(format!("invalid cron expression `{expr}`: {e}")))
+    let invalid = |why: &dyn std::fmt::Display| {
+        Error::Schedule(format!("invalid cron expression `{expr}`: {why}"))
+    };
+    let cron = Cron::from_str(expr).map_err(|e| invalid(&e))?;
+    if let Some(field) = empty_field(&cron) {
+        return Err(invalid(&format_args!("its {field} field lists no value")));
+    }
+    Ok(cron)
+}
+
+/// Every field lists at least one value (or `L`, `W`, `#`): one that lists none (`","`, which
+/// the parser lets through) matches no time at all, and the search for a time that never comes
+/// runs to the parser's limit, a minute of CPU for an empty seconds field.
+fn empty_field(cron: &Cron) -> Option<&'static str> {
+    let p = &cron.pattern;
+    [
+        ("seconds", &p.seconds),
+        ("minutes", &p.minutes),
+        ("hours", &p.hours),
+        ("day-of-month", &p.days),
+        ("month", &p.months),
+        ("day-of-week", &p.days_of_week),
+        ("year", &p.years),
+    ]
+    .into_iter()
+    .find(|(_, field)| field.values().is_empty() && !field.has_modifiers())
+    .map(|(name, _)| name)
 }
 
 fn parse_tz(tz: &str) -> Result<chrono_tz::Tz, Error> {
@@ -709,6 +734,21 @@ mod tests {
         let e = When::cron("61 * * * *").unwrap_err().to_string();
         assert!(e.contains("invalid cron expression `61 * * * *`"), "{e}");
         assert!(When::cron("every day").is_err());
+        // The fuzzer's find: an empty list passes the parser and matches nothing.
+        for (expr, field) in [
+            (", * * * * *", "seconds"),
+            ("0 , * * * *", "minutes"),
+            (", *   3\r6  6\r6 ", "seconds"),
+            ("0 0 0 * * ,", "day-of-week"),
+        ] {
+            let e = When::cron(expr).unwrap_err().to_string();
+            assert!(
+                e.contains(&format!("its {field} field lists no value")),
+                "{e}"
+            );
+        }
+        When::cron("0 0 0 L 2 *").expect("L is a value");
+        When::cron("0 0 0 * * 5#5").expect("# is a value");
         let e = When::cron_in("0 9 * * *", "Mars/Olympus")
             .unwrap_err()
             .to_string();
