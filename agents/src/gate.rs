@@ -109,8 +109,9 @@ pub(crate) struct WalSync {
     /// synced once, after the WAL's first sync (as SQLite does itself when it syncs a WAL it
     /// made).
     dir: Mutex<Option<PathBuf>>,
-    /// Whether the WAL was synced since it was opened ([`SYNCED`]; what a crash left in it is
-    /// durable from then on, as every sync covers the whole file), or a sync failed ([`FAILED`],
+    /// Whether the WAL was synced since it was opened, and its directory if it had to be
+    /// ([`SYNCED`]; what a crash left in it is durable from then on, as every sync covers the
+    /// whole file), or a sync of the WAL failed ([`FAILED`],
     /// for good: what the failed sync held may be lost, whatever a later one says).
     synced: AtomicU8,
 }
@@ -142,14 +143,16 @@ impl CommitGate for WalSync {
             Error::Internal(format!("fsync failed: {e}"))
         };
         self.wal.sync_data().map_err(failed)?;
-        let _ = self
-            .synced
-            .compare_exchange(0, SYNCED, Ordering::Relaxed, Ordering::Relaxed);
         let mut dir = lock(&self.dir);
         if let Some(path) = dir.as_ref() {
             crate::storage::sync_path(path)?;
             *dir = None;
         }
+        // Durable as SQLite's own sync would leave it only now: that sync of a WAL it made
+        // also syncs the directory, and a checkpoint that skips it relies on this one.
+        let _ = self
+            .synced
+            .compare_exchange(0, SYNCED, Ordering::Relaxed, Ordering::Relaxed);
         Ok(())
     }
 
@@ -494,6 +497,15 @@ mod tests {
         failed.synced.store(FAILED, Ordering::Relaxed);
         failed.make_durable(&some).unwrap();
         assert!(!failed.wal_is_durable());
+        // Its directory's new entries not synced (the sync failed), it is not durable yet; it is
+        // once a later sync gets the directory synced too.
+        let gone = dir.path().join("gone");
+        let entries = WalSync::new(File::create(dir.path().join("c-wal")).unwrap(), Some(gone));
+        assert!(entries.make_durable(&some).is_err());
+        assert!(!entries.wal_is_durable(), "its directory is not synced");
+        *lock(&entries.dir) = Some(dir.path().to_owned());
+        entries.make_durable(&some).unwrap();
+        assert!(entries.wal_is_durable());
     }
 
     /// A histogram for the syncer's timings.
