@@ -111,8 +111,8 @@ pub(crate) struct WalSync {
     dir: Mutex<Option<PathBuf>>,
     /// Whether the WAL was synced since it was opened, and its directory if it had to be
     /// ([`SYNCED`]; what a crash left in it is durable from then on, as every sync covers the
-    /// whole file), or a sync of the WAL failed ([`FAILED`],
-    /// for good: what the failed sync held may be lost, whatever a later one says).
+    /// whole file), or a sync of the WAL failed ([`FAILED`], for good: what the failed sync
+    /// held may be lost, whatever a later one says).
     synced: AtomicU8,
 }
 
