@@ -109,8 +109,9 @@ async fn sigkill_mid_load(durability: &[&str]) {
     let _ = child.wait().await;
 }
 
-/// New agents are made from a template copy (renamed into place): a SIGKILL while hundreds are
-/// being created leaves every acknowledged one with its write, and every file whole.
+/// New agents are made from spares or a template copy (renamed into place): a SIGKILL while
+/// hundreds are being created (and spares made) leaves every acknowledged one with its write,
+/// and every file whole.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agents_created_when_the_process_is_killed_are_whole() {
     let exe = common::example_binary("counter");
@@ -149,6 +150,13 @@ async fn agents_created_when_the_process_is_killed_are_whole() {
     // Every database file there is whole (the runtime has stopped: nobody holds them).
     let databases = common::agent_databases(dir.path());
     databases.iter().for_each(|path| common::assert_whole(path));
+    // And so is every spare the restart kept.
+    let spares = std::fs::read_dir(dir.path().join("spare")).unwrap();
+    let spares: Vec<_> = spares
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "sqlite"))
+        .collect();
+    spares.iter().for_each(|path| common::assert_whole(path));
     let files = databases.len();
     assert!(
         files >= acked.len(),
@@ -160,7 +168,8 @@ async fn agents_created_when_the_process_is_killed_are_whole() {
         "the kill landed mid-creation (all {sent} were made)"
     );
     eprintln!(
-        "{} acknowledged, {files} files whole after SIGKILL",
-        acked.len()
+        "{} acknowledged, {files} files and {} spares whole after SIGKILL",
+        acked.len(),
+        spares.len()
     );
 }

@@ -789,6 +789,7 @@ fn main() {
         let agents = TestRuntime::start(
             Runtime::builder()
                 .durability(durability)
+                .spare_files(std::env::var("SPARES").map_or(64, |s| s.parse().unwrap()))
                 .agent::<Counter>()
                 .agent::<Hub>(),
         )
@@ -923,6 +924,12 @@ fn main() {
 
         if run("connect") {
             let n = 2_000 / scale;
+            let t = Instant::now();
+            let want = std::env::var("SPARES").map_or(64, |s| s.parse().unwrap());
+            while agents.runtime().spare_files_ready() < want {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            eprintln!("spares ready after {:?}", t.elapsed());
             let (ours, p99) = connect_and_call(&base, n).await;
             hibernate_all(agents.runtime(), n).await;
             let (ours_raw, ours_raw_p99) = connect_and_call_raw(&base, n).await;

@@ -111,6 +111,7 @@ mod replica;
 mod runtime;
 mod schedule;
 mod server;
+mod spares;
 mod storage;
 mod stream;
 mod telemetry;

@@ -62,6 +62,8 @@ pub(crate) struct Config {
     pub outbound_queue: usize,
     /// Close a connection that sends nothing (not even a ping) for this long.
     pub connection_idle: Option<Duration>,
+    /// How many spare database files are kept ready for new agents (see `spares`).
+    pub spare_files: usize,
 }
 
 /// Starts the task of one instance of a class.
@@ -375,6 +377,8 @@ pub(crate) struct Shared {
     pub alarms: AlarmIndex,
     /// The record of every agent that exists.
     pub catalog: Catalog,
+    /// New agents' files, made ahead of time.
+    pub spares: crate::spares::Spares,
     /// The runtime's metrics.
     pub metrics: Metrics,
     classes: HashMap<&'static str, Class>,
@@ -407,13 +411,16 @@ impl Shared {
         classes: HashMap<&'static str, Class>,
         sockets: Arc<dyn Connections>,
         dir_lock: std::fs::File,
-    ) -> Self {
-        Shared {
+    ) -> Result<Self, crate::error::Error> {
+        let spares =
+            crate::spares::Spares::open(&config.data_dir, config.durability, config.spare_files)?;
+        Ok(Shared {
             dir_lock: Mutex::new(Some(dir_lock)),
             databases: Arc::new(Semaphore::new(config.max_live)),
             config,
             alarms,
             catalog,
+            spares,
             metrics,
             classes,
             agents: Mutex::default(),
@@ -423,7 +430,7 @@ impl Shared {
             handle: Default::default(),
             #[cfg(feature = "cluster")]
             cluster: None,
-        }
+        })
     }
 
     /// Asks the least recently used live agent to hibernate (see `Agents::evict_one`).
@@ -609,6 +616,7 @@ impl Shared {
         };
         drop(live);
         self.alarms.changed.notify_one(); // the timer notices `closed`
+        self.spares.wake(); // and so does the spares' maker
         self.tracker.close();
     }
 }

@@ -78,6 +78,7 @@ impl Default for Builder {
                 max_message_bytes: 1 << 20,
                 outbound_queue: 1024,
                 connection_idle: None,
+                spare_files: 64,
             },
             classes: HashMap::new(),
             front: Front::default(),
@@ -195,6 +196,17 @@ impl Builder {
     /// at `build`, at 256 KiB per live agent); at least 16.
     pub fn max_live_agents(mut self, agents: usize) -> Self {
         self.config.max_live = agents.max(1);
+        self
+    }
+
+    /// How many database files for new agents the runtime keeps made ahead of time (64 by
+    /// default; 0: none). A new agent's activation renames a spare into place instead of
+    /// creating its files: the dearest part of a new agent after SQLite's own work (see the
+    /// README's figures). Spares are made one at a time in the background, in `spare/` under
+    /// the data dir, each the size of an empty agent (a few pages and an empty WAL); under
+    /// [`Durability::Full`] each is synced as it is made, not when it is taken.
+    pub fn spare_files(mut self, files: usize) -> Self {
+        self.config.spare_files = files;
         self
     }
 
@@ -404,12 +416,15 @@ impl Builder {
             self.classes,
             sockets.clone(),
             dir_lock,
-        );
+        )?;
         #[cfg(feature = "cluster")]
         {
             shared.cluster = node;
         }
         let shared = Arc::new(shared);
+        shared
+            .tracker
+            .spawn(crate::spares::keep_ready(shared.clone()));
         if timer {
             // Overdue alarms (say, from before a restart) fire as soon as the timer starts.
             shared.tracker.spawn(alarms::run_timer(shared.clone()));
@@ -736,6 +751,12 @@ impl Runtime {
     /// How many agents have a pending alarm in the runtime's index.
     pub fn pending_alarms(&self) -> usize {
         self.shared().alarms.len()
+    }
+
+    /// How many spare files for new agents are ready right now (see
+    /// [`Builder::spare_files`]).
+    pub fn spare_files_ready(&self) -> usize {
+        self.shared().spares.ready()
     }
 
     /// How many agents are live right now.

@@ -19,7 +19,7 @@ use rusqlite::{
 };
 use serde::{de::DeserializeOwned, Serialize};
 
-use crate::{address::AgentKey, error::Error};
+use crate::{address::AgentKey, error::Error, spares::Spares};
 
 /// How durable a reply is when the caller receives it.
 ///
@@ -333,14 +333,16 @@ pub(crate) fn lock_data_dir(data_dir: &Path) -> Result<fs::File, Error> {
     Ok(file)
 }
 
-/// Makes the database of `key` from the template if it has none; whether it did. Its bytes are
-/// synced (under `Durability::Full`), its directory entry is not: that waits for the first sync
-/// of its WAL (see [`Opened::dir_unsynced`]). Blocking: call it off the async workers; it mostly
-/// waits for the disk, so it needs no `opening` permit.
+/// Makes the database of `key` if it has none, from one of `spares` if one is ready, or else
+/// from the template; whether it did. Its bytes are synced (under `Durability::Full`), its
+/// directory entry is not: that waits for the first sync of its WAL (see
+/// [`Opened::dir_unsynced`]). Blocking: call it off the async workers; it mostly waits for the
+/// disk, so it needs no `opening` permit.
 pub(crate) fn create(
     data_dir: &Path,
     key: &AgentKey,
     durability: Durability,
+    spares: Option<&Spares>,
 ) -> Result<bool, Error> {
     let path = db_path(data_dir, key);
     if path.exists() {
@@ -354,7 +356,13 @@ pub(crate) fn create(
             sync_path(dir.parent().expect("agents dir"))?;
         }
     }
-    from_template(data_dir, &path, durability)?;
+    let taken = match spares {
+        Some(spares) => spares.take(&path)?,
+        None => false,
+    };
+    if !taken {
+        from_template(data_dir, &path, durability)?;
+    }
     Ok(true)
 }
 
@@ -371,10 +379,11 @@ pub(crate) fn open(
         return Ok(None);
     }
     let wal_path = path.with_extension("sqlite-wal");
-    // A database without a WAL is new (`create` makes none), or was last closed by an older
-    // runtime, which removed it (see `keep_wal`): its entry, or the WAL's that SQLite is about
-    // to make, is not durable until their directory is synced.
-    let dir_unsynced = durability == Durability::Full && !wal_path.exists();
+    // A database without a WAL was last closed by an older runtime, which removed it (see
+    // `keep_wal`), or is new from the template: the entry of the WAL that SQLite is about to
+    // make is not durable until their directory is synced (nor, if new, the database's: see
+    // `created` below).
+    let no_wal = !wal_path.exists();
     let (conn, guard, exclusive) = match locking {
         Locking::Exclusive => open_unlocked(&path, key)?,
         Locking::Shared => (Connection::open(&path)?, None, false),
@@ -427,7 +436,7 @@ pub(crate) fn open(
         drop(conn);
         drop(guard);
         remove(data_dir, key)?;
-        create(data_dir, key, durability)?;
+        create(data_dir, key, durability, None)?;
         return open(data_dir, key, durability, locking);
     }
     if class != key.class() || name != key.name() {
@@ -436,6 +445,9 @@ pub(crate) fn open(
             path.display()
         )));
     }
+    // A file without an address is new (from the template or a spare, which has a WAL): its
+    // entries may not be durable yet.
+    let dir_unsynced = durability == Durability::Full && (no_wal || created);
     // The handle the gate syncs the WAL through: only durability that syncs needs it.
     let wal = match durability {
         Durability::Full => {
@@ -514,7 +526,11 @@ fn template_path(data_dir: &Path) -> PathBuf {
 /// of parsing and writing the runtime's tables for every new agent. The copy is made under
 /// another name and renamed into place (synced first under `Durability::Full`), so a crash never
 /// leaves half a file under an agent's name.
-fn from_template(data_dir: &Path, path: &Path, durability: Durability) -> Result<(), Error> {
+pub(crate) fn from_template(
+    data_dir: &Path,
+    path: &Path,
+    durability: Durability,
+) -> Result<(), Error> {
     let template = template_path(data_dir);
     let copy = path.with_extension("sqlite-new");
     let sync = durability == Durability::Full;
@@ -852,13 +868,38 @@ pub(crate) fn migrate(conn: &Connection, migrations: &[&str]) -> Result<(), Erro
 /// Opens `key`'s database in `dir` as the runtime does, made first if it has none (tests).
 #[cfg(test)]
 pub(crate) fn opened(dir: &Path, key: &AgentKey, durability: Durability) -> Result<Opened, Error> {
-    create(dir, key, durability)?;
+    create(dir, key, durability, None)?;
     Ok(open(dir, key, durability, Locking::Exclusive)?.expect("made"))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_database_from_a_spare_waits_for_its_directory_sync_too() {
+        let dir = tempfile::tempdir().unwrap();
+        make_dirs(dir.path(), Durability::Full).unwrap();
+        let spares = Spares::open(dir.path(), Durability::Full, 1).unwrap();
+        spares.make_one().unwrap();
+        let key = AgentKey::new("t", "from-a-spare").unwrap();
+        assert!(create(dir.path(), &key, Durability::Full, Some(&spares)).unwrap());
+        assert_eq!(spares.ready(), 0, "taken");
+        let path = db_path(dir.path(), &key);
+        assert!(path.with_extension("sqlite-wal").exists(), "with its WAL");
+        let new = open(dir.path(), &key, Durability::Full, Locking::Exclusive)
+            .unwrap()
+            .unwrap();
+        // Its WAL is there, but neither entry is durable: the first sync syncs the directory.
+        assert!(new.created && new.dir_unsynced);
+        new.conn.execute_batch("CREATE TABLE t(x)").unwrap();
+        close(new.conn, false).unwrap();
+        drop(new.guard);
+        let again = open(dir.path(), &key, Durability::Full, Locking::Exclusive)
+            .unwrap()
+            .unwrap();
+        assert!(!again.created && !again.dir_unsynced);
+    }
 
     #[test]
     fn new_entries_wait_for_the_first_sync_and_a_close_keeps_the_wal_empty() {
@@ -869,9 +910,9 @@ mod tests {
         // for the first sync (the open syncs nothing).
         let open_full = || open(dir.path(), &key, Durability::Full, Locking::Exclusive).unwrap();
         assert!(open_full().is_none(), "no file yet");
-        assert!(create(dir.path(), &key, Durability::Full).unwrap());
+        assert!(create(dir.path(), &key, Durability::Full, None).unwrap());
         assert!(
-            !create(dir.path(), &key, Durability::Full).unwrap(),
+            !create(dir.path(), &key, Durability::Full, None).unwrap(),
             "made once"
         );
         let first = open_full().unwrap();

@@ -114,7 +114,7 @@ impl Store {
             let (maker, k) = (shared.clone(), key.clone());
             blocking(move || {
                 let config = &maker.config;
-                storage::create(&config.data_dir, &k, config.durability)
+                storage::create(&config.data_dir, &k, config.durability, Some(&maker.spares))
             })
         };
         let acquire = || async { shared.opening.acquire().await.map_err(|_| Error::Shutdown) };
