@@ -30,6 +30,7 @@ const CORE: &[&str] = &[
     "replica",
     "cluster",
     "schedule",
+    "spares",
     "storage",
     "telemetry",
     "stream",

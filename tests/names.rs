@@ -43,6 +43,7 @@ async fn hostile_names_are_stored_inside_the_data_dir() {
         let name = entry.unwrap().file_name().into_string().unwrap();
         assert!(
             name == "agents"
+                || name == "spare"
                 || name == "agents.lock"
                 || name.starts_with("alarms.sqlite")
                 || name.starts_with("catalog.sqlite"),

@@ -59,11 +59,20 @@ impl Spares {
         want: usize,
     ) -> Result<Self, Error> {
         let dir = data_dir.join(DIR);
-        fs::create_dir_all(&dir).map_err(io(&dir))?;
+        if want > 0 {
+            fs::create_dir_all(&dir).map_err(io(&dir))?;
+        }
+        // None wanted and none left: no directory either.
+        let entries = match fs::read_dir(&dir) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && want == 0 => Vec::new(),
+            entries => entries
+                .and_then(|entries| entries.collect::<Result<Vec<_>, _>>())
+                .map_err(io(&dir))?,
+        };
         let mut ready = Vec::new();
         let mut others = Vec::new();
-        for entry in fs::read_dir(&dir).map_err(io(&dir))? {
-            let path = entry.map_err(io(&dir))?.path();
+        for entry in entries {
+            let path = entry.path();
             let n = path
                 .file_name()
                 .and_then(|n| n.to_str())
@@ -239,6 +248,14 @@ mod tests {
         // The one left is the older one's successor: numbers are never reused.
         assert!(!spare_path(&s.dir, 1).exists());
         assert!(spare_path(&s.dir, 0).exists());
+    }
+
+    #[test]
+    fn none_wanted_makes_no_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = spares(dir.path(), 0);
+        assert!(!dir.path().join(DIR).exists());
+        assert!(!s.take(&dir.path().join("a.sqlite")).unwrap());
     }
 
     #[test]
