@@ -949,6 +949,10 @@ fn main() {
                 ours / hand,
                 ours_raw / hand
             );
+        }
+
+        if run("connect_spares") {
+            let n = 2_000 / scale;
             // New agents again, on a runtime that keeps as many spare files as the burst has
             // agents (made before it, as a runtime with time between bursts has them), against
             // the hand-written server making new files in the same sitting.
