@@ -201,10 +201,11 @@ impl Builder {
 
     /// How many database files for new agents the runtime keeps made ahead of time (64 by
     /// default; 0: none). A new agent's activation renames a spare into place instead of
-    /// creating its files: the dearest part of a new agent after SQLite's own work (see the
-    /// README's figures). Spares are made one at a time in the background, in `spare/` under
-    /// the data dir, each the size of an empty agent (a few pages and an empty WAL); under
-    /// [`Durability::Full`] each is synced as it is made, not when it is taken.
+    /// creating its files (two inodes, and a copy of the runtime's tables to write and sync).
+    /// Spares are made one at a time in the background, from the first new agent a runtime
+    /// makes on, in `spare/` under the data dir: 48 KiB and two inodes each. Under
+    /// [`Durability::Full`] each is synced as it is made, not when it is taken. Size it to the
+    /// bursts of new agents you expect (the README's figures).
     pub fn spare_files(mut self, files: usize) -> Self {
         self.config.spare_files = files;
         self

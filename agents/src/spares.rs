@@ -119,13 +119,15 @@ impl Spares {
             // The WAL first: a crash between the two leaves an empty WAL where the agent has
             // no database yet, which a new database is at ease with; the other way round, the
             // new database could meet the WAL of an agent removed before it.
+            // A spare gone from under us (removed by hand) leaves the next one to try.
             match fs::rename(wal_path(&db), wal_path(to)) {
-                Ok(()) => {}
-                // Gone from under us (by hand): the next one.
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(io(to)(e)),
+                renamed => renamed.map_err(io(to))?,
             }
-            fs::rename(&db, to).map_err(io(to))?;
+            match fs::rename(&db, to) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                renamed => renamed.map_err(io(to))?,
+            }
             return Ok(true);
         }
     }
