@@ -172,3 +172,36 @@ async fn the_live_agent_cap_evicts_the_least_recently_used_and_loses_nothing() {
     assert!(rt.is_live::<Counter>("n39"));
     assert!(!rt.is_live::<Counter>("n0"));
 }
+
+/// New agents' files are spares made ahead of time (from the first new agent on), replaced as
+/// they are taken; an agent made from one keeps its writes across a restart, which keeps the
+/// spares left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_agents_take_spare_files_that_the_runtime_makes_again() {
+    let ready = async |rt: &TestRuntime, n: usize| {
+        let started = std::time::Instant::now();
+        while rt.runtime().spare_files_ready() != n {
+            assert!(started.elapsed() < Duration::from_secs(10), "no {n} spares");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    let mut rt = TestRuntime::start(Runtime::builder().spare_files(3).agent::<Counter>()).unwrap();
+    assert_eq!(
+        rt.runtime().spare_files_ready(),
+        0,
+        "none before a new agent"
+    );
+    assert_eq!(rt.agent::<Counter>("first").add(1).await.unwrap(), 1);
+    ready(&rt, 3).await;
+    let spare = |n: u64| rt.dir().join("spare").join(format!("{n}.sqlite"));
+    assert!(spare(2).exists());
+    // Taken: the newest spare becomes the agent's file.
+    assert_eq!(rt.agent::<Counter>("second").add(2).await.unwrap(), 2);
+    assert!(!spare(2).exists(), "taken by `second`");
+    ready(&rt, 3).await;
+    assert!(spare(3).exists(), "made again, under a new number");
+    rt.restart().await.unwrap();
+    assert_eq!(rt.runtime().spare_files_ready(), 3, "kept by the restart");
+    assert_eq!(rt.agent::<Counter>("second").get().await.unwrap(), 2);
+    assert_eq!(rt.agent::<Counter>("first").get().await.unwrap(), 1);
+}
