@@ -110,7 +110,14 @@ impl Spares {
     /// Makes a ready spare the database `to` (and its WAL), if there is one: whether it did.
     /// Blocking.
     pub(crate) fn take(&self, to: &Path) -> Result<bool, Error> {
+        let taken = self.take_one(to);
+        // After the spare left the list: the maker, woken, sees one fewer (or learns that a
+        // first new agent came).
         self.taken.notify_one();
+        taken
+    }
+
+    fn take_one(&self, to: &Path) -> Result<bool, Error> {
         loop {
             let Some(n) = lock(&self.ready).pop() else {
                 return Ok(false);
