@@ -29,7 +29,7 @@ use crate::{
     error::Error,
     lock::lock,
     registry::Shared,
-    storage::{self, io, Durability},
+    storage::{self, io, wal_path, Durability},
 };
 
 /// The spares' directory under the data dir.
@@ -69,32 +69,36 @@ impl Spares {
                 .and_then(|entries| entries.collect::<Result<Vec<_>, _>>())
                 .map_err(io(&dir))?,
         };
-        let mut ready = Vec::new();
-        let mut others = Vec::new();
+        let (mut ready, mut wals, mut others) = (Vec::new(), Vec::new(), Vec::new());
         for entry in entries {
             let path = entry.path();
-            let n = path
-                .file_name()
-                .and_then(|n| n.to_str())
-                .and_then(|n| n.strip_suffix(".sqlite"))
-                .and_then(|n| n.parse::<u64>().ok());
-            match n {
-                Some(n) if is_whole(&path) => ready.push(n),
-                _ => others.push(path),
-            }
-        }
-        for path in others {
-            // A WAL whose database is whole stays; anything else goes.
-            let spare_wal = path
-                .to_str()
-                .and_then(|p| p.strip_suffix("-wal"))
-                .map(Path::new)
-                .is_some_and(|db| ready.iter().any(|&n| spare_path(&dir, n) == db));
-            if !spare_wal {
-                remove(&path)?;
+            let name = entry.file_name();
+            let name = name.to_str().unwrap_or_default();
+            let number = |suffix| {
+                name.strip_suffix(suffix)
+                    .and_then(|n| n.parse::<u64>().ok())
+            };
+            if let Some(n) = number(".sqlite").filter(|_| is_whole(&path)) {
+                ready.push(n);
+            } else if let Some(n) = number(".sqlite-wal") {
+                wals.push((n, path)); // kept if its database is whole
+            } else if !path.is_dir() {
+                others.push(path); // half made or half taken
             }
         }
         ready.sort_unstable();
+        // More than wanted (fewer are wanted since): the newest go.
+        for n in ready.split_off(want.min(ready.len())) {
+            let db = spare_path(&dir, n);
+            others.extend([wal_path(&db), db]);
+        }
+        let lone = wals
+            .into_iter()
+            .filter(|(n, _)| ready.binary_search(n).is_err());
+        others.extend(lone.map(|(_, wal)| wal));
+        for path in others {
+            storage::remove_file(&path)?;
+        }
         let next = ready.last().map_or(0, |n| n + 1);
         Ok(Spares {
             data_dir: data_dir.to_owned(),
@@ -169,6 +173,9 @@ impl Spares {
 /// find no spare say so themselves).
 pub(crate) async fn keep_ready(shared: Arc<Shared>) {
     let spares = &shared.spares;
+    if spares.want == 0 {
+        return; // those left are still taken, none made
+    }
     let mut wanted = spares.ready() > 0;
     loop {
         let taken = spares.taken.notified();
@@ -193,11 +200,6 @@ fn spare_path(dir: &Path, n: u64) -> PathBuf {
     dir.join(format!("{n}.sqlite"))
 }
 
-/// The WAL of the database `db`.
-fn wal_path(db: &Path) -> PathBuf {
-    db.with_extension("sqlite-wal")
-}
-
 /// Whether the spare database `db` is whole: it has one name, and an empty WAL of one name.
 fn is_whole(db: &Path) -> bool {
     let single = |path: &Path, empty: bool| {
@@ -205,19 +207,6 @@ fn is_whole(db: &Path) -> bool {
             .is_ok_and(|m| m.is_file() && m.nlink() == 1 && (!empty || m.len() == 0))
     };
     single(db, false) && single(&wal_path(db), true)
-}
-
-/// Removes the file `path` (a directory: with what it holds).
-fn remove(path: &Path) -> Result<(), Error> {
-    let removed = if path.is_dir() {
-        fs::remove_dir_all(path)
-    } else {
-        fs::remove_file(path)
-    };
-    match removed {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io(path)(e)),
-        _ => Ok(()),
-    }
 }
 
 #[cfg(test)]
@@ -265,6 +254,21 @@ mod tests {
         let s = spares(dir.path(), 0);
         assert!(!dir.path().join(DIR).exists());
         assert!(!s.take(&dir.path().join("a.sqlite")).unwrap());
+    }
+
+    #[test]
+    fn fewer_wanted_than_left_keeps_the_oldest() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = spares(dir.path(), 3);
+        for _ in 0..3 {
+            s.make_one().unwrap();
+        }
+        let d = s.dir.clone();
+        drop(s);
+        let s = spares(dir.path(), 1);
+        assert_eq!(*lock(&s.ready), vec![0]);
+        assert_eq!(fs::read_dir(&d).unwrap().count(), 2, "0.sqlite and its WAL");
+        assert_eq!(s.next.load(Ordering::Relaxed), 1);
     }
 
     #[test]

@@ -378,7 +378,7 @@ pub(crate) fn open(
     if !path.exists() {
         return Ok(None);
     }
-    let wal_path = path.with_extension("sqlite-wal");
+    let wal_path = wal_path(&path);
     // A database without a WAL was last closed by an older runtime, which removed it (see
     // `keep_wal`), or is new from the template: the entry of the WAL that SQLite is about to
     // make is not durable until their directory is synced (nor, if new, the database's: see
@@ -618,16 +618,26 @@ pub(crate) fn mark_destroyed(conn: &Connection) -> Result<(), Error> {
 pub(crate) fn remove(data_dir: &Path, key: &AgentKey) -> Result<(), Error> {
     let path = db_path(data_dir, key);
     for file in [
-        path.with_extension("sqlite-wal"),
+        wal_path(&path),
         path.with_extension("sqlite-shm"),
         path.clone(),
     ] {
-        match fs::remove_file(&file) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(&file)(e)),
-            _ => {}
-        }
+        remove_file(&file)?;
     }
     sync_path(path.parent().expect("db_path has a parent"))
+}
+
+/// Deletes the file at `path`, if there is one. Blocking.
+pub(crate) fn remove_file(path: &Path) -> Result<(), Error> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io(path)(e)),
+        _ => Ok(()),
+    }
+}
+
+/// The WAL of the database at `db`.
+pub(crate) fn wal_path(db: &Path) -> PathBuf {
+    db.with_extension("sqlite-wal")
 }
 
 /// Runs blocking storage work (file I/O, fsync) off the async workers; a panic in it becomes
