@@ -25,8 +25,20 @@ mod common;
 use agents::{prelude::*, testing::TestRuntime};
 use common::{Counter, UPSERT};
 
+/// The spare files each bench's runtime keeps (the default).
+const SPARES: usize = 64;
+
 fn runtime(durability: Durability) -> TestRuntime {
-    TestRuntime::start(Runtime::builder().durability(durability).agent::<Counter>()).unwrap()
+    let builder = Runtime::builder().durability(durability).spare_files(SPARES);
+    TestRuntime::start(builder.agent::<Counter>()).unwrap()
+}
+
+/// Waits until the spare files that a runtime's first new agent set off are made: start-up
+/// work (a sync each), not the calls a line times.
+async fn settled(rt: &TestRuntime) {
+    while rt.runtime().spare_files_ready() < SPARES {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
 
 fn pragma(d: Durability) -> &'static str {
@@ -136,6 +148,7 @@ async fn sequential(d: Durability, calls: usize, reads: bool) {
     let rt = runtime(d);
     let c = rt.agent::<Counter>(if reads { "reads" } else { "seq" });
     c.add(0).await.unwrap(); // activation is measured elsewhere
+    settled(&rt).await;
     let caller = tokio::spawn(async move {
         let mut lat = Vec::with_capacity(calls);
         let start = Instant::now();
@@ -177,6 +190,7 @@ async fn concurrent(d: Durability, callers: usize, calls: usize) {
     let rt = runtime(d);
     let c = rt.agent::<Counter>("hot");
     c.add(0).await.unwrap();
+    settled(&rt).await;
     let per = calls / callers;
     let start = Instant::now();
     let tasks: Vec<_> = (0..callers)
@@ -252,6 +266,7 @@ async fn hot_during_burst(
 ) -> Vec<Duration> {
     let hot = rt.agent::<Counter>("hot");
     hot.add(0).await.unwrap();
+    settled(rt).await;
     let tasks: Vec<_> = (0..burst)
         .map(|i| {
             let rt = rt.runtime().clone();
@@ -302,6 +317,7 @@ async fn wake(d: Durability, cycles: usize) {
     let rt = runtime(d);
     let c = rt.agent::<Counter>("sleeper");
     c.add(0).await.unwrap();
+    settled(&rt).await;
     let mut lat = Vec::with_capacity(cycles);
     let start = Instant::now();
     for _ in 0..cycles {
