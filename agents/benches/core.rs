@@ -29,7 +29,9 @@ use common::{Counter, UPSERT};
 const SPARES: usize = 64;
 
 fn runtime(durability: Durability) -> TestRuntime {
-    let builder = Runtime::builder().durability(durability).spare_files(SPARES);
+    let builder = Runtime::builder()
+        .durability(durability)
+        .spare_files(SPARES);
     TestRuntime::start(builder.agent::<Counter>()).unwrap()
 }
 
